@@ -1,0 +1,113 @@
+"""A simulated meter: registers driven by a load profile over the injected clock; no I/O.
+
+Energy is integrated exactly (integer joules from integer watts and milliseconds), so the
+cumulative registers always rise consistently with the power the meter reports. An open relay
+(coil = 0) stops consumption.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from meterlink.clock import Clock, to_ms
+from meterlink.gateway.profiles import Profile, encode
+
+# Household-like daily shape, watts per UTC hour (night base, morning and evening peaks).
+DAILY_SHAPE_W = (320, 280, 260, 250, 250, 300, 650, 1400, 1200, 800, 700, 750,
+                 900, 800, 700, 750, 1000, 1900, 2600, 2400, 1800, 1300, 800, 450)
+JOULES_PER_WH = 3600
+
+
+@dataclass
+class Faults:
+    """Faults the simulator can inject (issue 3 extends these)."""
+
+    silent: bool = False                 # does not answer at all (dead meter)
+    delay_s: float = 0.0                 # answers late
+    exception_code: int | None = None    # answers every request with this exception
+    refuse_addresses: frozenset[int] = frozenset()  # exception 2 for reads touching these
+    corrupt_crc: bool = False            # flips a CRC byte in the answer
+    garbage_before: bytes = b""          # junk bytes sent before each answer
+
+
+@dataclass
+class MeterModel:
+    profile: Profile
+    clock: Clock
+    unit: int = 1
+    seed: int = 1
+    scale_pct: int = 100                 # this household's consumption relative to the shape
+    import_j: int = 0                    # cumulative import energy, joules (exact)
+    export_j: int = 0
+    relay_closed: bool = True
+    serial_number: int = 0
+    faults: Faults = field(default_factory=Faults)
+    _last_ms: int | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def starting_at(cls, profile: Profile, clock: Clock, unit: int = 1, seed: int = 1,
+                    import_wh: int = 1_000_000, **kw) -> "MeterModel":
+        m = cls(profile=profile, clock=clock, unit=unit, seed=seed, import_j=import_wh * JOULES_PER_WH,
+                serial_number=10_000_000 + seed, **kw)
+        m._last_ms = to_ms(clock.now())
+        return m
+
+    def power_w(self, at: datetime) -> int:
+        """Active import power at an instant: shape x household scale x minute-level noise."""
+        if not self.relay_closed:
+            return 0
+        minute = int(to_ms(at) // 60_000)
+        h = hashlib.blake2b(f"{self.seed}:{minute}".encode(), digest_size=2).digest()
+        noise_pct = 85 + int.from_bytes(h, "big") % 31          # 85..115 %
+        return DAILY_SHAPE_W[at.hour] * self.scale_pct * noise_pct // 10_000
+
+    def advance(self) -> None:
+        """Integrate power up to the clock's now (piecewise constant per minute)."""
+        now_ms = to_ms(self.clock.now())
+        with self._lock:
+            last = self._last_ms if self._last_ms is not None else now_ms
+            while last < now_ms:
+                step_end = min(now_ms, (last // 60_000 + 1) * 60_000)
+                at = datetime(1970, 1, 1, tzinfo=self.clock.now().tzinfo) + timedelta(milliseconds=last)
+                self.import_j += self.power_w(at) * (step_end - last) // 1000
+                last = step_end
+            self._last_ms = now_ms
+
+    @property
+    def import_wh(self) -> int:
+        return self.import_j // JOULES_PER_WH
+
+    @property
+    def export_wh(self) -> int:
+        return self.export_j // JOULES_PER_WH
+
+    def values(self) -> dict[str, int]:
+        """Current value of every quantity, in the profile's stored units."""
+        self.advance()
+        p = self.power_w(self.clock.now())
+        phase_ma = p * 1000 // (3 * 230)
+        return {
+            "32.7.0": 230_100, "52.7.0": 229_800, "72.7.0": 231_200,
+            "31.7.0": phase_ma, "51.7.0": phase_ma, "71.7.0": phase_ma,
+            "1.7.0": p, "14.7.0": 50_000, "1.8.0": self.import_wh, "2.8.0": self.export_wh,
+            "0.0.96.1.0": self.serial_number,
+        }
+
+    def registers(self, function: int) -> dict[int, int]:
+        """address -> word for every register this meter serves under `function`."""
+        vals = self.values()
+        out: dict[int, int] = {}
+        for q in self.profile.quantities:
+            if q.function != function or q.obis not in vals:
+                continue
+            for i, w in enumerate(encode(q, vals[q.obis])):
+                out[q.address + i] = w
+        return out
+
+    def set_relay(self, closed: bool) -> None:
+        self.advance()  # energy up to now was consumed with the old relay state
+        self.relay_closed = closed
