@@ -20,8 +20,16 @@ def load_toml(path: str | Path) -> tuple[dict, str]:
     try:
         return tomllib.loads(text), text
     except tomllib.TOMLDecodeError as exc:
-        msg = str(exc).split(" (at line")[0]
-        raise ConfigError(f"TOML syntax error: {msg}", path=str(path), line=getattr(exc, "lineno", None)) from None
+        raise toml_error(exc, str(path)) from None
+
+
+def toml_error(exc: tomllib.TOMLDecodeError, path: str) -> ConfigError:
+    """A TOML syntax error -> ConfigError naming file and line (Python 3.11 keeps the line only in the text)."""
+    text = str(exc)
+    m = re.search(r"\(at line (\d+), column (\d+)\)", text)
+    msg = text.split(" (at line")[0]
+    return ConfigError(f"TOML syntax error: {msg}" + (f" at column {m.group(2)}" if m else ""),
+                       path=path, line=int(m.group(1)) if m else getattr(exc, "lineno", None))
 
 
 def key_line(text: str, dotted_key: str) -> int | None:

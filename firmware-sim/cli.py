@@ -22,7 +22,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default="eastron_sdm630", help="meter profile name or TOML path")
     p.add_argument("--unit", type=int, action="append", help="Modbus unit id (repeat for several meters on one bus)")
     p.add_argument("--seed", type=int, default=1, help="load-profile seed of the first meter (next units: +1)")
-    p.add_argument("--import-wh", type=int, default=1_000_000, help="initial import register, Wh")
+    p.add_argument("--import-wh", type=int, default=1_000_000, help="initial import register of the first unit, Wh")
     p.add_argument("--clock", default="system",
                    help="time source: system | sim:ISO | scaled:ISO,SPEED[,ANCHOR_UNIX] (default system)")
 
@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
 def make_meters(args, clock) -> dict[int, MeterModel]:
     profile = load_profile(args.profile)
     units = args.unit or [1]
-    return {u: MeterModel.starting_at(profile, clock, unit=u, seed=args.seed + i, import_wh=args.import_wh)
+    # Each further unit on the bus is a different household: other seed, register and size.
+    return {u: MeterModel.starting_at(profile, clock, unit=u, seed=args.seed + i,
+                                      import_wh=args.import_wh + 250_000 * i, scale_pct=100 + 25 * i)
             for i, u in enumerate(units)}
 
 

@@ -1,6 +1,6 @@
 """A simulated meter: registers driven by a load profile over the injected clock; no I/O.
 
-Energy is integrated exactly (integer joules from integer watts and milliseconds), so the
+Energy is integrated exactly (integer millijoules = watts x milliseconds), so the
 cumulative registers always rise consistently with the power the meter reports. An open relay
 (coil = 0) stops consumption.
 """
@@ -18,7 +18,7 @@ from meterlink.gateway.profiles import Profile, encode
 # Household-like daily shape, watts per UTC hour (night base, morning and evening peaks).
 DAILY_SHAPE_W = (320, 280, 260, 250, 250, 300, 650, 1400, 1200, 800, 700, 750,
                  900, 800, 700, 750, 1000, 1900, 2600, 2400, 1800, 1300, 800, 450)
-JOULES_PER_WH = 3600
+MJ_PER_WH = 3_600_000  # millijoules per watt-hour
 
 
 @dataclass
@@ -40,8 +40,8 @@ class MeterModel:
     unit: int = 1
     seed: int = 1
     scale_pct: int = 100                 # this household's consumption relative to the shape
-    import_j: int = 0                    # cumulative import energy, joules (exact)
-    export_j: int = 0
+    import_mj: int = 0                   # cumulative import energy, millijoules (exact)
+    export_mj: int = 0
     relay_closed: bool = True
     serial_number: int = 0
     faults: Faults = field(default_factory=Faults)
@@ -51,7 +51,7 @@ class MeterModel:
     @classmethod
     def starting_at(cls, profile: Profile, clock: Clock, unit: int = 1, seed: int = 1,
                     import_wh: int = 1_000_000, **kw) -> "MeterModel":
-        m = cls(profile=profile, clock=clock, unit=unit, seed=seed, import_j=import_wh * JOULES_PER_WH,
+        m = cls(profile=profile, clock=clock, unit=unit, seed=seed, import_mj=import_wh * MJ_PER_WH,
                 serial_number=10_000_000 + seed, **kw)
         m._last_ms = to_ms(clock.now())
         return m
@@ -66,24 +66,27 @@ class MeterModel:
         return DAILY_SHAPE_W[at.hour] * self.scale_pct * noise_pct // 10_000
 
     def advance(self) -> None:
-        """Integrate power up to the clock's now (piecewise constant per minute)."""
+        """Integrate power up to the clock's now (piecewise constant per minute; path-independent)."""
         now_ms = to_ms(self.clock.now())
         with self._lock:
             last = self._last_ms if self._last_ms is not None else now_ms
             while last < now_ms:
                 step_end = min(now_ms, (last // 60_000 + 1) * 60_000)
                 at = datetime(1970, 1, 1, tzinfo=self.clock.now().tzinfo) + timedelta(milliseconds=last)
-                self.import_j += self.power_w(at) * (step_end - last) // 1000
+                self.import_mj += self.power_w(at) * (step_end - last)
                 last = step_end
             self._last_ms = now_ms
 
     @property
     def import_wh(self) -> int:
-        return self.import_j // JOULES_PER_WH
+        """The import register now (integrates up to the clock first)."""
+        self.advance()
+        return self.import_mj // MJ_PER_WH
 
     @property
     def export_wh(self) -> int:
-        return self.export_j // JOULES_PER_WH
+        self.advance()
+        return self.export_mj // MJ_PER_WH
 
     def values(self) -> dict[str, int]:
         """Current value of every quantity, in the profile's stored units."""

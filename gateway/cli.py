@@ -51,13 +51,14 @@ def cmd_run(args) -> int:
     config = load_config(args.config)
     clock = clock_from_spec(args.clock)
     until = parse_instant(args.until) if args.until else None
+    first = parse_instant(args.first_poll) if args.first_poll else None
     gw = Gateway(config, clock)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     print(f"gateway {config.id}: {sum(len(b.meters) for b in config.buses)} meter(s) on "
           f"{len(config.buses)} bus(es), every {config.poll_interval_s} s", file=sys.stderr, flush=True)
     try:
-        gw.run(stop, until=until)
+        gw.run(stop, until=until, first=first)
         gw.sync_once()
     except KeyboardInterrupt:
         pass
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                          epilog="example: meterlink-gateway run --config gateway.toml")
     run.add_argument("--config", default="gateway.toml")
     run.add_argument("--clock", default="system", help="system | sim:ISO | scaled:ISO,SPEED[,ANCHOR_UNIX]")
+    run.add_argument("--first-poll", help="instant (ISO-8601) of the first poll; default: the next interval boundary")
     run.add_argument("--until", help="stop after the poll at this instant (ISO-8601), e.g. for a demo")
     run.set_defaults(func=cmd_run)
     return parser

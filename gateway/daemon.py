@@ -86,10 +86,10 @@ class Gateway:
         self.stats.errors.append(message)
         del self.stats.errors[:-20]  # bounded
 
-    def run(self, stop: threading.Event, until: datetime | None = None) -> None:
-        """Poll at every interval boundary until `stop` is set or the clock passes `until`."""
+    def run(self, stop: threading.Event, until: datetime | None = None, first: datetime | None = None) -> None:
+        """Poll at every interval boundary (from `first`) until `stop` is set or the clock passes `until`."""
         interval = self.config.poll_interval_s
-        when = next_boundary(self.clock.now() - timedelta(milliseconds=1), interval)
+        when = first or next_boundary(self.clock.now() - timedelta(milliseconds=1), interval)
         while not stop.is_set():
             if until is not None and when > until:
                 break

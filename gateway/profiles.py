@@ -15,6 +15,7 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from importlib import resources
 from pathlib import Path
 
+from meterlink.config import toml_error
 from meterlink.errors import ConfigError
 
 TYPES = {  # name -> (registers, struct code)
@@ -90,7 +91,7 @@ def load_profile(name_or_path: str) -> Profile:
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(str(exc), path=str(path), line=getattr(exc, "lineno", None)) from None
+        raise toml_error(exc, str(path)) from None
     except OSError as exc:
         raise ConfigError(f"cannot read profile: {exc.strerror}", path=str(path)) from None
     return parse_profile(data, path.stem, str(path))

@@ -26,7 +26,7 @@ class HeadendConfig:
 
 def load_config(path: str) -> HeadendConfig:
     root = load_section(path)
-    sec = root.section("headend")
+    sec = root.section("headend", required=False)
     sec.check_known({"listen", "database"})
     return HeadendConfig(listen=sec.get("listen", str, "127.0.0.1:50051"),
                          database=sec.get("database", str, "sqlite:///var/headend.db"))
