@@ -1,0 +1,367 @@
+"""Rating: intervals -> per-account, per-local-day, per-band aggregates -> priced lines; never edits issued lines or rounds outside `round_minor`.
+
+Aggregates hold exact Decimal amounts in minor units (no rounding), keyed by
+(account_id, local_date, band), and merge by addition, so rating is incremental and associative:
+rating a month is the sum of rating its days in any order and any batching. Standing charges are
+one aggregate per local day (band "standing"), whatever the day's length (23/25 h DST days count
+as one day). An interval belongs to the local day and band of its LOCAL start. Tiers (blocks of
+the billing period's import energy) are applied when lines are built, over the sum. Lines are
+rounded with the market's rounding mode either per line ("line") or once per invoice
+("invoice": Decimal kept to the end, the total rounded once, the residue reported for booking).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import date, datetime, timedelta
+from decimal import Context, Decimal
+from typing import Iterable, Mapping, Sequence
+from zoneinfo import ZoneInfo
+
+from meterlink.errors import ValidationError
+from meterlink.money import round_minor
+
+from .tariff import Tariff, TariffVersion, Tier
+from .vee import Interval, IntervalChange
+
+IMPORT_OBIS = "1.8.0"
+EXPORT_OBIS = "2.8.0"
+STANDING = "standing"
+EXPORT = "export"
+ROUNDING_STAGES = ("line", "invoice")
+KINDS = ("energy", "export", "tier", "standing", "promotion")
+
+_CTX = Context(prec=80)          # wide enough that no product or sum of amounts is ever rounded
+_ZERO = Decimal(0)
+
+AggKey = tuple[str, date, str]
+
+
+@dataclass(frozen=True)
+class DayBandAggregate:
+    account_id: str
+    local_date: date
+    band: str                    # a tariff band name, "export" or "standing"
+    wh: int                      # energy in the band that day (export: Wh exported, positive)
+    amount_dec: Decimal          # exact minor units; export credit is negative
+    kind: str = "energy"         # energy | export | standing
+    unit_price: Decimal = _ZERO  # minor units per kWh (energy/export) or per day (standing), >= 0 for export
+    days: int = 0                # standing: number of day charges (1 per local day)
+
+    @property
+    def key(self) -> AggKey:
+        return (self.account_id, self.local_date, self.band)
+
+    def __add__(self, other: "DayBandAggregate") -> "DayBandAggregate":
+        if other.key != self.key or other.kind != self.kind:
+            raise ValueError(f"cannot add aggregates {self.key}/{self.kind} and {other.key}/{other.kind}")
+        if other.unit_price != self.unit_price:
+            raise ValueError(f"aggregate {self.key}: unit price {self.unit_price} vs {other.unit_price}; "
+                             f"aggregates rated with different tariffs must be kept apart (use rerate)")
+        return replace(self, wh=self.wh + other.wh, amount_dec=_CTX.add(self.amount_dec, other.amount_dec),
+                       days=self.days + other.days)
+
+    def negated(self) -> "DayBandAggregate":
+        return replace(self, wh=-self.wh, amount_dec=-self.amount_dec, days=-self.days)
+
+
+@dataclass(frozen=True)
+class RatedLine:
+    description: str
+    band: str
+    quantity_kwh: Decimal        # kWh for energy/export/tier lines, days for standing (see unit_code)
+    unit_price: Decimal          # major units per kWh or per day, never negative (credits: negative quantity)
+    net_minor: int
+    kind: str                    # energy | standing | export | tier | promotion
+    unit_code: str = "KWH"       # UN/ECE Rec 20: KWH or DAY
+    amount_dec: Decimal = _ZERO  # exact amount in minor units before rounding
+    period_start: date | None = None   # local dates, end exclusive
+    period_end: date | None = None
+
+
+@dataclass(frozen=True)
+class Quote:
+    account_id: str
+    tariff_id: str
+    currency: str
+    start: date
+    end: date                    # exclusive
+    lines: tuple[RatedLine, ...]
+    exact_total: Decimal         # minor units, unrounded
+    total_minor: int             # == sum(line.net_minor)
+    residue: Decimal             # total_minor - exact_total: rounding residue to book
+    rounding_mode: str
+    rounding_stage: str
+
+
+# --------------------------------------------------------------------------- aggregates
+
+def merge_aggregates(*maps: Mapping[AggKey, DayBandAggregate]) -> dict[AggKey, DayBandAggregate]:
+    """Sum aggregate maps (associative and commutative); zero entries are kept so keys stay stable."""
+    out: dict[AggKey, DayBandAggregate] = {}
+    for m in maps:
+        for key, agg in m.items():
+            have = out.get(key)
+            out[key] = agg if have is None else have + agg
+    return out
+
+
+def _zone(tariff: Tariff, tz: ZoneInfo | str | None) -> ZoneInfo:
+    if tz is None:
+        return tariff.zone
+    return tz if isinstance(tz, ZoneInfo) else ZoneInfo(tz)
+
+
+def rate_interval(interval: Interval, tariff: Tariff, account_id: str,
+                  tz: ZoneInfo | str | None = None) -> DayBandAggregate:
+    """One interval -> its contribution to one day-band aggregate (exact, unrounded)."""
+    if interval.held:
+        raise ValidationError(f"meter {interval.meter_id} register {interval.obis} interval "
+                              f"{interval.start.isoformat()} is held by VEE ({', '.join(sorted(interval.flags))}); "
+                              f"resolve the exception before rating")
+    local = interval.start.astimezone(_zone(tariff, tz))
+    d = local.date()
+    version = tariff.version_for(d)
+    if interval.obis == IMPORT_OBIS:
+        band = tariff.band_at(local)
+        amount = _CTX.multiply(Decimal(interval.wh), band.rate).scaleb(-3)
+        return DayBandAggregate(account_id, d, band.name, interval.wh, amount, "energy", band.rate)
+    if interval.obis == EXPORT_OBIS:
+        if version.export_rate is None:
+            raise ValidationError(f"tariff {tariff.id} version {version.valid_from} has no export_rate; "
+                                  f"meter {interval.meter_id} exported {interval.wh} Wh at {interval.start.isoformat()}")
+        amount = -_CTX.multiply(Decimal(interval.wh), version.export_rate).scaleb(-3)
+        return DayBandAggregate(account_id, d, EXPORT, interval.wh, amount, "export", version.export_rate)
+    raise ValidationError(f"meter {interval.meter_id}: register {interval.obis} is not rated "
+                          f"(import {IMPORT_OBIS}, export {EXPORT_OBIS})")
+
+
+def rate_intervals(aggregates: Mapping[AggKey, DayBandAggregate], intervals: Iterable[Interval],
+                   tariff: Tariff, account_id: str,
+                   tz: ZoneInfo | str | None = None) -> dict[AggKey, DayBandAggregate]:
+    """Existing aggregates + new intervals -> updated aggregates (a new dict; the input is not changed)."""
+    out = dict(aggregates)
+    for interval in intervals:
+        agg = rate_interval(interval, tariff, account_id, tz)
+        have = out.get(agg.key)
+        out[agg.key] = agg if have is None else have + agg
+    return out
+
+
+def rate_changes(aggregates: Mapping[AggKey, DayBandAggregate], changes: Iterable[IntervalChange],
+                 tariff: Tariff, account_id: str,
+                 tz: ZoneInfo | str | None = None) -> dict[AggKey, DayBandAggregate]:
+    """Apply VEE re-derivation changes: un-rate each old billable interval, rate each new billable one."""
+    out = dict(aggregates)
+    for ch in changes:
+        for interval, sign in ((ch.old, -1), (ch.new, 1)):
+            if interval is None or interval.held:
+                continue
+            agg = rate_interval(interval, tariff, account_id, tz)
+            if sign < 0:
+                agg = agg.negated()
+            have = out.get(agg.key)
+            out[agg.key] = agg if have is None else have + agg
+    return out
+
+
+def _dates(start: date, end: date) -> Iterable[date]:
+    d = start
+    while d < end:
+        yield d
+        d += timedelta(days=1)
+
+
+def _check_dates(start: date, end: date) -> None:
+    if isinstance(start, datetime) or isinstance(end, datetime):
+        raise TypeError("rating windows are LOCAL dates (date objects), not instants")
+    if end < start:
+        raise ValueError(f"window end {end} before start {start}")
+
+
+def standing_charges(tariff: Tariff, account_id: str, start: date, end: date) -> dict[AggKey, DayBandAggregate]:
+    """One standing-charge aggregate per local day in [start, end); a 23 h or 25 h day is one day."""
+    _check_dates(start, end)
+    out = {}
+    for d in _dates(start, end):
+        price = tariff.version_for(d).standing_charge
+        out[(account_id, d, STANDING)] = DayBandAggregate(account_id, d, STANDING, 0, price, "standing", price, 1)
+    return out
+
+
+# --------------------------------------------------------------------------- tiers
+
+def _in_block(tier: Tier, cumulative_wh: int) -> int:
+    """Wh of the first `cumulative_wh` of the period that fall in `tier`."""
+    upper = cumulative_wh if tier.to_wh is None else min(cumulative_wh, tier.to_wh)
+    return max(0, upper - tier.from_wh)
+
+
+def tier_usage(tariff: Tariff, daily_import_wh: Mapping[date, int]) -> dict[tuple[date, str], int]:
+    """(local date, tier name) -> Wh of that day in that block; blocks count per calendar month.
+
+    Days are taken in date order and the month's import accumulates across them, so a day that
+    crosses a threshold is split at it; each day uses the blocks of its own tariff version.
+    """
+    usage: dict[tuple[date, str], int] = {}
+    period, cumulative = None, 0
+    for d in sorted(daily_import_wh):
+        p = d.replace(day=1)
+        if p != period:
+            period, cumulative = p, 0
+        before, cumulative = cumulative, cumulative + daily_import_wh[d]
+        for tier in tariff.version_for(d).tiers:
+            wh = _in_block(tier, cumulative) - _in_block(tier, before)
+            if wh:
+                usage[(d, tier.name)] = usage.get((d, tier.name), 0) + wh
+    return usage
+
+
+# --------------------------------------------------------------------------- lines
+
+_KIND_ORDER = {"energy": 0, "tier": 1, "export": 2, "promotion": 3, "standing": 4}
+
+
+def _major(minor: Decimal, exponent: int) -> Decimal:
+    return minor.scaleb(-exponent)
+
+
+def _period_of(d: date, bounds: Sequence[date]) -> tuple[date, date]:
+    lo = bounds[0]
+    for b in bounds[1:]:
+        if d < b:
+            return lo, b
+        lo = b
+    raise AssertionError(d)
+
+
+def _apportion_total(exacts: Sequence[Decimal], total: int) -> list[int]:
+    """Integer nets, each within 1 of its exact amount, summing to `total` (largest remainder)."""
+    floors = [round_minor(e, "floor") for e in exacts]
+    left = total - sum(floors)
+    if not 0 <= left <= len(exacts):
+        raise AssertionError(f"cannot apportion {total} over {exacts}")
+    order = sorted(range(len(exacts)), key=lambda i: (-(exacts[i] - floors[i]), i))
+    for i in order[:left]:
+        floors[i] += 1
+    return floors
+
+
+def lines_from_aggregates(tariff: Tariff, aggregates: Iterable[DayBandAggregate], start: date, end: date, *,
+                          account_id: str = "", rounding_mode: str = "half_up", rounding_stage: str = "line",
+                          split_at: Sequence[date] = ()) -> Quote:
+    """Day-band aggregates (one account) in [start, end) -> a Quote with lines per band, tier, export and standing.
+
+    Lines are grouped per (sub-period, kind, band, unit price); `split_at` cuts the window into
+    sub-periods (e.g. at a VAT rate change); a tariff version change splits lines by price.
+    """
+    _check_dates(start, end)
+    if rounding_stage not in ROUNDING_STAGES:
+        raise ValueError(f"unknown rounding stage {rounding_stage!r}; known: {', '.join(ROUNDING_STAGES)}")
+    bounds = sorted({start, end, *(d for d in split_at if start < d < end)})
+    groups: dict[tuple, list] = {}     # key -> [wh or days, exact amount]
+    daily_import: dict[date, int] = {}
+    for agg in aggregates:
+        if not start <= agg.local_date < end:
+            continue
+        if account_id and agg.account_id != account_id:
+            raise ValidationError(f"aggregate of account {agg.account_id} in a quote for {account_id}")
+        ps, pe = _period_of(agg.local_date, bounds)
+        key = (ps, pe, agg.kind, agg.band, agg.unit_price)
+        acc = groups.setdefault(key, [0, _ZERO])
+        acc[0] += agg.days if agg.kind == "standing" else agg.wh
+        acc[1] = _CTX.add(acc[1], agg.amount_dec)
+        if agg.kind == "energy":
+            daily_import[agg.local_date] = daily_import.get(agg.local_date, 0) + agg.wh
+
+    # tiers: per billing period (month) over the sum of the window's import in that period
+    tier_by_name = {t.name: t for v in tariff.versions for t in v.tiers}
+    for (d, name), wh in tier_usage(tariff, daily_import).items():
+        adder = next(t.adder for t in tariff.version_for(d).tiers if t.name == name)
+        if adder == 0:
+            continue
+        ps, pe = _period_of(d, bounds)
+        acc = groups.setdefault((ps, pe, "tier", name, adder), [0, _ZERO])
+        acc[0] += wh
+        acc[1] = _CTX.add(acc[1], _CTX.multiply(Decimal(wh), adder).scaleb(-3))
+
+    exp = tariff.exponent
+    drafts = []
+    band_order = {b.name: i for v in tariff.versions for i, b in enumerate(v.bands)}
+    for key in sorted(groups, key=lambda k: (k[0], _KIND_ORDER[k[2]], band_order.get(k[3], 99), k[3], k[4])):
+        ps, pe, kind, band, price = key
+        qty_raw, amount = groups[key]
+        if kind == "standing":
+            quantity, unit_code = Decimal(qty_raw), "DAY"
+            desc = f"Standing charge {ps} to {pe - timedelta(days=1)}"
+        else:
+            quantity, unit_code = Decimal(qty_raw).scaleb(-3), "KWH"
+            if kind == "export":
+                quantity = -quantity
+                desc = "Export credit (2.8.0)"
+            elif kind == "tier":
+                t = tier_by_name[band]
+                desc = t.description or (f"Block {band}: {Decimal(t.from_wh).scaleb(-3)} kWh"
+                                         + (f" to {Decimal(t.to_wh).scaleb(-3)} kWh" if t.to_wh else " and above"))
+            else:
+                desc = f"Energy, {band.replace('_', ' ')}"
+        if price < 0:                       # EN 16931 BR-27: prices are never negative
+            price, quantity = -price, -quantity
+        drafts.append((desc, band, quantity, _major(price, exp), amount, kind, unit_code, ps, pe))
+
+    exact_total = sum((d[4] for d in drafts), _ZERO)
+    if rounding_stage == "line":
+        nets = [round_minor(d[4], rounding_mode) for d in drafts]
+        total = sum(nets)
+    else:
+        total = round_minor(exact_total, rounding_mode)
+        nets = _apportion_total([d[4] for d in drafts], total) if drafts else []
+    lines = tuple(RatedLine(desc, band, qty, price, net, kind, unit, amount, ps, pe)
+                  for (desc, band, qty, price, amount, kind, unit, ps, pe), net in zip(drafts, nets))
+    return Quote(account_id, tariff.id, tariff.currency, start, end, lines, exact_total, total,
+                 Decimal(total) - exact_total, rounding_mode, rounding_stage)
+
+
+def quote(tariff: Tariff, intervals: Iterable[Interval], account: str, start: date, end: date,
+          tz: ZoneInfo | str | None = None, *, rounding_mode: str = "half_up", rounding_stage: str = "line",
+          split_at: Sequence[date] = (), standing: bool = True) -> Quote:
+    """Price a window of LOCAL dates [start, end) for one account's intervals (import 1.8.0, export 2.8.0).
+
+    Intervals whose local start falls outside the window are ignored; held intervals are refused.
+    """
+    _check_dates(start, end)
+    zone = _zone(tariff, tz)
+    inside = [i for i in intervals if start <= i.start.astimezone(zone).date() < end]
+    aggs = rate_intervals({}, inside, tariff, account, zone)
+    if standing:
+        aggs = merge_aggregates(aggs, standing_charges(tariff, account, start, end))
+    return lines_from_aggregates(tariff, aggs.values(), start, end, account_id=account,
+                                 rounding_mode=rounding_mode, rounding_stage=rounding_stage, split_at=split_at)
+
+
+# --------------------------------------------------------------------------- re-rating
+
+def rerate(old_lines: Iterable[RatedLine], new_lines: Iterable[RatedLine]) -> tuple[RatedLine, ...]:
+    """Adjustment lines turning issued `old_lines` into `new_lines`: differences only, history untouched.
+
+    Lines match on (kind, band, unit price, unit, period); a corrected price reverses the old line
+    and adds the new one. sum(adjustment.net_minor) == sum(new.net_minor) - sum(old.net_minor).
+    """
+    def key(line: RatedLine) -> tuple:
+        return (line.kind, line.band, line.unit_price, line.unit_code, line.period_start, line.period_end)
+
+    table: dict[tuple, list] = {}     # key -> [old qty, old net, old amount, new qty, new net, new amount, desc]
+    for side, lines in ((0, old_lines), (3, new_lines)):
+        for line in lines:
+            row = table.setdefault(key(line), [_ZERO, 0, _ZERO, _ZERO, 0, _ZERO, line.description])
+            row[side] += line.quantity_kwh
+            row[side + 1] += line.net_minor
+            row[side + 2] = _CTX.add(row[side + 2], line.amount_dec)
+    out = []
+    for k, (oq, on, oa, nq, nn, na, desc) in table.items():
+        if oq == nq and on == nn and oa == na:
+            continue
+        kind, band, price, unit, ps, pe = k
+        out.append(RatedLine(f"Adjustment: {desc}", band, nq - oq, price, nn - on, kind, unit,
+                             _CTX.subtract(na, oa), ps, pe))
+    return tuple(out)
