@@ -80,6 +80,23 @@ class RatedLine:
 
 
 @dataclass(frozen=True)
+class Promotion:
+    """An accepted offer: `percent_off` % of the energy amount of `bands` (None: all) on local dates [valid_from, valid_to)."""
+
+    id: str
+    description: str
+    percent_off: Decimal
+    bands: frozenset[str] | None = None
+    valid_from: date | None = None
+    valid_to: date | None = None
+
+    def applies(self, local_date: date, band: str) -> bool:
+        return ((self.bands is None or band in self.bands)
+                and (self.valid_from is None or local_date >= self.valid_from)
+                and (self.valid_to is None or local_date < self.valid_to))
+
+
+@dataclass(frozen=True)
 class Quote:
     account_id: str
     tariff_id: str
@@ -139,12 +156,42 @@ def rate_interval(interval: Interval, tariff: Tariff, account_id: str,
 def rate_intervals(aggregates: Mapping[AggKey, DayBandAggregate], intervals: Iterable[Interval],
                    tariff: Tariff, account_id: str,
                    tz: ZoneInfo | str | None = None) -> dict[AggKey, DayBandAggregate]:
-    """Existing aggregates + new intervals -> updated aggregates (a new dict; the input is not changed)."""
-    out = dict(aggregates)
+    """Existing aggregates + new intervals -> updated aggregates (a new dict; the input is not changed).
+
+    Same result as adding `rate_interval` of each interval, computed per (day, band) in bulk:
+    the amount is linear in Wh, so sum(wh_i) x rate is exactly sum(wh_i x rate).
+    """
+    zone = _zone(tariff, tz)
+    days: dict[date, tuple] = {}
+    sums: dict[AggKey, list] = {}          # key -> [wh, kind, unit price]
     for interval in intervals:
-        agg = rate_interval(interval, tariff, account_id, tz)
-        have = out.get(agg.key)
-        out[agg.key] = agg if have is None else have + agg
+        if interval.flags and interval.held or interval.obis not in (IMPORT_OBIS, EXPORT_OBIS):
+            rate_interval(interval, tariff, account_id, zone)      # raises the precise error
+        local = interval.start.astimezone(zone)
+        d = local.date()
+        day = days.get(d)
+        if day is None:
+            version = tariff.version_for(d)
+            day = days[d] = (version, version.schedules[tariff.day_class(d, version)],
+                             {b.name: b.rate for b in version.bands})
+        if interval.obis == IMPORT_OBIS:
+            band = day[1][local.hour * 60 + local.minute]
+            key, kind, price = (account_id, d, band), "energy", day[2][band]
+        else:
+            if day[0].export_rate is None:
+                rate_interval(interval, tariff, account_id, zone)  # raises: no export rate
+            key, kind, price = (account_id, d, EXPORT), "export", day[0].export_rate
+        acc = sums.get(key)
+        if acc is None:
+            sums[key] = [interval.wh, kind, price]
+        else:
+            acc[0] += interval.wh
+    out = dict(aggregates)
+    for key, (wh, kind, price) in sums.items():
+        amount = _CTX.multiply(Decimal(wh), price).scaleb(-3)
+        agg = DayBandAggregate(account_id, key[1], key[2], wh, -amount if kind == "export" else amount, kind, price)
+        have = out.get(key)
+        out[key] = agg if have is None else have + agg
     return out
 
 
@@ -249,7 +296,7 @@ def _apportion_total(exacts: Sequence[Decimal], total: int) -> list[int]:
 
 def lines_from_aggregates(tariff: Tariff, aggregates: Iterable[DayBandAggregate], start: date, end: date, *,
                           account_id: str = "", rounding_mode: str = "half_up", rounding_stage: str = "line",
-                          split_at: Sequence[date] = ()) -> Quote:
+                          split_at: Sequence[date] = (), promotions: Sequence[Promotion] = ()) -> Quote:
     """Day-band aggregates (one account) in [start, end) -> a Quote with lines per band, tier, export and standing.
 
     Lines are grouped per (sub-period, kind, band, unit price); `split_at` cuts the window into
@@ -261,9 +308,8 @@ def lines_from_aggregates(tariff: Tariff, aggregates: Iterable[DayBandAggregate]
     bounds = sorted({start, end, *(d for d in split_at if start < d < end)})
     groups: dict[tuple, list] = {}     # key -> [wh or days, exact amount]
     daily_import: dict[date, int] = {}
-    for agg in aggregates:
-        if not start <= agg.local_date < end:
-            continue
+    aggregates_in_window = [a for a in aggregates if start <= a.local_date < end]
+    for agg in aggregates_in_window:
         if account_id and agg.account_id != account_id:
             raise ValidationError(f"aggregate of account {agg.account_id} in a quote for {account_id}")
         ps, pe = _period_of(agg.local_date, bounds)
@@ -285,6 +331,20 @@ def lines_from_aggregates(tariff: Tariff, aggregates: Iterable[DayBandAggregate]
         acc[0] += wh
         acc[1] = _CTX.add(acc[1], _CTX.multiply(Decimal(wh), adder).scaleb(-3))
 
+    # promotions: a percentage off the energy amount of chosen bands, per sub-period
+    promo_by_id = {}
+    for promo in promotions:
+        promo_by_id[promo.id] = promo
+        base: dict[tuple[date, date], Decimal] = {}
+        for agg in aggregates_in_window:
+            if agg.kind == "energy" and promo.applies(agg.local_date, agg.band):
+                sub = _period_of(agg.local_date, bounds)
+                base[sub] = _CTX.add(base.get(sub, _ZERO), agg.amount_dec)
+        for (ps, pe), amount in base.items():
+            discount = -_CTX.multiply(amount, promo.percent_off).scaleb(-2)
+            if discount:
+                groups[(ps, pe, "promotion", promo.id, discount)] = [1, discount]
+
     exp = tariff.exponent
     drafts = []
     band_order = {b.name: i for v in tariff.versions for i, b in enumerate(v.bands)}
@@ -294,6 +354,9 @@ def lines_from_aggregates(tariff: Tariff, aggregates: Iterable[DayBandAggregate]
         if kind == "standing":
             quantity, unit_code = Decimal(qty_raw), "DAY"
             desc = f"Standing charge {ps} to {pe - timedelta(days=1)}"
+        elif kind == "promotion":            # one unit ("C62") priced at the discount
+            quantity, unit_code = Decimal(1), "C62"
+            desc = promo_by_id[band].description or f"Promotion {band}"
         else:
             quantity, unit_code = Decimal(qty_raw).scaleb(-3), "KWH"
             if kind == "export":
@@ -324,7 +387,7 @@ def lines_from_aggregates(tariff: Tariff, aggregates: Iterable[DayBandAggregate]
 
 def quote(tariff: Tariff, intervals: Iterable[Interval], account: str, start: date, end: date,
           tz: ZoneInfo | str | None = None, *, rounding_mode: str = "half_up", rounding_stage: str = "line",
-          split_at: Sequence[date] = (), standing: bool = True) -> Quote:
+          split_at: Sequence[date] = (), standing: bool = True, promotions: Sequence[Promotion] = ()) -> Quote:
     """Price a window of LOCAL dates [start, end) for one account's intervals (import 1.8.0, export 2.8.0).
 
     Intervals whose local start falls outside the window are ignored; held intervals are refused.
@@ -336,7 +399,8 @@ def quote(tariff: Tariff, intervals: Iterable[Interval], account: str, start: da
     if standing:
         aggs = merge_aggregates(aggs, standing_charges(tariff, account, start, end))
     return lines_from_aggregates(tariff, aggs.values(), start, end, account_id=account,
-                                 rounding_mode=rounding_mode, rounding_stage=rounding_stage, split_at=split_at)
+                                 rounding_mode=rounding_mode, rounding_stage=rounding_stage, split_at=split_at,
+                                 promotions=promotions)
 
 
 # --------------------------------------------------------------------------- re-rating

@@ -10,8 +10,8 @@ from hypothesis import given, settings, strategies as st
 
 from meterlink.errors import ValidationError
 from meterlink.headend.rating import (
-    lines_from_aggregates, merge_aggregates, quote, rate_changes, rate_intervals, rerate, standing_charges,
-    tier_usage)
+    Promotion, lines_from_aggregates, merge_aggregates, quote, rate_changes, rate_interval, rate_intervals, rerate,
+    standing_charges, tier_usage)
 from meterlink.headend.tariff import BUNDLED_DIR, load_tariff, tariff_from_toml
 from meterlink.headend.vee import DECREASE, Interval, derive_intervals, diff_intervals
 from meterlink.readings import Reading
@@ -231,3 +231,24 @@ def test_split_at_cuts_lines_at_a_date_for_vat_changes_without_changing_the_tota
     assert split.exact_total == whole.exact_total
     assert {(line.period_start, line.period_end) for line in split.lines} == {
         (date(2026, 10, 1), date(2026, 10, 15)), (date(2026, 10, 15), date(2026, 11, 1))}
+
+
+def test_rating_intervals_in_bulk_equals_adding_them_one_by_one():
+    ivs = random_month(11, 400)
+    one_by_one = {}
+    for i in ivs:
+        agg = rate_interval(i, E7, "A1")
+        one_by_one = merge_aggregates(one_by_one, {agg.key: agg})
+    assert one_by_one == rate_intervals({}, ivs, E7, "A1")
+
+
+def test_promotion_discounts_a_percentage_of_the_chosen_bands_within_its_dates():
+    night_offer = Promotion("night10", "10 % off night energy in October", Decimal(10), frozenset({"night"}),
+                            date(2026, 10, 1), date(2026, 11, 1))
+    d = datetime(2026, 10, 20, 0, tzinfo=UTC)                 # 01:00 BST: night
+    ivs = [iv(d, 1000), iv(d + timedelta(hours=12), 1000), iv(datetime(2026, 11, 2, 1, tzinfo=UTC), 1000)]
+    q = quote(E7, ivs, "A1", date(2026, 10, 20), date(2026, 11, 3), promotions=[night_offer], standing=False)
+    promo = by_band(q)[("promotion", "night10")]
+    assert (promo.quantity_kwh, promo.unit_code, promo.unit_price) == (Decimal(-1), "C62", Decimal("0.01388"))   # 10 % of 13.88 p
+    assert promo.amount_dec == Decimal("-1.388") and promo.net_minor == -1   # November night is not discounted
+    assert q.total_minor == sum(line.net_minor for line in q.lines)
