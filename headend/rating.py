@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo
 from meterlink.errors import ValidationError
 from meterlink.money import round_minor
 
-from .tariff import Tariff, TariffVersion, Tier
+from .tariff import Tariff, Tier
 from .vee import Interval, IntervalChange
 
 IMPORT_OBIS = "1.8.0"
@@ -351,6 +351,8 @@ def lines_from_aggregates(tariff: Tariff, aggregates: Iterable[DayBandAggregate]
     for key in sorted(groups, key=lambda k: (k[0], _KIND_ORDER[k[2]], band_order.get(k[3], 99), k[3], k[4])):
         ps, pe, kind, band, price = key
         qty_raw, amount = groups[key]
+        if qty_raw == 0 and amount == 0:
+            continue                         # e.g. a day-band whose estimate was later moved away
         if kind == "standing":
             quantity, unit_code = Decimal(qty_raw), "DAY"
             desc = f"Standing charge {ps} to {pe - timedelta(days=1)}"

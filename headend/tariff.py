@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import holidays as _holidays
 
 from meterlink.config import Section, load_toml
-from meterlink.errors import ConfigError, ValidationError
+from meterlink.errors import ValidationError
 from meterlink.money import CURRENCY_EXPONENT
 
 BUNDLED_DIR = Path(__file__).parent / "data"

@@ -252,3 +252,25 @@ def test_promotion_discounts_a_percentage_of_the_chosen_bands_within_its_dates()
     assert (promo.quantity_kwh, promo.unit_code, promo.unit_price) == (Decimal(-1), "C62", Decimal("0.01388"))   # 10 % of 13.88 p
     assert promo.amount_dec == Decimal("-1.388") and promo.net_minor == -1   # November night is not discounted
     assert q.total_minor == sum(line.net_minor for line in q.lines)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 10**6), st.decimals("0.01", "99.99", places=2), st.decimals("0.01", "99.99", places=2),
+       st.sampled_from(["line", "invoice"]))
+def test_rerate_adjustments_always_sum_to_new_minus_old(seed, day_rate, standing, stage):
+    text = (BUNDLED_DIR / "tariff_gb_economy7.toml").read_text().replace('"30.67"', f'"{day_rate}"').replace(
+        '"52.14"', f'"{standing}"')
+    corrected = tariff_from_toml(tomllib.loads(text), text, "corrected.toml")
+    old_ivs = random_month(seed, 300)
+    new_ivs = [replace_wh(i, seed) for i in old_ivs]              # late data changed some intervals too
+    window = (date(2026, 10, 1), date(2026, 11, 1))
+    old = quote(E7, old_ivs, "A1", *window, rounding_stage=stage)
+    new = quote(corrected, new_ivs, "A1", *window, rounding_stage=stage)
+    adj = rerate(old.lines, new.lines)
+    assert sum(a.net_minor for a in adj) == new.total_minor - old.total_minor
+    assert sum(a.amount_dec for a in adj) == new.exact_total - old.exact_total
+    assert all(a.description.startswith("Adjustment: ") for a in adj)
+
+
+def replace_wh(i: Interval, seed: int) -> Interval:
+    return i if (i.start.minute + seed) % 3 else Interval(i.meter_id, i.obis, i.start, i.end, i.wh + 7, True)

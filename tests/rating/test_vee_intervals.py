@@ -181,3 +181,20 @@ def test_registers_are_derived_separately_per_meter_and_obis():
                             rd(0, 7, meter="M2"), rd(15, 9, meter="M2")])
     assert sorted((i.meter_id, i.obis, i.wh) for i in res.intervals) == [
         ("M1", "1.8.0", 5), ("M1", "2.8.0", 3), ("M2", "1.8.0", 2)]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1_000, 10**6), st.data())
+def test_rolling_registers_still_sum_to_the_true_consumption(register_max, data):
+    modulus = register_max + 1
+    steps = data.draw(st.lists(st.integers(0, modulus // 2 - 1), min_size=1, max_size=20))
+    true_total = 0
+    start_value = data.draw(st.integers(0, register_max))
+    readings = [Reading("M1", "1.8.0", T0, start_value, "Wh")]
+    for k, step in enumerate(steps, 1):
+        true_total += step
+        readings.append(Reading("M1", "1.8.0", T0 + k * Q, (start_value + true_total) % modulus, "Wh"))
+    res = derive_intervals(readings, VeeConfig(register_max=register_max))
+    assert [i.wh for i in res.intervals] == steps
+    assert all(not i.held for i in res.intervals)
+    assert sum(1 for e in res.exceptions if e.kind == "rollover") == (start_value + true_total) // modulus
