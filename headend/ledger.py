@@ -41,7 +41,7 @@ In both cases the customer's balance is gross (what the customer paid and sees).
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal

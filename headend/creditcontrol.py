@@ -1,0 +1,508 @@
+"""Credit control after RFC 4006 (Diameter Gy): reserve/update/terminate sessions, grant sizing and over-usage; never does I/O, reads a clock, or grants more than the balance.
+
+Words as in RFC 4006: a *session* (Session-Id) carries numbered *requests* (CC-Request-Type
+INITIAL / UPDATE / TERMINATION, CC-Request-Number 0, 1, 2, ...). The head-end answers with a
+*result code* and, on success, *granted service units* (here: an amount of money in minor units,
+and the same in Wh when a price is known), a *validity time*, and a *final-unit action* when the
+grant is the last one the balance allows. UPDATE and TERMINATION report the *used service units*
+of the grant being replaced.
+
+Rules
+-----
+* Idempotent on (session_id, request_number): a repeated request (same content) returns the
+  identical stored answer, books nothing, raises no event. The same number with other content is
+  refused (5004 INVALID_AVP_VALUE); a number that is not the next one is refused
+  (5012 UNABLE_TO_COMPLY); the session is unchanged by a refusal.
+* Usage within the grant is charged to the customer's prepaid credit (one ledger transaction,
+  key ``cc:{session}:{n}:usage``). Usage beyond the grant is **over-usage**: detected in the same
+  request, booked to the customer's debt (key ``cc:{session}:{n}:over-usage``) and returned as an
+  `OverUsage` event.
+* Open grants are reservations: a grant is never larger than
+  ``available = prepaid credit − grants held open by the account's other sessions``, so the sum of
+  open grants never exceeds the balance. A grant stays reserved until its usage is reported
+  (UPDATE/TERMINATION), even after its validity time: an offline gateway may be using it.
+
+Grant sizing (`size_grant`)
+--------------------------
+::
+
+    burn      = used minor units / hours covered, over the usage reports of the last
+                `burn_rate_window` (no history yet: `initial_burn_rate_minor_per_h`)
+    target    = ceil(burn × validity_hours × headroom)
+    bounded   = min(max(target, min_grant_minor), max_grant_minor)
+    available = prepaid credit − other sessions' open grants
+    available ≤ 0          → 4012 CREDIT_LIMIT_REACHED, no grant, final-unit action
+    grant     = min(bounded, available);  bounded ≥ available → the grant is final (FUA set)
+    grant_wh  = floor(grant × 1000 / price_minor_per_kwh)   (when a price is configured)
+
+`min_grant_minor` stops a meter flooding the head-end with tiny grants; the burn-rate target and
+`max_grant_minor` stop it holding more than it needs for one validity period.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from decimal import Decimal
+from enum import IntEnum
+from typing import Callable, Iterable, Iterator, Protocol
+
+from meterlink.errors import ValidationError
+from meterlink.money import round_minor, to_decimal
+
+from . import ledger as L
+
+# --------------------------------------------------------------------------- RFC 4006 vocabulary
+
+
+class RequestType(IntEnum):
+    """CC-Request-Type AVP values."""
+
+    INITIAL_REQUEST = 1
+    UPDATE_REQUEST = 2
+    TERMINATION_REQUEST = 3
+
+
+class ResultCode(IntEnum):
+    """Result-Code values (RFC 6733 / RFC 4006) used by the head-end."""
+
+    SUCCESS = 2001
+    END_USER_SERVICE_DENIED = 4010
+    CREDIT_CONTROL_NOT_APPLICABLE = 4011
+    CREDIT_LIMIT_REACHED = 4012
+    UNKNOWN_SESSION_ID = 5002
+    INVALID_AVP_VALUE = 5004
+    UNABLE_TO_COMPLY = 5012          # used for an out-of-order CC-Request-Number
+
+
+class FinalUnitAction(IntEnum):
+    """Final-Unit-Action AVP values: what the gateway does when the final grant is used up."""
+
+    TERMINATE = 0
+    REDIRECT = 1
+    RESTRICT_ACCESS = 2
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class GrantPolicy:
+    """How big grants are and how long they live (per market or per tariff)."""
+
+    validity: timedelta = timedelta(hours=6)
+    min_grant_minor: int = 100
+    max_grant_minor: int = 5_000
+    headroom: Decimal = Decimal("1.25")
+    initial_burn_rate_minor_per_h: Decimal = Decimal(20)
+    burn_rate_window: timedelta = timedelta(hours=24)
+    final_unit_action: FinalUnitAction = FinalUnitAction.TERMINATE
+    price_minor_per_kwh: Decimal | None = None      # gross; when set, grants also carry Wh
+    answers_kept: int = 16                           # stored answers per session (retransmissions)
+    usage_kept: int = 32                             # usage reports kept per session (burn rate)
+
+    def __post_init__(self) -> None:
+        for name in ("headroom", "initial_burn_rate_minor_per_h"):
+            object.__setattr__(self, name, to_decimal(getattr(self, name)))
+        if self.price_minor_per_kwh is not None:
+            object.__setattr__(self, "price_minor_per_kwh", to_decimal(self.price_minor_per_kwh))
+            if self.price_minor_per_kwh <= 0:
+                raise ValidationError(f"grant policy: price_minor_per_kwh {self.price_minor_per_kwh} must be > 0")
+        if not 0 < self.min_grant_minor <= self.max_grant_minor:
+            raise ValidationError(f"grant policy: need 0 < min_grant_minor ({self.min_grant_minor}) "
+                                  f"<= max_grant_minor ({self.max_grant_minor})")
+        if self.validity <= timedelta(0) or self.burn_rate_window <= timedelta(0):
+            raise ValidationError("grant policy: validity and burn_rate_window must be positive")
+        if self.headroom < 1:
+            raise ValidationError(f"grant policy: headroom {self.headroom} must be >= 1")
+
+
+@dataclass(frozen=True)
+class Grant:
+    """Granted-Service-Unit with its Validity-Time and, when final, its Final-Unit-Action."""
+
+    amount_minor: int
+    wh: int | None
+    validity_time: int                  # seconds (Validity-Time AVP)
+    issued_at: datetime
+    expires_at: datetime
+    final_unit_action: FinalUnitAction | None = None
+
+    @property
+    def is_final(self) -> bool:
+        return self.final_unit_action is not None
+
+
+@dataclass(frozen=True)
+class CreditControlRequest:
+    """A CCR: which session, which request, and the used service units since the last grant."""
+
+    session_id: str
+    request_type: RequestType
+    request_number: int
+    account_id: str
+    meter_id: str
+    currency: str
+    used_minor: int = 0
+    used_wh: int = 0
+
+    def fingerprint(self) -> tuple:
+        return (int(self.request_type), self.account_id, self.meter_id, self.currency, self.used_minor, self.used_wh)
+
+
+def initial(session_id: str, account_id: str, meter_id: str, currency: str) -> CreditControlRequest:
+    """A CCR-Initial (request number 0)."""
+    return CreditControlRequest(session_id, RequestType.INITIAL_REQUEST, 0, account_id, meter_id, currency)
+
+
+@dataclass(frozen=True)
+class CreditControlAnswer:
+    """A CCA; stored per request number and returned unchanged for a retransmission."""
+
+    session_id: str
+    request_type: RequestType
+    request_number: int
+    result_code: ResultCode
+    grant: Grant | None = None
+    final_unit_action: FinalUnitAction | None = None
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.result_code == ResultCode.SUCCESS
+
+
+@dataclass(frozen=True)
+class UsageReport:
+    """Used service units for the interval [since, at), kept for the burn rate."""
+
+    since: datetime
+    at: datetime
+    used_minor: int
+    used_wh: int
+
+
+@dataclass(frozen=True)
+class OverUsage:
+    """Event: usage reported beyond the grant; `over_minor` was booked as debt under `business_key`."""
+
+    session_id: str
+    account_id: str
+    meter_id: str
+    request_number: int
+    at: datetime
+    granted_minor: int
+    used_minor: int
+    over_minor: int
+    granted_wh: int | None
+    used_wh: int
+    over_wh: int | None
+    business_key: str
+    kind: str = "over-usage"
+
+
+@dataclass(frozen=True)
+class Session:
+    """A credit-control session's state; `grant` is its open reservation."""
+
+    session_id: str
+    account_id: str
+    meter_id: str
+    currency: str
+    opened_at: datetime
+    last_request_number: int = 0
+    terminated: bool = False
+    grant: Grant | None = None
+    used_minor_total: int = 0
+    used_wh_total: int = 0
+    over_usage_minor_total: int = 0
+    usage: tuple[UsageReport, ...] = ()
+    answers: tuple[tuple[int, tuple, CreditControlAnswer], ...] = ()
+
+    @property
+    def reserved_minor(self) -> int:
+        """Money this session holds open (0 once terminated)."""
+        return 0 if self.terminated or self.grant is None else self.grant.amount_minor
+
+    def stored_answer(self, request_number: int) -> tuple[tuple, CreditControlAnswer] | None:
+        for n, fp, ans in self.answers:
+            if n == request_number:
+                return fp, ans
+        return None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What `decide` concluded: the answer, the session state to store (None: store nothing),
+    the ledger transactions to append with it, and events to raise."""
+
+    answer: CreditControlAnswer
+    session: Session | None = None
+    transactions: tuple[L.Transaction, ...] = ()
+    events: tuple[OverUsage, ...] = ()
+    replayed: bool = False
+
+
+# --------------------------------------------------------------------------- pure functions
+
+
+def _hours(delta: timedelta) -> Decimal:
+    micro = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    return Decimal(micro) / Decimal(3_600_000_000)
+
+
+def burn_rate(usage: Iterable[UsageReport], now: datetime, window: timedelta, default: Decimal) -> Decimal:
+    """Recent consumption in minor units per hour: reports ending inside the window, used / hours covered."""
+    start = now - window
+    used, hours = 0, Decimal(0)
+    for r in usage:
+        if r.at > start and r.at <= now:
+            used += r.used_minor
+            hours += _hours(r.at - r.since)
+    if hours <= 0:
+        return to_decimal(default)
+    return Decimal(used) / hours
+
+
+def size_grant(available_minor: int, burn_minor_per_h: Decimal, policy: GrantPolicy,
+               now: datetime) -> Grant | None:
+    """The grant for `available_minor` of unreserved credit (None when nothing is available); see module doc."""
+    if available_minor <= 0:
+        return None
+    target = round_minor(to_decimal(burn_minor_per_h) * _hours(policy.validity) * policy.headroom, "ceiling")
+    bounded = min(max(target, policy.min_grant_minor), policy.max_grant_minor)
+    amount = min(bounded, available_minor)
+    final = policy.final_unit_action if bounded >= available_minor else None
+    wh = None
+    if policy.price_minor_per_kwh is not None:
+        wh = round_minor(Decimal(amount) * 1000 / policy.price_minor_per_kwh, "floor")
+    seconds = policy.validity.days * 86_400 + policy.validity.seconds
+    return Grant(amount, wh, seconds, now, now + policy.validity, final)
+
+
+def _answer(req: CreditControlRequest, code: ResultCode, grant: Grant | None = None,
+            fua: FinalUnitAction | None = None, detail: str = "") -> CreditControlAnswer:
+    if grant is not None and fua is None:
+        fua = grant.final_unit_action
+    return CreditControlAnswer(req.session_id, req.request_type, req.request_number, code, grant, fua, detail)
+
+
+def _refuse(req: CreditControlRequest, code: ResultCode, detail: str) -> Outcome:
+    return Outcome(_answer(req, code, detail=detail))
+
+
+def _grant_answer(req: CreditControlRequest, available: int, burn: Decimal, policy: GrantPolicy,
+                  now: datetime) -> CreditControlAnswer:
+    grant = size_grant(available, burn, policy, now)
+    if grant is None:
+        return _answer(req, ResultCode.CREDIT_LIMIT_REACHED, fua=policy.final_unit_action,
+                       detail=f"account {req.account_id}: no unreserved credit ({available} {req.currency})")
+    return _answer(req, ResultCode.SUCCESS, grant)
+
+
+def decide(session: Session | None, request: CreditControlRequest, *, credit_minor: int,
+           reserved_by_others_minor: int, policy: GrantPolicy, vat: L.PrepaidVat, now: datetime,
+           account_active: bool = True) -> Outcome:
+    """Answer one CCR from the session's state and the account's credit; the whole credit-control core.
+
+    `credit_minor` is the account's prepaid credit now (customer view), `reserved_by_others_minor`
+    the open grants of the account's *other* sessions. Nothing is stored here: the caller appends
+    `transactions` and stores `session` together (one database transaction).
+    """
+    req = request
+    if not isinstance(req.request_type, RequestType):
+        try:
+            req = replace(req, request_type=RequestType(req.request_type))
+        except ValueError:
+            return _refuse(req, ResultCode.INVALID_AVP_VALUE, f"session {req.session_id}: "
+                           f"unknown CC-Request-Type {req.request_type!r}")
+    if req.request_number < 0 or req.used_minor < 0 or req.used_wh < 0:
+        return _refuse(req, ResultCode.INVALID_AVP_VALUE, f"session {req.session_id} request {req.request_number}: "
+                       f"negative request number or used units")
+
+    if session is None:
+        if req.request_type != RequestType.INITIAL_REQUEST:
+            return _refuse(req, ResultCode.UNKNOWN_SESSION_ID, f"unknown session {req.session_id}")
+        if req.request_number != 0:
+            return _refuse(req, ResultCode.UNABLE_TO_COMPLY,
+                           f"session {req.session_id}: CCR-Initial must be request number 0, got {req.request_number}")
+        if req.used_minor or req.used_wh:
+            return _refuse(req, ResultCode.INVALID_AVP_VALUE,
+                           f"session {req.session_id}: CCR-Initial cannot report used units")
+        if not account_active:
+            return _refuse(req, ResultCode.END_USER_SERVICE_DENIED, f"account {req.account_id} is not active")
+        burn = to_decimal(policy.initial_burn_rate_minor_per_h)
+        answer = _grant_answer(req, credit_minor - reserved_by_others_minor, burn, policy, now)
+        if not answer.ok:
+            return Outcome(answer)          # no session is opened without a grant
+        new = Session(req.session_id, req.account_id, req.meter_id, req.currency, now, 0, False, answer.grant,
+                      answers=((0, req.fingerprint(), answer),))
+        return Outcome(answer, new)
+
+    stored = session.stored_answer(req.request_number)
+    if stored is not None:
+        fingerprint, answer = stored
+        if fingerprint == req.fingerprint():
+            return Outcome(answer, replayed=True)
+        return _refuse(req, ResultCode.INVALID_AVP_VALUE,
+                       f"session {req.session_id} request {req.request_number} repeated with different content")
+    if (req.account_id, req.meter_id, req.currency) != (session.account_id, session.meter_id, session.currency):
+        return _refuse(req, ResultCode.INVALID_AVP_VALUE,
+                       f"session {req.session_id} belongs to account {session.account_id} meter {session.meter_id} "
+                       f"({session.currency}), not {req.account_id}/{req.meter_id} ({req.currency})")
+    if session.terminated:
+        return _refuse(req, ResultCode.UNKNOWN_SESSION_ID, f"session {req.session_id} is terminated")
+    if req.request_number != session.last_request_number + 1:
+        return _refuse(req, ResultCode.UNABLE_TO_COMPLY,
+                       f"session {req.session_id}: request number {req.request_number} out of order "
+                       f"(expected {session.last_request_number + 1})")
+    if req.request_type == RequestType.INITIAL_REQUEST:
+        return _refuse(req, ResultCode.INVALID_AVP_VALUE, f"session {req.session_id} already initialised")
+
+    # --- usage of the grant being replaced
+    grant = session.grant
+    granted = grant.amount_minor if grant else 0
+    within = min(req.used_minor, granted)
+    over = req.used_minor - within
+    txns: list[L.Transaction] = []
+    events: list[OverUsage] = []
+    base = f"cc:{req.session_id}:{req.request_number}"
+    if within:
+        txns.append(L.consumption_charge(f"{base}:usage", now, req.account_id, req.currency, vat, gross_minor=within))
+    if over:
+        key = f"{base}:over-usage"
+        txns.append(L.over_usage_debt(key, now, req.account_id, over, req.currency, vat))
+        granted_wh = grant.wh if grant else (0 if policy.price_minor_per_kwh is not None else None)
+        events.append(OverUsage(req.session_id, req.account_id, req.meter_id, req.request_number, now, granted,
+                                req.used_minor, over, granted_wh, req.used_wh,
+                                None if granted_wh is None else max(0, req.used_wh - granted_wh), key))
+    since = grant.issued_at if grant else (session.usage[-1].at if session.usage else session.opened_at)
+    usage = (session.usage + (UsageReport(since, now, req.used_minor, req.used_wh),))[-policy.usage_kept:]
+
+    if req.request_type == RequestType.TERMINATION_REQUEST:
+        answer = _answer(req, ResultCode.SUCCESS)
+        terminated, new_grant = True, None
+    else:
+        burn = burn_rate(usage, now, policy.burn_rate_window, policy.initial_burn_rate_minor_per_h)
+        if not account_active:
+            answer = _answer(req, ResultCode.END_USER_SERVICE_DENIED, fua=policy.final_unit_action,
+                             detail=f"account {req.account_id} is not active")
+        else:
+            answer = _grant_answer(req, credit_minor - within - reserved_by_others_minor, burn, policy, now)
+        terminated, new_grant = False, answer.grant
+
+    new = replace(session, last_request_number=req.request_number, terminated=terminated, grant=new_grant,
+                  used_minor_total=session.used_minor_total + req.used_minor,
+                  used_wh_total=session.used_wh_total + req.used_wh,
+                  over_usage_minor_total=session.over_usage_minor_total + over, usage=usage,
+                  answers=(session.answers + ((req.request_number, req.fingerprint(), answer),))[-policy.answers_kept:])
+    return Outcome(answer, new, tuple(txns), tuple(events))
+
+
+# --------------------------------------------------------------------------- storage contract + service
+
+
+class SessionStore(Protocol):
+    """Where sessions live; the SQL implementations come with the head-end storage."""
+
+    def get(self, session_id: str) -> Session | None: ...
+
+    def put(self, session: Session) -> None: ...
+
+    def open_sessions(self, account_id: str) -> Iterable[Session]: ...
+
+
+class InMemorySessionStore:
+    """The reference `SessionStore` (tests, single process)."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, Session] = {}
+
+    def get(self, session_id: str) -> Session | None:
+        return self._sessions.get(session_id)
+
+    def put(self, session: Session) -> None:
+        self._sessions[session.session_id] = session
+
+    def open_sessions(self, account_id: str) -> Iterator[Session]:
+        return iter([s for s in self._sessions.values() if s.account_id == account_id and not s.terminated])
+
+
+class CreditControl:
+    """Thin orchestration of `decide` over a `LedgerStore` and a `SessionStore`.
+
+    A storage implementation must run each call in one database transaction (and serialise calls
+    per account, e.g. `SELECT ... FOR UPDATE` on the account), so that the balance read, the
+    postings and the session write are atomic.
+    """
+
+    def __init__(self, ledger: L.LedgerStore, sessions: SessionStore, policy: GrantPolicy, vat: L.PrepaidVat,
+                 account_active: Callable[[str], bool] = lambda account_id: True) -> None:
+        self.ledger, self.sessions, self.policy, self.vat = ledger, sessions, policy, vat
+        self.account_active = account_active
+
+    def handle(self, request: CreditControlRequest, now: datetime) -> Outcome:
+        session = self.sessions.get(request.session_id)
+        account = session.account_id if session else request.account_id
+        currency = session.currency if session else request.currency
+        credit = -self.ledger.balance(L.prepaid(account), currency)
+        others = sum(s.reserved_minor for s in self.sessions.open_sessions(account) if s.session_id != request.session_id)
+        outcome = decide(session, request, credit_minor=credit, reserved_by_others_minor=others, policy=self.policy,
+                         vat=self.vat, now=now, account_active=self.account_active(account))
+        if outcome.transactions:
+            self.ledger.append(outcome.transactions)
+        if outcome.session is not None:
+            self.sessions.put(outcome.session)
+        return outcome
+
+    def _typed(self, request: CreditControlRequest, expected: RequestType, now: datetime) -> Outcome:
+        if request.request_type != expected:
+            raise ValidationError(f"session {request.session_id}: {expected.name} expected, "
+                                  f"got {RequestType(request.request_type).name}")
+        return self.handle(request, now)
+
+    def reserve(self, request: CreditControlRequest, now: datetime) -> Outcome:
+        """CCR-Initial: open the session and reserve its first grant."""
+        return self._typed(request, RequestType.INITIAL_REQUEST, now)
+
+    def update(self, request: CreditControlRequest, now: datetime) -> Outcome:
+        """CCR-Update: book the used units and receive a new grant."""
+        return self._typed(request, RequestType.UPDATE_REQUEST, now)
+
+    def terminate(self, request: CreditControlRequest, now: datetime) -> Outcome:
+        """CCR-Terminate: book the used units and release the reservation."""
+        return self._typed(request, RequestType.TERMINATION_REQUEST, now)
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass(frozen=True)
+class OverUsageRow:
+    account_id: str
+    meter_id: str
+    currency: str
+    events: int
+    over_minor: int
+    over_wh: int
+
+
+def over_usage_report(events: Iterable[OverUsage], start: datetime, end: datetime,
+                      currency_of: Callable[[str], str] | None = None) -> list[OverUsageRow]:
+    """Over-usage events in [start, end) per (account, meter): count, money booked as debt, Wh."""
+    acc: dict[tuple[str, str], list[int]] = {}
+    for e in events:
+        if start <= e.at < end:
+            row = acc.setdefault((e.account_id, e.meter_id), [0, 0, 0])
+            row[0] += 1
+            row[1] += e.over_minor
+            row[2] += e.over_wh or 0
+    return [OverUsageRow(a, m, currency_of(a) if currency_of else "", n, minor, wh)
+            for (a, m), (n, minor, wh) in sorted(acc.items())]
+
+
+__all__ = [
+    "CreditControl", "CreditControlAnswer", "CreditControlRequest", "FinalUnitAction", "Grant", "GrantPolicy",
+    "InMemorySessionStore", "Outcome", "OverUsage", "OverUsageRow", "RequestType", "ResultCode", "Session",
+    "SessionStore", "UsageReport", "burn_rate", "decide", "initial", "over_usage_report", "size_grant",
+]
