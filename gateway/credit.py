@@ -1,0 +1,604 @@
+"""Offline prepayment credit of one account (DLMS/COSEM Account, Credit, Charge): pure transitions; never reads a clock, never switches a relay, never does I/O.
+
+The gateway keeps one immutable `AccountState` per PAYG meter. Every transition takes the state
+and an instant and returns `(new_state, events)`; the events are plain frozen dataclasses the
+shell journals (hash chain) and publishes. `decide_supply` returns a `Decision` naming the relay
+position the shell must command (through the meter's Modbus coil) and why.
+
+Money is integer minor units; Decimal only while pricing, rounded by `meterlink.money.round_minor`.
+Sub-minor pricing residue is carried in the state (booked, not lost).
+
+Where the money of one account sits (all int minor units, all >= 0):
+
+* `credit_balance`         credit from head-end grants (amount) and top-ups (tokens, cards)
+* `emergency_credit_used`  emergency credit consumed, owed back from the next top-up
+* `accumulated_debt`       consumption charged while no credit was left (friendly periods,
+                           the moments before disconnection, restrict-access grants)
+* `arrears`                debt registered by the head-end, recovered by time-based and
+                           payment-based debt recovery
+
+Conservation (checked by a property test): for any sequence of transitions,
+  Σ top-ups applied + Σ amount grants
+    == credit_balance + Σ debt recovered + Σ consumption charged
+       − accumulated_debt − emergency_credit_used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Callable, Literal, Union
+from zoneinfo import ZoneInfo
+
+from meterlink.clock import utc
+from meterlink.errors import ValidationError
+from meterlink.money import ROUNDING_MODES, round_minor, to_decimal
+
+from .friendly import FriendlyConfig, friendly_period_end, in_friendly_period
+
+Relay = Literal["closed", "open"]
+PriceFn = Callable[[datetime], Decimal]
+Price = Union[Decimal, int, str, PriceFn]
+FINAL_UNIT_ACTIONS = ("terminate", "restrict_access")
+RECONNECT_MODES = ("automatic", "customer_confirms")
+RECOVERY_PERIODS = ("day", "week", "month")
+_DAY_US = Decimal(86_400_000_000)
+
+
+# --------------------------------------------------------------------------- configuration
+
+@dataclass(frozen=True)
+class PrepaymentConfig:
+    """Market/account prepayment parameters (all amounts in minor units of `currency`)."""
+
+    currency: str = "GBP"
+    timezone: str = "UTC"                         # market IANA zone: debt-recovery periods are local
+    rounding: str = "half_up"                     # mode name for round_minor
+    low_credit_threshold: int = 500               # LowBalance raised when credit falls below
+    emergency_credit_threshold: int = 100         # emergency credit offered when credit falls below
+    emergency_credit_limit: int = 1000            # how much emergency credit may be used (0: none)
+    disablement_threshold: int = 0                # supply disabled when available credit <= this
+    max_credit_balance: int = 100_000             # a top-up that would leave more credit is refused whole
+    payment_recovery_percent: Decimal = Decimal(0)  # share of each top-up taken for arrears
+    payment_recovery_cap: int | None = None       # most taken by payment-based recovery per period
+    recovery_period: str = "week"                 # "day" | "week" | "month", local time
+    time_recovery_per_day: Decimal = Decimal(0)   # time-based recovery, minor units per day from credit
+    reconnect: str = "automatic"                  # "automatic" | "customer_confirms"
+
+    def __post_init__(self) -> None:
+        if self.rounding not in ROUNDING_MODES:
+            raise ValidationError(f"prepayment config: unknown rounding mode {self.rounding!r}")
+        if self.recovery_period not in RECOVERY_PERIODS:
+            raise ValidationError(f"prepayment config: recovery_period {self.recovery_period!r} "
+                                  f"not one of {', '.join(RECOVERY_PERIODS)}")
+        if self.reconnect not in RECONNECT_MODES:
+            raise ValidationError(f"prepayment config: reconnect {self.reconnect!r} "
+                                  f"not one of {', '.join(RECONNECT_MODES)}")
+        for name in ("low_credit_threshold", "emergency_credit_threshold", "emergency_credit_limit",
+                     "max_credit_balance"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValidationError(f"prepayment config: {name} must be a non-negative int, got {value!r}")
+        object.__setattr__(self, "payment_recovery_percent", to_decimal(self.payment_recovery_percent))
+        object.__setattr__(self, "time_recovery_per_day", to_decimal(self.time_recovery_per_day))
+        if not Decimal(0) <= self.payment_recovery_percent <= Decimal(100):
+            raise ValidationError(f"prepayment config: payment_recovery_percent "
+                                  f"{self.payment_recovery_percent} not within 0..100")
+        ZoneInfo(self.timezone)
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A head-end credit-control grant (RFC 4006 Granted-Service-Unit) as verified by the shell.
+
+    Grants are INCREMENTS: each (session, request_number) adds its amount / Wh once. `amount_minor`
+    joins the credit balance (after repaying accumulated debt and emergency credit); `wh` is an
+    energy quota the head-end has already priced, consumed before any locally priced credit.
+    """
+
+    session_id: str
+    request_number: int
+    valid_until: datetime                         # Validity-Time as an instant: ask for an update by then
+    amount_minor: int = 0
+    wh: int = 0
+    currency: str = "GBP"
+    final_unit_action: str = "terminate"          # "terminate" | "restrict_access"
+
+
+# --------------------------------------------------------------------------- events
+
+@dataclass(frozen=True, kw_only=True)
+class CreditEvent:
+    account: str
+    at: datetime
+
+    @property
+    def kind(self) -> str:
+        return type(self).__name__
+
+
+@dataclass(frozen=True, kw_only=True)
+class Charged(CreditEvent):
+    """Consumption priced locally and drawn: grant Wh first, then credit, emergency credit, debt."""
+    wh: int
+    wh_from_grant: int
+    amount_minor: int
+    from_credit: int
+    from_emergency_credit: int
+    to_accumulated_debt: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class OverUsage(CreditEvent):
+    """Consumption beyond grants, top-ups and emergency credit: booked as accumulated debt."""
+    wh: int
+    amount_minor: int
+    relay: str                                    # "open" here means consumption through an open relay
+
+
+@dataclass(frozen=True, kw_only=True)
+class LowBalance(CreditEvent):
+    credit_balance: int
+    threshold: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmergencyCreditOffered(CreditEvent):
+    amount_minor: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmergencyCreditTaken(CreditEvent):
+    """The customer accepted (activated) emergency credit; it may now be used."""
+    amount_minor: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmergencyCreditRefused(CreditEvent):
+    reason: str                                   # "not_offered" | "already_accepted"
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmergencyCreditExhausted(CreditEvent):
+    amount_minor: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class DebtRecovered(CreditEvent):
+    """Arrears recovered (ledger posting). For method "payment" it repeats TopUpApplied.to_debt_recovery."""
+    amount_minor: int
+    method: str                                   # "time" | "payment"
+    arrears_after: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class TopUpApplied(CreditEvent):
+    reference: str                                # token id or card transaction id
+    amount_minor: int
+    to_debt_recovery: int
+    to_accumulated_debt: int
+    to_emergency_credit: int
+    to_credit: int
+    credit_balance: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class TopUpRefused(CreditEvent):
+    """A top-up that moved nothing: over_maximum_credit, not_positive, currency_mismatch,
+    bad_signature, wrong_meter, expired, replay, blacklisted, unknown_card, card_list_unverified,
+    blacklist_unverified."""
+    reference: str
+    amount_minor: int
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class GrantApplied(CreditEvent):
+    session_id: str
+    request_number: int
+    amount_minor: int
+    wh: int
+    to_accumulated_debt: int
+    to_emergency_credit: int
+    to_credit: int
+    valid_until: datetime
+
+
+@dataclass(frozen=True, kw_only=True)
+class GrantRefused(CreditEvent):
+    session_id: str
+    request_number: int
+    reason: str                                   # "expired" | "replay" | "currency_mismatch" | "bad_grant"
+
+
+@dataclass(frozen=True, kw_only=True)
+class GrantValidityExpired(CreditEvent):
+    """The grant's validity time passed: the shell should send a credit-control update."""
+    session_id: str
+    valid_until: datetime
+
+
+@dataclass(frozen=True, kw_only=True)
+class FriendlyPeriodWarning(CreditEvent):
+    """Credit is exhausted inside a friendly period: supply stays on, debt accrues, and the
+    supply may be disconnected at `period_end` if credit is still exhausted then."""
+    period_end: datetime | None
+    available_credit: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Disconnected(CreditEvent):
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Reconnected(CreditEvent):
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReconnectArmed(CreditEvent):
+    """Credit is restored but the supply waits for the customer to confirm (reconnect = customer_confirms)."""
+    available_credit: int
+
+
+# --------------------------------------------------------------------------- state
+
+@dataclass(frozen=True)
+class AccountState:
+    """Everything the gateway knows about one prepayment account; replace, never mutate."""
+
+    account: str                                  # meter / account id the events name
+    cfg: PrepaymentConfig = field(default_factory=PrepaymentConfig)
+    at: datetime | None = None                    # last instant processed (time never runs back)
+    credit_balance: int = 0
+    granted_wh: int = 0
+    emergency_credit_offered: bool = False
+    emergency_credit_accepted: bool = False
+    emergency_credit_used: int = 0
+    accumulated_debt: int = 0
+    arrears: int = 0
+    recovered_in_period: int = 0
+    recovery_period_key: str | None = None
+    time_recovery_residue: Decimal = Decimal(0)
+    charge_residue: Decimal = Decimal(0)          # sub-minor pricing remainder carried forward
+    grant_session: str | None = None
+    grant_number: int = -1
+    grant_valid_until: datetime | None = None
+    grant_expiry_reported: bool = False
+    final_unit_action: str = "terminate"
+    relay: str = "closed"                         # last commanded (or read-back) relay position
+    reconnect_confirmed: bool = False
+    reconnect_armed: bool = False
+    low_balance_warned: bool = False
+    emergency_exhausted_reported: bool = False
+    friendly_warning_until: datetime | None = None  # end of the friendly span already warned about
+
+    @property
+    def emergency_credit_available(self) -> int:
+        if not self.emergency_credit_accepted:
+            return 0
+        return max(0, self.cfg.emergency_credit_limit - self.emergency_credit_used)
+
+    @property
+    def available_credit(self) -> int:
+        """Credit the supply may still draw on (may be negative when debt has accrued)."""
+        return self.credit_balance + self.emergency_credit_available - self.accumulated_debt
+
+    @property
+    def exhausted(self) -> bool:
+        return self.granted_wh <= 0 and self.available_credit <= self.cfg.disablement_threshold
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the shell must do with the relay, why, what to journal, and the state after."""
+
+    relay: str                                    # "closed" | "open"
+    reason: str
+    events: tuple[CreditEvent, ...]
+    state: AccountState
+
+    @property
+    def switch(self) -> bool:
+        """True when the relay must be commanded (the position changes)."""
+        return any(isinstance(e, (Disconnected, Reconnected)) for e in self.events)
+
+
+Events = list[CreditEvent]
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _amount(value: int, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{what} must be int minor units, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _period_key(cfg: PrepaymentConfig, at: datetime) -> str:
+    local = at.astimezone(ZoneInfo(cfg.timezone))
+    if cfg.recovery_period == "day":
+        return local.date().isoformat()
+    if cfg.recovery_period == "month":
+        return f"{local.year:04d}-{local.month:02d}"
+    year, week, _ = local.isocalendar()
+    return f"{year:04d}-W{week:02d}"
+
+
+def _advance(state: AccountState, at: datetime) -> tuple[AccountState, Events]:
+    """Move the account to instant `at`: period roll-over, time-based debt recovery, grant validity."""
+    at = utc(at)
+    if state.at is not None and at < state.at:
+        raise ValidationError(f"account {state.account}: instant {at.isoformat()} is before the last "
+                              f"processed instant {state.at.isoformat()}")
+    cfg, events = state.cfg, []
+    key = _period_key(cfg, at)
+    if key != state.recovery_period_key:
+        state = replace(state, recovery_period_key=key, recovered_in_period=0)
+    if state.at is not None and cfg.time_recovery_per_day > 0 and state.arrears > 0:
+        elapsed_us = Decimal((at - state.at) // timedelta(microseconds=1))
+        exact = cfg.time_recovery_per_day * elapsed_us / _DAY_US + state.time_recovery_residue
+        due = round_minor(exact, "down")
+        take = min(due, state.arrears, state.credit_balance)
+        # what credit cannot cover now is not collected (recovery pauses; arrears stay)
+        state = replace(state, time_recovery_residue=exact - due, arrears=state.arrears - take,
+                        credit_balance=state.credit_balance - take)
+        if take:
+            events.append(DebtRecovered(account=state.account, at=at, amount_minor=take, method="time",
+                                        arrears_after=state.arrears))
+    if (state.grant_valid_until is not None and not state.grant_expiry_reported
+            and at >= state.grant_valid_until):
+        events.append(GrantValidityExpired(account=state.account, at=at, session_id=state.grant_session or "",
+                                           valid_until=state.grant_valid_until))
+        state = replace(state, grant_expiry_reported=True)
+    return replace(state, at=at), events
+
+
+def _flags(state: AccountState, at: datetime, events: Events) -> AccountState:
+    """Raise LowBalance / EmergencyCreditOffered / EmergencyCreditExhausted once per crossing."""
+    cfg, acct = state.cfg, state.account
+    if state.credit_balance < cfg.low_credit_threshold:
+        if not state.low_balance_warned:
+            events.append(LowBalance(account=acct, at=at, credit_balance=state.credit_balance,
+                                     threshold=cfg.low_credit_threshold))
+            state = replace(state, low_balance_warned=True)
+    elif state.low_balance_warned:
+        state = replace(state, low_balance_warned=False)
+    below_ec = state.credit_balance < cfg.emergency_credit_threshold
+    if (below_ec and cfg.emergency_credit_limit > 0 and not state.emergency_credit_offered
+            and not state.emergency_credit_accepted):
+        events.append(EmergencyCreditOffered(account=acct, at=at, amount_minor=cfg.emergency_credit_limit))
+        state = replace(state, emergency_credit_offered=True)
+    if state.emergency_credit_accepted and state.emergency_credit_available == 0:
+        if not state.emergency_exhausted_reported:
+            events.append(EmergencyCreditExhausted(account=acct, at=at, amount_minor=state.emergency_credit_used))
+            state = replace(state, emergency_exhausted_reported=True)
+    if not below_ec and state.emergency_credit_used == 0 and (
+            state.emergency_credit_offered or state.emergency_credit_accepted):
+        # emergency credit repaid and no longer needed: withdraw the offer until next time
+        state = replace(state, emergency_credit_offered=False, emergency_credit_accepted=False,
+                        emergency_exhausted_reported=False)
+    return state
+
+
+def _repay(state: AccountState, money: int) -> tuple[int, int, int]:
+    """Split money over accumulated debt, then emergency credit used; return (to_debt, to_ec, rest)."""
+    to_debt = min(money, state.accumulated_debt)
+    money -= to_debt
+    to_ec = min(money, state.emergency_credit_used)
+    return to_debt, to_ec, money - to_ec
+
+
+def _unit_price(price: Price, at: datetime, account: str) -> Decimal:
+    unit = price(at) if callable(price) else price
+    unit = to_decimal(unit)
+    if unit < 0:
+        raise ValidationError(f"account {account}: negative unit price {unit} at {at.isoformat()}")
+    return unit
+
+
+# --------------------------------------------------------------------------- transitions
+
+def charge(state: AccountState, wh: int, price: Price, at: datetime) -> tuple[AccountState, Events]:
+    """Price `wh` of consumption ending at `at` and draw it from the account.
+
+    `price` is minor units per kWh (Decimal/str/int) or a tariff function `at -> Decimal`
+    evaluated at `at`. Draw order: Wh grant, credit balance, emergency credit (only once
+    accepted), then accumulated debt (raised as OverUsage).
+    """
+    _amount(wh, "wh")
+    if wh < 0:
+        raise ValidationError(f"account {state.account}: negative consumption {wh} Wh at {utc(at).isoformat()}")
+    state, events = _advance(state, at)
+    at = state.at
+    from_grant = min(wh, state.granted_wh)
+    unit = _unit_price(price, at, state.account)
+    exact = Decimal(wh - from_grant) * unit / 1000 + state.charge_residue
+    amount = max(0, round_minor(exact, state.cfg.rounding))
+    take_credit = min(amount, state.credit_balance)
+    rest = amount - take_credit
+    take_ec = min(rest, state.emergency_credit_available)
+    to_debt = rest - take_ec
+    state = replace(state, granted_wh=state.granted_wh - from_grant, charge_residue=exact - amount,
+                    credit_balance=state.credit_balance - take_credit,
+                    emergency_credit_used=state.emergency_credit_used + take_ec,
+                    accumulated_debt=state.accumulated_debt + to_debt)
+    events.append(Charged(account=state.account, at=at, wh=wh, wh_from_grant=from_grant, amount_minor=amount,
+                          from_credit=take_credit, from_emergency_credit=take_ec, to_accumulated_debt=to_debt))
+    if to_debt:
+        events.append(OverUsage(account=state.account, at=at, wh=wh - from_grant, amount_minor=to_debt,
+                                relay=state.relay))
+    return _flags(state, at, events), events
+
+
+def accept_emergency_credit(state: AccountState, at: datetime) -> tuple[AccountState, Events]:
+    """The customer activates the offered emergency credit (only then may it be used)."""
+    state, events = _advance(state, at)
+    at = state.at
+    if state.emergency_credit_accepted:
+        events.append(EmergencyCreditRefused(account=state.account, at=at, reason="already_accepted"))
+    elif not state.emergency_credit_offered:
+        events.append(EmergencyCreditRefused(account=state.account, at=at, reason="not_offered"))
+    else:
+        state = replace(state, emergency_credit_accepted=True, emergency_exhausted_reported=False)
+        events.append(EmergencyCreditTaken(account=state.account, at=at,
+                                           amount_minor=state.emergency_credit_available))
+    return state, events
+
+
+def apply_topup(state: AccountState, amount_minor: int, token_id: str, at: datetime,
+                *, currency: str | None = None) -> tuple[AccountState, Events]:
+    """Apply a verified top-up: payment-based debt recovery (capped per period), accumulated
+    debt, emergency credit used, then the balance. Refused WHOLE (state unchanged, one
+    TopUpRefused event) when the resulting credit would exceed the maximum credit balance.
+
+    Replay protection is the caller's (see `meterlink.gateway.tokens`); this function trusts
+    that `token_id` has not been applied before.
+    """
+    _amount(amount_minor, f"top-up {token_id} amount")
+    original = state
+    state, events = _advance(state, at)
+    at, cfg = state.at, state.cfg
+
+    def refuse(reason: str) -> tuple[AccountState, Events]:
+        return original, [TopUpRefused(account=state.account, at=at, reference=token_id,
+                                       amount_minor=amount_minor, reason=reason)]
+
+    if currency is not None and currency != cfg.currency:
+        return refuse("currency_mismatch")
+    if amount_minor <= 0:
+        return refuse("not_positive")
+    recovery = 0
+    if state.arrears > 0 and cfg.payment_recovery_percent > 0:
+        recovery = round_minor(Decimal(amount_minor) * cfg.payment_recovery_percent / 100, cfg.rounding)
+        if cfg.payment_recovery_cap is not None:
+            recovery = min(recovery, max(0, cfg.payment_recovery_cap - state.recovered_in_period))
+        recovery = min(recovery, state.arrears, amount_minor)
+    to_debt, to_ec, to_credit = _repay(state, amount_minor - recovery)
+    if state.credit_balance + to_credit > cfg.max_credit_balance:
+        return refuse("over_maximum_credit")
+    state = replace(state, arrears=state.arrears - recovery, recovered_in_period=state.recovered_in_period + recovery,
+                    accumulated_debt=state.accumulated_debt - to_debt,
+                    emergency_credit_used=state.emergency_credit_used - to_ec,
+                    credit_balance=state.credit_balance + to_credit, reconnect_confirmed=False)
+    events.append(TopUpApplied(account=state.account, at=at, reference=token_id, amount_minor=amount_minor,
+                               to_debt_recovery=recovery, to_accumulated_debt=to_debt, to_emergency_credit=to_ec,
+                               to_credit=to_credit, credit_balance=state.credit_balance))
+    if recovery:
+        events.append(DebtRecovered(account=state.account, at=at, amount_minor=recovery, method="payment",
+                                    arrears_after=state.arrears))
+    return _flags(state, at, events), events
+
+
+def apply_grant(state: AccountState, grant: Grant, at: datetime) -> tuple[AccountState, Events]:
+    """Apply a verified head-end grant once: money repays accumulated debt, then emergency
+    credit, then joins the balance; Wh join the energy quota; validity and final-unit action
+    are remembered."""
+    state, events = _advance(state, at)
+    at = state.at
+
+    def refuse(reason: str) -> tuple[AccountState, Events]:
+        events.append(GrantRefused(account=state.account, at=at, session_id=grant.session_id,
+                                   request_number=grant.request_number, reason=reason))
+        return state, events
+
+    _amount(grant.amount_minor, f"grant {grant.session_id}/{grant.request_number} amount")
+    _amount(grant.wh, f"grant {grant.session_id}/{grant.request_number} wh")
+    if grant.amount_minor < 0 or grant.wh < 0 or grant.final_unit_action not in FINAL_UNIT_ACTIONS:
+        return refuse("bad_grant")
+    if grant.currency != state.cfg.currency and grant.amount_minor:
+        return refuse("currency_mismatch")
+    if at >= utc(grant.valid_until):
+        return refuse("expired")
+    if grant.session_id == state.grant_session and grant.request_number <= state.grant_number:
+        return refuse("replay")
+    to_debt, to_ec, to_credit = _repay(state, grant.amount_minor)
+    state = replace(state, accumulated_debt=state.accumulated_debt - to_debt,
+                    emergency_credit_used=state.emergency_credit_used - to_ec,
+                    credit_balance=state.credit_balance + to_credit, granted_wh=state.granted_wh + grant.wh,
+                    grant_session=grant.session_id, grant_number=grant.request_number,
+                    grant_valid_until=utc(grant.valid_until), grant_expiry_reported=False,
+                    final_unit_action=grant.final_unit_action)
+    events.append(GrantApplied(account=state.account, at=at, session_id=grant.session_id,
+                               request_number=grant.request_number, amount_minor=grant.amount_minor, wh=grant.wh,
+                               to_accumulated_debt=to_debt, to_emergency_credit=to_ec, to_credit=to_credit,
+                               valid_until=state.grant_valid_until))
+    return _flags(state, at, events), events
+
+
+def set_arrears(state: AccountState, arrears_minor: int, at: datetime) -> tuple[AccountState, Events]:
+    """The head-end's debt register value for this account (arrears to recover)."""
+    _amount(arrears_minor, "arrears")
+    if arrears_minor < 0:
+        raise ValidationError(f"account {state.account}: negative arrears {arrears_minor}")
+    state, events = _advance(state, at)
+    return replace(state, arrears=arrears_minor), events
+
+
+def confirm_reconnect(state: AccountState, at: datetime) -> tuple[AccountState, Events]:
+    """The customer confirms re-arming the supply (used when reconnect = customer_confirms)."""
+    state, events = _advance(state, at)
+    return replace(state, reconnect_confirmed=True), events
+
+
+def decide_supply(state: AccountState, friendly_cfg: FriendlyConfig | None, at: datetime) -> Decision:
+    """Decide the relay position at `at`.
+
+    * credit available: closed; an open relay is re-armed and closed automatically, or after
+      the customer confirms (cfg.reconnect);
+    * exhausted inside a friendly-credit period: stays closed, FriendlyPeriodWarning once per span
+      (debt accrues through `charge`);
+    * exhausted with a restrict_access final-unit action: stays closed;
+    * exhausted otherwise (including at the end of a friendly span): opened — emergency credit,
+      once accepted, counts as credit, so it is used up before disablement.
+    An open relay is never closed for lack of credit and never opened inside a friendly period.
+    """
+    state, events = _advance(state, at)
+    at, acct = state.at, state.account
+
+    def done(relay: str, reason: str, **changes) -> Decision:
+        new = replace(state, relay=relay, **changes)
+        return Decision(relay, reason, tuple(events), new)
+
+    if not state.exhausted:
+        if state.relay == "open":
+            if state.cfg.reconnect == "automatic" or state.reconnect_confirmed:
+                events.append(Reconnected(account=acct, at=at, reason="credit_restored"))
+                return done("closed", "credit_restored", reconnect_confirmed=False, reconnect_armed=False,
+                            friendly_warning_until=None)
+            if not state.reconnect_armed:
+                events.append(ReconnectArmed(account=acct, at=at, available_credit=state.available_credit))
+            return done("open", "awaiting_customer_confirmation", reconnect_armed=True)
+        return done("closed", "credit_available", friendly_warning_until=None)
+    if state.relay == "open":
+        return done("open", "credit_exhausted")
+    if state.final_unit_action == "restrict_access":
+        return done("closed", "final_unit_action_restrict_access")
+    if friendly_cfg is not None and in_friendly_period(friendly_cfg, at):
+        end = friendly_period_end(friendly_cfg, at)
+        if state.friendly_warning_until is None or state.friendly_warning_until != end:
+            events.append(FriendlyPeriodWarning(account=acct, at=at, period_end=end,
+                                                available_credit=state.available_credit))
+        return done("closed", "friendly_credit_period", friendly_warning_until=end)
+    if state.friendly_warning_until is not None:
+        reason = "friendly_period_ended"
+    elif state.emergency_credit_accepted:
+        reason = "emergency_credit_exhausted"
+    else:
+        reason = "credit_exhausted"
+    events.append(Disconnected(account=acct, at=at, reason=reason))
+    return done("open", reason, friendly_warning_until=None, reconnect_armed=False)
+
+
+def reevaluate(state: AccountState, friendly_cfg: FriendlyConfig | None, at: datetime,
+               relay_read_back: str | None = None) -> Decision:
+    """On boot: take the relay position read back from the meter (if any) as the truth, then
+    decide before anything is switched. The shell switches only if `Decision.switch`."""
+    if relay_read_back is not None:
+        if relay_read_back not in ("closed", "open"):
+            raise ValidationError(f"account {state.account}: relay read-back {relay_read_back!r} "
+                                  f"is not 'closed' or 'open'")
+        state = replace(state, relay=relay_read_back)
+    return decide_supply(state, friendly_cfg, at)
