@@ -37,6 +37,8 @@ def key_line(text: str, dotted_key: str) -> int | None:
     last = re.sub(r"\[\d+\]", "", dotted_key).rsplit(".", 1)[-1]
     pattern = re.compile(rf"^\s*{re.escape(last)}\s*=", re.M)
     m = pattern.search(text)
+    if m is None:  # inside an inline table: `rule = [{ feature = "x" }]`
+        m = re.compile(rf"[{{,]\s*{re.escape(last)}\s*=").search(text)
     if m is None:
         header = re.compile(rf"^\s*\[+\s*[\w.]*{re.escape(last)}\s*\]+", re.M).search(text)
         m = header
