@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("--database", help="sqlite:///PATH, overrides the config")
     rd.add_argument("--json", action="store_true", help="print one JSON object")
     rd.set_defaults(func=cmd_readings)
+    from . import cli_sources
+    cli_sources.register(sub)
     return parser
 
 

@@ -173,3 +173,16 @@ def test_readings_published_by_a_third_party_device_reach_the_store_exactly_once
         ing.stop()
     assert (ing.stats.new, ing.stats.duplicate, ing.stats.rejected) == (3, 1, 1)
     assert [r.value for r in repo.readings("PV-1", "1.8.0")] == [100_250, 115_250, 130_250]
+
+
+def test_import_command_prints_the_summary_and_fails_when_rows_were_rejected(tmp_path: Path, capsys):
+    from meterlink.headend.cli import main
+
+    f = tmp_path / "a.csv"
+    f.write_text(CSV_GOOD + "MTR-1,1.8.0,yesterday,1,kWh\n")
+    db = f"sqlite:///{tmp_path / 'h.db'}"
+    assert main(["import", str(f), "--database", db, "--json", "--rejects", str(tmp_path / "rej.csv")]) == 1
+    assert json.loads(capsys.readouterr().out) == {"read": 5, "new": 4, "duplicate": 0, "conflict": 0, "rejected": 1}
+    f.write_text(CSV_GOOD)
+    assert main(["import", str(f), "--database", db, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["duplicate"] == 4
