@@ -77,6 +77,158 @@ def cmd_readings(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- PAYG (issue 6): settle, cards, vendors
+
+
+def _payg_store(args):
+    from .payg_store import PaygStore
+    return PaygStore(_database(args))
+
+
+def _payg_now(args):
+    from meterlink.clock import parse_instant
+    return parse_instant(args.at) if getattr(args, "at", None) else clock_from_spec(args.clock).now()
+
+
+def cmd_settle(args) -> int:
+    from . import settlement
+    store = _payg_store(args)
+    try:
+        run = settlement.settle(store, settlement.parse_period(args.period, args.timezone), args.vendor)
+    finally:
+        store.close()
+    print(json.dumps(settlement.to_json(run), indent=2) if args.json else settlement.render_text(run))
+    return 0 if run.ok else 1
+
+
+def cmd_cards(args) -> int:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from meterlink.errors import ValidationError
+    store = _payg_store(args)
+    try:
+        now = _payg_now(args)
+        if args.cards_command == "issue":
+            key = Ed25519PrivateKey.generate()
+            pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            if args.key_out:
+                import os
+                pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                        serialization.NoEncryption())
+                fd = os.open(args.key_out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(pem)
+            store.register_card(args.card, args.account, pub, now)
+            print(json.dumps({"card": args.card, "account": args.account, "public_key": pub.hex(),
+                              "private_key_file": args.key_out}))
+        elif args.cards_command == "register":
+            try:
+                pub = bytes.fromhex(args.public_key)
+            except ValueError:
+                raise ValidationError(f"card {args.card}: public key {args.public_key!r} is not hex") from None
+            store.register_card(args.card, args.account, pub, now)
+            print(json.dumps({"card": args.card, "account": args.account, "public_key": pub.hex()}))
+        elif args.cards_command == "blacklist":
+            entry = store.blacklist_card(args.card, now.replace(microsecond=now.microsecond // 1000 * 1000),
+                                         args.reason)
+            print(json.dumps({"card": entry.card_id, "blacklisted_from":
+                              entry.effective_at.isoformat(timespec="milliseconds"), "reason": entry.reason}))
+        elif args.cards_command == "list":
+            black = {e.card_id for e in store.blacklist() if e.applies(now)}
+            for c in sorted(store.cards().values(), key=lambda c: c.card_id):
+                print(f"{c.card_id:20} {c.account_id:16} {'active' if c.active else 'inactive':8} "
+                      f"{'BLACKLISTED' if c.card_id in black else ''}")
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_vendors(args) -> int:
+    from decimal import Decimal
+    from .vendors import VendorContract
+    store = _payg_store(args)
+    try:
+        if args.vendors_command == "add":
+            store.put_vendor(VendorContract(args.vendor, args.currency, Decimal(args.commission_percent),
+                                            args.commission_fixed, Decimal(args.vat_on_commission),
+                                            contract_id=args.contract or ""))
+        if args.vendors_command == "account":
+            store.put_account(args.account, args.currency, max_balance_minor=args.max_balance)
+            return 0
+        for v in store.vendors().values():
+            print(f"{v.vendor_id:16} {v.contract_id:12} {v.currency} {v.commission_percent}% + "
+                  f"{v.commission_fixed_minor} minor, VAT on commission {v.vat_rate_on_commission}")
+    finally:
+        store.close()
+    return 0
+
+
+def _register_payg(sub) -> None:
+    st = sub.add_parser("settle", help="per-vendor settlement statements for a period, reconciled to the ledger",
+                        description="Gross sales, refused and reversed sales, commission by contract, VAT on "
+                                    "commission and net payable per vendor; exit 1 if any statement does not "
+                                    "reconcile to the ledger to the cent.",
+                        epilog="example: meterlink-headend settle --period 2026-03 --database sqlite:///var/headend.db")
+    st.add_argument("--period", required=True, help="YYYY-MM, YYYY-MM-DD or START/END ISO instants")
+    st.add_argument("--timezone", default="UTC", help="zone of the period's calendar boundaries (default UTC)")
+    st.add_argument("--vendor", help="only this vendor")
+    st.add_argument("--json", action="store_true", help="print JSON instead of text")
+    st.add_argument("--config", default="headend.toml")
+    st.add_argument("--database", help="sqlite:///PATH, overrides the config")
+    st.set_defaults(func=cmd_settle)
+
+    cards = sub.add_parser("cards", help="issue, register, blacklist and list customer top-up cards",
+                           epilog="example: meterlink-headend cards blacklist --card CARD-0001 --reason stolen "
+                                  "--database sqlite:///var/headend.db")
+    csub = cards.add_subparsers(dest="cards_command", required=True)
+    issue = csub.add_parser("issue", help="generate a card key pair and register its public key",
+                            epilog="example: meterlink-headend cards issue --card CARD-0001 --account ACC-0001 "
+                                   "--key-out card-0001.pem --database sqlite:///var/headend.db")
+    issue.add_argument("--key-out", help="write the card's private key (PEM, mode 0600) for personalisation")
+    reg = csub.add_parser("register", help="register a card personalised elsewhere by its public key",
+                          epilog="example: meterlink-headend cards register --card CARD-0002 --account ACC-0001 "
+                                 "--public-key 3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c")
+    reg.add_argument("--public-key", required=True, help="raw Ed25519 public key, 64 hex digits")
+    for p in (issue, reg):
+        p.add_argument("--card", required=True)
+        p.add_argument("--account", required=True, help="PAYG account the card tops up")
+    bl = csub.add_parser("blacklist", help="blacklist a card from now (or --at), to the millisecond",
+                         epilog="example: meterlink-headend cards blacklist --card CARD-0001 --reason 'reported stolen'")
+    bl.add_argument("--card", required=True)
+    bl.add_argument("--reason", default="")
+    ls = csub.add_parser("list", help="list registered cards", epilog="example: meterlink-headend cards list")
+    for p in (issue, reg, bl, ls):
+        p.add_argument("--config", default="headend.toml")
+        p.add_argument("--database", help="sqlite:///PATH, overrides the config")
+        p.add_argument("--clock", default="system", help="system | sim:ISO")
+        p.add_argument("--at", help="ISO instant to use instead of the clock")
+    cards.set_defaults(func=cmd_cards)
+
+    vendors = sub.add_parser("vendors", help="vendor contracts and PAYG accounts",
+                             epilog="example: meterlink-headend vendors add --vendor SHOP1 --currency GBP "
+                                    "--commission-percent 2.5 --commission-fixed 10 --vat-on-commission 0.20")
+    vsub = vendors.add_subparsers(dest="vendors_command", required=True)
+    add = vsub.add_parser("add", help="add or replace a vendor's contract",
+                          epilog="example: meterlink-headend vendors add --vendor SHOP1 --currency GBP "
+                                 "--commission-percent 2.5 --commission-fixed 10 --vat-on-commission 0.20")
+    add.add_argument("--vendor", required=True)
+    add.add_argument("--currency", required=True)
+    add.add_argument("--commission-percent", default="0")
+    add.add_argument("--commission-fixed", type=int, default=0, help="minor units per sale")
+    add.add_argument("--vat-on-commission", default="0", help="rate, e.g. 0.20")
+    add.add_argument("--contract", help="contract id printed on statements")
+    acc = vsub.add_parser("account", help="create or update a PAYG account cards can top up",
+                          epilog="example: meterlink-headend vendors account --account ACC-0001 --currency GBP")
+    acc.add_argument("--account", required=True)
+    acc.add_argument("--currency", required=True)
+    acc.add_argument("--max-balance", type=int, default=100_000, help="minor units")
+    vls = vsub.add_parser("list", help="list vendor contracts", epilog="example: meterlink-headend vendors list")
+    for p in (add, acc, vls):
+        p.add_argument("--config", default="headend.toml")
+        p.add_argument("--database", help="sqlite:///PATH, overrides the config")
+    vendors.set_defaults(func=cmd_vendors)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meterlink-headend", description=__doc__,
                                      epilog="example: meterlink-headend serve --config headend.toml")
@@ -99,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     rd.set_defaults(func=cmd_readings)
     from . import cli_sources
     cli_sources.register(sub)
+    _register_payg(sub)
     return parser
 
 

@@ -1,0 +1,433 @@
+"""PAYG persistence in the head-end SQLite database (own `payg_*` tables): ledger, cards, blacklist, vendors, sales, CRM events; SQL only, every decision is made by the pure cores.
+
+Tables are created with ``CREATE TABLE IF NOT EXISTS`` when the store is opened, so they live
+next to the readings tables of the same file without touching them. Each authorisation and each
+reversal runs in ONE ``BEGIN IMMEDIATE`` transaction (SQLite's database-wide write lock), so the
+blacklist, velocity and balance it reads cannot change before its postings are written: a card
+blacklisted at 12:00:00.000 is refused by any sale that starts after the blacklist commit.
+
+Only SQLite is implemented; PostgreSQL parity (same statements with ``SELECT ... FOR UPDATE`` on
+the account row) is not written yet.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from meterlink.clock import from_ms, to_ms
+from meterlink.errors import ConfigError, ValidationError
+
+from . import ledger as L
+from . import vendors as V
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS payg_txn (
+    business_key TEXT PRIMARY KEY, at_ms INTEGER NOT NULL, kind TEXT NOT NULL, memo TEXT NOT NULL DEFAULT '');
+CREATE TABLE IF NOT EXISTS payg_posting (
+    business_key TEXT NOT NULL REFERENCES payg_txn(business_key), account TEXT NOT NULL,
+    amount_minor INTEGER NOT NULL, currency TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS payg_posting_account ON payg_posting(account, currency);
+CREATE INDEX IF NOT EXISTS payg_posting_key ON payg_posting(business_key);
+CREATE TABLE IF NOT EXISTS payg_account (
+    account_id TEXT PRIMARY KEY, currency TEXT NOT NULL, active INTEGER NOT NULL DEFAULT 1,
+    max_balance_minor INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS payg_card (
+    card_id TEXT PRIMARY KEY, account_id TEXT NOT NULL, public_key TEXT NOT NULL,
+    active INTEGER NOT NULL DEFAULT 1, registered_at_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS payg_blacklist (
+    card_id TEXT NOT NULL, effective_at_ms INTEGER NOT NULL, reason TEXT NOT NULL DEFAULT '',
+    lifted_at_ms INTEGER, PRIMARY KEY (card_id, effective_at_ms));
+CREATE TABLE IF NOT EXISTS payg_vendor (
+    vendor_id TEXT PRIMARY KEY, currency TEXT NOT NULL, commission_percent TEXT NOT NULL,
+    commission_fixed_minor INTEGER NOT NULL, vat_rate_on_commission TEXT NOT NULL, rounding TEXT NOT NULL,
+    contract_id TEXT NOT NULL DEFAULT '');
+CREATE TABLE IF NOT EXISTS payg_challenge (
+    challenge TEXT PRIMARY KEY, issued_at_ms INTEGER NOT NULL, used_at_ms INTEGER);
+CREATE TABLE IF NOT EXISTS payg_sale (
+    vendor_id TEXT NOT NULL, sale_id TEXT NOT NULL, card_id TEXT NOT NULL, account_id TEXT NOT NULL,
+    amount_minor INTEGER NOT NULL, currency TEXT NOT NULL, at_ms INTEGER NOT NULL,
+    commission_minor INTEGER NOT NULL, vat_on_commission_minor INTEGER NOT NULL,
+    PRIMARY KEY (vendor_id, sale_id));
+CREATE INDEX IF NOT EXISTS payg_sale_card ON payg_sale(card_id, at_ms);
+CREATE INDEX IF NOT EXISTS payg_sale_account ON payg_sale(account_id, at_ms);
+CREATE TABLE IF NOT EXISTS payg_refusal (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, vendor_id TEXT NOT NULL, sale_id TEXT NOT NULL, card_id TEXT NOT NULL,
+    account_id TEXT NOT NULL, amount_minor INTEGER NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL,
+    at_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS payg_reversal (
+    reversal_id TEXT PRIMARY KEY, vendor_id TEXT NOT NULL, sale_id TEXT NOT NULL, at_ms INTEGER NOT NULL,
+    reason TEXT NOT NULL, UNIQUE (vendor_id, sale_id));
+CREATE TABLE IF NOT EXISTS payg_event (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, at_ms INTEGER NOT NULL, kind TEXT NOT NULL, account_id TEXT NOT NULL,
+    payload TEXT NOT NULL);
+"""
+
+CHALLENGE_TTL = timedelta(minutes=5)
+
+
+def sqlite_path(url: str) -> str:
+    """``sqlite:///rel``, ``sqlite:////abs``, ``sqlite://`` (memory) or a bare path -> a sqlite3 path."""
+    url = str(url)
+    if url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"database URL {url!r}: the PAYG store is SQLite only so far")
+    if url.startswith("sqlite://"):
+        rest = url[len("sqlite://"):]
+        if rest and not rest.startswith("/"):
+            raise ConfigError(f"database URL {url!r}: use sqlite:///relative/path or sqlite:////absolute/path")
+        return (rest[1:] if rest else ":memory:").split("?", 1)[0] or ":memory:"
+    return url
+
+
+@dataclass(frozen=True)
+class CrmEvent:
+    """One row of the CRM export (`seq` is the export cursor)."""
+
+    seq: int
+    at: datetime
+    kind: str
+    account_id: str
+    payload: dict
+
+
+class PaygStore:
+    """The head-end's PAYG tables; also the SQLite `LedgerStore` of the credit-control core."""
+
+    def __init__(self, database: str | Path, *, vat: L.PrepaidVat | None = None,
+                 velocity_limits: Sequence[V.VelocityLimit] = V.DEFAULT_VELOCITY) -> None:
+        path = sqlite_path(str(database))
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.vat = vat or L.PrepaidVat(Decimal("0.05"), "consumption")
+        self.velocity_limits = tuple(velocity_limits)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL" if path != ":memory:" else "PRAGMA journal_mode=MEMORY")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (nested calls join the outer one)."""
+        with self._lock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield self._db
+                finally:
+                    self._depth -= 1
+                return
+            self._db.execute("BEGIN IMMEDIATE")
+            self._depth = 1
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            else:
+                self._db.execute("COMMIT")
+            finally:
+                self._depth = 0
+
+    # ------------------------------------------------------------------ LedgerStore
+
+    def _load(self, key: str) -> L.Transaction | None:
+        row = self._db.execute("SELECT at_ms, kind, memo FROM payg_txn WHERE business_key = ?", (key,)).fetchone()
+        if row is None:
+            return None
+        legs = self._db.execute("SELECT account, amount_minor, currency FROM payg_posting WHERE business_key = ?",
+                                (key,)).fetchall()
+        return L.Transaction(key, from_ms(row[0]), tuple(L.Posting(*leg) for leg in legs), row[1], row[2])
+
+    def append(self, transactions: Sequence[L.Transaction]) -> tuple[L.Transaction, ...]:
+        with self.transaction() as db:
+            existing = {}
+            for t in transactions:
+                prior = self._load(t.business_key)
+                if prior is not None:
+                    existing[t.business_key] = prior
+            fresh = L.merge(existing, list(transactions))
+            for t in fresh:
+                if t.at.microsecond % 1000:
+                    raise L.LedgerError(f"transaction {t.business_key!r}: instant {t.at.isoformat()} "
+                                        f"is finer than a millisecond (the store keeps milliseconds)")
+                db.execute("INSERT INTO payg_txn VALUES (?, ?, ?, ?)", (t.business_key, to_ms(t.at), t.kind, t.memo))
+                db.executemany("INSERT INTO payg_posting VALUES (?, ?, ?, ?)",
+                               [(t.business_key, p.account, p.amount_minor, p.currency) for p in t.postings])
+            return fresh
+
+    def exists(self, business_key: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM payg_txn WHERE business_key = ?", (business_key,)).fetchone() \
+                is not None
+
+    def get(self, business_key: str) -> L.Transaction | None:
+        with self._lock:
+            return self._load(business_key)
+
+    def balance(self, account: str, currency: str | None = None) -> int:
+        with self._lock:
+            if currency is None:
+                row = self._db.execute("SELECT COALESCE(SUM(amount_minor), 0) FROM payg_posting WHERE account = ?",
+                                       (account,)).fetchone()
+            else:
+                row = self._db.execute("SELECT COALESCE(SUM(amount_minor), 0) FROM payg_posting "
+                                       "WHERE account = ? AND currency = ?", (account, currency)).fetchone()
+            return int(row[0])
+
+    def transactions(self, start: datetime | None = None, end: datetime | None = None) -> Iterator[L.Transaction]:
+        """All transactions (or those with start <= at < end), in instant order."""
+        with self._lock:
+            lo = to_ms(start) if start else -(2 ** 62)
+            hi = to_ms(end) if end else 2 ** 62
+            rows = self._db.execute("SELECT t.business_key, t.at_ms, t.kind, t.memo, p.account, p.amount_minor, "
+                                    "p.currency FROM payg_txn t JOIN payg_posting p USING (business_key) "
+                                    "WHERE t.at_ms >= ? AND t.at_ms < ? ORDER BY t.at_ms, t.business_key",
+                                    (lo, hi)).fetchall()
+        out: list[L.Transaction] = []
+        cur: list = []
+        for row in rows + [None]:
+            if cur and (row is None or row[0] != cur[0][0]):
+                k, at, kind, memo = cur[0][:4]
+                out.append(L.Transaction(k, from_ms(at), tuple(L.Posting(r[4], r[5], r[6]) for r in cur), kind, memo))
+                cur = []
+            if row is not None:
+                cur.append(row)
+        return iter(out)
+
+    # ------------------------------------------------------------------ registry
+
+    def put_account(self, account_id: str, currency: str, *, max_balance_minor: int = 100_000,
+                    active: bool = True) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT INTO payg_account VALUES (?, ?, ?, ?) ON CONFLICT(account_id) DO UPDATE SET "
+                       "currency = excluded.currency, active = excluded.active, "
+                       "max_balance_minor = excluded.max_balance_minor",
+                       (account_id, currency, int(active), max_balance_minor))
+
+    def account(self, account_id: str) -> V.AccountState | None:
+        with self._lock:
+            row = self._db.execute("SELECT currency, active, max_balance_minor FROM payg_account "
+                                   "WHERE account_id = ?", (account_id,)).fetchone()
+        if row is None:
+            return None
+        credit = -self.balance(L.prepaid(account_id), row[0])
+        return V.AccountState(account_id, row[0], bool(row[1]), credit, row[2])
+
+    def register_card(self, card_id: str, account_id: str, public_key: bytes, now: datetime) -> V.Card:
+        if len(public_key) != 32:
+            raise ValidationError(f"card {card_id}: an Ed25519 public key is 32 bytes, got {len(public_key)}")
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM payg_account WHERE account_id = ?", (account_id,)).fetchone() is None:
+                raise ValidationError(f"card {card_id}: account {account_id} is not a PAYG account here")
+            try:
+                db.execute("INSERT INTO payg_card VALUES (?, ?, ?, 1, ?)",
+                           (card_id, account_id, public_key.hex(), to_ms(now)))
+            except sqlite3.IntegrityError:
+                raise ValidationError(f"card {card_id} is already registered") from None
+        return V.Card(card_id, account_id, public_key)
+
+    def cards(self) -> dict[str, V.Card]:
+        with self._lock:
+            rows = self._db.execute("SELECT card_id, account_id, public_key, active FROM payg_card").fetchall()
+        return {r[0]: V.Card(r[0], r[1], bytes.fromhex(r[2]), bool(r[3])) for r in rows}
+
+    def _card(self, card_id: str) -> dict[str, V.Card]:
+        row = self._db.execute("SELECT card_id, account_id, public_key, active FROM payg_card WHERE card_id = ?",
+                               (card_id,)).fetchone()
+        return {} if row is None else {row[0]: V.Card(row[0], row[1], bytes.fromhex(row[2]), bool(row[3]))}
+
+    def blacklist_card(self, card_id: str, effective_at: datetime, reason: str = "") -> V.BlacklistEntry:
+        entry = V.BlacklistEntry(card_id, effective_at, reason)
+        with self.transaction() as db:
+            if not self._card(card_id):
+                raise ValidationError(f"card {card_id} is not registered")
+            db.execute("INSERT OR IGNORE INTO payg_blacklist VALUES (?, ?, ?, NULL)",
+                       (card_id, to_ms(effective_at), reason))
+        return entry
+
+    def lift_blacklist(self, card_id: str, at: datetime) -> int:
+        with self.transaction() as db:
+            return db.execute("UPDATE payg_blacklist SET lifted_at_ms = ? WHERE card_id = ? AND lifted_at_ms IS NULL",
+                              (to_ms(at), card_id)).rowcount
+
+    def blacklist(self, card_id: str | None = None) -> list[V.BlacklistEntry]:
+        with self._lock:
+            sql = "SELECT card_id, effective_at_ms, reason, lifted_at_ms FROM payg_blacklist"
+            rows = self._db.execute(sql + (" WHERE card_id = ?" if card_id else ""),
+                                    (card_id,) if card_id else ()).fetchall()
+        return [V.BlacklistEntry(r[0], from_ms(r[1]), r[2], from_ms(r[3]) if r[3] is not None else None)
+                for r in rows]
+
+    def put_vendor(self, contract: V.VendorContract) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT INTO payg_vendor VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(vendor_id) DO UPDATE SET "
+                       "currency = excluded.currency, commission_percent = excluded.commission_percent, "
+                       "commission_fixed_minor = excluded.commission_fixed_minor, "
+                       "vat_rate_on_commission = excluded.vat_rate_on_commission, rounding = excluded.rounding, "
+                       "contract_id = excluded.contract_id",
+                       (contract.vendor_id, contract.currency, str(contract.commission_percent),
+                        contract.commission_fixed_minor, str(contract.vat_rate_on_commission), contract.rounding,
+                        contract.contract_id))
+
+    def vendors(self) -> dict[str, V.VendorContract]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM payg_vendor ORDER BY vendor_id").fetchall()
+        return {r[0]: V.VendorContract(r[0], r[1], Decimal(r[2]), r[3], Decimal(r[4]), r[5], r[6]) for r in rows}
+
+    # ------------------------------------------------------------------ sales
+
+    def issue_challenge(self, now: datetime) -> bytes:
+        """A fresh single-use challenge for the card to sign (valid CHALLENGE_TTL)."""
+        challenge = secrets.token_bytes(16)
+        with self.transaction() as db:
+            db.execute("INSERT INTO payg_challenge VALUES (?, ?, NULL)", (challenge.hex(), to_ms(now)))
+        return challenge
+
+    def _history(self, card_id: str, account_id: str, now: datetime) -> list[V.Sale]:
+        window = max((lim.window for lim in self.velocity_limits), default=timedelta(0))
+        rows = self._db.execute("SELECT * FROM payg_sale WHERE (card_id = ? OR account_id = ?) AND at_ms > ? "
+                                "AND at_ms <= ?", (card_id, account_id, to_ms(now - window), to_ms(now))).fetchall()
+        return [_sale(r) for r in rows]
+
+    def _refuse(self, db, r: V.Refusal) -> V.Refusal:
+        db.execute("INSERT INTO payg_refusal (vendor_id, sale_id, card_id, account_id, amount_minor, reason, detail, "
+                   "at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (r.vendor_id, r.sale_id, r.card_id, r.account_id,
+                                                               r.amount_minor, r.reason.value, r.detail, to_ms(r.at)))
+        if r.reason is V.RefusalReason.CARD_BLACKLISTED:
+            self._event(db, r.at, "blacklisted_card_attempt", r.account_id,
+                        {"card_id": r.card_id, "vendor_id": r.vendor_id, "sale_id": r.sale_id,
+                         "amount_minor": r.amount_minor, "channel": "vendor", "detail": r.detail})
+        return r
+
+    def authorise(self, request: V.SaleRequest, now: datetime) -> V.Authorisation | V.Refusal:
+        """Authorise one sale in one transaction: challenge used once, then `vendors.authorise_sale`;
+        an authorisation's ledger transactions and sale row are written in the same transaction."""
+        with self.transaction() as db:
+            prior = db.execute("SELECT * FROM payg_sale WHERE vendor_id = ? AND sale_id = ?",
+                               (request.vendor_id, request.sale_id)).fetchone()
+            if prior is not None:                       # a retransmitted, already authorised sale
+                sale = _sale(prior)
+                if (sale.card_id, sale.account_id, sale.amount_minor) != (request.card_id, request.account_id,
+                                                                          request.amount_minor):
+                    raise ValidationError(f"sale {request.vendor_id}/{request.sale_id} already authorised "
+                                          f"with other content")
+                return V.Authorisation(sale, V.sale_transactions(sale, self.vat))
+
+            def refuse(detail: str) -> V.Refusal:
+                return self._refuse(db, V.Refusal(V.RefusalReason.BAD_REQUEST, detail, request.sale_id,
+                                                  request.vendor_id, request.card_id, request.account_id,
+                                                  request.amount_minor, now))
+
+            ch = db.execute("SELECT issued_at_ms, used_at_ms FROM payg_challenge WHERE challenge = ?",
+                            (request.challenge.hex(),)).fetchone()
+            if ch is None:
+                return refuse(f"sale {request.sale_id}: challenge {request.challenge.hex()} was not issued here")
+            if ch[1] is not None:
+                return refuse(f"sale {request.sale_id}: challenge {request.challenge.hex()} was already used")
+            db.execute("UPDATE payg_challenge SET used_at_ms = ? WHERE challenge = ?",
+                       (to_ms(now), request.challenge.hex()))
+            if to_ms(now) - ch[0] > CHALLENGE_TTL // timedelta(milliseconds=1):
+                return refuse(f"sale {request.sale_id}: challenge {request.challenge.hex()} expired")
+            contract = self.vendors().get(request.vendor_id)
+            if contract is None:
+                return refuse(f"sale {request.sale_id}: vendor {request.vendor_id} has no contract")
+            account = self.account(request.account_id)
+            if account is None:
+                return refuse(f"sale {request.sale_id}: account {request.account_id} is not a PAYG account")
+            result = V.authorise_sale(request, self._card(request.card_id), self.blacklist(request.card_id),
+                                      self._history(request.card_id, request.account_id, now), account, now,
+                                      contract=contract, vat=self.vat, velocity_limits=self.velocity_limits)
+            if isinstance(result, V.Refusal):
+                return self._refuse(db, result)
+            self.append(result.transactions)
+            s = result.sale
+            db.execute("INSERT INTO payg_sale VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (s.vendor_id, s.sale_id, s.card_id, s.account_id, s.amount_minor, s.currency, to_ms(s.at),
+                        s.commission_minor, s.vat_on_commission_minor))
+            return result
+
+    def reverse(self, vendor_id: str, sale_id: str, reversal_id: str, now: datetime, reason: str) -> V.Reversal | V.Refusal:
+        with self.transaction() as db:
+            row = db.execute("SELECT * FROM payg_sale WHERE vendor_id = ? AND sale_id = ?",
+                             (vendor_id, sale_id)).fetchone()
+            if row is None:
+                raise ValidationError(f"reversal {reversal_id}: no sale {vendor_id}/{sale_id}")
+            if db.execute("SELECT 1 FROM payg_reversal WHERE vendor_id = ? AND sale_id = ?",
+                          (vendor_id, sale_id)).fetchone():
+                raise ValidationError(f"reversal {reversal_id}: sale {vendor_id}/{sale_id} is already reversed")
+            sale = _sale(row)
+            result = V.reverse_sale(sale, reversal_id, now, reason, self.account(sale.account_id), self.vat)
+            if isinstance(result, V.Refusal):
+                return result
+            self.append(result.transactions)
+            db.execute("INSERT INTO payg_reversal VALUES (?, ?, ?, ?, ?)",
+                       (reversal_id, vendor_id, sale_id, to_ms(now), reason))
+            return result
+
+    def sales(self, vendor_id: str, start: datetime, end: datetime) -> list[V.Sale]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM payg_sale WHERE vendor_id = ? AND at_ms >= ? AND at_ms < ? "
+                                    "ORDER BY at_ms", (vendor_id, to_ms(start), to_ms(end))).fetchall()
+        return [_sale(r) for r in rows]
+
+    def refusals(self, vendor_id: str, start: datetime, end: datetime) -> list[V.Refusal]:
+        with self._lock:
+            rows = self._db.execute("SELECT vendor_id, sale_id, card_id, account_id, amount_minor, reason, detail, "
+                                    "at_ms FROM payg_refusal WHERE vendor_id = ? AND at_ms >= ? AND at_ms < ? "
+                                    "ORDER BY id", (vendor_id, to_ms(start), to_ms(end))).fetchall()
+        return [V.Refusal(V.RefusalReason(r[5]), r[6], r[1], r[0], r[2], r[3], r[4], from_ms(r[7])) for r in rows]
+
+    def reversals(self, vendor_id: str, start: datetime, end: datetime) -> list[V.Reversal]:
+        with self._lock:
+            rows = self._db.execute("SELECT r.reversal_id, r.at_ms, r.reason, s.* FROM payg_reversal r JOIN payg_sale s "
+                                    "ON s.vendor_id = r.vendor_id AND s.sale_id = r.sale_id WHERE r.vendor_id = ? "
+                                    "AND r.at_ms >= ? AND r.at_ms < ? ORDER BY r.at_ms",
+                                    (vendor_id, to_ms(start), to_ms(end))).fetchall()
+        out = []
+        for r in rows:
+            sale = _sale(r[3:])
+            at = from_ms(r[1])
+            originals = V.sale_transactions(sale, self.vat)
+            keys = [f"sale:{sale.vendor_id}:{sale.sale_id}:{sfx}" for sfx in ("top-up-reversal", "commission-reversal")]
+            txns = tuple(t for t in (self.get(k) for k in keys[:len(originals)]) if t is not None)
+            out.append(V.Reversal(r[0], sale, at, r[2], txns))
+        return out
+
+    # ------------------------------------------------------------------ CRM events
+
+    def _event(self, db, at: datetime, kind: str, account_id: str, payload: dict) -> None:
+        db.execute("INSERT INTO payg_event (at_ms, kind, account_id, payload) VALUES (?, ?, ?, ?)",
+                   (to_ms(at), kind, account_id, json.dumps(payload, sort_keys=True)))
+
+    def record_event(self, at: datetime, kind: str, account_id: str, payload: dict) -> None:
+        with self.transaction() as db:
+            self._event(db, at, kind, account_id, payload)
+
+    def events(self, after_seq: int = 0, limit: int = 1000) -> list[CrmEvent]:
+        """CRM events after the export cursor `after_seq`, oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT seq, at_ms, kind, account_id, payload FROM payg_event WHERE seq > ? "
+                                    "ORDER BY seq LIMIT ?", (after_seq, limit)).fetchall()
+        return [CrmEvent(r[0], from_ms(r[1]), r[2], r[3], json.loads(r[4])) for r in rows]
+
+
+def _sale(r: Sequence) -> V.Sale:
+    return V.Sale(sale_id=r[1], vendor_id=r[0], card_id=r[2], account_id=r[3], amount_minor=r[4], currency=r[5],
+                  at=from_ms(r[6]), commission_minor=r[7], vat_on_commission_minor=r[8])
+
+
+__all__ = ["CHALLENGE_TTL", "CrmEvent", "PaygStore", "sqlite_path"]
