@@ -4,6 +4,13 @@
 (tests: days of metering in milliseconds), and `ScaledClock` runs simulated time at N times real
 speed from a shared anchor, so that separate processes (demo: simulator, gateway, head-end)
 agree on the simulated instant without talking to each other.
+
+Trust: every clock has a `trusted` attribute saying whether its time may be relied on (for a
+timestamp of a billing reading). `SystemClock` asks the kernel whether NTP has synchronised
+it (adjtimex: TIME_ERROR means unsynchronised; where that cannot be asked it is assumed
+trusted, and `SystemClock(trusted=...)` overrides); simulated clocks are trusted unless a test
+sets `clock.trusted = False`. Read it through `clock_trusted(clock)`, which also accepts clocks
+that predate the attribute (trusted).
 """
 
 from __future__ import annotations
@@ -51,8 +58,40 @@ def from_ms(ms: int) -> datetime:
     return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms)
 
 
+def clock_trusted(clock) -> bool:
+    """Whether `clock`'s time may be relied on now (clocks without a `trusted` attribute: yes)."""
+    return bool(getattr(clock, "trusted", True))
+
+
+def _kernel_clock_synchronised() -> bool | None:
+    """adjtimex(2) with modes=0: False when the kernel reports TIME_ERROR (not synchronised)."""
+    try:
+        import ctypes
+        import ctypes.util
+        name = ctypes.util.find_library("c")
+        if not name:
+            return None
+        buf = ctypes.create_string_buffer(512)   # larger than struct timex; modes = 0: read only
+        state = ctypes.CDLL(name, use_errno=True).adjtimex(buf)
+    except (OSError, AttributeError):
+        return None
+    if state < 0:
+        return None
+    return state != 5  # TIME_ERROR
+
+
 class SystemClock:
     """Wall-clock time; used by the daemons in production."""
+
+    def __init__(self, trusted: bool | None = None) -> None:
+        self._trusted_override = trusted
+
+    @property
+    def trusted(self) -> bool:
+        if self._trusted_override is not None:
+            return self._trusted_override
+        synced = _kernel_clock_synchronised()
+        return True if synced is None else synced
 
     def now(self) -> datetime:
         return datetime.now(UTC)
@@ -68,6 +107,8 @@ class SystemClock:
 
 class SimClock:
     """A clock that only moves when told to; `sleep_until` jumps forward (discrete-event)."""
+
+    trusted = True   # tests may set False to simulate an unsynchronised gateway clock
 
     def __init__(self, start: datetime) -> None:
         self._now = utc(start)
@@ -107,6 +148,8 @@ class ScaledClock:
 
     Processes given the same (start, speed, anchor) agree on the simulated instant.
     """
+
+    trusted = True
 
     def __init__(self, start: datetime, speed: float, anchor: float | None = None) -> None:
         if speed <= 0:

@@ -1,8 +1,17 @@
-"""The gateway daemon loop: poll on schedule, journal first, then push; the clock decides when."""
+"""The gateway daemon loop: poll on schedule, journal first, then push; the clock decides when.
+
+`run` starts one scheduler thread per bus (gateway/scheduler.py): relay commands first, then
+billing registers, then instantaneous values, per-meter backoff, optional stagger. Every poll's
+readings are checked for plausibility (flagged, never dropped), journaled, published on MQTT when
+configured, and pushed to the head-end by a separate sync thread so a slow head-end never delays
+polling.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import random
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -10,9 +19,16 @@ from datetime import datetime, timedelta
 from meterlink.clock import Clock, to_ms, from_ms
 from meterlink.errors import DeviceError, ProtocolError
 
+from meterlink import modbus
+from meterlink.clock import clock_trusted
+from meterlink.readings import BILLING_OBIS
+
+from . import scheduler as sched
 from .config import GatewayConfig
 from .journal import Journal
-from .poller import read_meter
+from .plausibility import MeterMemo, check_readings
+from .poller import default_max_gap, read_meter
+from .readplan import plan_reads
 from .sync import Pusher
 from .transport import open_master
 
@@ -34,23 +50,137 @@ class Stats:
     pushed: int = 0
     push_errors: int = 0
     errors: list[str] = field(default_factory=list)
+    flagged: int = 0          # readings that carry a plausibility flag
+
+
+class _LockedJournal:
+    """The journal shared by the bus threads and the sync thread: one call at a time.
+
+    Each call (an append's whole transaction, a query, an ack) holds the lock; a push's RPC
+    between `unacked` and `mark_acked` does not, so a slow head-end never blocks polling.
+    """
+
+    def __init__(self, journal: Journal, lock: threading.RLock) -> None:
+        self._journal, self._lock = journal, lock
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._journal, name)
+        if not callable(attr):
+            return attr
+        lock = self._lock
+
+        def locked(*args, **kwargs):
+            with lock:
+                return attr(*args, **kwargs)
+        return locked
 
 
 class Gateway:
-    def __init__(self, config: GatewayConfig, clock: Clock) -> None:
+    def __init__(self, config: GatewayConfig, clock: Clock, *, rng: random.Random | None = None,
+                 publisher=None) -> None:
         self.config, self.clock = config, clock
-        self.journal = Journal(config.database)
+        self._journal_lock = threading.RLock()
+        self.journal = _LockedJournal(Journal(config.database), self._journal_lock)
         self.masters = [open_master(b.port, baud=b.baud, parity=b.parity, stopbits=b.stopbits, timeout=b.timeout_s)
                         for b in config.buses]
-        self.pusher = Pusher(config.id, config.headend, self.journal, config.push_batch) if config.headend else None
+        self.key = load_or_create_key(signing_key_path(config))
+        self.pusher = (Pusher(config.id, config.headend, self.journal, config.push_batch, key=self.key)
+                       if config.headend else None)
         self.stats = Stats()
+        # sync back-off while the head-end is down or refusing: jittered, on the injected clock
+        self.backoff = Backoff(base_s=float(getattr(config, "push_backoff_base_s", 5.0)),
+                               cap_s=float(getattr(config, "push_backoff_max_s", 300.0)), rng=rng or random.Random())
+        self.next_push_at: datetime | None = None
+        # retention: acked records older than this are pruned; disk pressure below min free (permille)
+        self.keep_acked_days = int(getattr(config, "keep_acked_days", 7))
+        self.min_free_permille = int(getattr(config, "min_free_permille", 50))
+        self.disk_usage = shutil.disk_usage   # injectable: (path) -> (total, used, free)
+        self.disk_alarm = False
+        # backoff jitter: seeded per gateway, so gateways desynchronise but a run is reproducible
+        self.rng = rng if rng is not None else random.Random(
+            int.from_bytes(hashlib.sha256(config.id.encode()).digest()[:8], "big"))
+        self.memos: dict[str, MeterMemo] = {}
+        self.workers: list[sched.BusWorker] = []
+        self._stats_lock = threading.Lock()
+        self._sync_lock = threading.Lock()
+        self._plans: dict[tuple[str, int], list] = {}
+        self._refused: dict[str, frozenset[int]] = {}
+        self.mqtt = publisher
+        if self.mqtt is None and config.mqtt is not None:
+            from .mqtt import MqttPublisher
+            self.mqtt = MqttPublisher(config.id, config.mqtt.host, config.mqtt.port,
+                                      topic_prefix=config.mqtt.topic_prefix,
+                                      queue_size=config.mqtt.queue_size).start()
 
     def close(self) -> None:
         for m in self.masters:
             m.close()
         if self.pusher:
             self.pusher.close()
+        if self.mqtt is not None:
+            self.mqtt.close()
         self.journal.close()
+
+    # -- one poll's readings: plausibility -> journal -> MQTT -----------------------------------
+    def accept(self, meter, readings: list, serial: int | None = None) -> list:
+        """Flag, journal (one commit) and publish one poll's readings of `meter`; returns them."""
+        limit = meter.max_power_w if getattr(meter, "max_power_w", None) else meter.profile.max_power_w
+        resolution = {q.obis: q.resolution for q in meter.profile.quantities}
+        with self._stats_lock:
+            flagged, self.memos[meter.id] = check_readings(
+                self.memos.get(meter.id), readings, max_power_w=limit or 0, resolution_wh=resolution,
+                serial=serial, clock_trusted=clock_trusted(self.clock))
+            self.stats.flagged += sum(1 for r in flagged if r.quality)
+        self.journal.append(flagged)
+        if self.mqtt is not None:
+            self.mqtt.publish(flagged)
+        return flagged
+
+    def _blocks(self, master, meter, priority: int) -> list:
+        key = (meter.id, priority)
+        if key not in self._plans:
+            billing = {q.obis for q in meter.profile.quantities
+                       if getattr(q, "billing", q.obis in BILLING_OBIS)}
+            others = {q.obis for q in meter.profile.quantities} - billing
+            only = billing if priority == sched.Priority.BILLING else others
+            self._plans[key] = plan_reads(meter.profile, max_gap=default_max_gap(master, meter.profile),
+                                          skip=self._refused.get(meter.id, frozenset()),
+                                          only=frozenset(only)) if only else []
+        return self._plans[key]
+
+    def _read_job(self, master, meter, job: sched.Job) -> tuple[list, int | None]:
+        """Execute one scheduled read (billing or instantaneous blocks of one meter)."""
+        blocks = self._blocks(master, meter, job.priority)
+        result = read_meter(master, meter.unit, meter.profile, meter.id, self.clock, blocks=blocks,
+                            refused=self._refused.get(meter.id, frozenset()),
+                            with_serial=job.priority == sched.Priority.BILLING)
+        if result.newly_refused:  # remember what this meter refuses: re-plan without it
+            self._refused[meter.id] = result.refused
+            for p in (sched.Priority.BILLING, sched.Priority.INSTANT):
+                self._plans.pop((meter.id, p), None)
+        return result.readings, result.serial
+
+    def switch_relay(self, meter_id: str, closed: bool):
+        """Queue a relay command on the meter's bus (ahead of every read); returns a Future.
+
+        Only while `run` is polling; the Future resolves with the instant the meter confirmed it.
+        """
+        for worker in self.workers:
+            if meter_id in worker.meters:
+                return worker.switch_relay(meter_id, closed)
+        raise KeyError(f"meter {meter_id} is not on any running bus")
+
+    def schedule_for(self, bus, first: datetime) -> sched.BusSchedule:
+        interval = self.config.poll_interval_s
+        backoff = sched.BackoffPolicy(base_s=bus.backoff_base_s if hasattr(bus, "backoff_base_s") else 2.0,
+                                      max_s=getattr(bus, "backoff_max_s", None) or float(interval))
+        meters = []
+        for m in bus.meters:
+            billing = any(getattr(q, "billing", q.obis in BILLING_OBIS) for q in m.profile.quantities)
+            instant = any(not getattr(q, "billing", q.obis in BILLING_OBIS) for q in m.profile.quantities)
+            meters.append((m.id, billing, instant))
+        return sched.BusSchedule(meters, interval, first, stagger_s=getattr(bus, "stagger_s", 0.0),
+                                 backoff=backoff, rng=self.rng)
 
     def poll_once(self) -> int:
         """Read every configured meter once; each meter's readings are journaled in one commit."""
@@ -58,12 +188,16 @@ class Gateway:
         for bus, master in zip(self.config.buses, self.masters):
             for meter in bus.meters:
                 try:
-                    result = read_meter(master, meter.unit, meter.profile, meter.id, self.clock)
+                    result = read_meter(master, meter.unit, meter.profile, meter.id, self.clock,
+                                        refused=self._refused.get(meter.id, frozenset()), with_serial=True)
+                    serial = result.serial
+                    if result.newly_refused:
+                        self._refused[meter.id] = result.refused
                 except (DeviceError, ProtocolError) as exc:
                     self.stats.read_errors += 1
                     self._note(f"meter {meter.id} (unit {meter.unit}) on {bus.port}: {exc}")
                     continue
-                self.journal.append(result.readings)
+                self.accept(meter, result.readings, serial)
                 n += len(result.readings)
         self.stats.polls += 1
         self.stats.readings += n
@@ -72,30 +206,79 @@ class Gateway:
     def sync_once(self) -> int:
         if self.pusher is None:
             return 0
-        try:
-            sent = self.pusher.drain()
-        except DeviceError as exc:
-            self.stats.push_errors += 1
-            self._note(str(exc))
-            return 0
+        with self._sync_lock:
+            try:
+                sent = self.pusher.drain()
+            except DeviceError as exc:
+                self.stats.push_errors += 1
+                self._note(str(exc))
+                return 0
         self.stats.pushed += sent
         return sent
 
     def _note(self, message: str) -> None:
         log.warning(message)
-        self.stats.errors.append(message)
-        del self.stats.errors[:-20]  # bounded
+        with self._stats_lock:
+            self.stats.errors.append(message)
+            del self.stats.errors[:-20]  # bounded
 
     def run(self, stop: threading.Event, until: datetime | None = None, first: datetime | None = None) -> None:
-        """Poll at every interval boundary (from `first`) until `stop` is set or the clock passes `until`."""
+        """Poll every bus on its own scheduler thread from `first` (default: the next interval
+        boundary) until `stop` is set or the clock passes `until`; then push what is left."""
         interval = self.config.poll_interval_s
-        when = first or next_boundary(self.clock.now() - timedelta(milliseconds=1), interval)
-        while not stop.is_set():
-            if until is not None and when > until:
-                break
-            self.clock.sleep_until(when)
-            if stop.is_set():
-                break
-            self.poll_once()
-            self.sync_once()
-            when = next_boundary(when, interval)
+        first = first or next_boundary(self.clock.now() - timedelta(milliseconds=1), interval)
+        sleeper = sched.make_sleeper(self.clock)
+        sync_wanted = threading.Event()
+        done = threading.Event()
+
+        def deliver(meter, outcome: sched.JobOutcome) -> None:
+            if not outcome.ok:
+                with self._stats_lock:
+                    self.stats.read_errors += 1
+                self._note(outcome.error)
+                return
+            readings, serial = outcome.readings
+            self.accept(meter, readings, serial)
+            with self._stats_lock:
+                self.stats.readings += len(readings)
+
+        def round_done() -> None:
+            with self._stats_lock:
+                self.stats.polls += 1
+            sync_wanted.set()
+
+        def syncer() -> None:
+            while not done.is_set():
+                if sync_wanted.wait(0.2):
+                    sync_wanted.clear()
+                    self.sync_once()
+
+        self.workers = []
+        for bus, master in zip(self.config.buses, self.masters):
+            meters = {m.id: m for m in bus.meters}
+            if not meters:
+                continue
+            self.workers.append(sched.BusWorker(
+                bus.port, master, meters, self.schedule_for(bus, first), self.clock, sleeper,
+                lambda master, meter, job: self._read_job(master, meter, job), deliver,
+                stop=stop, until=until, on_round=round_done))
+        sync_thread = threading.Thread(target=syncer, name="sync", daemon=True)
+        if self.pusher is not None:
+            sync_thread.start()
+        for w in self.workers:
+            w.start()
+        try:
+            for w in self.workers:
+                while w.thread.is_alive():
+                    w.thread.join(0.2)
+                    if stop.is_set():
+                        for other in self.workers:
+                            other.wake.set()
+        finally:
+            done.set()
+            if sync_thread.is_alive():
+                sync_thread.join()
+        self.sync_once()
+        for w in self.workers:
+            if w.error is not None:
+                raise w.error
