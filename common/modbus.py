@@ -183,3 +183,32 @@ def interframe_gap_s(baud: int, parity: str = "N", stopbits: int = 1) -> float:
     if baud > 19200:
         return 0.00175
     return 3.5 * char_time_s(baud, parity, stopbits)
+
+
+@dataclass(frozen=True)
+class SerialLine:
+    """The character framing of one RS-485 line: what the wire-time model needs to know."""
+
+    baud: int = 9600
+    parity: str = "N"
+    stopbits: int = 1
+    bytesize: int = 8
+
+    def __post_init__(self) -> None:
+        if self.baud <= 0:
+            raise ValueError(f"baud rate {self.baud} must be positive")
+        if self.parity.upper() not in ("N", "E", "O"):
+            raise ValueError(f"parity {self.parity!r} must be N, E or O")
+        if self.stopbits not in (1, 2):
+            raise ValueError(f"stop bits {self.stopbits} must be 1 or 2")
+
+    @property
+    def char_time_s(self) -> float:
+        return char_time_s(self.baud, self.parity, self.stopbits, self.bytesize)
+
+    @property
+    def gap_s(self) -> float:
+        return interframe_gap_s(self.baud, self.parity, self.stopbits)
+
+    def describe(self) -> str:
+        return f"{self.baud} {self.bytesize}{self.parity.upper()}{self.stopbits}"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from meterlink.clock import Clock, to_ms
-from meterlink.gateway.profiles import Profile, encode
+from meterlink.gateway.profiles import Profile, Variant, encode
 
 # Household-like daily shape, watts per UTC hour (night base, morning and evening peaks).
 DAILY_SHAPE_W = (320, 280, 260, 250, 250, 300, 650, 1400, 1200, 800, 700, 750,
@@ -23,14 +23,27 @@ MJ_PER_WH = 3_600_000  # millijoules per watt-hour
 
 @dataclass
 class Faults:
-    """Faults the simulator can inject (issue 3 extends these)."""
+    """Faults the simulator can inject, per meter (CLI: `meterlink-sim ... --fault-*`).
 
-    silent: bool = False                 # does not answer at all (dead meter)
-    delay_s: float = 0.0                 # answers late
-    exception_code: int | None = None    # answers every request with this exception
+    Instants (`absent`, `exchange_at`) are on the meter's injected clock, so tests move through a
+    disappearance or a meter exchange by advancing a SimClock, never by sleeping.
+    """
+
+    silent: bool = False                 # does not answer at all (dead meter -> master times out)
+    delay_s: float = 0.0                 # answers late (slow reply), real seconds
+    exception_code: int | None = None    # answers every request with this exception (1, 2, 4, ...)
     refuse_addresses: frozenset[int] = frozenset()  # exception 2 for reads touching these
-    corrupt_crc: bool = False            # flips a CRC byte in the answer
+    corrupt_crc: bool = False            # flips a CRC byte in every answer
+    corrupt_crc_every: int = 0           # flips a CRC byte in every Nth answer only (0 = never)
     garbage_before: bytes = b""          # junk bytes sent before each answer
+    garbage_after: bytes = b""           # junk bytes sent after each answer (between frames)
+    absent: tuple[tuple[datetime, datetime], ...] = ()  # silent while start <= now < end
+    exchange_at: datetime | None = None  # from this instant the meter is another one:
+    exchange_serial: int = 0             #   this serial number,
+    exchange_import_wh: int = 0          #   registers starting here
+
+    def present(self, now: datetime) -> bool:
+        return not self.silent and not any(start <= now < end for start, end in self.absent)
 
 
 @dataclass
@@ -45,6 +58,9 @@ class MeterModel:
     relay_closed: bool = True
     serial_number: int = 0
     faults: Faults = field(default_factory=Faults)
+    variant: Variant | None = None       # a model variant from the profile (missing registers)
+    answers: int = 0                     # answers sent (drives `corrupt_crc_every`)
+    exchanged: bool = False
     _last_ms: int | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -88,28 +104,65 @@ class MeterModel:
         self.advance()
         return self.export_mj // MJ_PER_WH
 
+    def _maybe_exchange(self, now: datetime) -> None:
+        f = self.faults
+        if f.exchange_at is not None and not self.exchanged and now >= f.exchange_at:
+            self.advance()
+            with self._lock:
+                self.exchanged = True
+                self.serial_number = f.exchange_serial or self.serial_number + 1
+                self.import_mj = f.exchange_import_wh * MJ_PER_WH
+                self.export_mj = 0
+
+    def present(self) -> bool:
+        """Whether the meter is on the bus now (not dead, not inside an `absent` window)."""
+        return self.faults.present(self.clock.now())
+
     def values(self) -> dict[str, int]:
-        """Current value of every quantity, in the profile's stored units."""
+        """Current value of every quantity the simulator knows, in stored units (OBIS -> int)."""
+        self._maybe_exchange(self.clock.now())
         self.advance()
         p = self.power_w(self.clock.now())
+        phase_w = p // 3
         phase_ma = p * 1000 // (3 * 230)
         return {
             "32.7.0": 230_100, "52.7.0": 229_800, "72.7.0": 231_200,
             "31.7.0": phase_ma, "51.7.0": phase_ma, "71.7.0": phase_ma,
-            "1.7.0": p, "14.7.0": 50_000, "1.8.0": self.import_wh, "2.8.0": self.export_wh,
+            "1.7.0": p, "21.7.0": p - 2 * phase_w, "41.7.0": phase_w, "61.7.0": phase_w,
+            "14.7.0": 50_000, "1.8.0": self.import_wh, "2.8.0": self.export_wh,
             "0.0.96.1.0": self.serial_number,
         }
 
     def registers(self, function: int) -> dict[int, int]:
-        """address -> word for every register this meter serves under `function`."""
+        """address -> word for every register this meter serves under `function`.
+
+        Energy registers show whole resolution steps (floored: a meter never shows energy not yet
+        consumed); quantities the variant lacks show the profile's "no value" marker.
+        """
         vals = self.values()
+        missing = set(self.variant.no_value) if self.variant else set()
         out: dict[int, int] = {}
-        for q in self.profile.quantities:
+        specs = list(self.profile.quantities)
+        if self.profile.serial is not None:
+            specs.append(self.profile.serial)
+        for q in specs:
             if q.function != function or q.obis not in vals:
                 continue
-            for i, w in enumerate(encode(q, vals[q.obis])):
+            if q.obis in missing and self.profile.no_value is not None:
+                words = [self.profile.no_value] * q.count
+            else:
+                value = vals[q.obis]
+                if q.unit == "Wh":
+                    value -= value % q.resolution
+                words = encode(q, value)
+            for i, w in enumerate(words):
                 out[q.address + i] = w
         return out
+
+    def refuses(self, address: int, count: int) -> bool:
+        """Exception 2 for this read: a register of the variant or the fault list is touched."""
+        bad = self.faults.refuse_addresses | (self.variant.refuses if self.variant else frozenset())
+        return any(a in bad for a in range(address, address + count))
 
     def set_relay(self, closed: bool) -> None:
         self.advance()  # energy up to now was consumed with the old relay state

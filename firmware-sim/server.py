@@ -23,7 +23,7 @@ from .meter import MeterModel
 def handle_pdu(meters: dict[int, MeterModel], unit: int, pdu: bytes) -> bytes | None:
     """Answer one request PDU for `unit`; None means the unit stays silent."""
     meter = meters.get(unit)
-    if meter is None or meter.faults.silent:
+    if meter is None or not meter.present():
         return None
     fc = pdu[0]
     if meter.faults.exception_code is not None:
@@ -35,7 +35,7 @@ def handle_pdu(meters: dict[int, MeterModel], unit: int, pdu: bytes) -> bytes | 
         if not 1 <= count <= modbus.MAX_READ_REGISTERS or count > meter.profile.max_block:
             return bytes([fc | 0x80, 3])
         wanted = range(address, address + count)
-        if any(a in meter.faults.refuse_addresses for a in wanted):
+        if meter.refuses(address, count):
             return bytes([fc | 0x80, 2])
         regs = meter.registers(fc)
         # Real meters answer zeros for reserved gaps inside their map, exception 2 outside it.
@@ -62,8 +62,11 @@ def handle_pdu(meters: dict[int, MeterModel], unit: int, pdu: bytes) -> bytes | 
 class RtuPtyServer:
     """Serves Modbus RTU on the master side of a pty; clients open `client_path`."""
 
-    def __init__(self, meters: dict[int, MeterModel]) -> None:
+    def __init__(self, meters: dict[int, MeterModel], pace: modbus.SerialLine | None = None) -> None:
+        """`pace`: emulate that line's wire time (request + response characters, t3.5 gaps and the
+        profile's response delay) before answering, so real timings match a real RS-485 bus."""
         self.meters = meters
+        self.pace = pace
         self._master, slave = os.openpty()
         tty.setraw(slave)
         self.client_path = os.ttyname(slave)
@@ -121,11 +124,17 @@ class RtuPtyServer:
         if reply is None or meter is None:
             return
         out = modbus.rtu_frame(unit, reply)
-        if meter.faults.corrupt_crc:
+        f = meter.faults
+        meter.answers += 1
+        if f.corrupt_crc or (f.corrupt_crc_every and meter.answers % f.corrupt_crc_every == 0):
             out = out[:-1] + bytes([out[-1] ^ 0xFF])
-        if meter.faults.delay_s:
-            time.sleep(meter.faults.delay_s)
-        os.write(self._master, meter.faults.garbage_before + out)
+        wait = f.delay_s
+        if self.pace is not None:
+            wait += (self.pace.char_time_s * (len(pdu) + 3 + len(out)) + 2 * self.pace.gap_s
+                     + meter.profile.response_delay_ms / 1000)
+        if wait:
+            time.sleep(wait)
+        os.write(self._master, f.garbage_before + out + f.garbage_after)
 
 
 class _TcpHandler(socketserver.BaseRequestHandler):

@@ -25,6 +25,7 @@ class BusCounters:
     exceptions: int = 0
     bytes_out: int = 0
     bytes_in: int = 0
+    garbage_bytes: int = 0   # bytes skipped while resynchronising on a valid frame
 
 
 class RtuMaster:
@@ -47,21 +48,37 @@ class RtuMaster:
     def describe(self) -> str:
         return f"{self.port} ({self.baud} {8}{self.parity.upper()}{self.stopbits})"
 
-    def _read_exact(self, n: int, deadline: float) -> bytes:
-        buf = b""
-        while len(buf) < n:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            self._ser.timeout = remaining
-            chunk = self._ser.read(n - len(buf))
-            if not chunk:
-                break
-            buf += chunk
-        return buf
+    def _find_frame(self, buf: bytes, req: modbus.Request) -> tuple[int, int, bool]:
+        """Scan `buf` for the answer to `req` -> (start, length, saw_bad_crc); start -1 if none yet.
+
+        A candidate starts with our unit and our function (or its exception form) and, for register
+        reads, the right byte count; it is accepted only with a good CRC. Everything before it is
+        line noise, garbage or a late answer to an earlier request.
+        """
+        normal = modbus.expected_response_length(req)
+        reads = req.function in (modbus.READ_HOLDING_REGISTERS, modbus.READ_INPUT_REGISTERS)
+        bad_crc = False
+        unit = req.unit
+        i = buf.find(bytes([unit]))
+        while 0 <= i < len(buf) - 1:
+            fc = buf[i + 1]
+            length = 5 if fc == req.function | 0x80 else normal if fc == req.function else 0
+            if length and not (reads and fc == req.function and len(buf) > i + 2 and buf[i + 2] != 2 * req.count):
+                if len(buf) >= i + length:
+                    body = buf[i:i + length - 2]
+                    if modbus.crc16(body) == buf[i + length - 2] | (buf[i + length - 1] << 8):
+                        return i, length, bad_crc
+                    bad_crc = True
+            i = buf.find(bytes([unit]), i + 1)
+        return -1, 0, bad_crc
 
     def execute(self, req: modbus.Request):
-        """Send `req`, return registers/bits/echo; raises DeviceError or ProtocolError."""
+        """Send `req`, return registers/bits/echo; raises DeviceError or ProtocolError.
+
+        Resynchronises on the answer: garbage before it, a late answer to an earlier request or a
+        frame with a bad CRC followed by the real one are skipped; a bad CRC with nothing valid
+        after it (the line stays quiet) counts as a CRC error.
+        """
         frame = modbus.rtu_frame(req.unit, req.pdu())
         self._ser.reset_input_buffer()  # drop line noise and late answers to earlier requests
         self._ser.write(frame)
@@ -69,27 +86,40 @@ class RtuMaster:
         self.counters.requests += 1
         self.counters.bytes_out += len(frame)
         deadline = time.monotonic() + self.timeout
-        head = self._read_exact(2, deadline)
-        if len(head) == 2 and head[1] & 0x80:
-            rest = self._read_exact(3, deadline)
-        else:
-            rest = self._read_exact(modbus.expected_response_length(req) - len(head), deadline) if head else b""
-        answer = head + rest
-        self.counters.bytes_in += len(answer)
-        if not answer or len(answer) < (5 if len(head) == 2 and head[1] & 0x80 else modbus.expected_response_length(req)):
-            self.counters.timeouts += 1
-            time.sleep(self.gap_s)
-            raise DeviceError(f"no complete answer from unit {req.unit} on {self.port} within "
-                              f"{self.timeout:g} s (got {len(answer)} bytes)")
-        try:
-            return modbus.parse_rtu_response(req, answer)
-        except modbus.ModbusException:
-            self.counters.exceptions += 1
-            raise
-        except ProtocolError as exc:
-            if "CRC" in str(exc):
-                self.counters.crc_errors += 1
-            raise ProtocolError(f"unit {req.unit} on {self.port}: {exc}") from None
+        quiet = max(4 * self.gap_s, 0.05)   # silence after a corrupt frame that ends the wait
+        buf = b""
+        bad_crc = False
+        while True:
+            start, length, bad_crc = self._find_frame(buf, req)
+            if start >= 0:
+                self.counters.bytes_in += len(buf)
+                self.counters.garbage_bytes += start
+                try:
+                    return modbus.parse_rtu_response(req, buf[start:start + length])
+                except modbus.ModbusException:
+                    self.counters.exceptions += 1
+                    raise
+                except ProtocolError as exc:
+                    raise ProtocolError(f"unit {req.unit} on {self.port}: {exc}") from None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._ser.timeout = min(remaining, quiet) if bad_crc else remaining
+            chunk = self._ser.read(max(1, self._ser.in_waiting))
+            if not chunk:
+                if bad_crc:
+                    break  # the line went quiet after a corrupt frame: nothing better is coming
+                continue
+            buf += chunk
+        self.counters.bytes_in += len(buf)
+        self.counters.garbage_bytes += len(buf)
+        if bad_crc:
+            self.counters.crc_errors += 1
+            raise ProtocolError(f"unit {req.unit} on {self.port}: bad CRC in the answer "
+                                f"({len(buf)} bytes, no valid frame)")
+        self.counters.timeouts += 1
+        raise DeviceError(f"no complete answer from unit {req.unit} on {self.port} within "
+                          f"{self.timeout:g} s (got {len(buf)} bytes)")
 
 
 class TcpMaster:
