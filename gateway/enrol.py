@@ -1,0 +1,184 @@
+"""Gateway enrolment and identity: keys made on the device, the CSR, the pinned head-end CA, mutual-TLS channels; never sends a reading.
+
+State directory (default ``var/pki``; files with keys are 0600)::
+
+    tls.key      ECDSA P-256 private key of the gateway's client certificate
+    signing.key  Ed25519 private key that signs the chain head of every pushed batch
+    tls.crt      client certificate issued by the head-end CA (name in CN and SAN URI)
+    ca.crt       the head-end CA (trust anchor of every connection to the head-end)
+    headend-config.pub  the head-end's Ed25519 configuration key (32 raw bytes)
+    identity.json       {"gateway": NAME, "headend": HOST:PORT, "ca_fingerprint": HEX}
+
+Keys are created once, before the first enrolment, and reused if enrolment is retried.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from meterlink import pki
+from meterlink.errors import DeviceError
+from meterlink.v1 import enrol_pb2, enrol_pb2_grpc
+
+DEFAULT_STATE_DIR = "var/pki"
+# Python 3.11's ssl keeps the presented chain behind the private `get_unverified_chain` (public in 3.13).
+_ENCODING_DER = getattr(ssl, "ENCODING_DER", None) or getattr(__import__("_ssl"), "ENCODING_DER", 2)
+
+
+class EnrolmentError(DeviceError):
+    """Enrolment failed: head-end unreachable, CA fingerprint mismatch, code refused (message says which)."""
+
+
+@dataclass(frozen=True)
+class GatewayIdentity:
+    """What a gateway needs to talk to its head-end after enrolment."""
+    name: str
+    tls_key_pem: bytes
+    cert_pem: bytes
+    ca_pem: bytes
+    signing_key: object            # Ed25519PrivateKey
+    headend_config_key: bytes      # raw Ed25519 public key
+    state_dir: Path
+
+    @property
+    def signing_public(self) -> bytes:
+        return pki.raw_public_key(self.signing_key)
+
+
+def ensure_keys(state_dir: str | Path):
+    """Load or create (0600) the device's TLS and signing keys -> (tls_key, signing_key)."""
+    d = Path(state_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    if not (d / "tls.key").exists():
+        pki.write_private(d / "tls.key", pki.private_key_pem(pki.new_tls_key()))
+    if not (d / "signing.key").exists():
+        pki.write_private(d / "signing.key", pki.private_key_pem(pki.new_signing_key()))
+    return (pki.load_private_key((d / "tls.key").read_bytes(), str(d / "tls.key")),
+            pki.load_private_key((d / "signing.key").read_bytes(), str(d / "signing.key")))
+
+
+def build_request(code: str, tls_key, signing_key, name_hint: str = "gateway") -> enrol_pb2.EnrollRequest:
+    """The Enroll request: CSR for the TLS key, the Ed25519 public key and its proof over the CSR."""
+    der = pki.csr_der(pki.build_csr(tls_key, name_hint))
+    return enrol_pb2.EnrollRequest(code=code, csr_der=der, signing_public_key=pki.raw_public_key(signing_key),
+                                   signing_proof=pki.sign(signing_key, der))
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise EnrolmentError(f"head-end address {address!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def fetch_ca(address: str, fingerprint: str | None, timeout_s: float = 10.0) -> tuple[bytes, str]:
+    """The CA certificate the head-end's TLS handshake presents -> (CA PEM, its fingerprint).
+
+    With `fingerprint`, the chain must contain a certificate with exactly that SHA-256 and the
+    server certificate must be signed by it (pinning). Without it, the self-signed root of the
+    presented chain is taken on trust (trust on first use) and its fingerprint returned so the
+    caller can show it for comparison.
+    """
+    host, port = _split(address)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE       # verified below against the pinned fingerprint
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as raw, \
+                ctx.wrap_socket(raw, server_hostname=host) as tls:
+            chain = [c.public_bytes(_ENCODING_DER) if hasattr(c, "public_bytes") else c
+                     for c in tls._sslobj.get_unverified_chain()]
+    except (OSError, ssl.SSLError) as exc:
+        raise EnrolmentError(f"head-end {address}: TLS handshake failed ({exc})") from None
+    from cryptography import x509
+    certs = [x509.load_der_x509_certificate(bytes(d)) for d in chain]
+    if not certs:
+        raise EnrolmentError(f"head-end {address}: presented no certificate")
+    if fingerprint:
+        want = pki.normalise_fingerprint(fingerprint)
+        matches = [c for c in certs if pki.fingerprint(c) == want]
+        if not matches:
+            raise EnrolmentError(f"head-end {address}: no certificate with fingerprint {want} in its chain "
+                                 f"(got {', '.join(pki.fingerprint(c)[:16] for c in certs)}); refusing to enrol")
+        ca = matches[0]
+    else:
+        roots = [c for c in certs if c.issuer == c.subject]
+        if not roots:
+            raise EnrolmentError(f"head-end {address}: its chain has no self-signed CA; pass --ca-fingerprint")
+        ca = roots[0]
+    try:
+        certs[0].verify_directly_issued_by(ca)
+    except Exception:
+        raise EnrolmentError(f"head-end {address}: server certificate is not signed by CA "
+                             f"{pki.fingerprint(ca)[:16]}") from None
+    return pki.cert_pem(ca), pki.fingerprint(ca)
+
+
+def enroll(address: str, code: str, state_dir: str | Path = DEFAULT_STATE_DIR, ca_fingerprint: str | None = None,
+           server_name: str | None = None, timeout_s: float = 10.0) -> GatewayIdentity:
+    """Enrol this device at the head-end's enrolment port; writes the state directory, returns the identity."""
+    d = Path(state_dir)
+    tls_key, signing_key = ensure_keys(d)
+    ca_pem, fp = fetch_ca(address, ca_fingerprint, timeout_s)
+    options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+    channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=ca_pem), options=options)
+    try:
+        resp = enrol_pb2_grpc.EnrolmentStub(channel).Enroll(build_request(code, tls_key, signing_key),
+                                                             timeout=timeout_s)
+    except grpc.RpcError as exc:
+        raise EnrolmentError(f"enrolment at {address} refused: {exc.code().name}: {exc.details()}") from None
+    finally:
+        channel.close()
+    ca = pki.load_cert(ca_pem)
+    if resp.ca_certificate_pem.strip() != ca_pem.strip():
+        raise EnrolmentError(f"head-end {address} answered with another CA than the pinned {fp[:16]}")
+    cert = pki.load_cert(resp.certificate_pem, "issued certificate")
+    if pki.gateway_name_of(cert) != resp.gateway_id:
+        raise EnrolmentError(f"issued certificate names {pki.gateway_name_of(cert)!r}, not {resp.gateway_id!r}")
+    if cert.public_key().public_numbers() != tls_key.public_key().public_numbers():
+        raise EnrolmentError("issued certificate is not for this device's key")
+    try:
+        cert.verify_directly_issued_by(ca)
+    except Exception:
+        raise EnrolmentError("issued certificate is not signed by the pinned CA") from None
+    pki.ed25519_public(resp.headend_signing_key, "head-end configuration key")
+    pki.write_public(d / "ca.crt", ca_pem)
+    pki.write_public(d / "tls.crt", resp.certificate_pem)
+    pki.write_public(d / "headend-config.pub", resp.headend_signing_key)
+    pki.write_public(d / "identity.json", json.dumps({"gateway": resp.gateway_id, "headend": address,
+                                                       "ca_fingerprint": fp}, indent=2).encode() + b"\n")
+    return load_identity(d)
+
+
+def load_identity(state_dir: str | Path = DEFAULT_STATE_DIR) -> GatewayIdentity:
+    """The enrolled identity in `state_dir`, or EnrolmentError naming what is missing."""
+    d = Path(state_dir)
+    missing = [n for n in ("tls.key", "signing.key", "tls.crt", "ca.crt", "headend-config.pub", "identity.json")
+               if not (d / n).exists()]
+    if missing:
+        raise EnrolmentError(f"{d}: not enrolled (missing {', '.join(missing)}); run meterlink-gateway enroll")
+    meta = json.loads((d / "identity.json").read_text())
+    signing = pki.load_private_key((d / "signing.key").read_bytes(), str(d / "signing.key"))
+    return GatewayIdentity(meta["gateway"], (d / "tls.key").read_bytes(), (d / "tls.crt").read_bytes(),
+                           (d / "ca.crt").read_bytes(), signing, (d / "headend-config.pub").read_bytes(), d)
+
+
+def channel_credentials(identity: GatewayIdentity) -> grpc.ChannelCredentials:
+    """Mutual TLS: trust only the head-end CA, present the gateway's client certificate."""
+    return grpc.ssl_channel_credentials(root_certificates=identity.ca_pem, private_key=identity.tls_key_pem,
+                                        certificate_chain=identity.cert_pem)
+
+
+def secure_channel(address: str, identity: GatewayIdentity, server_name: str | None = None) -> grpc.Channel:
+    """A mutual-TLS channel to the head-end; `server_name` overrides the name checked in its certificate."""
+    options = [("grpc.max_send_message_length", 64 * 1024 * 1024)]
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return grpc.secure_channel(address, channel_credentials(identity), options=options)
