@@ -1,20 +1,34 @@
-"""Head-end storage of readings (SQLite, the embedded default); SQL only, no business rules.
+"""The head-end's repository contract for readings and `open_repository(url)`; SQL lives in repo_sqlite / repo_postgres, business rules live elsewhere.
 
-The repository contract is `ReadingRepository`; issue 5 adds the PostgreSQL implementation and
-runs one contract test suite against both. Ingest is idempotent on (gateway_id, seq).
+One contract (`ReadingRepository`), two implementations tested by one contract suite
+(tests/storage): SQLite (`repo_sqlite`, the embedded default) and PostgreSQL via psycopg 3
+(`repo_postgres`, production; several head-end replicas may share one database).
+
+Contract, in words:
+  * `ingest` commits a gateway's batch in ONE transaction and is idempotent on (gateway_id, seq):
+    records already held are counted as duplicates, never stored twice, also when two replicas
+    ingest the same batch at the same moment;
+  * `acked_seq` is the highest seq such that every seq 1..acked_seq of that gateway is held (the
+    gap-free prefix); it never goes backwards. The gateway prunes only what is acked;
+  * `gaps` lists the missing seq ranges between the ack and the highest seq held;
+  * `readings` returns a meter's readings ordered by (taken_at, obis), optionally one register and a
+    half-open [start, end) window; `meters` lists meter ids that have readings;
+  * `migrate` applies pending schema migrations (headend/migrations.py); `schema_version` reports.
 """
 
 from __future__ import annotations
 
-import sqlite3
-import threading
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import TYPE_CHECKING, Protocol
+from urllib.parse import urlsplit
 
-from meterlink.clock import from_ms, to_ms
-from meterlink.errors import ConfigError
+from meterlink.errors import ConfigError, ValidationError
 from meterlink.readings import Reading
+
+if TYPE_CHECKING:
+    from .migrations import Migration
 
 
 @dataclass(frozen=True)
@@ -33,190 +47,106 @@ class IngestResult:
 
 
 class ReadingRepository(Protocol):
+    url: str
+
     def ingest(self, gateway_id: str, records: list[StoredRecord], received_at_ms: int) -> IngestResult: ...
     def acked_seq(self, gateway_id: str) -> int: ...
-    def readings(self, meter_id: str, obis: str | None = None) -> list[Reading]: ...
+    def gaps(self, gateway_id: str) -> list[tuple[int, int]]: ...
+    def readings(self, meter_id: str, obis: str | None = None, *, start: datetime | None = None,
+                 end: datetime | None = None) -> list[Reading]: ...
     def meters(self) -> list[str]: ...
+    def migrate(self) -> list[Migration]: ...
+    def pending_migrations(self) -> list[Migration]: ...
+    def schema_version(self) -> int: ...
+    def close(self) -> None: ...
 
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS gateway_record (
-    gateway_id   TEXT    NOT NULL,
-    seq          INTEGER NOT NULL,
-    prev_hash    BLOB    NOT NULL,
-    meter_id     TEXT    NOT NULL,
-    obis         TEXT    NOT NULL,
-    taken_at_ms  INTEGER NOT NULL,
-    value        INTEGER NOT NULL,
-    unit         TEXT    NOT NULL,
-    quality      INTEGER NOT NULL,
-    received_at_ms INTEGER NOT NULL,
-    PRIMARY KEY (gateway_id, seq)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS gateway_record_meter ON gateway_record (meter_id, obis, taken_at_ms);
-CREATE TABLE IF NOT EXISTS gateway_sync (
-    gateway_id TEXT PRIMARY KEY,
-    acked_seq  INTEGER NOT NULL
-);
-"""
+def check_batch(gateway_id: str, records: list[StoredRecord]) -> None:
+    """Refuse a batch that cannot be stored as given (both backends call this before any SQL)."""
+    if not gateway_id:
+        raise ValidationError("ingest: gateway_id is empty")
+    for r in records:
+        if r.gateway_id != gateway_id:
+            raise ValidationError(f"gateway {gateway_id}: record seq {r.seq} belongs to gateway {r.gateway_id!r}")
+        if not isinstance(r.seq, int) or r.seq < 1:
+            raise ValidationError(f"gateway {gateway_id}: record seq {r.seq!r} is not a positive integer")
 
 
-class SqliteReadingRepository:
-    """SQLite implementation; one connection guarded by a lock (gRPC serves from a thread pool)."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
-        self._lock = threading.Lock()
-
-    def close(self) -> None:
-        self._db.close()
-
-    def acked_seq(self, gateway_id: str) -> int:
-        row = self._db.execute("SELECT acked_seq FROM gateway_sync WHERE gateway_id=?", (gateway_id,)).fetchone()
-        return row[0] if row else 0
-
-    def ingest(self, gateway_id: str, records: list[StoredRecord], received_at_ms: int) -> IngestResult:
-        """Commit a batch in one transaction; records already held are counted, not duplicated."""
-        with self._lock:
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                before = db.total_changes
-                db.executemany(
-                    "INSERT OR IGNORE INTO gateway_record VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    [(gateway_id, r.seq, r.prev_hash, r.reading.meter_id, r.reading.obis,
-                      to_ms(r.reading.taken_at), r.reading.value, r.reading.unit, r.reading.quality,
-                      received_at_ms) for r in records])
-                accepted = db.total_changes - before
-                acked = self._advance_ack(gateway_id)
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-        return IngestResult(acked, accepted, len(records) - accepted)
-
-    def _advance_ack(self, gateway_id: str) -> int:
-        """Highest seq such that every seq from 1 up to it is held (the gap-free prefix)."""
-        acked = self.acked_seq(gateway_id)
-        # Islands and gaps: rows after `acked` whose seq - row_number == acked are the contiguous run.
-        run = self._db.execute(
-            "SELECT COUNT(*) FROM (SELECT seq - ROW_NUMBER() OVER (ORDER BY seq) AS grp FROM gateway_record"
-            " WHERE gateway_id = ? AND seq > ?) WHERE grp = ?", (gateway_id, acked, acked)).fetchone()[0]
-        new = acked + run
-        self._db.execute("INSERT INTO gateway_sync VALUES (?, ?) ON CONFLICT(gateway_id) DO UPDATE SET "
-                         "acked_seq = excluded.acked_seq", (gateway_id, new))
-        return new
-
-    def readings(self, meter_id: str, obis: str | None = None) -> list[Reading]: ...
-    def meters(self) -> list[str]: ...
+def gaps_from_islands(acked: int, islands: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Runs of held seqs after the ack (ascending [first, last]) -> the missing ranges between them."""
+    out, expect = [], acked + 1
+    for first, last in islands:
+        if first > expect:
+            out.append((expect, first - 1))
+        expect = last + 1
+    return out
 
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS gateway_record (
-    gateway_id   TEXT    NOT NULL,
-    seq          INTEGER NOT NULL,
-    prev_hash    BLOB    NOT NULL,
-    meter_id     TEXT    NOT NULL,
-    obis         TEXT    NOT NULL,
-    taken_at_ms  INTEGER NOT NULL,
-    value        INTEGER NOT NULL,
-    unit         TEXT    NOT NULL,
-    quality      INTEGER NOT NULL,
-    received_at_ms INTEGER NOT NULL,
-    PRIMARY KEY (gateway_id, seq)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS gateway_record_meter ON gateway_record (meter_id, obis, taken_at_ms);
-CREATE TABLE IF NOT EXISTS gateway_sync (
-    gateway_id TEXT PRIMARY KEY,
-    acked_seq  INTEGER NOT NULL
-);
-"""
+def open_repository(url: str | Path, *, migrate: bool | None = None) -> ReadingRepository:
+    """Open the database named by `url`.
+
+    ``sqlite:///relative/path``, ``sqlite:////absolute/path``, ``sqlite://`` (in memory) or a bare
+    file path open SQLite; ``postgresql://user@host:port/db`` (or ``postgres://``) opens PostgreSQL.
+
+    `migrate`: True applies pending migrations, False leaves the schema alone (the `migrate`
+    command), None (default) applies them on SQLite (the embedded, one-command default) and on
+    PostgreSQL only checks, refusing a database with pending migrations (run
+    ``meterlink-headend migrate`` once per release, not from every replica). Altered or newer
+    migrations are refused in every mode except False.
+    """
+    url = str(url)
+    if not url.strip():
+        raise ConfigError("database URL is empty (expected sqlite:///PATH or postgresql://USER@HOST/DB)")
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme in ("postgresql", "postgres"):
+        parts = urlsplit(url)
+        if not parts.hostname and "host=" not in (parts.query or ""):
+            raise ConfigError(f"database URL {url!r}: no host (expected postgresql://USER@HOST:PORT/DBNAME)")
+        if not parts.path.strip("/"):
+            raise ConfigError(f"database URL {url!r}: no database name (expected postgresql://USER@HOST:PORT/DBNAME)")
+        from .repo_postgres import PostgresReadingRepository
+        repo = PostgresReadingRepository(url)
+        apply = migrate is True
+    elif scheme == "sqlite" or not scheme:
+        if scheme:
+            rest = url[len("sqlite://"):]
+            if rest and not rest.startswith("/"):
+                raise ConfigError(f"database URL {url!r}: SQLite URLs have three slashes before a path "
+                                  f"(sqlite:///relative/path or sqlite:////absolute/path)")
+            path = rest[1:] if rest else ":memory:"
+            path = path.split("?", 1)[0]
+            if not path:
+                raise ConfigError(f"database URL {url!r}: no file path after sqlite:///")
+        else:
+            path = url
+        from .repo_sqlite import SqliteReadingRepository
+        repo = SqliteReadingRepository(path, migrate=False)
+        apply = migrate is not False
+    else:
+        raise ConfigError(f"database URL {url!r}: unsupported scheme {scheme!r} "
+                          f"(supported: sqlite:///PATH, postgresql://USER@HOST:PORT/DBNAME)")
+    try:
+        if apply:
+            repo.migrate()
+        elif migrate is None:
+            pending = repo.pending_migrations()
+            if pending:
+                from .migrations import SchemaError
+                raise SchemaError(f"database {repo.url}: {len(pending)} pending schema migration(s) "
+                                  f"({', '.join(m.label for m in pending)}); run: meterlink-headend migrate "
+                                  f"--database {repo.url}")
+    except BaseException:
+        repo.close()
+        raise
+    return repo
 
 
-class SqliteReadingRepository:
-    """SQLite implementation; one connection guarded by a lock (gRPC serves from a thread pool)."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
-        self._lock = threading.Lock()
-
-    def close(self) -> None:
-        self._db.close()
-
-    def acked_seq(self, gateway_id: str) -> int:
-        row = self._db.execute("SELECT acked_seq FROM gateway_sync WHERE gateway_id=?", (gateway_id,)).fetchone()
-        return row[0] if row else 0
-
-    def ingest(self, gateway_id: str, records: list[StoredRecord], received_at_ms: int) -> IngestResult:
-        """Commit a batch in one transaction; records already held are counted, not duplicated."""
-        with self._lock:
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                before = db.total_changes
-                db.executemany(
-                    "INSERT OR IGNORE INTO gateway_record VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    [(gateway_id, r.seq, r.prev_hash, r.reading.meter_id, r.reading.obis,
-                      to_ms(r.reading.taken_at), r.reading.value, r.reading.unit, r.reading.quality,
-                      received_at_ms) for r in records])
-                accepted = db.total_changes - before
-                acked = self._advance_ack(gateway_id)
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-        return IngestResult(acked, accepted, len(records) - accepted)
-
-    def _advance_ack(self, gateway_id: str) -> int:
-        """Highest seq such that every seq from 1 up to it is held (gap-free prefix)."""
-        acked = self.acked_seq(gateway_id)
-        row = self._db.execute(
-            # the first missing seq after `acked`: islands-and-gaps over the primary key
-            "SELECT COALESCE(MIN(seq), ?) FROM ("
-            "  SELECT seq, seq - ROW_NUMBER() OVER (ORDER BY seq) AS grp FROM gateway_record"
-            "  WHERE gateway_id = ? AND seq > ?) WHERE grp = ? ",
-            (acked, gateway_id, acked, acked)).fetchone()
-        # rows whose seq - rownumber == acked form the contiguous run right after `acked`
-        run = self._db.execute(
-            "SELECT COUNT(*) FROM (SELECT seq - ROW_NUMBER() OVER (ORDER BY seq) AS grp FROM gateway_record"
-            " WHERE gateway_id = ? AND seq > ?) WHERE grp = ?", (gateway_id, acked, acked)).fetchone()[0]
-        del row
-        new = acked + run
-        self._db.execute("INSERT INTO gateway_sync VALUES (?, ?) ON CONFLICT(gateway_id) DO UPDATE SET "
-                         "acked_seq = excluded.acked_seq", (gateway_id, new))
-        return new
-
-    def readings(self, meter_id: str, obis: str | None = None) -> list[Reading]:
-        sql = "SELECT meter_id, obis, taken_at_ms, value, unit, quality FROM gateway_record WHERE meter_id=?"
-        args: list = [meter_id]
-        if obis:
-            sql += " AND obis=?"
-            args.append(obis)
-        sql += " ORDER BY taken_at_ms, obis"
-        return [Reading(m, o, from_ms(t), v, u, q) for m, o, t, v, u, q in self._db.execute(sql, args)]
-
-    def meters(self) -> list[str]:
-        return [r[0] for r in self._db.execute("SELECT DISTINCT meter_id FROM gateway_record ORDER BY 1")]
-
-
-def open_repository(url: str) -> SqliteReadingRepository:
-    """'sqlite:///path' or a plain path -> repository (PostgreSQL arrives with issue 5)."""
-    if url.startswith("sqlite:///"):
-        return SqliteReadingRepository(url[len("sqlite:///"):])
-    if url.startswith("sqlite://"):
-        return SqliteReadingRepository(url[len("sqlite://"):] or ":memory:")
-    if "://" in url:
-        raise ConfigError(f"unsupported database URL {url!r} (this build supports sqlite:///PATH)")
-    return SqliteReadingRepository(url)
+def __getattr__(name: str):
+    # Backwards compatibility: the walking skeleton imported the SQLite class from here.
+    if name == "SqliteReadingRepository":
+        from .repo_sqlite import SqliteReadingRepository
+        return SqliteReadingRepository
+    if name == "PostgresReadingRepository":
+        from .repo_postgres import PostgresReadingRepository
+        return PostgresReadingRepository
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,212 @@
+"""PostgreSQL implementation (psycopg 3) of the head-end repository contract (store.ReadingRepository); SQL only, no business rules.
+
+Production backend: several stateless head-end replicas share one database. Exactly-once ingest
+under concurrency rests on two things:
+  * the primary key (gateway_id, seq) with ``INSERT ... ON CONFLICT DO NOTHING``: a record is
+    stored once whoever inserts it first;
+  * the gateway's ``gateway_sync`` row, locked as the FIRST statement of every ingest transaction
+    (an upsert that takes the row lock). Ingests of one gateway therefore run one at a time across
+    all replicas, and, because PostgreSQL's READ COMMITTED takes a fresh snapshot per statement,
+    every statement after the lock sees everything the previous holder committed: the ack is
+    computed over the complete set of rows. Different gateways never wait for each other.
+    (A row lock rather than an advisory lock keeps this portable to PostgreSQL-compatible
+    distributed engines.)
+One ingest is one transaction sent as one pipeline (one network round trip); the batch travels as
+arrays and is expanded by ``unnest`` in a single INSERT.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Iterator
+
+import psycopg
+from psycopg.pq import TransactionStatus
+
+from meterlink.clock import Clock, SystemClock, from_ms, to_ms
+from meterlink.errors import ConfigError
+from meterlink.readings import Reading
+
+from .migrations import ADVISORY_LOCK_KEY, SCHEMA_MIGRATIONS_DDL, Migration, load_migrations, plan
+from .store import IngestResult, StoredRecord, check_batch, gaps_from_islands
+
+# Creates the gateway's row or locks it; returns the ack before this batch.
+LOCK_GATEWAY = ("INSERT INTO gateway_sync AS s (gateway_id, acked_seq) VALUES (%s, 0) ON CONFLICT (gateway_id) "
+                "DO UPDATE SET acked_seq = s.acked_seq RETURNING acked_seq")
+INSERT_BATCH = (
+    "INSERT INTO gateway_record (gateway_id, seq, prev_hash, meter_id, obis, taken_at_ms, value, unit, quality, "
+    "received_at_ms) SELECT %s::text, b.*, %s::bigint FROM unnest(%s::bigint[], %s::bytea[], %s::text[], "
+    "%s::text[], %s::bigint[], %s::bigint[], %s::text[], %s::int[]) AS b ON CONFLICT DO NOTHING")
+# Islands over the primary key (see repo_sqlite): the run of consecutive seqs right after the ack.
+ADVANCE_ACK = (
+    "UPDATE gateway_sync AS s SET acked_seq = s.acked_seq + ("
+    " SELECT COUNT(*) FROM (SELECT r.seq - ROW_NUMBER() OVER (ORDER BY r.seq) AS grp FROM gateway_record r"
+    " WHERE r.gateway_id = s.gateway_id AND r.seq > s.acked_seq) AS t WHERE t.grp = s.acked_seq)"
+    " WHERE s.gateway_id = %s RETURNING s.acked_seq")
+ISLANDS = ("SELECT MIN(seq), MAX(seq) FROM (SELECT seq, seq - ROW_NUMBER() OVER (ORDER BY seq) AS grp "
+           "FROM gateway_record WHERE gateway_id = %s AND seq > %s) AS t GROUP BY grp ORDER BY 1")
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced, for messages and logs."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+class _Pool:
+    """A minimal thread-safe pool: at most `size` connections, created on demand, autocommit."""
+
+    def __init__(self, conninfo: str, size: int, display: str) -> None:
+        self._conninfo, self._display = conninfo, display
+        self._idle: list[psycopg.Connection] = []
+        self._all: list[psycopg.Connection] = []
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(size)
+
+    def _connect(self) -> psycopg.Connection:
+        try:
+            conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=10)
+        except psycopg.OperationalError as exc:
+            reason = " ".join(str(exc).split())
+            raise ConfigError(f"cannot connect to PostgreSQL database {self._display}: {reason}") from None
+        with self._lock:
+            self._all.append(conn)
+        return conn
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection]:
+        self._slots.acquire()
+        try:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None or conn.closed or conn.broken:
+                conn = self._connect()
+            try:
+                yield conn
+            finally:
+                if conn.closed or conn.broken or conn.info.transaction_status != TransactionStatus.IDLE:
+                    conn.close()
+                else:
+                    with self._lock:
+                        self._idle.append(conn)
+        finally:
+            self._slots.release()
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._all, self._idle = self._all, [], []
+        for c in conns:
+            c.close()
+
+
+class PostgresReadingRepository:
+    """Readings in a PostgreSQL database; safe to share between processes and replicas."""
+
+    dialect = "postgres"
+
+    def __init__(self, url: str, *, migrate: bool = False, clock: Clock | None = None, pool_size: int = 8) -> None:
+        self.url = redact(url)
+        self._clock = clock or SystemClock()
+        self._pool = _Pool(url, pool_size, self.url)
+        with self._pool.connection():
+            pass                      # fail now, with the URL in the message, if the server is unreachable
+        if migrate:
+            self.migrate()
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def __enter__(self) -> PostgresReadingRepository:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- schema ---------------------------------------------------------------------------------
+    @staticmethod
+    def _applied(conn: psycopg.Connection) -> dict[int, str]:
+        if conn.execute("SELECT to_regclass('schema_migrations')").fetchone()[0] is None:
+            return {}
+        return dict(conn.execute("SELECT version, checksum FROM schema_migrations").fetchall())
+
+    def pending_migrations(self) -> list[Migration]:
+        with self._pool.connection() as conn:
+            return plan(load_migrations(self.dialect), self._applied(conn))
+
+    def schema_version(self) -> int:
+        with self._pool.connection() as conn:
+            return max(self._applied(conn), default=0)
+
+    def migrate(self) -> list[Migration]:
+        """Apply every pending migration in one transaction, serialised across replicas by an advisory lock."""
+        migrations = load_migrations(self.dialect)
+        with self._pool.connection() as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (ADVISORY_LOCK_KEY,))
+            conn.execute(SCHEMA_MIGRATIONS_DDL)
+            todo = plan(migrations, self._applied(conn))
+            now_ms = to_ms(self._clock.now())
+            for m in todo:
+                try:
+                    conn.execute(m.sql.encode(), prepare=False)    # whole file: simple query protocol
+                except psycopg.Error as exc:
+                    raise ConfigError(f"migration {m.label} (postgres) failed: {' '.join(str(exc).split())}") from exc
+                conn.execute("INSERT INTO schema_migrations VALUES (%s, %s, %s, %s)",
+                             (m.version, m.name, m.checksum, now_ms))
+        return todo
+
+    # -- ingest ---------------------------------------------------------------------------------
+    def acked_seq(self, gateway_id: str) -> int:
+        with self._pool.connection() as conn:
+            row = conn.execute("SELECT acked_seq FROM gateway_sync WHERE gateway_id = %s", (gateway_id,)).fetchone()
+        return row[0] if row else 0
+
+    def ingest(self, gateway_id: str, records: list[StoredRecord], received_at_ms: int) -> IngestResult:
+        """Commit a batch in one transaction; records already held are counted, not duplicated."""
+        check_batch(gateway_id, records)
+        readings = [r.reading for r in records]
+        params = (gateway_id, received_at_ms, [r.seq for r in records], [r.prev_hash for r in records],
+                  [rd.meter_id for rd in readings], [rd.obis for rd in readings],
+                  [to_ms(rd.taken_at) for rd in readings], [rd.value for rd in readings],
+                  [rd.unit for rd in readings], [int(rd.quality) for rd in readings])
+        with self._pool.connection() as conn:
+            with conn.pipeline(), conn.transaction():
+                lock = conn.execute(LOCK_GATEWAY, (gateway_id,))
+                ins = conn.execute(INSERT_BATCH, params)
+                ack = conn.execute(ADVANCE_ACK, (gateway_id,))
+            accepted = ins.rowcount
+            acked = ack.fetchone()[0]
+            del lock
+        return IngestResult(acked, accepted, len(records) - accepted)
+
+    def gaps(self, gateway_id: str) -> list[tuple[int, int]]:
+        """Missing seq ranges [first, last] between the ack and the highest seq held."""
+        with self._pool.connection() as conn, conn.transaction():
+            row = conn.execute("SELECT acked_seq FROM gateway_sync WHERE gateway_id = %s", (gateway_id,)).fetchone()
+            acked = row[0] if row else 0
+            islands = conn.execute(ISLANDS, (gateway_id, acked)).fetchall()
+        return gaps_from_islands(acked, islands)
+
+    # -- queries --------------------------------------------------------------------------------
+    def readings(self, meter_id: str, obis: str | None = None, *, start: datetime | None = None,
+                 end: datetime | None = None) -> list[Reading]:
+        sql = "SELECT meter_id, obis, taken_at_ms, value, unit, quality FROM gateway_record WHERE meter_id = %s"
+        args: list = [meter_id]
+        if obis:
+            sql += " AND obis = %s"
+            args.append(obis)
+        if start is not None:
+            sql += " AND taken_at_ms >= %s"
+            args.append(to_ms(start))
+        if end is not None:
+            sql += " AND taken_at_ms < %s"
+            args.append(to_ms(end))
+        sql += ' ORDER BY taken_at_ms, obis COLLATE "C", gateway_id COLLATE "C", seq'
+        with self._pool.connection() as conn:
+            rows = conn.execute(sql, args).fetchall()
+        return [Reading(m, o, from_ms(t), v, u, q) for m, o, t, v, u, q in rows]
+
+    def meters(self) -> list[str]:
+        with self._pool.connection() as conn:
+            return [r[0] for r in conn.execute('SELECT DISTINCT meter_id COLLATE "C" FROM gateway_record ORDER BY 1')]
