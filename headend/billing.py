@@ -1,0 +1,388 @@
+"""Billing: bound interval usage -> one billable item per account per period (all bands, standing, export, promotions, adjustments, VAT); pure, never reads a clock or a database and never edits an issued item.
+
+The unit of truth is a `UsageRow`: one VEE interval of one meter register, the account bound to it
+at its start (None = parked), and how much of it has already been billed (`billed_wh`, to
+`billed_account`). A bill run for period P (a local month of the market) bills, per account, the
+*delta* ``wh - billed_wh`` of every bound, non-held row that starts before the end of P:
+  * rows inside P are the period's usage;
+  * rows of earlier periods with a delta are catch-up: usage parked then bound by a back-dated
+    binding, late readings that replaced estimates, released exceptions. They are priced at the
+    tariff and VAT of their own dates, as separate lines dated with their own sub-period;
+and then marks those rows billed. So every Wh is billed exactly once, to one account, and an
+issued item is never touched again (corrections arrive as delta lines on the next item).
+Rows once billed keep their account: `check_rebinding` refuses a binding edit that would move
+billed usage to another account (issue a credit first).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from datetime import date, datetime, time, timedelta, timezone
+from decimal import Decimal
+from typing import Iterable, Mapping, Sequence
+from zoneinfo import ZoneInfo
+
+from meterlink.errors import ValidationError
+
+from .binding import Bindings
+from .rating import EXPORT_OBIS, IMPORT_OBIS, Promotion, RatedLine, lines_from_aggregates, rate_intervals, \
+    standing_charges, merge_aggregates
+from .tariff import Tariff
+from .vat import Market, VatResult, VatTable, apply_vat
+from .vee import HOLD_FLAGS, Interval
+
+UTC = timezone.utc
+RATED_OBIS = (IMPORT_OBIS, EXPORT_OBIS)
+RowKey = tuple[str, str, datetime]          # meter, obis, start
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    meter_id: str
+    obis: str
+    start: datetime
+    end: datetime
+    wh: int
+    estimated: bool = False
+    flags: frozenset[str] = frozenset()
+    account_id: str | None = None          # None = parked (no binding at `start`)
+    billed_wh: int = 0
+    billed_account: str | None = None
+    revision: int = 0
+
+    @property
+    def key(self) -> RowKey:
+        return (self.meter_id, self.obis, self.start)
+
+    @property
+    def held(self) -> bool:
+        return bool(self.flags & HOLD_FLAGS)
+
+    @property
+    def unbilled_wh(self) -> int:
+        return self.wh - self.billed_wh
+
+    def as_interval(self, wh: int) -> Interval:
+        return Interval(self.meter_id, self.obis, self.start, self.end, wh, self.estimated,
+                        self.flags - HOLD_FLAGS)
+
+
+# --------------------------------------------------------------------------- periods
+
+def parse_period(period: str) -> tuple[date, date]:
+    """'2026-11' -> local dates [2026-11-01, 2026-12-01)."""
+    try:
+        y, m = (int(p) for p in period.split("-"))
+        start = date(y, m, 1)
+    except (ValueError, TypeError):
+        raise ValidationError(f"bad billing period {period!r} (want YYYY-MM, e.g. 2026-11)") from None
+    end = date(y + (m == 12), m % 12 + 1, 1)
+    return start, end
+
+
+def period_of(d: date) -> str:
+    return f"{d.year:04d}-{d.month:02d}"
+
+
+def local_midnight(d: date, zone: ZoneInfo) -> datetime:
+    return datetime.combine(d, time(0), zone).astimezone(UTC)
+
+
+def period_instants(period: str, zone: ZoneInfo) -> tuple[datetime, datetime]:
+    start, end = parse_period(period)
+    return local_midnight(start, zone), local_midnight(end, zone)
+
+
+# --------------------------------------------------------------------------- binding usage
+
+def bind_intervals(intervals: Iterable[Interval], bindings: Bindings) -> list[UsageRow]:
+    """Fresh rows: each interval with the account bound to its meter at the interval's start."""
+    spans: dict[str, list] = {}
+    out = []
+    for iv in intervals:
+        if iv.obis not in RATED_OBIS:
+            continue
+        sp = spans.get(iv.meter_id)
+        if sp is None:
+            sp = spans[iv.meter_id] = bindings.spans(iv.meter_id)
+        account = None
+        for s in sp:
+            if s.start <= iv.start and (s.end is None or iv.start < s.end):
+                account = s.account_id
+                break
+        out.append(UsageRow(iv.meter_id, iv.obis, iv.start, iv.end, iv.wh, iv.estimated, iv.flags, account))
+    return out
+
+
+def merge_rows(stored: Mapping[RowKey, UsageRow], fresh: Iterable[UsageRow],
+               released: Iterable[RowKey] = ()) -> dict[RowKey, UsageRow]:
+    """Fresh derivation + stored billing state -> the rows that changed (new or different), keyed.
+
+    Billed state is kept; a billed row keeps its billed account; a stored row the new derivation no
+    longer has becomes 0 Wh (so what was billed of it is credited). `released` rows lose hold flags.
+    """
+    released = set(released)
+    changed: dict[RowKey, UsageRow] = {}
+    seen = set()
+    for row in fresh:
+        seen.add(row.key)
+        if row.key in released:
+            row = replace(row, flags=row.flags - HOLD_FLAGS)
+        old = stored.get(row.key)
+        if old is not None:
+            account = old.billed_account if old.billed_account is not None and old.billed_wh else row.account_id
+            row = replace(row, account_id=account, billed_wh=old.billed_wh, billed_account=old.billed_account,
+                          revision=old.revision)
+            if (row.wh, row.estimated, row.flags, row.account_id, row.end) == \
+                    (old.wh, old.estimated, old.flags, old.account_id, old.end):
+                continue
+            row = replace(row, revision=old.revision + 1)
+        changed[row.key] = row
+    for key, old in stored.items():
+        if key not in seen and (old.wh != 0 or old.flags):
+            changed[key] = replace(old, wh=0, estimated=False, flags=frozenset(), revision=old.revision + 1)
+    return changed
+
+
+def rebind(rows: Iterable[UsageRow], bindings: Bindings) -> dict[RowKey, UsageRow]:
+    """Rows whose account changes under new bindings (parked rows bound by a back-dated binding, ...)."""
+    out = {}
+    for row in rows:
+        account = bindings.account_at(row.meter_id, row.start)
+        if row.billed_wh and row.billed_account is not None:
+            continue                              # billed usage stays with its account (see check_rebinding)
+        if account != row.account_id:
+            out[row.key] = replace(row, account_id=account, revision=row.revision + 1)
+    return out
+
+
+def check_rebinding(rows: Iterable[UsageRow], bindings: Bindings) -> None:
+    """Refuse bindings under which usage already billed to one account would belong to another."""
+    bad = []
+    for row in rows:
+        if row.billed_wh and row.billed_account is not None:
+            now = bindings.account_at(row.meter_id, row.start)
+            if now != row.billed_account:
+                bad.append(f"meter {row.meter_id} {row.obis} {row.start.isoformat()} ({row.billed_wh} Wh) was billed "
+                           f"to {row.billed_account}, would belong to {now or 'nobody (parked)'}")
+    if bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise ValidationError("binding change refused, it moves billed usage: " + "; ".join(bad[:3]) + more
+                              + "; credit the billed usage first")
+
+
+# --------------------------------------------------------------------------- billable items
+
+@dataclass(frozen=True)
+class Adjustment:
+    """A manual adjustment for an account in a period (goodwill credit, correction); VAT by `category`."""
+
+    account_id: str
+    period: str
+    description: str
+    net_minor: int
+    kind: str = "adjustment"                  # rated as the energy VAT category; "standing" for fixed-part fixes
+
+
+@dataclass(frozen=True)
+class ItemLine:
+    line: RatedLine
+    vat_code: str
+    vat_rate: Decimal
+
+
+@dataclass(frozen=True)
+class UsageTotal:
+    meter_id: str
+    obis: str
+    usage_period: str                         # local month the intervals belong to
+    wh: int
+
+
+@dataclass(frozen=True)
+class BillableItem:
+    account_id: str
+    period: str
+    market: str
+    currency: str
+    payment: str
+    tariff_id: str
+    start: date                               # local, inclusive
+    end: date                                 # local, exclusive
+    lines: tuple[ItemLine, ...]
+    usage: tuple[UsageTotal, ...]
+    vat: VatResult
+    exact_total: Decimal                      # minor units, before rounding (lines; adjustments are exact)
+    residue: Decimal                          # net_minor - exact_total: rounding residue to book
+    rounding_mode: str
+    rounding_stage: str
+
+    @property
+    def net_minor(self) -> int:
+        return sum(il.line.net_minor for il in self.lines)
+
+    @property
+    def vat_minor(self) -> int:
+        return self.vat.vat_minor
+
+    @property
+    def gross_minor(self) -> int:
+        return self.net_minor + self.vat_minor
+
+    def to_dict(self) -> dict:
+        return {
+            "account_id": self.account_id, "period": self.period, "market": self.market,
+            "currency": self.currency, "payment": self.payment, "tariff_id": self.tariff_id,
+            "start": self.start.isoformat(), "end": self.end.isoformat(),
+            "net_minor": self.net_minor, "vat_minor": self.vat_minor, "gross_minor": self.gross_minor,
+            "exact_total": str(self.exact_total), "residue": str(self.residue),
+            "rounding_mode": self.rounding_mode, "rounding_stage": self.rounding_stage,
+            "lines": [{"description": il.line.description, "kind": il.line.kind, "band": il.line.band,
+                       "quantity": str(il.line.quantity_kwh), "unit_code": il.line.unit_code,
+                       "unit_price": str(il.line.unit_price), "net_minor": il.line.net_minor,
+                       "amount_exact": str(il.line.amount_dec),
+                       "period_start": il.line.period_start.isoformat() if il.line.period_start else None,
+                       "period_end": il.line.period_end.isoformat() if il.line.period_end else None,
+                       "vat_code": il.vat_code, "vat_rate": str(il.vat_rate)} for il in self.lines],
+            "vat_breakdown": [{"code": b.code, "rate": str(b.rate), "taxable_minor": b.taxable_minor,
+                               "vat_minor": b.vat_minor} for b in self.vat.breakdown],
+            "usage": [{"meter_id": u.meter_id, "obis": u.obis, "usage_period": u.usage_period, "wh": u.wh}
+                      for u in self.usage],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class AccountBill:
+    item: BillableItem
+    billed_rows: tuple[UsageRow, ...]         # the rows with their new billed state
+
+
+def standing_dates(bindings: Bindings, account_id: str, start: date, end: date, zone: ZoneInfo) -> list[date]:
+    """Local dates in [start, end) on which the account holds a supply for any part of the day."""
+    t0, t1 = local_midnight(start, zone), local_midnight(end, zone)
+    supplies = bindings.supplied_between(account_id, t0, t1)
+    out = []
+    d = start
+    while d < end:
+        a, b = local_midnight(d, zone), local_midnight(d + timedelta(days=1), zone)
+        if any(s.valid_from < b and (s.valid_to is None or s.valid_to > a) for s in supplies):
+            out.append(d)
+        d += timedelta(days=1)
+    return out
+
+
+def _adjustment_line(adj: Adjustment, exponent: int, start: date, end: date) -> RatedLine:
+    sign = -1 if adj.net_minor < 0 else 1
+    return RatedLine(adj.description, "adjustment", Decimal(sign), Decimal(abs(adj.net_minor)).scaleb(-exponent),
+                     adj.net_minor, adj.kind, "C62", Decimal(adj.net_minor), start, end)
+
+
+def bill_account(account_id: str, period: str, *, bindings: Bindings, market: Market, tariff: Tariff,
+                 vat: VatTable, rows: Iterable[UsageRow], promotions: Sequence[Promotion] = (),
+                 adjustments: Sequence[Adjustment] = (), standing: bool = True) -> AccountBill | None:
+    """The billable item of one account for one period, or None when there is nothing to bill.
+
+    `rows` may hold any rows; only this account's unbilled, non-held rows starting before the
+    period's end are billed.
+    """
+    zone = ZoneInfo(market.timezone)
+    start, end = parse_period(period)
+    t_end = local_midnight(end, zone)
+    acct = bindings.accounts.get(account_id)
+    if acct is None:
+        raise ValidationError(f"unknown account {account_id}")
+    todo = [r for r in rows if r.account_id == account_id and not r.held and r.unbilled_wh != 0
+            and r.start < t_end]
+    intervals = [r.as_interval(r.unbilled_wh) for r in todo]
+    first = min((iv.start.astimezone(zone).date() for iv in intervals), default=start)
+    window_start = min(first, start)
+    aggs = rate_intervals({}, intervals, tariff, account_id, zone)
+    days = standing_dates(bindings, account_id, start, end, zone) if standing else []
+    if days:
+        aggs = merge_aggregates(aggs, *(standing_charges(tariff, account_id, d, d + timedelta(days=1)) for d in days))
+    adjs = [a for a in adjustments if a.account_id == account_id and a.period == period]
+    if not aggs and not adjs:
+        return None
+    usage: dict[tuple[str, str, str], int] = {}
+    for r in todo:
+        k = (r.meter_id, r.obis, period_of(r.start.astimezone(zone).date()))
+        usage[k] = usage.get(k, 0) + r.unbilled_wh
+    item = item_from_aggregates(account_id, period, market=market, tariff=tariff, vat=vat, aggregates=aggs.values(),
+                                window_start=window_start, payment=acct.payment, promotions=promotions,
+                                adjustments=adjs,
+                                usage=tuple(UsageTotal(m, o, p, wh) for (m, o, p), wh in sorted(usage.items())))
+    billed = tuple(replace(r, billed_wh=r.wh, billed_account=account_id) for r in todo)
+    return AccountBill(item, billed)
+
+
+def item_from_aggregates(account_id: str, period: str, *, market: Market, tariff: Tariff, vat: VatTable,
+                         aggregates: Iterable, window_start: date | None = None, payment: str = "postpaid",
+                         promotions: Sequence[Promotion] = (), adjustments: Sequence[Adjustment] = (),
+                         usage: tuple[UsageTotal, ...] = ()) -> BillableItem:
+    """Day-band aggregates of one account -> its billable item: lines split at the period start, at every
+    month before it (catch-up) and at VAT changes; VAT per market rule. The monthly bill run's summation."""
+    start, end = parse_period(period)
+    window_start = min(window_start or start, start)
+    splits = {start, *vat.change_dates(market.id, window_start, end)}
+    d = date(window_start.year, window_start.month, 1)
+    while d < start:                                   # catch-up lines keep their own month
+        d = date(d.year + (d.month == 12), d.month % 12 + 1, 1)
+        splits.add(d)
+    splits = sorted(x for x in splits if window_start < x < end)
+    quote = lines_from_aggregates(tariff, aggregates, window_start, end, account_id=account_id,
+                                  rounding_mode=market.rounding_mode, rounding_stage=market.rounding_stage,
+                                  split_at=splits, promotions=promotions)
+    lines = list(quote.lines) + [_adjustment_line(a, market.exponent, start, end) for a in adjustments]
+    vat_result = apply_vat(market, vat, lines, default_start=start, default_end=end)
+    item_lines = tuple(ItemLine(line, v.code, v.rate) for line, v in zip(lines, vat_result.lines))
+    exact = quote.exact_total + sum((Decimal(a.net_minor) for a in adjustments), Decimal(0))
+    return BillableItem(account_id, period, market.id, market.currency, payment, tariff.id, window_start, end,
+                        item_lines, usage, vat_result, exact, Decimal(sum(line.net_minor for line in lines)) - exact,
+                        market.rounding_mode, market.rounding_stage)
+
+
+@dataclass(frozen=True)
+class BillRun:
+    period: str
+    bills: tuple[AccountBill, ...]
+    skipped: tuple[str, ...]                  # accounts that already have an item for the period
+
+    @property
+    def items(self) -> tuple[BillableItem, ...]:
+        return tuple(b.item for b in self.bills)
+
+
+def bill_run(period: str, *, bindings: Bindings, markets: Mapping[str, Market], tariffs: Mapping[str, Tariff],
+             vat: VatTable, rows: Iterable[UsageRow], already_billed: Iterable[str] = (),
+             promotions: Mapping[str, Sequence[Promotion]] | None = None,
+             adjustments: Sequence[Adjustment] = (), accounts: Iterable[str] | None = None) -> BillRun:
+    """One billable item per account for `period` (accounts already billed for it are skipped)."""
+    by_account: dict[str | None, list[UsageRow]] = {}
+    for r in rows:
+        by_account.setdefault(r.account_id, []).append(r)
+    done = set(already_billed)
+    bills, skipped = [], []
+    for account_id in sorted(accounts if accounts is not None else bindings.accounts):
+        if account_id in done:
+            skipped.append(account_id)
+            continue
+        acct = bindings.accounts[account_id]
+        market = markets[bindings.market_of_account(account_id)]
+        tariff_id = acct.tariff_id or market.default_tariff
+        if tariff_id not in tariffs:
+            raise ValidationError(f"account {account_id}: tariff {tariff_id!r} is not loaded "
+                                  f"(known: {', '.join(sorted(tariffs))})")
+        bill = bill_account(account_id, period, bindings=bindings, market=market, tariff=tariffs[tariff_id],
+                            vat=vat, rows=by_account.get(account_id, ()),
+                            promotions=(promotions or {}).get(account_id, ()), adjustments=adjustments)
+        if bill is not None:
+            bills.append(bill)
+    return BillRun(period, tuple(bills), tuple(skipped))
+
+
+__all__ = ["UsageRow", "bind_intervals", "merge_rows", "rebind", "check_rebinding", "bill_account", "bill_run",
+           "BillableItem", "AccountBill", "BillRun", "Adjustment", "parse_period", "period_instants", "item_from_aggregates"]
