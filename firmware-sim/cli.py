@@ -11,6 +11,7 @@ from meterlink.clock import clock_from_spec
 from meterlink.errors import MeterlinkError
 from meterlink.gateway.profiles import load_profile
 
+from . import dsmr
 from .meter import MeterModel
 from .server import RtuPtyServer, TcpServer
 
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     tcp = sub.add_parser("modbus-tcp", help="serve Modbus TCP", epilog=EPILOG_TCP)
     _common(tcp)
     tcp.add_argument("--listen", default="127.0.0.1:5020", help="HOST:PORT to listen on (port 0 picks one)")
+    dsmr.add_subcommand(sub)
     return parser
 
 
@@ -52,6 +54,8 @@ def make_meters(args, clock) -> dict[int, MeterModel]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "dsmr":
+        return dsmr.serve(args)
     try:
         clock = clock_from_spec(args.clock)
         meters = make_meters(args, clock)

@@ -10,7 +10,7 @@ import sys
 import threading
 
 from meterlink.clock import clock_from_spec, parse_instant
-from meterlink.errors import MeterlinkError
+from meterlink.errors import MeterlinkError, ValidationError
 from meterlink.readings import UNITS
 
 from .config import load_config
@@ -27,7 +27,41 @@ def _display(value: int, unit: str) -> str:
     return f"{value / factor:g} {big}" if big else str(value)
 
 
+def cmd_read_dsmr(args) -> int:
+    """`read --dsmr`: the next valid telegram on a P1 port, printed like a Modbus read."""
+    from meterlink.gateway.dsmr import ELECTRICITY_NAMES
+    from meterlink.gateway.p1 import P1Reader
+
+    reader = P1Reader(args.port, args.dsmr_version, clock=clock_from_spec(args.clock))
+    wait = args.wait if args.wait is not None else (5.0 if args.dsmr_version == "5" else 35.0)
+    try:
+        got = reader.read_one(wait, meter_id=args.meter_id)
+    finally:
+        reader.close()
+    t = got.telegram
+    if args.json:
+        print(json.dumps({"dsmr": args.dsmr_version, "port": args.port, "header": t.header,
+                          "equipment_id": t.serial, "telegram_time": t.timestamp and t.timestamp.isoformat(),
+                          "crc": None if t.crc is None else f"{t.crc:04X}", "values": [
+                              {"meter": r.meter_id, "obis": r.obis, "value": r.value, "unit": r.unit,
+                               "taken_at": r.taken_at.isoformat()} for r in got.readings]}))
+        return 0
+    crc = "no CRC" if t.crc is None else f"CRC {t.crc:04X}"
+    print(f"DSMR {args.dsmr_version} P1 on {args.port}: {t.header}, meter {got.readings[0].meter_id}, "
+          f"telegram time {t.timestamp.isoformat() if t.timestamp else '-'} ({crc})")
+    for r in got.readings:
+        name = ELECTRICITY_NAMES.get(r.obis, "")
+        if r.obis == "24.2.1":
+            name = f"gas, meter {r.meter_id}"
+        print(f"  {r.obis:8} {name:24} {r.value:>14} {r.unit:4}  ({_display(r.value, r.unit)})")
+    return 0
+
+
 def cmd_read(args) -> int:
+    if args.dsmr:
+        return cmd_read_dsmr(args)
+    if not args.profile:
+        raise ValidationError("read: --profile is required for a Modbus meter (or give --dsmr for a P1 port)")
     profile = load_profile(args.profile)
     clock = clock_from_spec(args.clock)
     master = open_master(args.port, baud=args.baud, parity=args.parity, stopbits=args.stopbits, timeout=args.timeout)
@@ -78,10 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     rd = sub.add_parser("read", help="read one meter once and print every quantity",
                         epilog="example: meterlink-gateway read --port tcp://127.0.0.1:5020 --unit 1 "
-                               "--profile eastron_sdm630 --json")
+                               "--profile eastron_sdm630 --json; for a DSMR P1 port: "
+                               "meterlink-gateway read --dsmr --port /dev/ttyUSB0 --dsmr-version 5")
     rd.add_argument("--port", required=True, help="serial device (RTU) or tcp://HOST:PORT")
     rd.add_argument("--unit", type=int, default=1, help="Modbus unit id (default 1)")
-    rd.add_argument("--profile", required=True, help="meter profile name or TOML path")
+    rd.add_argument("--profile", help="meter profile name or TOML path (required for Modbus)")
     rd.add_argument("--baud", type=int, default=9600)
     rd.add_argument("--parity", default="N", choices=["N", "E", "O"])
     rd.add_argument("--stopbits", type=int, default=1, choices=[1, 2])
@@ -89,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("--meter-id", help="id to label the readings with")
     rd.add_argument("--clock", default="system", help=argparse.SUPPRESS)
     rd.add_argument("--json", action="store_true", help="print one JSON object")
+    rd.add_argument("--dsmr", action="store_true",
+                    help="PORT is a DSMR P1 port: print the next valid telegram (e.g. --dsmr --port /dev/ttyUSB0)")
+    rd.add_argument("--dsmr-version", default="5", choices=["2.2", "4", "5"],
+                    help="DSMR version, sets the serial line: 2.2 9600 7E1, 4 115200 7E1, 5 115200 8N1 (default 5)")
+    rd.add_argument("--wait", type=float, help="DSMR: seconds to wait for a valid telegram (default 5; 35 before v5)")
     rd.set_defaults(func=cmd_read)
     run = sub.add_parser("run", help="poll the configured meters on schedule, journal, push to the head-end",
                          epilog="example: meterlink-gateway run --config gateway.toml")

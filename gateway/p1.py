@@ -58,6 +58,7 @@ class P1Reader:
         try:
             self._ser = serial.Serial(port, baudrate=s.baud, bytesize=s.bytesize, parity=s.parity,
                                       stopbits=s.stopbits, timeout=0.1)
+            self._ser.reset_input_buffer()    # start at the next telegram, not at one queued long ago
         except (serial.SerialException, OSError) as exc:
             raise DeviceError(f"cannot open P1 port {port}: {exc}") from None
 
