@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import shutil
 import threading
+from pathlib import Path
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -25,11 +27,11 @@ from meterlink.readings import BILLING_OBIS
 
 from . import scheduler as sched
 from .config import GatewayConfig
-from .journal import Journal
+from .journal import Journal, billing_only_readings, disk_pressure
 from .plausibility import MeterMemo, check_readings
 from .poller import default_max_gap, read_meter
 from .readplan import plan_reads
-from .sync import Pusher
+from .sync import Backoff, Pusher, Refused, load_or_create_key
 from .transport import open_master
 
 log = logging.getLogger("meterlink.gateway")
@@ -73,6 +75,14 @@ class _LockedJournal:
             with lock:
                 return attr(*args, **kwargs)
         return locked
+
+
+def signing_key_path(config: GatewayConfig) -> Path:
+    """The Ed25519 key that signs chain heads: `signing_key` if configured, else `signing.key` beside the journal."""
+    explicit = getattr(config, "signing_key", None)
+    if explicit:
+        return Path(explicit)
+    return Path(config.database).parent / "signing.key"
 
 
 class Gateway:
@@ -131,6 +141,8 @@ class Gateway:
                 self.memos.get(meter.id), readings, max_power_w=limit or 0, resolution_wh=resolution,
                 serial=serial, clock_trusted=clock_trusted(self.clock))
             self.stats.flagged += sum(1 for r in flagged if r.quality)
+        if self.journal.billing_only:   # disk nearly full: keep billing registers only
+            flagged = billing_only_readings(flagged)
         self.journal.append(flagged)
         if self.mqtt is not None:
             self.mqtt.publish(flagged)
@@ -150,6 +162,8 @@ class Gateway:
 
     def _read_job(self, master, meter, job: sched.Job) -> tuple[list, int | None]:
         """Execute one scheduled read (billing or instantaneous blocks of one meter)."""
+        if job.priority == sched.Priority.INSTANT and self.journal.billing_only:
+            return [], None           # disk nearly full: billing registers only
         blocks = self._blocks(master, meter, job.priority)
         result = read_meter(master, meter.unit, meter.profile, meter.id, self.clock, blocks=blocks,
                             refused=self._refused.get(meter.id, frozenset()),
@@ -203,18 +217,51 @@ class Gateway:
         self.stats.readings += n
         return n
 
-    def sync_once(self) -> int:
+    def sync_once(self, force: bool = False) -> int:
+        """Drain the journal to the head-end unless backing off (resumes from the last ack); a failure
+        or refusal schedules the next try after a jittered exponential back-off on the injected clock."""
         if self.pusher is None:
             return 0
         with self._sync_lock:
+            now = self.clock.now()
+            if not force and self.next_push_at is not None and now < self.next_push_at:
+                return 0
             try:
                 sent = self.pusher.drain()
-            except DeviceError as exc:
+            except (DeviceError, Refused) as exc:
                 self.stats.push_errors += 1
                 self._note(str(exc))
+                self.next_push_at = now + timedelta(seconds=self.backoff.next_delay())
                 return 0
+            self.backoff.reset()
+            self.next_push_at = None
         self.stats.pushed += sent
         return sent
+
+    def push_due(self) -> bool:
+        """A failed push is waiting and its back-off has expired."""
+        return self.next_push_at is not None and self.clock.now() >= self.next_push_at
+
+    def retention_once(self) -> None:
+        """Prune acked records older than keep_acked_days; under disk pressure run the journal's pressure
+        policy (drop acked, tombstone unacked instantaneous readings, billing-only polling) and raise the alarm."""
+        now = self.clock.now()
+        self.journal.prune_acked(to_ms(now - timedelta(days=self.keep_acked_days)))
+        if self.config.database == ":memory:":
+            return
+        total, _used, free = self.disk_usage(str(Path(self.config.database).parent))
+        if disk_pressure(free, total, self.min_free_permille):
+            report = self.journal.relieve_pressure()
+            if not self.disk_alarm:
+                log.error("ALARM journal %s: disk nearly full (%d of %d bytes free): dropped %d acked records, "
+                          "pruned %d unacked instantaneous readings; polling billing registers only",
+                          self.config.database, free, total, report.acked_deleted, report.pruned)
+                self._note(f"disk nearly full: journal {self.config.database} in billing-only mode")
+            self.disk_alarm = True
+        elif self.journal.billing_only and not disk_pressure(free, total, 2 * self.min_free_permille):
+            self.journal.set_billing_only(False)
+            self.disk_alarm = False
+            log.warning("journal %s: disk pressure gone; polling every register again", self.config.database)
 
     def _note(self, message: str) -> None:
         log.warning(message)
@@ -252,6 +299,9 @@ class Gateway:
                 if sync_wanted.wait(0.2):
                     sync_wanted.clear()
                     self.sync_once()
+                    self.retention_once()
+                elif self.push_due():
+                    self.sync_once()
 
         self.workers = []
         for bus, master in zip(self.config.buses, self.masters):
@@ -278,7 +328,7 @@ class Gateway:
             done.set()
             if sync_thread.is_alive():
                 sync_thread.join()
-        self.sync_once()
+        self.sync_once(force=True)
         for w in self.workers:
             if w.error is not None:
                 raise w.error

@@ -1,13 +1,25 @@
-"""Pushing journal records to the head-end over gRPC; records are marked acked only after the ack."""
+"""Pushing journal records to the head-end over gRPC: signed chain heads, ack-driven resume, jittered back-off.
+
+Records are marked acked only after the head-end's ack (the highest seq it committed), so after
+any outage the next push starts right after the last ack. Every batch carries the hash of its last
+record and an Ed25519 signature over (gateway id, seq, hash) with the key made on this device.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from meterlink.chain import Event, Tombstone, public_bytes, sign_head
 from meterlink.clock import to_ms
-from meterlink.errors import DeviceError
+from meterlink.errors import ConfigError, DeviceError, MeterlinkError
 from meterlink.v1 import sync_pb2, sync_pb2_grpc
 
 from .journal import Journal, JournalRecord
@@ -15,35 +27,137 @@ from .journal import Journal, JournalRecord
 log = logging.getLogger("meterlink.gateway.sync")
 
 
-def to_proto(gateway_id: str, records: list[JournalRecord]) -> sync_pb2.PushRequest:
-    return sync_pb2.PushRequest(gateway_id=gateway_id, records=[
-        sync_pb2.Record(seq=r.seq, prev_hash=r.prev_hash, reading=sync_pb2.Reading(
-            meter_id=r.reading.meter_id, obis=r.reading.obis, taken_at_ms=to_ms(r.reading.taken_at),
-            value=r.reading.value, unit=r.reading.unit, quality=r.reading.quality))
-        for r in records])
+# -- the device key ----------------------------------------------------------------------------
+def load_or_create_key(path: str | Path) -> Ed25519PrivateKey:
+    """The gateway's Ed25519 signing key (PKCS#8 PEM): created on first use with mode 0600, never overwritten."""
+    path = Path(path)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return load_or_create_key(path)      # another process made it first
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+            f.flush()
+            os.fsync(f.fileno())
+        return key
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"signing key {path}: not an unencrypted PEM private key ({exc})") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigError(f"signing key {path}: not an Ed25519 key")
+    if path.stat().st_mode & 0o077:
+        raise ConfigError(f"signing key {path}: readable by others (mode {path.stat().st_mode & 0o777:o}); "
+                          f"chmod 600 it")
+    return key
 
 
+def write_public_key(key: Ed25519PrivateKey, path: str | Path) -> bytes:
+    """Write the raw 32-byte public key as hex (what `meterlink-headend trust-gateway` reads); returns it."""
+    raw = public_bytes(key)
+    Path(path).write_text(raw.hex() + "\n")
+    return raw
+
+
+# -- wire ----------------------------------------------------------------------------------------
+def record_to_proto(r: JournalRecord) -> sync_pb2.Record:
+    b = r.body
+    if isinstance(b, Event):
+        return sync_pb2.Record(seq=r.seq, prev_hash=r.prev_hash, event=sync_pb2.Event(
+            kind=b.kind, meter_id=b.meter_id, at_ms=to_ms(b.at), payload=b.payload))
+    if isinstance(b, Tombstone):
+        return sync_pb2.Record(seq=r.seq, prev_hash=r.prev_hash, tombstone=sync_pb2.Tombstone(
+            first_seq=b.first_seq, record_hash=b.record_hash))
+    return sync_pb2.Record(seq=r.seq, prev_hash=r.prev_hash, reading=sync_pb2.Reading(
+        meter_id=b.meter_id, obis=b.obis, taken_at_ms=to_ms(b.taken_at), value=b.value, unit=b.unit,
+        quality=b.quality))
+
+
+def to_proto(gateway_id: str, records: list[JournalRecord], key: Ed25519PrivateKey | None = None
+             ) -> sync_pb2.PushRequest:
+    """A push request; with `key`, signed over the stored hash of the last record (the chain head)."""
+    req = sync_pb2.PushRequest(gateway_id=gateway_id, records=[record_to_proto(r) for r in records])
+    if key is not None and records:
+        last = records[-1]
+        req.head_hash = last.hash
+        req.head_signature = sign_head(key, gateway_id, last.seq, last.hash)
+    return req
+
+
+class Refused(MeterlinkError):
+    """The head-end refused a batch; `reason` is the proto enum name (e.g. REFUSAL_ALTERED)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"head-end refused the batch: {reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+# -- back-off ------------------------------------------------------------------------------------
+@dataclass
+class Backoff:
+    """Exponential back-off with full jitter (AWS style): delay = uniform(0, min(cap, base * 2^failures)).
+
+    Pure apart from the injected RNG; the caller decides when to sleep (on its clock).
+    """
+
+    base_s: float = 1.0
+    cap_s: float = 300.0
+    rng: random.Random | None = None
+    failures: int = 0
+
+    def next_delay(self) -> float:
+        rng = self.rng or random.Random()
+        ceiling = min(self.cap_s, self.base_s * (2 ** min(self.failures, 30)))
+        self.failures += 1
+        return rng.uniform(0, ceiling)
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+# -- pusher --------------------------------------------------------------------------------------
 class Pusher:
     def __init__(self, gateway_id: str, address: str, journal: Journal, batch: int = 5000,
-                 timeout_s: float = 10.0) -> None:
+                 timeout_s: float = 10.0, key: Ed25519PrivateKey | None = None,
+                 credentials: grpc.ChannelCredentials | None = None, metrics=None) -> None:
         self.gateway_id, self.address, self.journal = gateway_id, address, journal
         self.batch, self.timeout_s = batch, timeout_s
-        self._channel = grpc.insecure_channel(address)
+        self.key = key
+        self.metrics = metrics            # meterlink.metrics.GatewayMetrics or None
+        self.last_refusal: Refused | None = None
+        opts = [("grpc.max_send_message_length", 64 * 1024 * 1024)]
+        self._channel = (grpc.secure_channel(address, credentials, options=opts) if credentials
+                         else grpc.insecure_channel(address, options=opts))
         self._stub = sync_pb2_grpc.GatewaySyncStub(self._channel)
 
     def close(self) -> None:
         self._channel.close()
 
     def push_once(self) -> tuple[int, bool]:
-        """Send one batch of unacked records -> (records sent, whole batch acknowledged)."""
+        """Send one batch of unacked records -> (records sent, whole batch acknowledged).
+
+        Raises DeviceError when the head-end is unreachable and Refused when it refuses the batch.
+        """
         records = self.journal.unacked(self.batch)
         if not records:
             return 0, True
         try:
-            ack = self._stub.Push(to_proto(self.gateway_id, records), timeout=self.timeout_s)
+            ack = self._stub.Push(to_proto(self.gateway_id, records, self.key), timeout=self.timeout_s)
         except grpc.RpcError as exc:
             raise DeviceError(f"push to head-end {self.address} failed: {exc.code().name}: {exc.details()}") from None
-        self.journal.mark_acked(ack.acked_seq)
+        newly = self.journal.mark_acked(ack.acked_seq)
+        if self.metrics is not None and newly:
+            self.metrics.pushed.inc(newly)
+        if ack.refused:
+            self.last_refusal = Refused(sync_pb2.Refusal.Name(ack.refused), ack.detail)
+            log.error("gateway %s: %s", self.gateway_id, self.last_refusal)
+            raise self.last_refusal
+        self.last_refusal = None
         return len(records), ack.acked_seq >= records[-1].seq
 
     def drain(self) -> int:

@@ -1,60 +1,153 @@
-"""The head-end's gRPC service: decode pushed batches and hand them to the repository; no SQL here."""
+"""The head-end's gRPC service: decode pushed batches, verify the chain (headend/verify.py), hand them to the stores; no SQL here.
+
+Push: decode -> verify against the gateway's stored chain head and registered key -> readings to the
+repository's idempotent `ingest` (one transaction) -> hashes/events/head to the chain store (one
+transaction) -> ack the new head seq. A refused batch stores nothing; the ack then carries the reason
+code and the unchanged head, and the refusal is logged and counted by reason.
+"""
 
 from __future__ import annotations
 
 import logging
 from concurrent import futures
 
+import threading
+
 import grpc
 
+from meterlink.chain import ChainRecord, EncodingError, Event, Tombstone
 from meterlink.clock import Clock, from_ms, to_ms
 from meterlink.errors import MeterlinkError
 from meterlink.readings import Reading
 from meterlink.v1 import sync_pb2, sync_pb2_grpc
 
+from .chainstore import HeadMoved, SqliteChainStore, open_chain_store
 from .store import ReadingRepository, StoredRecord
+from .verify import Refusal, Verdict, verify_batch
 
 log = logging.getLogger("meterlink.headend")
 
 
-def records_from_proto(request: sync_pb2.PushRequest) -> list[StoredRecord]:
+def chain_records_from_proto(request: sync_pb2.PushRequest) -> list[ChainRecord]:
+    """Decode the wire records; ValueError/TypeError name the record seq that cannot be decoded."""
     out = []
     for rec in request.records:
-        if rec.WhichOneof("body") != "reading":
-            raise ValueError(f"record seq {rec.seq}: unsupported body {rec.WhichOneof('body')!r}")
-        r = rec.reading
-        out.append(StoredRecord(request.gateway_id, rec.seq, rec.prev_hash,
-                                Reading(r.meter_id, r.obis, from_ms(r.taken_at_ms), r.value, r.unit, r.quality)))
+        kind = rec.WhichOneof("body")
+        if kind == "reading":
+            r = rec.reading
+            body = Reading(r.meter_id, r.obis, from_ms(r.taken_at_ms), r.value, r.unit, r.quality)
+        elif kind == "event":
+            e = rec.event
+            body = Event(e.kind, e.meter_id, from_ms(e.at_ms), bytes(e.payload))
+        elif kind == "tombstone":
+            t = rec.tombstone
+            if len(t.record_hash) != 32:
+                raise ValueError(f"record seq {rec.seq}: tombstone hash is {len(t.record_hash)} bytes, not 32")
+            if not 1 <= t.first_seq <= rec.seq:
+                raise ValueError(f"record seq {rec.seq}: tombstone first_seq {t.first_seq} outside 1..{rec.seq}")
+            body = Tombstone(t.first_seq, bytes(t.record_hash))
+        else:
+            raise ValueError(f"record seq {rec.seq}: no body")
+        if len(rec.prev_hash) != 32:
+            raise ValueError(f"record seq {rec.seq}: prev_hash is {len(rec.prev_hash)} bytes, not 32")
+        out.append(ChainRecord(rec.seq, bytes(rec.prev_hash), body))
     return out
 
 
+def records_from_proto(request: sync_pb2.PushRequest) -> list[StoredRecord]:
+    """The readings of a request as repository records (events and tombstones are the chain store's)."""
+    return [StoredRecord(request.gateway_id, r.seq, r.prev_hash, r.body)
+            for r in chain_records_from_proto(request) if isinstance(r.body, Reading)]
+
+
+def chain_store_for(repo: ReadingRepository) -> SqliteChainStore:
+    """The chain store beside a repository: the same database (SQLite file), its own tables."""
+    url = getattr(repo, "url", None)
+    if url:
+        return open_chain_store(url)
+    return SqliteChainStore(getattr(repo, "path"))
+
+
 class GatewaySyncService(sync_pb2_grpc.GatewaySyncServicer):
-    def __init__(self, repo: ReadingRepository, clock: Clock) -> None:
+    def __init__(self, repo: ReadingRepository, clock: Clock, chain: SqliteChainStore | None = None,
+                 metrics=None) -> None:
         self.repo, self.clock = repo, clock
+        self.chain = chain if chain is not None else chain_store_for(repo)
+        self.metrics = metrics            # meterlink.metrics.HeadendMetrics or None
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def _lock(self, gateway_id: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(gateway_id, threading.Lock())
 
     def Push(self, request, context):
-        if not request.gateway_id:
+        gw = request.gateway_id
+        if not gw:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "gateway_id is empty")
+        if self.metrics:
+            self.metrics.batches.inc()
         try:
-            records = records_from_proto(request)
-        except (ValueError, TypeError) as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"gateway {request.gateway_id}: {exc}")
-        try:
-            result = self.repo.ingest(request.gateway_id, records, to_ms(self.clock.now()))
-        except MeterlinkError as exc:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        log.info("gateway %s: %d new, %d duplicate, acked seq %d", request.gateway_id,
-                 result.accepted, result.duplicates, result.acked_seq)
-        return sync_pb2.PushAck(acked_seq=result.acked_seq, accepted=result.accepted,
-                                duplicates=result.duplicates)
+            records = chain_records_from_proto(request)
+        except (ValueError, TypeError, EncodingError) as exc:
+            return self._refused(gw, Verdict(Refusal.MALFORMED, f"gateway {gw}: {exc}"))
+        t0 = self.clock.monotonic()
+        with self._lock(gw):
+            for _attempt in range(3):
+                head_seq, head_hash = self.chain.head(gw)
+                try:
+                    verdict = verify_batch(gw, records, bytes(request.head_hash), bytes(request.head_signature),
+                                           self.chain.public_key(gw), head_seq, head_hash,
+                                           lambda seq: self.chain.record_hash(gw, seq))
+                except EncodingError as exc:
+                    verdict = Verdict(Refusal.MALFORMED, f"gateway {gw}: {exc}")
+                if not verdict.accepted:
+                    return self._refused(gw, verdict, head_seq)
+                now_ms = to_ms(self.clock.now())
+                readings = [StoredRecord(gw, r.seq, r.prev_hash, r.body) for r in verdict.new
+                            if isinstance(r.body, Reading)]
+                try:
+                    if readings:
+                        self.repo.ingest(gw, readings, now_ms)
+                    acked = self.chain.commit(gw, head_seq, verdict.new, now_ms)
+                except HeadMoved:
+                    continue      # another replica/request advanced the head: verify again
+                except MeterlinkError as exc:
+                    context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+                break
+            else:
+                context.abort(grpc.StatusCode.ABORTED, f"gateway {gw}: chain head kept moving; retry")
+        if self.metrics:
+            self.metrics.records.inc(len(verdict.new))
+            self.metrics.duplicates.inc(verdict.duplicates)
+            self.metrics.ingest_latency.observe(max(0.0, self.clock.monotonic() - t0))
+        log.info("gateway %s: %d new, %d duplicate, acked seq %d", gw, len(verdict.new), verdict.duplicates, acked)
+        return sync_pb2.PushAck(acked_seq=acked, accepted=len(verdict.new), duplicates=verdict.duplicates)
+
+    def _refused(self, gw: str, verdict: Verdict, head_seq: int | None = None) -> sync_pb2.PushAck:
+        if head_seq is None:
+            head_seq = self.chain.head(gw)[0]
+        log.warning("refused batch: %s (%s)", verdict.detail, verdict.refusal.name)
+        if self.metrics:
+            self.metrics.refusals.labels(reason=verdict.refusal.name).inc()
+        return sync_pb2.PushAck(acked_seq=head_seq, refused=int(verdict.refusal), detail=verdict.detail)
 
 
-def make_server(repo: ReadingRepository, clock: Clock, listen: str, workers: int = 8) -> tuple[grpc.Server, int]:
-    """Build (not start) the gRPC server; returns it and the bound port (listen 'HOST:0' picks one)."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
+def make_server(repo: ReadingRepository, clock: Clock, listen: str, workers: int = 8,
+                chain: SqliteChainStore | None = None, metrics=None,
+                credentials: grpc.ServerCredentials | None = None,
+                interceptors: tuple = ()) -> tuple[grpc.Server, int]:
+    """Build (not start) the gRPC server; returns it and the bound port (listen 'HOST:0' picks one).
+
+    `chain` defaults to the chain store in the repository's database; `credentials` (TLS) makes the
+    port secure, otherwise it is plaintext.
+    """
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=list(interceptors),
                          options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
-    sync_pb2_grpc.add_GatewaySyncServicer_to_server(GatewaySyncService(repo, clock), server)
-    port = server.add_insecure_port(listen)
+    service = GatewaySyncService(repo, clock, chain, metrics)
+    server.sync_service = service  # for callers that need the chain store (tests, CLI)
+    sync_pb2_grpc.add_GatewaySyncServicer_to_server(service, server)
+    port = server.add_secure_port(listen, credentials) if credentials else server.add_insecure_port(listen)
     if port == 0:
         raise MeterlinkError(f"cannot listen on {listen}")
     return server, port

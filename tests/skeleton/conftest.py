@@ -6,7 +6,9 @@ from datetime import datetime, timezone
 
 import pytest
 
+from meterlink.chain import public_bytes
 from meterlink.clock import SimClock
+from meterlink.gateway.sync import load_or_create_key
 from meterlink.gateway.profiles import load_profile
 from meterlink.headend.service import make_server
 from meterlink.headend.store import SqliteReadingRepository
@@ -44,9 +46,17 @@ def tcp_bus(clock, sdm630):
 
 
 @pytest.fixture
-def headend(tmp_path, clock):
+def gateway_key(tmp_path):
+    """The gateway's Ed25519 key where the daemon looks for it (signing.key beside gw.db)."""
+    return load_or_create_key(tmp_path / "signing.key")
+
+
+@pytest.fixture
+def headend(tmp_path, clock, gateway_key):
     repo = SqliteReadingRepository(tmp_path / "headend.db")
     server, port = make_server(repo, clock, "127.0.0.1:0")
+    for gw in ("gw-1", "gw-test"):  # the head-end knows these gateways' public keys
+        server.sync_service.chain.trust(gw, public_bytes(gateway_key), 0)
     server.start()
     yield repo, f"127.0.0.1:{port}"
     server.stop(grace=None)

@@ -18,7 +18,7 @@ from meterlink.gateway.config import load_config
 from meterlink.gateway.journal import Journal
 from meterlink.gateway.sync import Pusher, to_proto
 from meterlink.readings import Reading
-from meterlink.v1 import sync_pb2_grpc
+from meterlink.v1 import sync_pb2, sync_pb2_grpc
 
 from .conftest import START
 
@@ -30,38 +30,43 @@ def readings(n: int, meter="M1"):
     return [Reading(meter, "1.8.0", START + timedelta(minutes=15 * i), 1000 + 7 * i, "Wh") for i in range(n)]
 
 
-def test_re_pushing_the_same_batch_leaves_exactly_one_copy_at_the_headend(tmp_path, headend):
+def test_re_pushing_the_same_batch_leaves_exactly_one_copy_at_the_headend(tmp_path, headend, gateway_key):
     repo, addr = headend
     journal = Journal(tmp_path / "gw.db")
     records = journal.append(readings(10))
     stub = sync_pb2_grpc.GatewaySyncStub(grpc.insecure_channel(addr))
-    first = stub.Push(to_proto("gw-1", records), timeout=5)
-    second = stub.Push(to_proto("gw-1", records), timeout=5)
+    first = stub.Push(to_proto("gw-1", records, gateway_key), timeout=5)
+    second = stub.Push(to_proto("gw-1", records, gateway_key), timeout=5)
     assert (first.accepted, first.duplicates, first.acked_seq) == (10, 0, 10)
     assert (second.accepted, second.duplicates, second.acked_seq) == (0, 10, 10)
     assert [r.value for r in repo.readings("M1")] == [1000 + 7 * i for i in range(10)]
 
 
-def test_the_ack_never_covers_a_gap(tmp_path, headend):
+def test_the_ack_never_covers_a_gap(tmp_path, headend, gateway_key):
+    # protocol change (issue 4): a batch with a gap cannot be verified as a chain, so it is refused whole
     repo, addr = headend
     journal = Journal(tmp_path / "gw.db")
     records = journal.append(readings(6))
     stub = sync_pb2_grpc.GatewaySyncStub(grpc.insecure_channel(addr))
-    ack = stub.Push(to_proto("gw-1", records[:2] + records[3:]), timeout=5)  # seq 3 missing
+    ack = stub.Push(to_proto("gw-1", records[:2] + records[3:], gateway_key), timeout=5)  # seq 3 missing
+    assert ack.acked_seq == 0 and sync_pb2.Refusal.Name(ack.refused) == "REFUSAL_GAP"
+    ack = stub.Push(to_proto("gw-1", records[:2], gateway_key), timeout=5)
     assert ack.acked_seq == 2
-    ack = stub.Push(to_proto("gw-1", records[2:3]), timeout=5)
+    ack = stub.Push(to_proto("gw-1", records[3:], gateway_key), timeout=5)  # after the ack: still a gap
+    assert ack.acked_seq == 2 and sync_pb2.Refusal.Name(ack.refused) == "REFUSAL_GAP"
+    ack = stub.Push(to_proto("gw-1", records[2:], gateway_key), timeout=5)
     assert ack.acked_seq == 6
 
 
-def test_gateway_marks_records_acked_only_after_the_headend_acknowledged(tmp_path, headend):
+def test_gateway_marks_records_acked_only_after_the_headend_acknowledged(tmp_path, headend, gateway_key):
     repo, addr = headend
     journal = Journal(tmp_path / "gw.db")
     journal.append(readings(7))
-    down = Pusher("gw-1", "127.0.0.1:1", journal, timeout_s=0.5)  # nothing listens there
+    down = Pusher("gw-1", "127.0.0.1:1", journal, timeout_s=0.5, key=gateway_key)  # nothing listens there
     with pytest.raises(Exception, match="push to head-end 127.0.0.1:1 failed"):
         down.push_once()
     assert journal.unacked_count() == 7
-    up = Pusher("gw-1", addr, journal, batch=3)
+    up = Pusher("gw-1", addr, journal, batch=3, key=gateway_key)
     assert up.drain() == 7
     assert journal.unacked_count() == 0 and len(repo.readings("M1")) == 7
 

@@ -1,0 +1,142 @@
+"""Per-gateway chain state at the head-end (head, record hashes, events, tombstones, trusted keys); SQL only, no rules.
+
+Lives beside the reading repository (same SQLite file, its own tables, created if missing) so the
+reading contract (headend/store.py) stays as it is: readings go to the repository's idempotent
+`ingest`, then `commit` records the batch's hashes, its non-reading records and the new head in
+one transaction. A crash between the two leaves the head where it was; the gateway re-sends, the
+repository counts the readings as duplicates and the head advances then (exactly once either way).
+
+Tables:
+  gateway_chain_head (gateway_id PK, head_seq, head_hash, updated_at_ms)   -- the ack
+  gateway_chain_hash (gateway_id, seq, hash) PK (gateway_id, seq)          -- every record's hash
+  gateway_event      (gateway_id, seq, kind, meter_id, at_ms, payload, obis, record_hash, received_at_ms)
+                     -- events; a tombstone (pruned run) as kind 'tombstone', at_ms = the run's first seq
+  gateway_key        (gateway_id PK, public_key, trusted_at_ms)             -- Ed25519, raw 32 bytes
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+from meterlink.chain import GENESIS, ChainRecord, Event, Tombstone, hash_of
+from meterlink.clock import to_ms
+from meterlink.errors import ConfigError, MeterlinkError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS gateway_chain_head (
+    gateway_id TEXT PRIMARY KEY, head_seq INTEGER NOT NULL, head_hash BLOB NOT NULL, updated_at_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS gateway_chain_hash (
+    gateway_id TEXT NOT NULL, seq INTEGER NOT NULL, hash BLOB NOT NULL, PRIMARY KEY (gateway_id, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS gateway_event (
+    gateway_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, meter_id TEXT NOT NULL,
+    at_ms INTEGER NOT NULL, payload BLOB NOT NULL, obis TEXT NOT NULL DEFAULT '', record_hash BLOB,
+    received_at_ms INTEGER NOT NULL, PRIMARY KEY (gateway_id, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS gateway_key (
+    gateway_id TEXT PRIMARY KEY, public_key BLOB NOT NULL, trusted_at_ms INTEGER NOT NULL);
+"""
+
+
+class HeadMoved(MeterlinkError):
+    """Another request advanced this gateway's chain head between verification and commit (retry)."""
+
+
+class SqliteChainStore:
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.RLock()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def head(self, gateway_id: str) -> tuple[int, bytes]:
+        """(seq, hash) of the last record held for the gateway; (0, GENESIS) when none."""
+        with self._lock:
+            row = self._db.execute("SELECT head_seq, head_hash FROM gateway_chain_head WHERE gateway_id=?",
+                                   (gateway_id,)).fetchone()
+        return (row[0], bytes(row[1])) if row else (0, GENESIS)
+
+    def record_hash(self, gateway_id: str, seq: int) -> bytes | None:
+        with self._lock:
+            row = self._db.execute("SELECT hash FROM gateway_chain_hash WHERE gateway_id=? AND seq=?",
+                                   (gateway_id, seq)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def commit(self, gateway_id: str, expected_head: int, new: list[ChainRecord], received_at_ms: int) -> int:
+        """Record hashes, events and tombstones of `new` and advance the head, in one transaction -> new head seq.
+
+        Raises HeadMoved when the stored head is no longer `expected_head` (nothing is written).
+        """
+        if not new:
+            return expected_head
+        hashes = [(gateway_id, r.seq, hash_of(r)) for r in new]
+        others = []
+        for r in new:
+            b = r.body
+            if isinstance(b, Event):
+                others.append((gateway_id, r.seq, b.kind, b.meter_id, to_ms(b.at), b.payload, "", None,
+                               received_at_ms))
+            elif isinstance(b, Tombstone):
+                # a pruned run first_seq..seq: meter_id empty, at_ms = first_seq of the run
+                others.append((gateway_id, r.seq, "tombstone", "", b.first_seq, b"", "", b.record_hash,
+                               received_at_ms))
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                row = db.execute("SELECT head_seq FROM gateway_chain_head WHERE gateway_id=?",
+                                 (gateway_id,)).fetchone()
+                if (row[0] if row else 0) != expected_head:
+                    raise HeadMoved(f"gateway {gateway_id}: head moved from {expected_head} to {row[0] if row else 0}")
+                db.executemany("INSERT INTO gateway_chain_hash VALUES (?,?,?)", hashes)
+                if others:
+                    db.executemany("INSERT INTO gateway_event VALUES (?,?,?,?,?,?,?,?,?)", others)
+                db.execute("INSERT INTO gateway_chain_head VALUES (?,?,?,?) ON CONFLICT(gateway_id) DO UPDATE SET "
+                           "head_seq=excluded.head_seq, head_hash=excluded.head_hash, "
+                           "updated_at_ms=excluded.updated_at_ms", (gateway_id, new[-1].seq, hashes[-1][2],
+                                                                    received_at_ms))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return new[-1].seq
+
+    def events(self, gateway_id: str) -> list[tuple[int, str, str, int, bytes, str]]:
+        """(seq, kind, meter_id, at_ms, payload, obis) of the gateway's events and tombstones, by seq."""
+        with self._lock:
+            return [(s, k, m, a, bytes(p), o) for s, k, m, a, p, o in self._db.execute(
+                "SELECT seq, kind, meter_id, at_ms, payload, obis FROM gateway_event WHERE gateway_id=? "
+                "ORDER BY seq", (gateway_id,))]
+
+    def public_key(self, gateway_id: str) -> bytes | None:
+        with self._lock:
+            row = self._db.execute("SELECT public_key FROM gateway_key WHERE gateway_id=?", (gateway_id,)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def trust(self, gateway_id: str, public_key: bytes, at_ms: int) -> None:
+        """Register (or replace) the Ed25519 public key the gateway's chain heads must be signed with."""
+        if len(public_key) != 32:
+            raise ConfigError(f"gateway {gateway_id}: an Ed25519 public key is 32 bytes, got {len(public_key)}")
+        with self._lock:
+            self._db.execute("INSERT INTO gateway_key VALUES (?,?,?) ON CONFLICT(gateway_id) DO UPDATE SET "
+                             "public_key=excluded.public_key, trusted_at_ms=excluded.trusted_at_ms",
+                             (gateway_id, public_key, at_ms))
+
+
+def open_chain_store(database_url: str) -> SqliteChainStore:
+    """The chain store for the head-end database URL: the same SQLite file (PostgreSQL: not yet)."""
+    url = str(database_url)
+    if url.startswith("sqlite:///"):
+        return SqliteChainStore(url[len("sqlite:///"):])
+    if url.startswith("sqlite://"):
+        return SqliteChainStore(url[len("sqlite://"):] or ":memory:")
+    if "://" in url:
+        raise ConfigError(f"database URL {url!r}: the chain store supports sqlite:///PATH only so far")
+    return SqliteChainStore(url)

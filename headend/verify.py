@@ -1,0 +1,120 @@
+"""Head-end verification of a pushed batch: continuity from the stored chain head, hashes, head signature; pure.
+
+Never touches a database or the network: the service passes in the stored head, the gateway's
+registered public key and a lookup for the hash of one already-held record. The result says which
+records are new, how many are identical re-sends, or why the whole batch is refused (the reason
+codes are the proto enum `meterlink.v1.Refusal`, documented in docs/integrity.md).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Callable
+
+from meterlink.chain import GENESIS, ChainRecord, Tombstone, first_seq, hash_of, verify_head
+
+
+class Refusal(enum.IntEnum):
+    """Mirrors `meterlink.v1.Refusal` (same numbers), without the proto prefix."""
+
+    NONE = 0
+    ALTERED = 1
+    REORDERED = 2
+    GAP = 3
+    REPLAY = 4
+    BAD_SIGNATURE = 5
+    UNKNOWN_GATEWAY = 6
+    MALFORMED = 7
+
+
+@dataclass(frozen=True)
+class Verdict:
+    refusal: Refusal
+    detail: str = ""
+    new: list[ChainRecord] = field(default_factory=list)   # records after the stored head, in order
+    duplicates: int = 0                                     # records identical to what is held
+
+    @property
+    def accepted(self) -> bool:
+        return self.refusal is Refusal.NONE
+
+
+def _refuse(reason: Refusal, gateway_id: str, detail: str) -> Verdict:
+    return Verdict(reason, f"gateway {gateway_id}: {detail}")
+
+
+def verify_batch(gateway_id: str, records: list[ChainRecord], head_hash: bytes, signature: bytes,
+                 public_key: bytes | None, stored_seq: int, stored_hash: bytes,
+                 held_hash: Callable[[int], bytes | None]) -> Verdict:
+    """Decide on one batch.
+
+    `stored_seq`/`stored_hash` is the head-end's chain head for the gateway (0/GENESIS when none);
+    `held_hash(seq)` returns the hash of an already-held record (seq <= stored_seq). Checks, in order:
+    known gateway, seq order, links inside the batch, claimed head == last record's hash, signature,
+    tombstones, then continuity with what is held (gap, identical re-send, replay, altered link).
+    """
+    if public_key is None:
+        return _refuse(Refusal.UNKNOWN_GATEWAY, gateway_id, "no public key registered for this gateway")
+    if not records:
+        return Verdict(Refusal.NONE)
+    seqs = [r.seq for r in records]
+    starts = [first_seq(r) for r in records]
+    for i, r in enumerate(records):
+        if starts[i] > seqs[i] or starts[i] < 1:
+            return _refuse(Refusal.MALFORMED, gateway_id, f"seq {seqs[i]}: tombstone run starts at {starts[i]}")
+        if i and starts[i] != seqs[i - 1] + 1:
+            if starts[i] <= seqs[i - 1] or (seqs[i - 1] + 1) in starts[i + 1:]:
+                return _refuse(Refusal.REORDERED, gateway_id,
+                               f"seq {seqs[i]} follows seq {seqs[i - 1]} in the batch")
+            return _refuse(Refusal.GAP, gateway_id, f"seq {seqs[i - 1] + 1} missing before seq {starts[i]}")
+    hashes = [hash_of(r) for r in records]
+    for i in range(1, len(records)):
+        if records[i].prev_hash != hashes[i - 1]:
+            linked_elsewhere = any(r.prev_hash == hashes[i - 1] for r in records) or \
+                records[i].prev_hash in hashes or records[i].prev_hash == stored_hash
+            return _refuse(Refusal.REORDERED if linked_elsewhere else Refusal.ALTERED, gateway_id,
+                           f"seq {seqs[i]} does not link to seq {seqs[i - 1]}"
+                           + (" (records swapped)" if linked_elsewhere else
+                              f": seq {seqs[i - 1]} was altered after it was chained"))
+    last = records[-1]
+    if not signature or not head_hash:
+        return _refuse(Refusal.BAD_SIGNATURE, gateway_id, f"batch up to seq {last.seq} is not signed")
+    if head_hash != hashes[-1]:
+        return _refuse(Refusal.ALTERED, gateway_id,
+                       f"seq {last.seq} does not hash to the signed chain head (content altered)")
+    if not verify_head(public_key, gateway_id, last.seq, head_hash, signature):
+        return _refuse(Refusal.BAD_SIGNATURE, gateway_id,
+                       f"head signature for seq {last.seq} not made by the registered key")
+    first = starts[0]
+    if first > stored_seq + 1:
+        return _refuse(Refusal.GAP, gateway_id, f"seq {stored_seq + 1}..{first - 1} missing (head-end holds up "
+                                                f"to {stored_seq})")
+    if first == stored_seq + 1:
+        if records[0].prev_hash != stored_hash:
+            return _refuse(Refusal.ALTERED, gateway_id, f"seq {first} does not link to held seq {stored_seq} "
+                                                        f"(the gateway's record {stored_seq} differs from the "
+                                                        f"one held)")
+        return Verdict(Refusal.NONE, new=list(records))
+    # The batch overlaps what is held. Its last record at or below the held head must be a record the
+    # head-end holds with the same hash; by the chain, every record before it is then identical too.
+    if seqs[0] <= stored_seq:
+        idx = max(i for i in range(len(records)) if seqs[i] <= stored_seq)
+        held = stored_hash if seqs[idx] == stored_seq else held_hash(seqs[idx])
+        if held != hashes[idx]:
+            return _refuse(Refusal.REPLAY, gateway_id, f"seq {first}..{seqs[idx]} already held with other "
+                                                       f"content (replayed or forked batch)")
+        rest, duplicates = list(records[idx + 1:]), idx + 1
+    else:   # the first record is a tombstone run that starts inside what is held
+        held = GENESIS if first == 1 else held_hash(first - 1)
+        if held != records[0].prev_hash:
+            return _refuse(Refusal.REPLAY, gateway_id, f"seq {first}..{seqs[0]} does not link to held seq "
+                                                       f"{first - 1} (replayed or forked batch)")
+        rest, duplicates = list(records), 0
+    if rest and first_seq(rest[0]) != stored_seq + 1:
+        r = rest[0]
+        if not isinstance(r.body, Tombstone):
+            return _refuse(Refusal.REPLAY, gateway_id, f"seq {r.seq} overlaps held seq {stored_seq}")
+        # a run pruned after part of it was delivered: keep only the part the head-end lacks
+        rest[0] = ChainRecord(r.seq, stored_hash, Tombstone(stored_seq + 1, r.body.record_hash))
+    return Verdict(Refusal.NONE, new=rest, duplicates=duplicates)
