@@ -36,10 +36,17 @@ def cmd_serve(args) -> int:
     cfg = load_config(args.config)
     clock = clock_from_spec(args.clock)
     repo = open_repository(args.database or cfg.database)
-    server, port = make_server(repo, clock, args.listen or cfg.listen)
-    server.start()
+    from .gatewayops import start_secure
+    secure = start_secure(args, args.listen or cfg.listen, repo, clock)   # mutual TLS when [pki] is configured
+    if secure is not None:
+        server, port = secure.server, secure.port
+    else:
+        server, port = make_server(repo, clock, args.listen or cfg.listen)
+        server.start()
     host = (args.listen or cfg.listen).rpartition(":")[0]
     print(f"{host}:{port}", flush=True)
+    if secure is not None:
+        print(f"enrol {secure.enrol_port} ca-sha256 {secure.keys.ca_fingerprint}", flush=True)
     logging.getLogger("meterlink.headend").info("head-end listening on %s:%d, database %s", host, port,
                                                 args.database or cfg.database)
     stop = threading.Event()
@@ -49,6 +56,9 @@ def cmd_serve(args) -> int:
     except KeyboardInterrupt:
         pass
     server.stop(grace=2).wait()
+    if secure is not None:
+        secure.enrol_server.stop(None)
+        secure.registry.close()
     repo.close()
     return 0
 
@@ -57,6 +67,26 @@ def _database(args) -> str:
     if args.database:
         return args.database
     return load_config(args.config).database
+
+
+def cmd_migrate(args) -> int:
+    """Bring the database to this build's schema version (--check: only report; exit 1 if pending)."""
+    repo = open_repository(_database(args), migrate=False)
+    try:
+        if args.check:
+            pending = repo.pending_migrations()
+            for m in pending:
+                print(f"pending {m.label}")
+            print(f"{repo.url}: schema version {repo.schema_version()}, {len(pending)} pending")
+            return 1 if pending else 0
+        applied = repo.migrate()
+        for m in applied:
+            print(f"applied {m.label} ({m.checksum})")
+        print(f"{repo.url}: schema version {repo.schema_version()}"
+              + ("" if applied else " (already up to date)"))
+        return 0
+    finally:
+        repo.close()
 
 
 def cmd_readings(args) -> int:
@@ -238,9 +268,18 @@ def build_parser() -> argparse.ArgumentParser:
                            epilog="example: meterlink-headend serve --config headend.toml --listen 127.0.0.1:50051")
     serve.add_argument("--config", default="headend.toml", help="config file (default headend.toml)")
     serve.add_argument("--listen", help="HOST:PORT, overrides the config (port 0 picks a free one)")
-    serve.add_argument("--database", help="sqlite:///PATH, overrides the config")
+    serve.add_argument("--database", help="sqlite:///PATH or postgresql://USER@HOST:PORT/DBNAME, overrides the "
+                       "config (PostgreSQL: run `migrate` first)")
     serve.add_argument("--clock", default="system", help="system | sim:ISO | scaled:ISO,SPEED[,ANCHOR_UNIX]")
+    serve.add_argument("--pki-dir", help="serve mutual TLS with the head-end CA in this directory (or [pki] dir)")
+    serve.add_argument("--enrol-listen", help="HOST:PORT of the server-TLS enrolment port, overrides [pki]")
     serve.set_defaults(func=cmd_serve)
+    mg = sub.add_parser("migrate", help="apply pending schema migrations (versioned, checksummed, one transaction)",
+                        epilog="example: meterlink-headend migrate --database postgresql://postgres@127.0.0.1:5432/meterlink")
+    mg.add_argument("--config", default="headend.toml", help="config file (default headend.toml)")
+    mg.add_argument("--database", help="sqlite:///PATH or postgresql://USER@HOST:PORT/DBNAME, overrides the config")
+    mg.add_argument("--check", action="store_true", help="only list pending migrations; exit 1 if there are any")
+    mg.set_defaults(func=cmd_migrate)
     rd = sub.add_parser("readings", help="list the readings held for a meter",
                         epilog="example: meterlink-headend readings --meter MTR-0001 --json")
     rd.add_argument("--meter", required=True, help="meter id")
@@ -252,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     from . import cli_sources
     cli_sources.register(sub)
     _register_payg(sub)
+    from .gatewayops import add_gateways_parser
+    add_gateways_parser(sub)
     return parser
 
 
