@@ -1,0 +1,417 @@
+"""Gateway PAYG shell: prices each meter reading with the pulled tariff, applies grants, tokens and card top-ups through the pure core, switches the meter's relay coil and publishes CRM events; all decisions are `credit`/`tokens`'.
+
+One `PaygMeter` per PAYG meter. It owns:
+
+* the `AccountState` and the token `ReplayWindow`, persisted after every change in a small JSON
+  file (atomic replace), so a reboot resumes where it stopped;
+* a `RelaySwitch` on the meter's Modbus relay coil (FC05 write single coil, FC01 read-back);
+* a `publish(topic, payload_bytes)` callable for CRM events (`MqttPublisher` or a test list).
+
+On `boot` the meter's relay is READ first and credit is re-evaluated (`credit.reevaluate`) at
+the current instant before anything is switched; the relay is commanded only if the decision
+differs from what the meter reports.
+
+Relay commands carry a unique command id (``{meter}-{seq:06d}-{open|close}``, `seq` persisted)
+that is logged, published and journaled with the Disconnected/Reconnected event. The coil write
+is an absolute position, so a retry is always safe: each attempt reads the coil back first and
+stops as soon as the meter reports the commanded position (a lost answer to a write that did
+happen costs one read, never a second switch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, replace
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Callable
+
+from meterlink import modbus
+from meterlink.clock import Clock, parse_instant, utc
+from meterlink.errors import DeviceError, ProtocolError, ValidationError
+
+from . import credit as C
+from . import tokens as T
+from .friendly import FriendlyConfig
+from .profiles import decode
+
+log = logging.getLogger("meterlink.gateway.payg")
+
+Publish = Callable[[str, bytes], None]
+CRM_TOPIC_PREFIX = "meterlink/v1/crm"
+
+# credit-core event -> CRM event kind (documented in docs/payg.md)
+CRM_KINDS: dict[type, str] = {
+    C.LowBalance: "low_balance",
+    C.EmergencyCreditTaken: "emergency_credit_taken",
+    C.EmergencyCreditExhausted: "emergency_credit_exhausted",
+    C.Disconnected: "disconnected",
+    C.Reconnected: "reconnected",
+    C.OverUsage: "over_usage",
+    C.FriendlyPeriodWarning: "friendly_credit_warning",
+}
+
+
+# --------------------------------------------------------------------------- pricing
+
+def price_from_tariff(tariff, vat_rate: Decimal | int | str = 0) -> C.PriceFn:
+    """Gross minor units per kWh at an instant from a `meterlink.headend.tariff.Tariff`: the band
+    rate in force at the instant's local time, plus VAT. Tiers are not applied offline."""
+    factor = 1 + Decimal(vat_rate)
+
+    def price(at: datetime) -> Decimal:
+        return tariff.band_at(utc(at).astimezone(tariff.zone)).rate * factor
+
+    return price
+
+
+# --------------------------------------------------------------------------- CRM events
+
+@dataclass(frozen=True)
+class CrmRecord:
+    topic: str
+    payload: dict
+
+    def encode(self) -> bytes:
+        return json.dumps(self.payload, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _jsonable(value):
+    if isinstance(value, datetime):
+        return utc(value).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    if isinstance(value, Decimal):
+        return str(value)
+    return value
+
+
+def crm_record(event: C.CreditEvent, gateway_id: str, *, command_id: str | None = None) -> CrmRecord | None:
+    """The CRM record of a credit-core event, or None if the CRM does not want it.
+
+    Topic ``meterlink/v1/crm/{kind}/{account}``; payload: ``event_id`` (stable hash, for
+    de-duplication of re-publications), ``kind``, ``account``, ``gateway``, ``at`` (UTC, ms) and
+    the event's own fields. A refused top-up is only published when the card was blacklisted."""
+    kind = CRM_KINDS.get(type(event))
+    if kind is None and isinstance(event, C.TopUpRefused) and event.reason == "blacklisted":
+        kind = "blacklisted_card_attempt"
+    if kind is None:
+        return None
+    fields = {f.name: _jsonable(getattr(event, f.name)) for f in dataclasses.fields(event)
+              if f.name not in ("account", "at")}
+    if kind == "blacklisted_card_attempt":
+        fields["card_id"] = event.reference.split(":")[1] if event.reference.startswith("card:") else None
+        fields["channel"] = "gateway_offline"
+    if command_id is not None:
+        fields["command_id"] = command_id
+    at = _jsonable(event.at)
+    event_id = hashlib.sha256(json.dumps([kind, event.account, at, fields], sort_keys=True).encode()).hexdigest()[:32]
+    payload = {"event_id": event_id, "kind": kind, "account": event.account, "gateway": gateway_id, "at": at,
+               **fields}
+    return CrmRecord(f"{CRM_TOPIC_PREFIX}/{kind}/{event.account}", payload)
+
+
+class MqttPublisher:
+    """Publishes CRM records to an MQTT broker (paho-mqtt, QoS 1, waits for the broker's ack)."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 1883, client_id: str = "", timeout: float = 5.0) -> None:
+        import paho.mqtt.client as mqtt
+        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
+        self.timeout = timeout
+        try:
+            self._client.connect(host, port, keepalive=30)
+        except OSError as exc:
+            raise DeviceError(f"MQTT broker {host}:{port}: {exc}") from None
+        self._client.loop_start()
+
+    def __call__(self, topic: str, payload: bytes) -> None:
+        info = self._client.publish(topic, payload, qos=1)
+        info.wait_for_publish(self.timeout)
+        if not info.is_published():
+            raise DeviceError(f"MQTT publish to {topic} not acknowledged within {self.timeout:g} s")
+
+    def close(self) -> None:
+        self._client.loop_stop()
+        self._client.disconnect()
+
+
+# --------------------------------------------------------------------------- relay
+
+@dataclass(frozen=True)
+class RelayOutcome:
+    command_id: str
+    position: str
+    attempts: int
+    writes: int
+
+
+class RelaySwitch:
+    """The meter's supply relay on one Modbus coil (1 = closed/connected, 0 = open)."""
+
+    def __init__(self, master, unit: int, coil: int, *, meter_id: str = "", attempts: int = 3) -> None:
+        self.master, self.unit, self.coil, self.attempts = master, unit, coil, attempts
+        self.meter_id = meter_id or f"unit {unit}"
+
+    def read(self) -> str:
+        bits = self.master.execute(modbus.Request(self.unit, modbus.READ_COILS, self.coil, 1))
+        return "closed" if bits[0] else "open"
+
+    def command(self, position: str, command_id: str) -> RelayOutcome:
+        """Bring the relay to `position` and confirm it by reading back; retried safely."""
+        if position not in ("closed", "open"):
+            raise ValidationError(f"meter {self.meter_id}: relay position {position!r}")
+        value = 0xFF00 if position == "closed" else 0x0000
+        writes, last_error = 0, None
+        for attempt in range(1, self.attempts + 1):
+            try:
+                if self.read() == position:
+                    log.info("meter %s relay command %s: %s confirmed (attempt %d, %d write(s))",
+                             self.meter_id, command_id, position, attempt, writes)
+                    return RelayOutcome(command_id, position, attempt, writes)
+                writes += 1
+                self.master.execute(modbus.Request(self.unit, modbus.WRITE_SINGLE_COIL, self.coil, value=value))
+                if self.read() == position:
+                    log.info("meter %s relay command %s: %s confirmed (attempt %d, %d write(s))",
+                             self.meter_id, command_id, position, attempt, writes)
+                    return RelayOutcome(command_id, position, attempt, writes)
+                last_error = DeviceError(f"read-back after write shows the relay not {position}")
+            except (DeviceError, ProtocolError) as exc:
+                last_error = exc
+                log.warning("meter %s relay command %s attempt %d: %s", self.meter_id, command_id, attempt, exc)
+        raise DeviceError(f"meter {self.meter_id} relay coil {self.coil}: command {command_id} ({position}) "
+                          f"not confirmed after {self.attempts} attempts: {last_error}")
+
+
+def read_import_wh(master, unit: int, profile, obis: str = "1.8.0") -> int:
+    """The meter's cumulative import register (Wh) in one Modbus read, decoded by its profile."""
+    q = profile.quantity(obis)
+    words = master.execute(modbus.read_request(unit, q.function, q.address, q.count))
+    value = decode(q, words)
+    if value is None:
+        raise DeviceError(f"unit {unit}: register {obis} at {q.address:#06x} holds no value")
+    return value
+
+
+# --------------------------------------------------------------------------- persisted state
+
+_DT_FIELDS = {"at", "grant_valid_until", "friendly_warning_until"}
+_DEC_FIELDS = {"time_recovery_residue", "charge_residue"}
+
+
+def state_to_json(state: C.AccountState) -> dict:
+    out = {}
+    for f in dataclasses.fields(state):
+        if f.name == "cfg":
+            continue
+        out[f.name] = _jsonable(getattr(state, f.name))
+    return out
+
+
+def state_from_json(data: dict, cfg: C.PrepaymentConfig) -> C.AccountState:
+    known = {f.name for f in dataclasses.fields(C.AccountState)} - {"cfg"}
+    kw = {}
+    for k, v in data.items():
+        if k not in known:
+            raise ValidationError(f"PAYG state: unknown field {k!r}")
+        if k in _DT_FIELDS and v is not None:
+            v = parse_instant(v)
+        elif k in _DEC_FIELDS:
+            v = Decimal(v)
+        kw[k] = v
+    return C.AccountState(cfg=cfg, **kw)
+
+
+def _atomic_write(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, sort_keys=True, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------- the shell
+
+class PaygMeter:
+    """One PAYG meter at the gateway (imperative shell over `credit` and `tokens`)."""
+
+    def __init__(self, meter_id: str, relay: RelaySwitch, clock: Clock, *, cfg: C.PrepaymentConfig,
+                 friendly: FriendlyConfig | None, price: C.Price, head_end_key: T.PublicKey,
+                 state_path: str | Path | None = None, publish: Publish | None = None,
+                 gateway_id: str = "gateway") -> None:
+        self.meter_id, self.relay, self.clock = meter_id, relay, clock
+        self.cfg, self.friendly, self.price, self.head_end_key = cfg, friendly, price, head_end_key
+        self.state_path = Path(state_path) if state_path else None
+        self.publish, self.gateway_id = publish, gateway_id
+        self.state = C.AccountState(account=meter_id, cfg=cfg)
+        self.window = T.ReplayWindow()
+        self.last_import_wh: int | None = None
+        self.command_seq = 0
+        self.card_list: T.CardList | None = None
+        self.blacklist: T.Blacklist | None = None
+        self.journal: list[tuple[C.CreditEvent, str | None]] = []   # (event, relay command id)
+        self.unpublished: list[CrmRecord] = []
+        self._load()
+
+    # ---------------------------------------------------------------- persistence
+
+    def _load(self) -> None:
+        if self.state_path is None or not self.state_path.exists():
+            return
+        data = json.loads(self.state_path.read_text())
+        self.state = state_from_json(data["state"], self.cfg)
+        self.window = T.ReplayWindow(data["window"]["floor"], frozenset(data["window"]["seen"]),
+                                     data["window"]["size"])
+        self.last_import_wh = data["last_import_wh"]
+        self.command_seq = data["command_seq"]
+
+    def _save(self) -> None:
+        if self.state_path is None:
+            return
+        _atomic_write(self.state_path, {
+            "meter": self.meter_id, "state": state_to_json(self.state),
+            "window": {"floor": self.window.floor, "seen": sorted(self.window.seen), "size": self.window.size},
+            "last_import_wh": self.last_import_wh, "command_seq": self.command_seq})
+
+    # ---------------------------------------------------------------- events
+
+    def _emit(self, events, command_id: str | None = None) -> None:
+        for e in events:
+            cid = command_id if isinstance(e, (C.Disconnected, C.Reconnected)) else None
+            self.journal.append((e, cid))
+            rec = crm_record(e, self.gateway_id, command_id=cid)
+            if rec is not None:
+                self.unpublished.append(rec)
+        self.flush_events()
+
+    def flush_events(self) -> int:
+        """Publish pending CRM records in order; those that fail stay queued for the next call."""
+        sent = 0
+        while self.unpublished and self.publish is not None:
+            rec = self.unpublished[0]
+            try:
+                self.publish(rec.topic, rec.encode())
+            except (DeviceError, OSError) as exc:
+                log.warning("meter %s: CRM event %s not published yet: %s", self.meter_id, rec.payload["kind"], exc)
+                break
+            self.unpublished.pop(0)
+            sent += 1
+        return sent
+
+    # ---------------------------------------------------------------- decisions
+
+    def _enforce(self, decision: C.Decision) -> C.Decision:
+        """Switch the relay if the decision says so; keep the old position if the meter cannot be reached."""
+        command_id = None
+        if decision.switch:
+            self.command_seq += 1
+            command_id = f"{self.meter_id}-{self.command_seq:06d}-{'close' if decision.relay == 'closed' else 'open'}"
+            try:
+                self.relay.command(decision.relay, command_id)
+            except (DeviceError, ProtocolError) as exc:
+                log.error("meter %s: relay command %s failed, will retry at the next evaluation: %s",
+                          self.meter_id, command_id, exc)
+                self.state = replace(decision.state, relay=self.state.relay)
+                self._emit([e for e in decision.events if not isinstance(e, (C.Disconnected, C.Reconnected))])
+                self._save()
+                return decision
+        self.state = decision.state
+        self._emit(decision.events, command_id)
+        self._save()
+        return decision
+
+    def boot(self, import_wh: int | None = None) -> C.Decision:
+        """Read the relay, re-evaluate credit at the current instant, and only then switch (if needed)."""
+        now = self.clock.now()
+        read_back = self.relay.read()
+        if import_wh is not None and self.last_import_wh is not None:
+            self._charge(import_wh, now)
+        elif import_wh is not None:
+            self.last_import_wh = import_wh
+        log.info("meter %s boot: relay reads %s, credit %d, available %d", self.meter_id, read_back,
+                 self.state.credit_balance, self.state.available_credit)
+        return self._enforce(C.reevaluate(self.state, self.friendly, now, relay_read_back=read_back))
+
+    def _charge(self, import_wh: int, now: datetime) -> None:
+        if self.last_import_wh is None:
+            self.last_import_wh = import_wh
+            return
+        delta = import_wh - self.last_import_wh
+        if delta < 0:
+            raise ValidationError(f"meter {self.meter_id}: import register went back from "
+                                  f"{self.last_import_wh} to {import_wh} Wh (meter exchange or reset?)")
+        self.state, events = C.charge(self.state, delta, self.price, now)
+        self.last_import_wh = import_wh
+        self._emit(events)
+
+    def on_reading(self, import_wh: int) -> C.Decision:
+        """A new 1.8.0 import register value (Wh): charge the consumption since the last one, then decide."""
+        now = self.clock.now()
+        self._charge(import_wh, now)
+        return self.evaluate()
+
+    def evaluate(self) -> C.Decision:
+        return self._enforce(C.decide_supply(self.state, self.friendly, self.clock.now()))
+
+    def _then_decide(self, new_state: C.AccountState, events) -> list[C.CreditEvent]:
+        self.state = new_state
+        self._emit(events)
+        decision = self.evaluate()
+        return list(events) + list(decision.events)
+
+    def apply_grant(self, grant: C.Grant) -> list[C.CreditEvent]:
+        return self._then_decide(*C.apply_grant(self.state, grant, self.clock.now()))
+
+    def enter_token(self, text: str) -> list[C.CreditEvent]:
+        """A top-up token typed in or received: verified, applied once, then the supply re-evaluated."""
+        token = T.TopUpToken.decode(text)
+        state, self.window, events = T.apply_token(self.state, self.window, token, self.head_end_key,
+                                                   self.clock.now())
+        for e in events:
+            if isinstance(e, C.TopUpRefused):
+                log.warning("meter %s: top-up token %s refused: %s", self.meter_id, e.reference, e.reason)
+        return self._then_decide(state, events)
+
+    def set_card_lists(self, card_list: T.CardList, blacklist: T.Blacklist) -> None:
+        """Install the signed card list and blacklist pulled at the last sync (kept only if they verify
+        and are not older than the ones held)."""
+        if not T.verify_ed25519(self.head_end_key, blacklist.signing_bytes(), blacklist.signature):
+            raise ValidationError(f"meter {self.meter_id}: blacklist version {blacklist.version} is not signed "
+                                  f"by the head-end")
+        if not T.verify_ed25519(self.head_end_key, card_list.signing_bytes(), card_list.signature):
+            raise ValidationError(f"meter {self.meter_id}: card list version {card_list.version} is not signed "
+                                  f"by the head-end")
+        if self.blacklist is None or blacklist.version >= self.blacklist.version:
+            self.blacklist = blacklist
+        if self.card_list is None or card_list.version >= self.card_list.version:
+            self.card_list = card_list
+
+    def card_topup(self, topup: T.CardTopUp, expected_nonce: bytes | None) -> list[C.CreditEvent]:
+        """Offline card top-up against the last signed card list and blacklist."""
+        if self.card_list is None or self.blacklist is None:
+            ev = C.TopUpRefused(account=self.meter_id, at=self.clock.now(), reference=topup.reference,
+                                amount_minor=topup.challenge.amount_minor, reason="card_list_unverified")
+            self._emit([ev])
+            return [ev]
+        state, events = T.card_topup(self.state, topup, expected_nonce, self.card_list, self.blacklist,
+                                     self.head_end_key, self.clock.now())
+        return self._then_decide(state, events)
+
+    def accept_emergency_credit(self) -> list[C.CreditEvent]:
+        return self._then_decide(*C.accept_emergency_credit(self.state, self.clock.now()))
+
+    def confirm_reconnect(self) -> list[C.CreditEvent]:
+        return self._then_decide(*C.confirm_reconnect(self.state, self.clock.now()))
+
+
+__all__ = ["CRM_KINDS", "CRM_TOPIC_PREFIX", "CrmRecord", "MqttPublisher", "PaygMeter", "RelayOutcome", "RelaySwitch",
+           "crm_record", "price_from_tariff", "read_import_wh", "state_from_json", "state_to_json"]
