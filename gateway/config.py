@@ -42,6 +42,16 @@ class MqttConfig:
 
 
 @dataclass(frozen=True)
+class P1Config:
+    """A DSMR P1 port: the meter sends, the gateway listens (gateway/p1.py)."""
+
+    port: str
+    version: str = "5"                 # 2.2 | 4 | 5: sets the serial line
+    meter_id: str | None = None        # None: the equipment identifier in the telegram
+    gas_meter_id: str | None = None    # M-Bus channel 1; None: its equipment identifier
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     id: str
     database: str
@@ -51,11 +61,12 @@ class GatewayConfig:
     buses: tuple[BusConfig, ...] = field(default_factory=tuple)
     path: str = ""
     mqtt: MqttConfig | None = None
+    p1: tuple[P1Config, ...] = ()
 
 
 def load_config(path: str) -> GatewayConfig:
     root = load_section(path)
-    root.check_known({"gateway", "headend", "bus", "mqtt"})
+    root.check_known({"gateway", "headend", "bus", "mqtt", "p1"})
     gw = root.section("gateway")
     gw.check_known({"id", "database", "poll_interval_s", "push_batch"})
     interval = gw.get("poll_interval_s", int, 900)
@@ -127,10 +138,11 @@ def load_config(path: str) -> GatewayConfig:
         if qsize <= 0:
             raise mq.error("queue_size", "must be positive")
         mqtt = MqttConfig(host=mq.get("host", str, "127.0.0.1"), port=mport, topic_prefix=prefix, queue_size=qsize)
+    p1 = _load_p1(root, seen, ports)
     config = GatewayConfig(id=gw.get("id", str), database=gw.get("database", str, "var/gateway.db"),
                            poll_interval_s=interval, headend=he.get("address", str, None),
                            push_batch=gw.get("push_batch", int, 5000), buses=tuple(buses), path=path,
-                           mqtt=mqtt)
+                           mqtt=mqtt, p1=p1)
     _check_bus_plans(config, root)
     return config
 
@@ -143,3 +155,27 @@ def _check_bus_plans(config: GatewayConfig, root) -> None:
         return
     for bus in config.buses:
         check_bus(bus, config.poll_interval_s, path=config.path)
+
+def _load_p1(root, seen: dict[str, str], ports: set[str]) -> tuple[P1Config, ...]:
+    """[[p1]] tables: port, version (2.2, 4, 5), optional meter_id and gas_meter_id."""
+    from meterlink.gateway.dsmr import VERSIONS
+    out = []
+    for p in root.sections("p1"):
+        p.check_known({"port", "version", "meter_id", "gas_meter_id"})
+        port = p.get("port", str)
+        if port in ports or port.startswith("tcp://"):
+            raise p.error("port", f"port {port!r} is already a bus or not a serial P1 port")
+        ports.add(port)
+        version = str(p.get("version", (str, int, float), "5"))
+        if version not in VERSIONS:
+            raise p.error("version", f"DSMR version {version!r} unknown (use {', '.join(VERSIONS)})")
+        ids = {}
+        for key in ("meter_id", "gas_meter_id"):
+            mid = p.get(key, str, None)
+            if mid is not None and mid in seen:
+                raise p.error(key, f"meter id {mid!r} is configured twice")
+            if mid is not None:
+                seen[mid] = mid
+            ids[key] = mid
+        out.append(P1Config(port=port, version=version, **ids))
+    return tuple(out)
