@@ -182,3 +182,61 @@ def secure_channel(address: str, identity: GatewayIdentity, server_name: str | N
     if server_name:
         options.append(("grpc.ssl_target_name_override", server_name))
     return grpc.secure_channel(address, channel_credentials(identity), options=options)
+
+
+def headend_channel(config) -> grpc.Channel | None:
+    """The mutual-TLS channel a GatewayConfig asks for (``[headend] pki_dir``), or None for plaintext."""
+    pki_dir = getattr(config, "headend_pki_dir", None)
+    if not pki_dir or not config.headend:
+        return None
+    return secure_channel(config.headend, load_identity(pki_dir), getattr(config, "headend_server_name", None))
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+def cmd_enroll(args) -> int:
+    identity = enroll(args.headend, args.code, args.state_dir, ca_fingerprint=args.ca_fingerprint,
+                      server_name=args.server_name)
+    meta = json.loads((identity.state_dir / "identity.json").read_text())
+    if not args.ca_fingerprint:
+        print(f"WARNING: no --ca-fingerprint given: trusted the head-end CA on first use; compare "
+              f"{meta['ca_fingerprint']} with `meterlink-headend gateways add` output", flush=True)
+    cert = pki.load_cert(identity.cert_pem)
+    print(f"enrolled as gateway {identity.name}: certificate serial {cert.serial_number:x}, valid until "
+          f"{cert.not_valid_after_utc.isoformat().replace('+00:00', 'Z')}; signing key "
+          f"{pki.key_id(identity.signing_public)}; state in {identity.state_dir}")
+    return 0
+
+
+def cmd_pull_config(args) -> int:
+    from .configpull import ConfigPuller
+    identity = load_identity(args.state_dir)
+    channel = secure_channel(args.headend, identity, args.server_name)
+    try:
+        state = ConfigPuller.for_identity(channel, identity).pull_once()
+    finally:
+        channel.close()
+    print(json.dumps({"gateway": identity.name, "version": state.version, "meters": list(state.meters),
+                      "tariffs": sorted(state.tariffs), "blacklist": list(state.blacklist)}))
+    return 0
+
+
+def add_parsers(sub) -> None:
+    """Register `enroll` and `pull-config` on the gateway CLI's subparsers."""
+    en = sub.add_parser("enroll", help="make this device's keys and get a client certificate from the head-end",
+                        epilog="example: meterlink-gateway enroll --headend headend.example:50052 --code "
+                               "K7QM-2XWD-9PLA-4TRE-HN3C --ca-fingerprint 5f3c...e1 --state-dir /var/lib/meterlink/pki")
+    en.add_argument("--headend", required=True, help="HOST:PORT of the head-end's enrolment port")
+    en.add_argument("--code", required=True, help="one-time code from `meterlink-headend gateways add`")
+    en.add_argument("--ca-fingerprint", help="SHA-256 of the head-end CA, as printed by `gateways add` "
+                                             "(without it the CA is trusted on first use)")
+    en.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help=f"keys and certificates (default {DEFAULT_STATE_DIR})")
+    en.add_argument("--server-name", help="name to check in the head-end certificate instead of HOST")
+    en.set_defaults(func=cmd_enroll)
+    pc = sub.add_parser("pull-config", help="pull, verify and apply the head-end's signed configuration delta",
+                        epilog="example: meterlink-gateway pull-config --headend headend.example:50051 "
+                               "--state-dir /var/lib/meterlink/pki")
+    pc.add_argument("--headend", required=True, help="HOST:PORT of the head-end's mutual-TLS port")
+    pc.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help=f"enrolled identity (default {DEFAULT_STATE_DIR})")
+    pc.add_argument("--server-name", help="name to check in the head-end certificate instead of HOST")
+    pc.set_defaults(func=cmd_pull_config)

@@ -1,0 +1,83 @@
+"""The operator's path end to end: `serve` with [pki], `gateways add`, `meterlink-gateway enroll`, `pull-config`, `gateways revoke`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from meterlink.gateway.cli import main as gateway_main
+from meterlink.gateway.config import load_config as load_gateway_config
+from meterlink.headend.cli import main as headend_main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def served(tmp_path):
+    cfg = tmp_path / "headend.toml"
+    cfg.write_text(f'[headend]\nlisten = "127.0.0.1:0"\ndatabase = "sqlite:///{tmp_path}/headend.db"\n\n'
+                   f'[pki]\ndir = "{tmp_path}/pki"\nenrol_listen = "127.0.0.1:0"\n'
+                   f'server_names = ["localhost", "127.0.0.1"]\n')
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "meterlink.headend.cli", "serve", "--config", str(cfg)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    try:
+        main_addr = proc.stdout.readline().strip()
+        enrol_line = proc.stdout.readline().split()
+        assert main_addr and enrol_line[0] == "enrol", proc.stderr.read() if proc.poll() is not None else main_addr
+        yield cfg, main_addr, f"127.0.0.1:{enrol_line[1]}", enrol_line[3]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def run(main, argv, capsys) -> tuple[int, str, str]:
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_operator_enrols_a_gateway_which_then_pulls_its_config_until_revoked(served, tmp_path, capsys):
+    cfg, addr, enrol_addr, served_fp = served
+    rc, out, _ = run(headend_main, ["gateways", "add", "gw-0001", "--meter", "MTR-0001", "--config", str(cfg),
+                                    "--json"], capsys)
+    added = json.loads(out)
+    assert rc == 0 and added["ca_fingerprint"] == served_fp
+    state = tmp_path / "gw-pki"
+    rc, out, _ = run(gateway_main, ["enroll", "--headend", enrol_addr, "--code", added["code"],
+                                    "--ca-fingerprint", added["ca_fingerprint"], "--state-dir", str(state)], capsys)
+    assert rc == 0 and "enrolled as gateway gw-0001" in out
+    rc, out, _ = run(gateway_main, ["pull-config", "--headend", addr, "--state-dir", str(state)], capsys)
+    assert rc == 0 and json.loads(out)["meters"] == ["MTR-0001"]
+    rc, out, _ = run(headend_main, ["gateways", "list", "--config", str(cfg), "--json"], capsys)
+    assert json.loads(out)[0]["status"] == "enrolled"
+    assert run(headend_main, ["gateways", "revoke", "gw-0001", "--config", str(cfg)], capsys)[0] == 0
+    rc, _, err = run(gateway_main, ["pull-config", "--headend", addr, "--state-dir", str(state)], capsys)
+    assert rc == 2 and "PERMISSION_DENIED" in err and "ACCESS_REFUSAL_GATEWAY_REVOKED" in err
+
+
+def test_a_reused_code_fails_with_a_clear_message_and_exit_status_2(served, tmp_path, capsys):
+    cfg, addr, enrol_addr, fp = served
+    code = json.loads(run(headend_main, ["gateways", "add", "gw-0002", "--config", str(cfg), "--json"], capsys)[1])["code"]
+    assert run(gateway_main, ["enroll", "--headend", enrol_addr, "--code", code, "--ca-fingerprint", fp,
+                              "--state-dir", str(tmp_path / "a")], capsys)[0] == 0
+    rc, _, err = run(gateway_main, ["enroll", "--headend", enrol_addr, "--code", code, "--ca-fingerprint", fp,
+                                    "--state-dir", str(tmp_path / "b")], capsys)
+    assert rc == 2 and "was already used" in err
+
+
+def test_gateway_config_names_its_enrolled_identity_for_mutual_tls(tmp_path):
+    path = tmp_path / "gateway.toml"
+    path.write_text('[gateway]\nid = "gw-0001"\n\n[headend]\naddress = "127.0.0.1:50051"\n'
+                    'pki_dir = "/var/lib/meterlink/pki"\nserver_name = "headend.example"\n')
+    cfg = load_gateway_config(str(path))
+    assert cfg.headend_pki_dir == "/var/lib/meterlink/pki" and cfg.headend_server_name == "headend.example"
