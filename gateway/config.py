@@ -62,6 +62,8 @@ class GatewayConfig:
     path: str = ""
     mqtt: MqttConfig | None = None
     p1: tuple[P1Config, ...] = ()
+    headend_pki_dir: str | None = None      # [headend] pki_dir: enrolled identity -> mutual TLS (gateway/enrol.py)
+    headend_server_name: str | None = None  # [headend] server_name: name checked in the head-end certificate
 
 
 def load_config(path: str) -> GatewayConfig:
@@ -73,7 +75,7 @@ def load_config(path: str) -> GatewayConfig:
     if interval <= 0:
         raise gw.error("poll_interval_s", "must be a positive number of seconds")
     he = root.section("headend", required=False)
-    he.check_known({"address"})
+    he.check_known({"address", "pki_dir", "server_name"})
     buses = []
     seen: dict[str, str] = {}
     ports: set[str] = set()
@@ -142,7 +144,8 @@ def load_config(path: str) -> GatewayConfig:
     config = GatewayConfig(id=gw.get("id", str), database=gw.get("database", str, "var/gateway.db"),
                            poll_interval_s=interval, headend=he.get("address", str, None),
                            push_batch=gw.get("push_batch", int, 5000), buses=tuple(buses), path=path,
-                           mqtt=mqtt, p1=p1)
+                           mqtt=mqtt, p1=p1, headend_pki_dir=he.get("pki_dir", str, None),
+                           headend_server_name=he.get("server_name", str, None))
     _check_bus_plans(config, root)
     return config
 
@@ -155,6 +158,7 @@ def _check_bus_plans(config: GatewayConfig, root) -> None:
         return
     for bus in config.buses:
         check_bus(bus, config.poll_interval_s, path=config.path)
+
 
 def _load_p1(root, seen: dict[str, str], ports: set[str]) -> tuple[P1Config, ...]:
     """[[p1]] tables: port, version (2.2, 4, 5), optional meter_id and gas_meter_id."""

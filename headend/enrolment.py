@@ -14,7 +14,7 @@ from typing import Callable
 import grpc
 
 from meterlink import pki
-from meterlink.clock import Clock, to_ms
+from meterlink.clock import Clock
 from meterlink.errors import MeterlinkError
 from meterlink.v1 import config_pb2_grpc, enrol_pb2, enrol_pb2_grpc
 
@@ -110,24 +110,16 @@ def make_secure_servers(repo, clock: Clock, keys: pki.HeadendPki, registry: Gate
                         enrol_listen: str, metrics=None, chain=None) -> SecureHeadend:
     """Mutual-TLS sync + config server guarded by the registry, and the enrolment server beside it.
 
-    Each gateway's enrolled Ed25519 key is handed to the chain store (`trust`) at enrolment and
-    again at start-up for every enrolled, unrevoked gateway, so chain heads verify against it.
+    Chain heads are verified against the Ed25519 key each gateway enrolled with
+    (`GatewayRegistry.signing_public_key`), so enrolment is all it takes to trust a gateway's key.
     """
     from .service import make_server
 
     on_refusal = (lambda reason: metrics.refusals.labels(reason).inc()) if metrics is not None else None
     auth = GatewayAuthInterceptor(registry, on_refusal=on_refusal)
     server, port = make_server(repo, clock, listen, chain=chain, metrics=metrics,
-                               credentials=mtls_server_credentials(keys), interceptors=(auth,))
+                               credentials=mtls_server_credentials(keys), interceptors=(auth,),
+                               public_key=registry.signing_public_key)
     config_pb2_grpc.add_ConfigServicer_to_server(ConfigService(registry, keys.signing_key, clock), server)
-    chain_store = getattr(getattr(server, "sync_service", None), "chain", None)
-
-    def trust(name: str, public_key: bytes, now) -> None:
-        if chain_store is not None and chain_store.public_key(name) != public_key:
-            chain_store.trust(name, public_key, to_ms(now))
-
-    for rec in registry.list():
-        if rec.signing_public_key and not rec.revoked:
-            trust(rec.name, rec.signing_public_key, clock.now())
-    enrol_server, enrol_port = make_enrolment_server(registry, keys, clock, enrol_listen, on_enrolled=trust)
+    enrol_server, enrol_port = make_enrolment_server(registry, keys, clock, enrol_listen)
     return SecureHeadend(server, port, enrol_server, enrol_port, auth)
