@@ -104,6 +104,94 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _progress_bar(total: int, label: str):
+    """A rich progress bar on stderr (stdout stays clean for --json)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("{task.description}"), console=Console(stderr=True), transient=False)
+    task = progress.add_task("", total=total)
+    return progress, lambda text: progress.update(task, advance=1, description=text)
+
+
+def cmd_scan(args) -> int:
+    from . import commissioning as c
+
+    units = c.parse_units(args.units)
+    settings = c.settings_to_try(args.baud, args.parity)
+    if args.port.startswith("tcp://"):
+        settings = settings[:1]
+    profiles = c.all_profiles(args.profile)
+    clock = clock_from_spec(args.clock)
+    progress, tick = _progress_bar(len(units) * len(settings), "scan")
+    with progress:
+        found = c.scan(lambda baud, parity: open_master(args.port, baud=baud, parity=parity, timeout=args.timeout),
+                       units, settings, profiles, clock, progress=tick)
+    if args.json:
+        print(json.dumps({"port": args.port, "meters": [f.as_dict() for f in found]}))
+        return 0 if found else 1
+    if not found:
+        print(f"no meter answered on {args.port} (units {args.units}, "
+              f"{'auto' if args.baud == 'auto' else args.baud} baud)")
+        return 1
+    for f in found:
+        line = f"unit {f.unit:3}  {f.profile or '?':22}"
+        if f.baud:
+            line += f" {f.baud} 8{f.parity}1"
+        if f.serial is not None:
+            line += f"  serial {f.serial}"
+        if "1.8.0" in f.values:
+            line += f"  1.8.0 = {f.values['1.8.0']} Wh"
+        if f.note:
+            line += f"  ({f.note})"
+        print(line)
+    return 0
+
+
+def cmd_provision(args) -> int:
+    from .commissioning import provision
+
+    config = provision(args.config, port=args.port, unit=args.unit, profile=args.profile, meter_id=args.meter_id,
+                       binding_code=args.binding_code, baud=args.baud, parity=args.parity)
+    n = sum(len(b.meters) for b in config.buses)
+    print(f"{args.config}: added meter {args.meter_id} (unit {args.unit}, {args.profile}) on {args.port}; "
+          f"{n} meter(s) on {len(config.buses)} bus(es)")
+    return 0
+
+
+def cmd_diagnose(args) -> int:
+    from . import commissioning as c
+
+    units = c.parse_units(args.units)
+    profile = load_profile(args.profile)
+    clock = clock_from_spec(args.clock)
+    master = open_master(args.port, baud=args.baud, parity=args.parity, stopbits=args.stopbits, timeout=args.timeout)
+    try:
+        progress, tick = _progress_bar(len(units) * args.count, "diagnose")
+        with progress:
+            report = c.diagnose(master, units, profile, clock, rounds=args.count, progress=tick)
+    finally:
+        master.close()
+    if args.json:
+        print(json.dumps({"port": args.port, "profile": profile.name, "units": [d.as_dict() for d in report]}))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{args.port}: {args.count} reads of {profile.name} per unit")
+    for col in ("unit", "requests", "ok", "timeouts", "CRC errors", "exceptions", "other", "error rate",
+                "latency ms min/median/p95/max"):
+        table.add_column(col, justify="right")
+    for d in report:
+        lat = d.latency()
+        lat_txt = "-" if lat["min"] is None else "/".join(f"{lat[k]:.1f}" for k in ("min", "median", "p95", "max"))
+        table.add_row(str(d.unit), str(d.requests), str(d.ok), str(d.timeouts), str(d.crc_errors),
+                      str(d.exceptions), str(d.other_errors), f"{d.error_rate:.1%}", lat_txt)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meterlink-gateway", description=__doc__,
                                      epilog="example: meterlink-gateway read --port /dev/ttyUSB0 --unit 1 "
@@ -137,6 +225,50 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--first-poll", help="instant (ISO-8601) of the first poll; default: the next interval boundary")
     run.add_argument("--until", help="stop after the poll at this instant (ISO-8601), e.g. for a demo")
     run.set_defaults(func=cmd_run)
+    sc = sub.add_parser("scan", help="find meters on a bus and identify their model from the profiles",
+                        epilog="example: meterlink-gateway scan --port /dev/ttyUSB0 --baud auto --units 1-247")
+    sc.add_argument("--port", required=True, help="serial device (RTU) or tcp://HOST:PORT")
+    sc.add_argument("--baud", default="9600", help="baud rate, or 'auto' to try the common rates (default 9600)")
+    sc.add_argument("--parity", default="N", choices=["N", "E", "O", "auto"],
+                    help="parity, or 'auto' to try N, E and O (default N)")
+    sc.add_argument("--units", default="1-247", help="unit ids to probe, e.g. 1-247 or 1,2,10-20 (default 1-247)")
+    sc.add_argument("--timeout", type=float, default=0.2,
+                    help="seconds to wait for each probe (default 0.2; a whole 1-247 scan of a silent bus "
+                         "then takes about 50 s)")
+    sc.add_argument("--profile", action="append", help="only try these profiles (repeatable; default: all)")
+    sc.add_argument("--clock", default="system", help=argparse.SUPPRESS)
+    sc.add_argument("--json", action="store_true", help="print one JSON object")
+    sc.set_defaults(func=cmd_scan)
+    pv = sub.add_parser("provision", help="add a found meter to the configuration file (validated, comments kept)",
+                        epilog="example: meterlink-gateway provision --config gateway.toml --port /dev/ttyUSB0 "
+                               "--unit 3 --profile eastron_sdm630 --meter-id MTR-0003 --binding-code 4F7K-22QX")
+    pv.add_argument("--config", default="gateway.toml")
+    pv.add_argument("--port", required=True, help="the bus the meter is on (a new [[bus]] if not configured yet)")
+    pv.add_argument("--unit", type=int, required=True)
+    pv.add_argument("--profile", required=True)
+    pv.add_argument("--meter-id", required=True)
+    pv.add_argument("--binding-code", help="the customer's binding code (links the meter to the account)")
+    pv.add_argument("--baud", type=int, default=9600, help="for a new bus only (default 9600)")
+    pv.add_argument("--parity", default="N", choices=["N", "E", "O"], help="for a new bus only (default N)")
+    pv.set_defaults(func=cmd_provision)
+    dg = sub.add_parser("diagnose", help="per-meter error rates (timeouts, CRC errors, exceptions) and latency",
+                        epilog="example: meterlink-gateway diagnose --port /dev/ttyUSB0 --units 1-5 "
+                               "--profile eastron_sdm630 --count 20")
+    dg.add_argument("--port", required=True, help="serial device (RTU) or tcp://HOST:PORT")
+    dg.add_argument("--units", required=True, help="unit ids, e.g. 1-5 or 1,3")
+    dg.add_argument("--profile", default="eastron_sdm630", help="profile whose read plan is used (default eastron_sdm630)")
+    dg.add_argument("--count", type=int, default=10, help="reads per unit (default 10)")
+    dg.add_argument("--baud", type=int, default=9600)
+    dg.add_argument("--parity", default="N", choices=["N", "E", "O"])
+    dg.add_argument("--stopbits", type=int, default=1, choices=[1, 2])
+    dg.add_argument("--timeout", type=float, default=0.5, help="seconds to wait for each answer (default 0.5)")
+    dg.add_argument("--clock", default="system", help=argparse.SUPPRESS)
+    dg.add_argument("--json", action="store_true", help="print one JSON object")
+    dg.set_defaults(func=cmd_diagnose)
+    from .enrol import add_parsers as add_enrolment_parsers   # enroll, pull-config
+    add_enrolment_parsers(sub)
+    from .sync import add_parsers as add_sync_parsers         # signing-key
+    add_sync_parsers(sub)
     return parser
 
 
