@@ -3,7 +3,9 @@
 State directory (default ``var/pki``; files with keys are 0600)::
 
     tls.key      ECDSA P-256 private key of the gateway's client certificate
-    signing.key  Ed25519 private key that signs the chain head of every pushed batch
+    signing.key  Ed25519 private key that signs the chain head of every pushed batch (or the daemon's
+                 key beside the journal, when enrolling with --config: the key must be the one the
+                 daemon signs with, and identity.json records its path)
     tls.crt      client certificate issued by the head-end CA (name in CN and SAN URI)
     ca.crt       the head-end CA (trust anchor of every connection to the head-end)
     headend-config.pub  the head-end's Ed25519 configuration key (32 raw bytes)
@@ -51,16 +53,17 @@ class GatewayIdentity:
         return pki.raw_public_key(self.signing_key)
 
 
-def ensure_keys(state_dir: str | Path):
+def ensure_keys(state_dir: str | Path, signing_key_path: str | Path | None = None):
     """Load or create (0600) the device's TLS and signing keys -> (tls_key, signing_key)."""
     d = Path(state_dir)
     d.mkdir(parents=True, exist_ok=True)
+    sk = Path(signing_key_path) if signing_key_path else d / "signing.key"
     if not (d / "tls.key").exists():
         pki.write_private(d / "tls.key", pki.private_key_pem(pki.new_tls_key()))
-    if not (d / "signing.key").exists():
-        pki.write_private(d / "signing.key", pki.private_key_pem(pki.new_signing_key()))
+    if not sk.exists():
+        pki.write_private(sk, pki.private_key_pem(pki.new_signing_key()))
     return (pki.load_private_key((d / "tls.key").read_bytes(), str(d / "tls.key")),
-            pki.load_private_key((d / "signing.key").read_bytes(), str(d / "signing.key")))
+            pki.load_private_key(sk.read_bytes(), str(sk)))
 
 
 def build_request(code: str, tls_key, signing_key, name_hint: str = "gateway") -> enrol_pb2.EnrollRequest:
@@ -122,10 +125,15 @@ def fetch_ca(address: str, fingerprint: str | None, timeout_s: float = 10.0) -> 
 
 
 def enroll(address: str, code: str, state_dir: str | Path = DEFAULT_STATE_DIR, ca_fingerprint: str | None = None,
-           server_name: str | None = None, timeout_s: float = 10.0) -> GatewayIdentity:
-    """Enrol this device at the head-end's enrolment port; writes the state directory, returns the identity."""
+           server_name: str | None = None, timeout_s: float = 10.0,
+           signing_key_path: str | Path | None = None) -> GatewayIdentity:
+    """Enrol this device at the head-end's enrolment port; writes the state directory, returns the identity.
+
+    `signing_key_path`: the Ed25519 chain-signing key to register (default `state_dir`/signing.key).
+    """
     d = Path(state_dir)
-    tls_key, signing_key = ensure_keys(d)
+    sk_path = Path(signing_key_path).resolve() if signing_key_path else d / "signing.key"
+    tls_key, signing_key = ensure_keys(d, sk_path)
     ca_pem, fp = fetch_ca(address, ca_fingerprint, timeout_s)
     options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
     channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=ca_pem), options=options)
@@ -153,19 +161,23 @@ def enroll(address: str, code: str, state_dir: str | Path = DEFAULT_STATE_DIR, c
     pki.write_public(d / "tls.crt", resp.certificate_pem)
     pki.write_public(d / "headend-config.pub", resp.headend_signing_key)
     pki.write_public(d / "identity.json", json.dumps({"gateway": resp.gateway_id, "headend": address,
-                                                       "ca_fingerprint": fp}, indent=2).encode() + b"\n")
+                                                       "ca_fingerprint": fp, "signing_key": str(sk_path)},
+                                                      indent=2).encode() + b"\n")
     return load_identity(d)
 
 
 def load_identity(state_dir: str | Path = DEFAULT_STATE_DIR) -> GatewayIdentity:
     """The enrolled identity in `state_dir`, or EnrolmentError naming what is missing."""
     d = Path(state_dir)
-    missing = [n for n in ("tls.key", "signing.key", "tls.crt", "ca.crt", "headend-config.pub", "identity.json")
+    missing = [n for n in ("tls.key", "tls.crt", "ca.crt", "headend-config.pub", "identity.json")
                if not (d / n).exists()]
     if missing:
         raise EnrolmentError(f"{d}: not enrolled (missing {', '.join(missing)}); run meterlink-gateway enroll")
     meta = json.loads((d / "identity.json").read_text())
-    signing = pki.load_private_key((d / "signing.key").read_bytes(), str(d / "signing.key"))
+    sk = Path(meta.get("signing_key") or d / "signing.key")
+    if not sk.exists():
+        raise EnrolmentError(f"{d}: the enrolled signing key {sk} is missing; enrol again")
+    signing = pki.load_private_key(sk.read_bytes(), str(sk))
     return GatewayIdentity(meta["gateway"], (d / "tls.key").read_bytes(), (d / "tls.crt").read_bytes(),
                            (d / "ca.crt").read_bytes(), signing, (d / "headend-config.pub").read_bytes(), d)
 
@@ -195,8 +207,18 @@ def headend_channel(config) -> grpc.Channel | None:
 # ------------------------------------------------------------------------------------------ CLI
 
 def cmd_enroll(args) -> int:
-    identity = enroll(args.headend, args.code, args.state_dir, ca_fingerprint=args.ca_fingerprint,
-                      server_name=args.server_name)
+    state_dir, signing_key_path = args.state_dir, None
+    if args.config:
+        # enrol the key the daemon signs with, into the directory the daemon reads ([headend] pki_dir)
+        from .config import load_config
+        from .daemon import signing_key_path as daemon_key_path
+        config = load_config(args.config)
+        signing_key_path = daemon_key_path(config)
+        state_dir = state_dir or config.headend_pki_dir
+        if not state_dir:
+            raise EnrolmentError(f"{args.config}: [headend] pki_dir is not set (or pass --state-dir)")
+    identity = enroll(args.headend, args.code, state_dir or DEFAULT_STATE_DIR, ca_fingerprint=args.ca_fingerprint,
+                      server_name=args.server_name, signing_key_path=signing_key_path)
     meta = json.loads((identity.state_dir / "identity.json").read_text())
     if not args.ca_fingerprint:
         print(f"WARNING: no --ca-fingerprint given: trusted the head-end CA on first use; compare "
@@ -230,7 +252,9 @@ def add_parsers(sub) -> None:
     en.add_argument("--code", required=True, help="one-time code from `meterlink-headend gateways add`")
     en.add_argument("--ca-fingerprint", help="SHA-256 of the head-end CA, as printed by `gateways add` "
                                              "(without it the CA is trusted on first use)")
-    en.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help=f"keys and certificates (default {DEFAULT_STATE_DIR})")
+    en.add_argument("--state-dir", help=f"keys and certificates (default: [headend] pki_dir of --config, "
+                                        f"else {DEFAULT_STATE_DIR})")
+    en.add_argument("--config", help="gateway.toml: enrol the daemon's chain-signing key into its [headend] pki_dir")
     en.add_argument("--server-name", help="name to check in the head-end certificate instead of HOST")
     en.set_defaults(func=cmd_enroll)
     pc = sub.add_parser("pull-config", help="pull, verify and apply the head-end's signed configuration delta",

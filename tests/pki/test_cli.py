@@ -81,3 +81,23 @@ def test_gateway_config_names_its_enrolled_identity_for_mutual_tls(tmp_path):
                     'pki_dir = "/var/lib/meterlink/pki"\nserver_name = "headend.example"\n')
     cfg = load_gateway_config(str(path))
     assert cfg.headend_pki_dir == "/var/lib/meterlink/pki" and cfg.headend_server_name == "headend.example"
+
+
+def test_enrolling_with_the_gateway_config_registers_the_key_the_daemon_signs_with(served, tmp_path, capsys):
+    from meterlink.gateway.daemon import signing_key_path
+    from meterlink.gateway.enrol import load_identity
+    from meterlink import pki
+    cfg, addr, enrol_addr, fp = served
+    code = json.loads(run(headend_main, ["gateways", "add", "gw-0003", "--config", str(cfg), "--json"], capsys)[1])["code"]
+    gw_toml = tmp_path / "gateway.toml"
+    gw_toml.write_text(f'[gateway]\nid = "gw-0003"\ndatabase = "{tmp_path}/gw/journal.db"\n\n'
+                       f'[headend]\naddress = "{addr}"\npki_dir = "{tmp_path}/gw/pki"\n')
+    rc, out, err = run(gateway_main, ["enroll", "--headend", enrol_addr, "--code", code, "--ca-fingerprint", fp,
+                                      "--config", str(gw_toml)], capsys)
+    assert rc == 0, err
+    identity = load_identity(tmp_path / "gw" / "pki")
+    daemon_key = pki.load_private_key(signing_key_path(load_gateway_config(str(gw_toml))).read_bytes())
+    assert pki.raw_public_key(daemon_key) == identity.signing_public
+    rc, out, _ = run(headend_main, ["gateways", "list", "--config", str(cfg), "--json"], capsys)
+    listed = {g["gateway"]: g for g in json.loads(out)}
+    assert listed["gw-0003"]["signing_key"] == pki.key_id(identity.signing_public)

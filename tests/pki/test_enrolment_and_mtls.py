@@ -176,3 +176,21 @@ def test_a_meter_belongs_to_one_gateway_at_a_time(headend):
         headend.registry.provision("gw-b", ["MTR-1"], [], now)
     headend.registry.provision("gw-a", [], ["MTR-1"], now)
     assert headend.registry.provision("gw-b", ["MTR-1"], [], now) == ("MTR-1",)
+
+
+def test_the_gateways_journal_drains_over_mutual_tls_signed_with_the_enrolled_key(headend, tmp_path):
+    from meterlink.gateway.enrol import channel_credentials
+    from meterlink.gateway.journal import Journal
+    from meterlink.gateway.sync import Pusher
+    identity = enrolled(headend, tmp_path, "gw-0001", meters=["MTR-1"])
+    journal = Journal(tmp_path / "gw.db")
+    journal.append([Reading("MTR-1", "1.8.0", headend.clock.now() + timedelta(minutes=15 * i), 5000 + i, "Wh", 0)
+                    for i in range(20)])
+    pusher = Pusher("gw-0001", headend.address, journal, batch=8, key=identity.signing_key,
+                    credentials=channel_credentials(identity))
+    try:
+        assert pusher.drain() == 20
+    finally:
+        pusher.close()
+    assert journal.unacked_count() == 0
+    assert [r.value for r in headend.repo.readings("MTR-1")] == list(range(5000, 5020))
