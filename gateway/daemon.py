@@ -28,6 +28,7 @@ from meterlink.readings import BILLING_OBIS
 from . import scheduler as sched
 from .config import GatewayConfig
 from .journal import Journal, billing_only_readings, disk_pressure
+from .p1 import P1Reader, P1Worker
 from .plausibility import MeterMemo, check_readings
 from .poller import default_max_gap, read_meter
 from .readplan import plan_reads
@@ -93,6 +94,7 @@ class Gateway:
         self.journal = _LockedJournal(Journal(config.database), self._journal_lock)
         self.masters = [open_master(b.port, baud=b.baud, parity=b.parity, stopbits=b.stopbits, timeout=b.timeout_s)
                         for b in config.buses]
+        self.p1_readers = [P1Reader(p.port, p.version, clock=clock) for p in getattr(config, "p1", ())]
         self.key = load_or_create_key(signing_key_path(config))
         self.pusher = (Pusher(config.id, config.headend, self.journal, config.push_batch, key=self.key)
                        if config.headend else None)
@@ -125,6 +127,8 @@ class Gateway:
     def close(self) -> None:
         for m in self.masters:
             m.close()
+        for r in self.p1_readers:
+            r.close()
         if self.pusher:
             self.pusher.close()
         if self.mqtt is not None:
@@ -147,6 +151,32 @@ class Gateway:
         if self.mqtt is not None:
             self.mqtt.publish(flagged)
         return flagged
+
+    def accept_p1(self, p1, got) -> list:
+        """Flag, journal (the whole telegram in one commit) and publish one P1 telegram's readings."""
+        by_meter: dict[str, list] = {}
+        for r in got.readings:
+            by_meter.setdefault(r.meter_id, []).append(r)
+        flagged: list = []
+        with self._stats_lock:
+            for mid, readings in by_meter.items():
+                serial = got.telegram.serial if mid == (p1.meter_id or got.telegram.serial) else None
+                out, self.memos[mid] = check_readings(self.memos.get(mid), readings, serial=serial,
+                                                      clock_trusted=clock_trusted(self.clock))
+                flagged += out
+            self.stats.flagged += sum(1 for r in flagged if r.quality)
+            self.stats.readings += len(flagged)
+        if self.journal.billing_only:
+            flagged = billing_only_readings(flagged)
+        self.journal.append(flagged)
+        if self.mqtt is not None:
+            self.mqtt.publish(flagged)
+        return flagged
+
+    def _p1_error(self, message: str) -> None:
+        with self._stats_lock:
+            self.stats.read_errors += 1
+        self._note(message)
 
     def _blocks(self, master, meter, priority: int) -> list:
         key = (meter.id, priority)
@@ -312,6 +342,9 @@ class Gateway:
                 bus.port, master, meters, self.schedule_for(bus, first), self.clock, sleeper,
                 lambda master, meter, job: self._read_job(master, meter, job), deliver,
                 stop=stop, until=until, on_round=round_done))
+        for p1, reader in zip(getattr(self.config, "p1", ()), self.p1_readers):   # DSMR P1 ports
+            self.workers.append(P1Worker(p1, reader, self.clock, sleeper, interval, first, self.accept_p1,
+                                         self._p1_error, stop=stop, until=until, on_round=round_done))
         sync_thread = threading.Thread(target=syncer, name="sync", daemon=True)
         if self.pusher is not None:
             sync_thread.start()

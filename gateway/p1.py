@@ -7,15 +7,16 @@ counted by kind (CRC, truncated, malformed) and logged with the port's name; non
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Iterator
 
 import serial
 
 from meterlink.clock import Clock
-from meterlink.errors import DeviceError
+from meterlink.errors import DeviceError, ProtocolError
 from meterlink.readings import Reading
 
 from .dsmr import Telegram, TelegramError, TelegramFramer, parse_telegram, to_readings, version_settings
@@ -109,6 +110,15 @@ class P1Reader:
             out.append((received_at, telegram))
         return out
 
+    def poll(self, wait_s: float, **kw) -> P1Read:
+        """Drop what queued up since the last poll, then `read_one`: the reading is of now, not of then."""
+        try:
+            self._ser.reset_input_buffer()
+        except (serial.SerialException, OSError, AttributeError):
+            pass
+        self.framer = TelegramFramer(self.framer.max_bytes)
+        return self.read_one(wait_s, **kw)
+
     def read_one(self, wait_s: float, *, meter_id: str | None = None,
                  gas_meter_ids: dict[int, str] | None = None) -> P1Read:
         """The next valid telegram as readings; DeviceError if none arrives within `wait_s`."""
@@ -120,3 +130,56 @@ class P1Reader:
         raise DeviceError(f"P1 port {self.describe()}: no valid telegram in {wait_s:g} s "
                           f"({c.bytes_in} bytes, {c.crc_errors} CRC errors, {c.truncated} truncated, "
                           f"{c.malformed} malformed)")
+
+
+class P1Worker:
+    """The thread that owns one P1 port in the daemon: at each poll instant, the next valid telegram.
+
+    It has the shape of a bus worker (`thread`, `wake`, `error`, `meters`) so the daemon joins and
+    wakes it like the Modbus buses. Stale bytes are dropped before each poll; a port that gives no
+    valid telegram within `wait_s` is reported through `on_error` and tried again next interval.
+    """
+
+    def __init__(self, config, reader: P1Reader, clock: Clock, sleeper, interval_s: int, first: datetime,
+                 deliver, on_error, *, stop, until: datetime | None = None, on_round=None,
+                 wait_s: float | None = None) -> None:
+        self.config, self.reader, self.clock, self.sleeper = config, reader, clock, sleeper
+        self.interval, self.due, self.deliver, self.on_error = timedelta(seconds=interval_s), first, deliver, on_error
+        self.stop, self.until, self.on_round = stop, until, on_round
+        self.wait_s = wait_s if wait_s is not None else (5.0 if reader.version == "5" else 35.0)
+        self.meters: dict = {}
+        self.wake = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=f"p1 {reader.port}", daemon=True)
+
+    def start(self) -> "P1Worker":
+        self.sleeper.join()
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            while not self.stop.is_set() and (self.until is None or self.due <= self.until):
+                self.wake.clear()
+                self.sleeper.sleep_until(self.due, self.wake)
+                if self.stop.is_set():
+                    return
+                self.poll_once()
+                if self.on_round:
+                    self.on_round()
+                self.due += self.interval
+        except BaseException as exc:  # noqa: BLE001 - reported by the daemon, never silently lost
+            self.error = exc
+            log.exception("P1 port %s stopped", self.reader.port)
+        finally:
+            self.sleeper.leave()
+
+    def poll_once(self) -> P1Read | None:
+        gas = {1: self.config.gas_meter_id} if getattr(self.config, "gas_meter_id", None) else None
+        try:
+            got = self.reader.poll(self.wait_s, meter_id=getattr(self.config, "meter_id", None), gas_meter_ids=gas)
+        except (DeviceError, ProtocolError) as exc:
+            self.on_error(f"P1 port {self.reader.port}: {exc}")
+            return None
+        self.deliver(self.config, got)
+        return got
