@@ -207,8 +207,9 @@ class GatewayRegistry:
         """
         digest = hash_code(code)
         with self._tx() as tx:
+            lock = " FOR UPDATE" if self.dialect == "postgres" else ""   # SQLite: BEGIN IMMEDIATE already
             row = tx.execute("SELECT name, code_expires_at_ms, code_used_at_ms, revoked_at_ms FROM pki_gateway "
-                             "WHERE code_hash = ?", (digest,)).fetchone()
+                             "WHERE code_hash = ?" + lock, (digest,)).fetchone()
             if row is None:
                 raise EnrolmentRefused("enrolment code is not known (check it, or ask for a new one)")
             name, expires, used, revoked = row
