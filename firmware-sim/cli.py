@@ -12,7 +12,7 @@ from meterlink.errors import MeterlinkError
 from meterlink.gateway.profiles import load_profile
 
 from . import dsmr
-from .meter import MeterModel
+from .meter import MeterModel, add_fault_arguments, apply_fault_arguments
 from .server import RtuPtyServer, TcpServer
 
 EPILOG_RTU = "example: meterlink-sim modbus-rtu --profile eastron_sdm630 --unit 1 --baud 9600"
@@ -26,6 +26,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--import-wh", type=int, default=1_000_000, help="initial import register of the first unit, Wh")
     p.add_argument("--clock", default="system",
                    help="time source: system | sim:ISO | scaled:ISO,SPEED[,ANCHOR_UNIX] (default system)")
+    add_fault_arguments(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                          epilog=EPILOG_RTU)
     _common(rtu)
     rtu.add_argument("--baud", type=int, default=9600, help="nominal baud rate (a pty does not enforce it)")
+    rtu.add_argument("--pace", action="store_true",
+                     help="emulate the wire time of --baud 8N1 (characters, t3.5 gaps, response delay) before each answer")
     tcp = sub.add_parser("modbus-tcp", help="serve Modbus TCP", epilog=EPILOG_TCP)
     _common(tcp)
     tcp.add_argument("--listen", default="127.0.0.1:5020", help="HOST:PORT to listen on (port 0 picks one)")
@@ -47,9 +50,11 @@ def make_meters(args, clock) -> dict[int, MeterModel]:
     profile = load_profile(args.profile)
     units = args.unit or [1]
     # Each further unit on the bus is a different household: other seed, register and size.
-    return {u: MeterModel.starting_at(profile, clock, unit=u, seed=args.seed + i,
-                                      import_wh=args.import_wh + 250_000 * i, scale_pct=100 + 25 * i)
-            for i, u in enumerate(units)}
+    meters = {u: MeterModel.starting_at(profile, clock, unit=u, seed=args.seed + i,
+                                        import_wh=args.import_wh + 250_000 * i, scale_pct=100 + 25 * i)
+              for i, u in enumerate(units)}
+    apply_fault_arguments(meters, args)
+    return meters
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         clock = clock_from_spec(args.clock)
         meters = make_meters(args, clock)
         if args.command == "modbus-rtu":
-            server = RtuPtyServer(meters).start()
+            from meterlink.modbus import SerialLine
+            server = RtuPtyServer(meters, pace=SerialLine(args.baud) if args.pace else None).start()
             print(server.client_path, flush=True)
         else:
             host, _, port = args.listen.rpartition(":")

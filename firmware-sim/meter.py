@@ -136,8 +136,8 @@ class MeterModel:
     def registers(self, function: int) -> dict[int, int]:
         """address -> word for every register this meter serves under `function`.
 
-        Energy registers show whole resolution steps (floored: a meter never shows energy not yet
-        consumed); quantities the variant lacks show the profile's "no value" marker.
+        Values are encoded with the profile (integer registers round half-even to their step);
+        quantities the variant lacks show the profile's "no value" marker.
         """
         vals = self.values()
         missing = set(self.variant.no_value) if self.variant else set()
@@ -151,10 +151,7 @@ class MeterModel:
             if q.obis in missing and self.profile.no_value is not None:
                 words = [self.profile.no_value] * q.count
             else:
-                value = vals[q.obis]
-                if q.unit == "Wh":
-                    value -= value % q.resolution
-                words = encode(q, value)
+                words = encode(q, vals[q.obis])
             for i, w in enumerate(words):
                 out[q.address + i] = w
         return out
@@ -167,3 +164,44 @@ class MeterModel:
     def set_relay(self, closed: bool) -> None:
         self.advance()  # energy up to now was consumed with the old relay state
         self.relay_closed = closed
+
+
+def add_fault_arguments(p) -> None:
+    """The simulator CLI's fault-injection flags (argparse); `apply_fault_arguments` applies them."""
+    g = p.add_argument_group("fault injection (applies to --fault-unit, default every unit)")
+    g.add_argument("--variant", help="model variant from the profile's [[variant]] tables (e.g. import-only)")
+    g.add_argument("--fault-unit", type=int, action="append", help="unit the faults apply to (repeatable)")
+    g.add_argument("--fault-silent", action="store_true", help="never answer (timeouts)")
+    g.add_argument("--fault-delay", type=float, default=0.0, metavar="S", help="answer S seconds late")
+    g.add_argument("--fault-exception", type=int, metavar="CODE", help="answer every request with this exception code")
+    g.add_argument("--fault-refuse", type=lambda s: int(s, 0), action="append", default=[], metavar="ADDR",
+                   help="exception 2 for reads touching this register (repeatable, 0x.. allowed)")
+    g.add_argument("--fault-corrupt-crc-every", type=int, default=0, metavar="N", help="corrupt the CRC of every Nth answer")
+    g.add_argument("--fault-garbage", default="", metavar="HEX", help="send these bytes before and after each answer")
+    g.add_argument("--fault-absent", action="append", default=[], metavar="FROM/UNTIL",
+                   help="silent between two ISO-8601 instants of the meter's clock (repeatable)")
+    g.add_argument("--fault-exchange-at", metavar="ISO", help="from this instant the meter is another one (new serial, register restarts)")
+    g.add_argument("--fault-exchange-serial", type=int, default=0, help="serial number of the exchanged meter")
+
+
+def apply_fault_arguments(meters: dict[int, "MeterModel"], args) -> None:
+    """Apply the parsed `add_fault_arguments` flags to the simulated meters."""
+    from meterlink.clock import parse_instant
+
+    absent = []
+    for span in getattr(args, "fault_absent", []) or []:
+        start, _, end = span.partition("/")
+        absent.append((parse_instant(start), parse_instant(end)))
+    faults = Faults(
+        silent=args.fault_silent, delay_s=args.fault_delay, exception_code=args.fault_exception,
+        refuse_addresses=frozenset(args.fault_refuse), corrupt_crc_every=args.fault_corrupt_crc_every,
+        garbage_before=bytes.fromhex(args.fault_garbage), garbage_after=bytes.fromhex(args.fault_garbage),
+        absent=tuple(absent),
+        exchange_at=parse_instant(args.fault_exchange_at) if args.fault_exchange_at else None,
+        exchange_serial=args.fault_exchange_serial)
+    targets = set(args.fault_unit or meters)
+    for unit, meter in meters.items():
+        if args.variant:
+            meter.variant = meter.profile.variant(args.variant)
+        if unit in targets:
+            meter.faults = faults

@@ -151,19 +151,22 @@ def load_profile(name_or_path: str) -> Profile:
 def check_profile_file(path: str | Path) -> Profile:
     """The profile-file validator: load, validate and check every example; raises ConfigError (file, key)."""
     profile = load_profile(str(path))
+    real = profile_path(str(path))
+    ctx = _Ctx(str(real), real.read_text())
     if not profile.examples:
         raise ConfigError("a profile needs at least one [[example]] of raw registers -> values",
-                          path=str(path), key="example")
+                          path=str(real), key="example")
     for i, ex in enumerate(profile.examples):
         got = decode_example(profile, ex)
         for obis, want in ex.expect.items():
             if got.get(obis) != want:
                 raise ConfigError(f"{obis} decodes to {got.get(obis)!r}, the example expects {want}",
-                                  path=str(path), key=f"example[{i}].expect.{obis}")
+                                  path=str(real), line=ctx.line(f"example[{i}].expect"),
+                                  key=f"example[{i}].expect.{obis}")
         for obis in ex.missing:
             if obis not in got or got[obis] is not None:
-                raise ConfigError(f"{obis} should decode as 'no value' but gives {got.get(obis)!r}",
-                                  path=str(path), key=f"example[{i}].missing")
+                raise ctx.error(f"example[{i}].missing",
+                                f"{obis} should decode as 'no value' but gives {got.get(obis)!r}")
     return profile
 
 

@@ -1,0 +1,78 @@
+"""The bus wire-time model: bytes and seconds per sweep, and the check that refuses a bus too slow for its interval."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from meterlink.errors import ConfigError
+from meterlink.gateway.profiles import load_profile
+from meterlink.gateway.readplan import check_bus, check_bus_plan, exchange_time_s, plan_meter, sweep_cost
+from meterlink.modbus import SerialLine
+
+LINE = SerialLine(9600, "N", 1)
+
+
+def test_one_sdm630_sweep_costs_two_requests_and_exactly_these_bytes_and_seconds():
+    plan = plan_meter("m1", load_profile("eastron_sdm630"), LINE)
+    assert plan.requests == 2 and plan.min_requests == 2
+    # 0x0034+24 and 0x0000+12: requests 2 x 8 bytes, responses (5 + 48) + (5 + 24)
+    assert plan.bytes_on_wire() == 16 + 53 + 29 == 98
+    char = 10 / 9600
+    expected = 98 * char + 2 * 2 * 3.5 * char + 2 * 0.020
+    assert plan.wire_time_s(LINE) == pytest.approx(expected)
+    # floor: the same 2 requests carrying only the 20 registers the 10 quantities occupy
+    assert plan.min_wire_time_s(LINE) == pytest.approx((2 * 13 + 40) * char + 4 * 3.5 * char + 0.040)
+    # one request per value (mbmd): 10 exchanges
+    assert plan.per_value_wire_time_s(LINE) == pytest.approx((10 * 13 + 40) * char + 20 * 3.5 * char + 0.200)
+
+
+def test_parity_and_a_second_stop_bit_lengthen_every_character():
+    assert SerialLine(9600, "E", 1).char_time_s == pytest.approx(11 / 9600)
+    assert SerialLine(9600, "N", 2).char_time_s == pytest.approx(11 / 9600)
+    assert exchange_time_s(SerialLine(9600, "E"), 8, 9, 0) > exchange_time_s(LINE, 8, 9, 0)
+    assert SerialLine(38400).gap_s == 0.00175
+
+
+def test_a_sweep_sums_its_meters():
+    plans = [plan_meter(f"m{i}", load_profile("eastron_sdm630"), LINE) for i in range(32)]
+    cost = sweep_cost(LINE, plans)
+    assert (cost.meters, cost.requests, cost.bytes_on_wire) == (32, 64, 32 * 98)
+    assert cost.wire_time_s == pytest.approx(32 * plans[0].wire_time_s(LINE))
+    assert cost.per_value_requests == 320
+    assert 0 < cost.efficiency <= 1
+
+
+def test_a_bus_whose_sweep_outlasts_the_poll_interval_is_refused_naming_the_bus():
+    plans = [plan_meter(f"m{i}", load_profile("eastron_sdm630"), LINE) for i in range(100)]
+    assert check_bus_plan("/dev/ttyUSB0", LINE, plans, 900).wire_time_s < 20
+    with pytest.raises(ConfigError) as err:
+        check_bus_plan("/dev/ttyUSB0", LINE, plans, 10, path="gateway.toml")
+    msg = str(err.value)
+    assert "gateway.toml" in msg and "bus /dev/ttyUSB0 (9600 8N1)" in msg
+    assert "100 meter(s)" in msg and "poll interval of 10 s" in msg
+
+
+def test_check_bus_takes_a_configured_bus_and_skips_modbus_tcp():
+    meter = SimpleNamespace(id="m", unit=1, profile=load_profile("abb_b23"))
+    rtu = SimpleNamespace(port="/dev/ttyUSB1", baud=2400, parity="E", stopbits=1, meters=(meter,) * 40)
+    with pytest.raises(ConfigError, match=r"bus /dev/ttyUSB1 \(2400 8E1\)"):
+        check_bus(rtu, 5)
+    # at 2400 baud a request is cheap next to 16 registers: the frequency at 0x5B2C gets its own read
+    assert check_bus(rtu, 900).requests == 40 * 3
+    tcp = SimpleNamespace(port="tcp://10.0.0.5:502", baud=9600, parity="N", stopbits=1, meters=(meter,))
+    assert check_bus(tcp, 1) is None
+
+
+def test_a_refused_register_is_left_out_of_the_modelled_plan():
+    p = load_profile("carlo_gavazzi_em24")
+    full = plan_meter("m", p, LINE)
+    partial = plan_meter("m", p, LINE, refused=frozenset({0x5C, 0x5D}))
+    assert partial.requests == full.requests - 1
+    assert partial.bytes_on_wire() < full.bytes_on_wire()
+
+
+def test_the_serial_read_costs_one_more_request_when_asked_for():
+    p = load_profile("eastron_sdm630")
+    assert plan_meter("m", p, LINE, with_serial=True).requests == plan_meter("m", p, LINE).requests + 1
