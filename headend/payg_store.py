@@ -425,9 +425,76 @@ class PaygStore:
         return [CrmEvent(r[0], from_ms(r[1]), r[2], r[3], json.loads(r[4])) for r in rows]
 
 
+@dataclass(frozen=True)
+class OfflineCardTopUp:
+    """A card top-up the gateway applied offline, as reported at sync (reference = card:{id}:{nonce})."""
+
+    reference: str
+    card_id: str
+    account_id: str
+    amount_minor: int
+    currency: str
+    at: datetime
+    gateway_id: str = ""
+
+
+CARD_CLEARING_VENDOR = "cards-offline"      # receivable of card top-ups taken offline at gateways
+
+
+def reconcile_offline_card_topups(store: PaygStore, topups: Sequence[OfflineCardTopUp]) -> list[str]:
+    """Book offline card top-ups once (business key ``card-topup:{reference}``) and raise a
+    ``blacklisted_card_attempt`` CRM event for any card the head-end had blacklisted at the top-up's
+    instant (blacklisted after the gateway's last sync). Returns the references caught that way.
+
+    The credit was already given at the gateway, so it is booked either way; the event is how the
+    CRM/fraud desk follows it up."""
+    caught = []
+    for t in topups:
+        with store.transaction() as db:
+            key = f"card-topup:{t.reference}"
+            if store.exists(key):
+                continue
+            store.append([L.top_up(key, t.at, t.account_id, CARD_CLEARING_VENDOR, t.amount_minor, t.currency,
+                                   store.vat)])
+            entry = V.blacklisted(store.blacklist(t.card_id), t.card_id, t.at)
+            if entry is not None:
+                caught.append(t.reference)
+                store._event(db, t.at, "blacklisted_card_attempt", t.account_id, {
+                    "card_id": t.card_id, "reference": t.reference, "amount_minor": t.amount_minor,
+                    "channel": "gateway_offline", "caught": "on_sync", "gateway": t.gateway_id,
+                    "blacklisted_from": entry.effective_at.isoformat(timespec="milliseconds"),
+                    "reason": entry.reason})
+    return caught
+
+
+def record_over_usage(store: PaygStore, event) -> None:
+    """Put a credit-control `OverUsage` event on the CRM export."""
+    store.record_event(event.at, "over_usage", event.account_id, {
+        "meter": event.meter_id, "session_id": event.session_id, "request_number": event.request_number,
+        "granted_minor": event.granted_minor, "used_minor": event.used_minor, "amount_minor": event.over_minor,
+        "wh": event.over_wh, "business_key": event.business_key})
+
+
+CRM_TOPIC_PREFIX = "meterlink/v1/crm"
+
+
+def export_events(store: PaygStore, publish, after_seq: int = 0, limit: int = 1000) -> int:
+    """Publish CRM events after the cursor to ``meterlink/v1/crm/{kind}/{account}``; returns the new
+    cursor (the last seq published). Stops at the first failure, so nothing is skipped."""
+    cursor = after_seq
+    for e in store.events(after_seq, limit):
+        payload = {"event_id": f"headend-{e.seq}", "kind": e.kind, "account": e.account_id, "source": "headend",
+                   "at": e.at.isoformat(timespec="milliseconds").replace("+00:00", "Z"), **e.payload}
+        publish(f"{CRM_TOPIC_PREFIX}/{e.kind}/{e.account_id}",
+                json.dumps(payload, sort_keys=True, separators=(",", ":")).encode())
+        cursor = e.seq
+    return cursor
+
+
 def _sale(r: Sequence) -> V.Sale:
     return V.Sale(sale_id=r[1], vendor_id=r[0], card_id=r[2], account_id=r[3], amount_minor=r[4], currency=r[5],
                   at=from_ms(r[6]), commission_minor=r[7], vat_on_commission_minor=r[8])
 
 
-__all__ = ["CHALLENGE_TTL", "CrmEvent", "PaygStore", "sqlite_path"]
+__all__ = ["CARD_CLEARING_VENDOR", "CHALLENGE_TTL", "CRM_TOPIC_PREFIX", "CrmEvent", "OfflineCardTopUp", "PaygStore",
+           "export_events", "reconcile_offline_card_topups", "record_over_usage", "sqlite_path"]
