@@ -194,3 +194,47 @@ def test_the_gateways_journal_drains_over_mutual_tls_signed_with_the_enrolled_ke
         pusher.close()
     assert journal.unacked_count() == 0
     assert [r.value for r in headend.repo.readings("MTR-1")] == list(range(5000, 5020))
+
+
+def test_without_a_pinned_fingerprint_the_ca_is_trusted_on_first_use_and_recorded(headend, tmp_path):
+    import json
+    code = headend.registry.add("gw-0001", headend.clock.now())
+    identity = enroll(headend.enrol_address, code, tmp_path / "gw")
+    meta = json.loads((tmp_path / "gw" / "identity.json").read_text())
+    assert meta["ca_fingerprint"] == headend.keys.ca_fingerprint and identity.ca_pem == headend.keys.ca_pem
+
+
+def test_the_enrolment_port_serves_nothing_but_enrolment(headend, tmp_path):
+    identity = enrolled(headend, tmp_path, "gw-0001", meters=["MTR-1"])
+    channel = secure_channel(headend.enrol_address, identity)
+    with pytest.raises(grpc.RpcError) as err:
+        sync_pb2_grpc.GatewaySyncStub(channel).Push(signed_push(identity, ["MTR-1"], headend.clock), timeout=10)
+    channel.close()
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert headend.repo.readings("MTR-1") == []
+
+
+def test_refusals_are_counted_by_reason_in_the_headend_metrics(tmp_path, clock):
+    from meterlink.headend.enrolment import make_secure_servers
+    from meterlink.headend.registry import open_registry
+    from meterlink.headend.store import open_repository
+    from meterlink.metrics import HeadendMetrics
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    repo, registry = open_repository(url), open_registry(url)
+    keys = pki.ensure_headend_pki(tmp_path / "pki", ["127.0.0.1"], clock.now())
+    metrics = HeadendMetrics.create()
+    servers = make_secure_servers(repo, clock, keys, registry, "127.0.0.1:0", "127.0.0.1:0", metrics=metrics).start()
+    try:
+        code = registry.add("gw-0001", clock.now())
+        identity = enroll(f"127.0.0.1:{servers.enrol_port}", code, tmp_path / "gw",
+                          ca_fingerprint=keys.ca_fingerprint)
+        channel = secure_channel(f"127.0.0.1:{servers.port}", identity)
+        with pytest.raises(grpc.RpcError):
+            sync_pb2_grpc.GatewaySyncStub(channel).Push(signed_push(identity, ["MTR-X"], clock), timeout=10)
+        channel.close()
+    finally:
+        servers.stop(None)
+        registry.close()
+        repo.close()
+    assert metrics.registry.get_sample_value("meterlink_headend_refused_batches_total",
+                                             {"reason": "ACCESS_REFUSAL_METER_NOT_PROVISIONED"}) == 1
