@@ -130,7 +130,10 @@ class Pusher:
         self.key = key
         self.metrics = metrics            # meterlink.metrics.GatewayMetrics or None
         self.last_refusal: Refused | None = None
-        opts = [("grpc.max_send_message_length", 64 * 1024 * 1024)]
+        # our own jittered back-off decides when to retry; keep gRPC's reconnect back-off short so a
+        # head-end that is back is reached at the next try
+        opts = [("grpc.max_send_message_length", 64 * 1024 * 1024), ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
         self._channel = (grpc.secure_channel(address, credentials, options=opts) if credentials
                          else grpc.insecure_channel(address, options=opts))
         self._stub = sync_pb2_grpc.GatewaySyncStub(self._channel)
@@ -168,3 +171,26 @@ class Pusher:
             total += sent
             if sent == 0 or not complete:
                 return total
+
+
+# -- CLI -----------------------------------------------------------------------------------------
+def cmd_signing_key(args) -> int:
+    """Create the signing key if missing and print its public half (hex); optionally write it to a file."""
+    from .config import load_config
+    from .daemon import signing_key_path
+    path = Path(args.key) if args.key else signing_key_path(load_config(args.config))
+    key = load_or_create_key(path)
+    raw = public_bytes(key)
+    if args.out:
+        write_public_key(key, args.out)
+    print(raw.hex())
+    return 0
+
+
+def add_parsers(sub) -> None:
+    sk = sub.add_parser("signing-key", help="create (once) the Ed25519 chain-signing key and print its public key",
+                        epilog="example: meterlink-gateway signing-key --config gateway.toml --out gw-0001.pub")
+    sk.add_argument("--config", default="gateway.toml", help="gateway config (the key sits beside the journal)")
+    sk.add_argument("--key", help="key file, overrides the config")
+    sk.add_argument("--out", help="also write the public key (hex) to this file")
+    sk.set_defaults(func=cmd_signing_key)

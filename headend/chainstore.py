@@ -9,7 +9,7 @@ repository counts the readings as duplicates and the head advances then (exactly
 Tables:
   gateway_chain_head (gateway_id PK, head_seq, head_hash, updated_at_ms)   -- the ack
   gateway_chain_hash (gateway_id, seq, hash) PK (gateway_id, seq)          -- every record's hash
-  gateway_event      (gateway_id, seq, kind, meter_id, at_ms, payload, obis, record_hash, received_at_ms)
+  gateway_event      (gateway_id, seq, prev_hash, kind, meter_id, at_ms, payload, obis, record_hash, received_at_ms)
                      -- events; a tombstone (pruned run) as kind 'tombstone', at_ms = the run's first seq
   gateway_key        (gateway_id PK, public_key, trusted_at_ms)             -- Ed25519, raw 32 bytes
 """
@@ -30,7 +30,7 @@ CREATE TABLE IF NOT EXISTS gateway_chain_head (
 CREATE TABLE IF NOT EXISTS gateway_chain_hash (
     gateway_id TEXT NOT NULL, seq INTEGER NOT NULL, hash BLOB NOT NULL, PRIMARY KEY (gateway_id, seq)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS gateway_event (
-    gateway_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, meter_id TEXT NOT NULL,
+    gateway_id TEXT NOT NULL, seq INTEGER NOT NULL, prev_hash BLOB NOT NULL, kind TEXT NOT NULL, meter_id TEXT NOT NULL,
     at_ms INTEGER NOT NULL, payload BLOB NOT NULL, obis TEXT NOT NULL DEFAULT '', record_hash BLOB,
     received_at_ms INTEGER NOT NULL, PRIMARY KEY (gateway_id, seq)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS gateway_key (
@@ -81,12 +81,12 @@ class SqliteChainStore:
         for r in new:
             b = r.body
             if isinstance(b, Event):
-                others.append((gateway_id, r.seq, b.kind, b.meter_id, to_ms(b.at), b.payload, "", None,
-                               received_at_ms))
+                others.append((gateway_id, r.seq, r.prev_hash, b.kind, b.meter_id, to_ms(b.at), b.payload, "",
+                               None, received_at_ms))
             elif isinstance(b, Tombstone):
                 # a pruned run first_seq..seq: meter_id empty, at_ms = first_seq of the run
-                others.append((gateway_id, r.seq, "tombstone", "", b.first_seq, b"", "", b.record_hash,
-                               received_at_ms))
+                others.append((gateway_id, r.seq, r.prev_hash, "tombstone", "", b.first_seq, b"", "",
+                               b.record_hash, received_at_ms))
         with self._lock:
             db = self._db
             db.execute("BEGIN IMMEDIATE")
@@ -97,7 +97,7 @@ class SqliteChainStore:
                     raise HeadMoved(f"gateway {gateway_id}: head moved from {expected_head} to {row[0] if row else 0}")
                 db.executemany("INSERT INTO gateway_chain_hash VALUES (?,?,?)", hashes)
                 if others:
-                    db.executemany("INSERT INTO gateway_event VALUES (?,?,?,?,?,?,?,?,?)", others)
+                    db.executemany("INSERT INTO gateway_event VALUES (?,?,?,?,?,?,?,?,?,?)", others)
                 db.execute("INSERT INTO gateway_chain_head VALUES (?,?,?,?) ON CONFLICT(gateway_id) DO UPDATE SET "
                            "head_seq=excluded.head_seq, head_hash=excluded.head_hash, "
                            "updated_at_ms=excluded.updated_at_ms", (gateway_id, new[-1].seq, hashes[-1][2],

@@ -288,11 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("--database", help="sqlite:///PATH, overrides the config")
     rd.add_argument("--json", action="store_true", help="print one JSON object")
     rd.set_defaults(func=cmd_readings)
-    from . import cli_sources
+    from . import cli_insights, cli_sources
     cli_sources.register(sub)
+    cli_insights.register(sub)
     _register_payg(sub)
     from .gatewayops import add_gateways_parser
     add_gateways_parser(sub)
+    from . import cli_chain   # trust-gateway, chain
+    cli_chain.register(sub)
     return parser
 
 

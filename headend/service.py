@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from concurrent import futures
+from typing import Callable
 
 import threading
 
@@ -70,12 +71,22 @@ def chain_store_for(repo: ReadingRepository) -> SqliteChainStore:
 
 class GatewaySyncService(sync_pb2_grpc.GatewaySyncServicer):
     def __init__(self, repo: ReadingRepository, clock: Clock, chain: SqliteChainStore | None = None,
-                 metrics=None) -> None:
+                 metrics=None, public_key: Callable[[str], bytes | None] | None = None) -> None:
         self.repo, self.clock = repo, clock
         self.chain = chain if chain is not None else chain_store_for(repo)
+        # where gateways' Ed25519 keys come from: the enrolment registry when wired
+        # (GatewayRegistry.signing_public_key), else keys trusted by hand in the chain store
+        self._public_key = public_key
         self.metrics = metrics            # meterlink.metrics.HeadendMetrics or None
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+
+    def public_key(self, gateway_id: str) -> bytes | None:
+        if self._public_key is not None:
+            key = self._public_key(gateway_id)
+            if key is not None:
+                return key
+        return self.chain.public_key(gateway_id)
 
     def _lock(self, gateway_id: str) -> threading.Lock:
         with self._locks_guard:
@@ -97,7 +108,7 @@ class GatewaySyncService(sync_pb2_grpc.GatewaySyncServicer):
                 head_seq, head_hash = self.chain.head(gw)
                 try:
                     verdict = verify_batch(gw, records, bytes(request.head_hash), bytes(request.head_signature),
-                                           self.chain.public_key(gw), head_seq, head_hash,
+                                           self.public_key(gw), head_seq, head_hash,
                                            lambda seq: self.chain.record_hash(gw, seq))
                 except EncodingError as exc:
                     verdict = Verdict(Refusal.MALFORMED, f"gateway {gw}: {exc}")
@@ -136,7 +147,8 @@ class GatewaySyncService(sync_pb2_grpc.GatewaySyncServicer):
 def make_server(repo: ReadingRepository, clock: Clock, listen: str, workers: int = 8,
                 chain: SqliteChainStore | None = None, metrics=None,
                 credentials: grpc.ServerCredentials | None = None,
-                interceptors: tuple = ()) -> tuple[grpc.Server, int]:
+                interceptors: tuple = (),
+                public_key: Callable[[str], bytes | None] | None = None) -> tuple[grpc.Server, int]:
     """Build (not start) the gRPC server; returns it and the bound port (listen 'HOST:0' picks one).
 
     `chain` defaults to the chain store in the repository's database; `credentials` (TLS) makes the
@@ -144,7 +156,7 @@ def make_server(repo: ReadingRepository, clock: Clock, listen: str, workers: int
     """
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=list(interceptors),
                          options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
-    service = GatewaySyncService(repo, clock, chain, metrics)
+    service = GatewaySyncService(repo, clock, chain, metrics, public_key)
     server.sync_service = service  # for callers that need the chain store (tests, CLI)
     sync_pb2_grpc.add_GatewaySyncServicer_to_server(service, server)
     port = server.add_secure_port(listen, credentials) if credentials else server.add_insecure_port(listen)
