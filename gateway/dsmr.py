@@ -226,6 +226,7 @@ OBJECTS: dict[str, Obj] = {
     "0-n:24.1.0": Obj("device_type", "M-Bus device type", integer),
     "0-n:96.1.0": Obj("equipment_id", "M-Bus equipment identifier", text),
     "0-n:24.2.1": Obj("24.2.1", "gas delivered", mbus_reading("dm3")),
+    "0-n:24.2.3": Obj("24.2.1", "gas delivered (Belgium)", mbus_reading("dm3")),
     "0-n:24.3.0": Obj("24.2.1", "gas delivered (DSMR 2.2)", dsmr22_gas),
 }
 

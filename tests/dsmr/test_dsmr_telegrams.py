@@ -241,3 +241,9 @@ def test_framer_drops_a_start_that_never_ends_once_it_exceeds_the_bound():
         assert framer.buffered <= 4096
     assert framer.stats.oversized >= 1
     assert framer.feed(sample("v4_2_kaifa.txt")) == [sample("v4_2_kaifa.txt")]
+
+
+def test_belgian_gas_reference_24_2_3_is_read_like_24_2_1():
+    raw = edit_v5(b"0-1:24.2.1(170102161005W)(00000.107*m3)", b"0-1:24.2.3(170102161005W)(00012.345*m3)")
+    (gas,) = [r for r in to_readings(parse_telegram(raw, version="5"), received_at=NOW) if r.obis == "24.2.1"]
+    assert gas.value == 12_345 and gas.taken_at == datetime(2017, 1, 2, 15, 10, 5, tzinfo=UTC)
