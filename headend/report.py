@@ -92,6 +92,14 @@ def bill_from_quote(market: Market, table: VatTable, q, start: date, end: date) 
     return Bill(lines, vat, res.net_minor, res.vat_minor, res.gross_minor)
 
 
+def bill_from_item(item) -> Bill:
+    """Bill of an issued billable item (headend.billing.BillableItem): the invoice's own numbers."""
+    lines = tuple(BillLine(il.line.description, il.line.kind, il.line.quantity_kwh, il.line.unit_code,
+                           il.line.net_minor) for il in item.lines)
+    vat = tuple(VatRow(b.rate, b.taxable_minor, b.vat_minor) for b in item.vat.breakdown)
+    return Bill(lines, vat, item.net_minor, item.vat_minor, item.gross_minor)
+
+
 def build_customer_report(account_id: str, intervals: Iterable[Interval], tariff: Tariff, market: Market,
                           vat_table: VatTable, start: date, end: date, *,
                           promotions: Sequence[Promotion] = (), bill: Bill | None = None,

@@ -1,0 +1,54 @@
+"""An account's interval usage for a window, from stored readings: repository -> VEE -> binding; thin glue, no business rules of its own.
+
+Readings are fetched with a margin of one day on each side so the window's boundary intervals can
+be derived, then `vee.derive_intervals` (the market's interval length) and
+`billing.bind_intervals` decide every interval's account, exactly as billing does.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime, time, timedelta, timezone
+from typing import Iterable, Mapping
+from zoneinfo import ZoneInfo
+
+from .billing import bind_intervals
+from .binding import Bindings
+from .vat import Market
+from .vee import Interval, VeeConfig, derive_intervals
+
+UTC = timezone.utc
+
+
+def window_instants(start: date, end: date, zone: ZoneInfo | str) -> tuple[datetime, datetime]:
+    tz = ZoneInfo(zone) if isinstance(zone, str) else zone
+    return (datetime.combine(start, time(0), tz).astimezone(UTC), datetime.combine(end, time(0), tz).astimezone(UTC))
+
+
+def usage_by_account(repo, bindings: Bindings, markets: Mapping[str, Market], start: date, end: date,
+                     accounts: Iterable[str] | None = None, obis: tuple[str, ...] = ("1.8.0",)) -> dict[str, list[Interval]]:
+    """Account id -> its intervals (import by default) starting inside local dates [start, end) of its market."""
+    wanted = set(accounts) if accounts is not None else set(bindings.accounts)
+    meters: dict[str, str] = {}            # meter -> market
+    for acc in wanted:
+        if acc not in bindings.accounts:
+            continue
+        market = bindings.market_of_account(acc)
+        for m in bindings.meters_of_account(acc):
+            meters[m] = market
+    out: dict[str, list[Interval]] = {acc: [] for acc in wanted if acc in bindings.accounts}
+    for meter, market_id in sorted(meters.items()):
+        market = markets[market_id]
+        lo, hi = window_instants(start, end, market.timezone)
+        cfg_kwargs = {}
+        m = bindings.meters.get(meter)
+        if m is not None:
+            cfg_kwargs = {"register_max": m.register_max, "max_power_w": m.max_power_w}
+        cfg = VeeConfig(interval=timedelta(minutes=market.interval_minutes), **cfg_kwargs)
+        readings = []
+        for o in obis:
+            readings += repo.readings(meter, o, start=lo - timedelta(days=1), end=hi + timedelta(days=1))
+        ivs = [iv for iv in derive_intervals(readings, cfg).intervals if lo <= iv.start < hi]
+        for row in bind_intervals(ivs, bindings):
+            if row.account_id in out:
+                out[row.account_id].append(row.as_interval(row.wh))
+    return out
