@@ -8,6 +8,8 @@ import sys
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meterlink.clock import SimClock
 from meterlink.errors import DeviceError
@@ -15,7 +17,7 @@ from meterlink.gateway.cli import main as gateway_main
 from meterlink.gateway.dsmr import parse_telegram, to_readings
 from meterlink.gateway.p1 import P1Reader
 from meterlink.gateway.profiles import load_profile
-from meterlink.sim.dsmr import P1Faults, P1Meter, P1PtyServer, format_telegram
+from meterlink.sim.dsmr import P1Faults, P1Meter, P1PtyServer, Snapshot, format_telegram
 from meterlink.sim.meter import MeterModel
 
 UTC = timezone.utc
@@ -210,3 +212,21 @@ def test_help_texts_end_with_an_example():
                                                              "--dsmr-version 5")):
         out = subprocess.run([sys.executable, "-m", *cmd, "--help"], capture_output=True, text=True, timeout=30)
         assert " ".join(out.stdout.split()).endswith(example)
+
+
+@settings(max_examples=100, deadline=None)
+@given(wh=st.tuples(*[st.integers(0, 999_999_999)] * 4), w=st.integers(0, 99_999), gas=st.integers(0, 99_999_999),
+       dv=st.tuples(*[st.integers(0, 3000)] * 3), a=st.tuples(*[st.integers(0, 999)] * 3),
+       at=st.datetimes(min_value=datetime(2001, 1, 1), max_value=datetime(2098, 12, 31), timezones=st.just(UTC)))
+def test_any_dsmr5_snapshot_survives_format_and_parse_exactly(wh, w, gas, dv, a, at):
+    at = at.replace(microsecond=0)
+    s = Snapshot(at=at, equipment_id="MLS0000000000042", tariff=1, import_wh=wh[:2], export_wh=wh[2:], power_w=w,
+                 export_power_w=0, voltage_mv=tuple(v * 100 for v in dv), current_ma=tuple(x * 1000 for x in a),
+                 gas_id="MLG0000000000042", gas_dm3=gas, gas_at=at)
+    t = parse_telegram(format_telegram(s, "5"), version="5")
+    got = {(r.meter_id, r.obis): r.value for r in to_readings(t, received_at=START)}
+    assert t.timestamp == at and t.serial == "MLS0000000000042"
+    assert [got["MLS0000000000042", o] for o in ("1.8.1", "1.8.2", "2.8.1", "2.8.2")] == list(wh)
+    assert got["MLS0000000000042", "1.7.0"] == w and got["MLG0000000000042", "24.2.1"] == gas
+    assert [got["MLS0000000000042", o] for o in ("32.7.0", "52.7.0", "72.7.0")] == [v * 100 for v in dv]
+    assert [got["MLS0000000000042", o] for o in ("31.7.0", "51.7.0", "71.7.0")] == [x * 1000 for x in a]
