@@ -19,7 +19,7 @@ from .binding import load_bindings, load_demo_bindings
 from .insights_store import InsightsStore
 from .store import open_repository
 from .tariff import bundled_tariffs, load_tariff
-from .usage import usage_by_account
+from .usage import parked_wh, usage_by_account
 from .vat import load_markets, load_vat_table
 
 RAW = argparse.RawDescriptionHelpFormatter
@@ -266,6 +266,7 @@ def cmd_report(args) -> int:
         market = markets[args.market]
         accounts = [a for a in bindings.accounts if bindings.market_of_account(a) == market.id]
         ivs = usage_by_account(repo, bindings, markets, start, end, accounts)
+        parked, parked_estimated = parked_wh(repo, bindings, market, start, end)
     finally:
         repo.close()
     store = InsightsStore(_db(args))
@@ -279,7 +280,8 @@ def cmd_report(args) -> int:
         for s in (feats.get(a, ({}, []))[1] or ["(none)"]):
             seg_wh[s] = seg_wh.get(s, 0) + sum(iv.wh for iv in ivs.get(a, []))
             seg_n[s] = seg_n.get(s, 0) + 1
-    mr = R.MarketReport(market.id, start, end, seg_wh, seg_n, P.outcomes(offers, acc, {}, {}), parked_wh=0)
+    mr = R.MarketReport(market.id, start, end, seg_wh, seg_n, P.outcomes(offers, acc, {}, {}), parked_wh=parked,
+                        pending_wh=parked_estimated)
     out = R.render_market(mr, args.out)
     print(f"{out}: market {market.id}, {len(accounts)} account(s)")
     return 0

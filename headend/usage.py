@@ -52,3 +52,23 @@ def usage_by_account(repo, bindings: Bindings, markets: Mapping[str, Market], st
             if row.account_id in out:
                 out[row.account_id].append(row.as_interval(row.wh))
     return out
+
+
+def parked_wh(repo, bindings: Bindings, market: Market, start: date, end: date) -> tuple[int, int]:
+    """(parked Wh, estimated Wh) of import intervals in the market's window [start, end) that no account is
+    bound to: meters never installed, or installed at a service point nobody is supplied at."""
+    lo, hi = window_instants(start, end, market.timezone)
+    cfg = VeeConfig(interval=timedelta(minutes=market.interval_minutes))
+    parked = estimated = 0
+    for meter in repo.meters():
+        mkt = bindings.market_of_meter(meter)
+        if mkt not in (None, market.id):
+            continue
+        readings = repo.readings(meter, "1.8.0", start=lo - timedelta(days=1), end=hi + timedelta(days=1))
+        ivs = [iv for iv in derive_intervals(readings, cfg).intervals if lo <= iv.start < hi]
+        for row in bind_intervals(ivs, bindings):
+            if row.account_id is None:
+                parked += row.wh
+                if row.estimated:
+                    estimated += row.wh
+    return parked, estimated

@@ -24,12 +24,14 @@ BIND = ["--bindings", str(DATA / "bindings_gb.toml"), "--bindings-csv", str(DATA
 
 
 def profile(meter: str, hour: int) -> int:
-    """Wh per half hour (GB grid) by UTC hour: M-1 night heavy, M-2 small and flat, M-3 tea-time peak."""
+    """Wh per half hour (GB grid) by UTC hour: M-1 night heavy, M-2 small and flat, M-3 tea-time peak, M-UNBOUND flat 240 W."""
     if meter == "M-1":
         return 600 if hour < 7 else 150
     if meter == "M-2":
         return 60
-    return 900 if 16 <= hour < 19 else 120
+    if meter == "M-3":
+        return 900 if 16 <= hour < 19 else 120
+    return 120
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,7 @@ def db(tmp_path_factory) -> str:
     csv = d / "readings.csv"
     lines = ["meter,obis,timestamp,value,unit"]
     t0 = datetime(2026, 10, 1, tzinfo=UTC)
-    for meter in ("M-1", "M-2", "M-3"):
+    for meter in ("M-1", "M-2", "M-3", "M-UNBOUND"):
         reg = 5_000_000
         for i in range(92 * 48 + 1):                     # October to December
             t = t0 + timedelta(minutes=30 * i)
@@ -132,5 +134,9 @@ def test_market_report_and_outcomes_run_on_stored_results(db, tmp_path, capsys):
     out = tmp_path / "gb.png"
     assert main(["report", "--market", "GB", "--period", "2026-11", "--out", str(out), "--database", db, *BIND]) == 0
     assert out.read_bytes()[:4] == b"\x89PNG" and out.stat().st_size > 20_000
+    html = tmp_path / "gb.html"
+    assert main(["report", "--market", "GB", "--period", "2026-11", "--out", str(html), "--database", db, *BIND]) == 0
+    # M-UNBOUND is installed nowhere: its 30 days x 48 half hours x 120 Wh of November are parked, not billed
+    assert f"parked {30 * 48 * 120} Wh" in html.read_text()
     assert main(["promotions", "outcomes", "--json", "--database", db, *BIND]) == 0
     capsys.readouterr()
