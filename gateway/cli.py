@@ -269,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_enrolment_parsers(sub)
     from .sync import add_parsers as add_sync_parsers         # signing-key
     add_sync_parsers(sub)
+    from .profiles import add_parsers as add_profile_parsers  # profiles list|check, bus-plan
+    add_profile_parsers(sub)
     return parser
 
 

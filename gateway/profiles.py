@@ -448,3 +448,57 @@ def decode_example(profile: Profile, example: Example) -> dict[str, int | None]:
                 off = q.address - start
                 out[q.obis] = decode(q, words[off:off + q.count], profile.no_value)
     return out
+
+
+def add_parsers(sub) -> None:
+    """`meterlink-gateway profiles list|check` and `bus-plan` (hooked into gateway/cli.py)."""
+    pr = sub.add_parser("profiles", help="list the meter profiles or validate profile files",
+                        epilog="example: meterlink-gateway profiles check gateway/profiles/abb_b23.toml my_meter.toml")
+    prs = pr.add_subparsers(dest="profiles_command", required=True)
+    ls = prs.add_parser("list", help="every shipped profile with its model, block limit and quantities",
+                        epilog="example: meterlink-gateway profiles list")
+    ls.set_defaults(func=_cmd_list)
+    ck = prs.add_parser("check", help="validate profile files and their [[example]] blocks (exit 2 on the first error)",
+                        epilog="example: meterlink-gateway profiles check my_meter.toml")
+    ck.add_argument("files", nargs="*", help="profile TOML files or shipped names (default: every shipped profile)")
+    ck.set_defaults(func=_cmd_check)
+    bp = sub.add_parser("bus-plan", help="requests, bytes and modelled wire time per sweep of each configured bus",
+                        epilog="example: meterlink-gateway bus-plan --config gateway.toml")
+    bp.add_argument("--config", default="gateway.toml")
+    bp.set_defaults(func=_cmd_bus_plan)
+
+
+def _cmd_list(args) -> int:
+    for name in known_profiles():
+        p = load_profile(name)
+        print(f"{name:22} {p.manufacturer} {p.model}: {len(p.quantities)} quantities, max_block {p.max_block}, "
+              f"energy resolution {p.energy_resolution} Wh{', serial number' if p.serial else ''}"
+              f"{', variants: ' + ', '.join(v.name for v in p.variants) if p.variants else ''}")
+    return 0
+
+
+def _cmd_check(args) -> int:
+    for f in args.files or known_profiles():
+        p = check_profile_file(f)
+        print(f"{profile_path(f)}: ok ({len(p.quantities)} quantities, {len(p.examples)} example(s) decode as declared)")
+    return 0
+
+
+def _cmd_bus_plan(args) -> int:
+    from meterlink.modbus import SerialLine
+
+    from .config import load_config
+    from .readplan import plan_meter, sweep_cost
+
+    config = load_config(args.config)
+    for bus in config.buses:
+        if str(bus.port).startswith("tcp://"):
+            print(f"{bus.port}: Modbus TCP, no serial wire to model")
+            continue
+        line = SerialLine(bus.baud, bus.parity, bus.stopbits)
+        c = sweep_cost(line, [plan_meter(m.id, m.profile, line) for m in bus.meters])
+        print(f"{bus.port} ({line.describe()}): {c.meters} meter(s), {c.requests} requests, {c.bytes_on_wire} bytes, "
+              f"{c.wire_time_s:.3f} s wire time per sweep ({c.wire_time_s / config.poll_interval_s:.1%} of the "
+              f"{config.poll_interval_s} s interval); minimum {c.min_wire_time_s:.3f} s; one request per value "
+              f"would need {c.per_value_requests} requests, {c.per_value_wire_time_s:.3f} s")
+    return 0

@@ -137,3 +137,13 @@ def test_an_unknown_profile_name_lists_the_known_ones():
 def test_an_unknown_variant_is_refused_listing_the_variants():
     with pytest.raises(ConfigError, match="import-only"):
         load_profile("carlo_gavazzi_em24").variant("export-only")
+
+
+def test_the_profiles_check_command_reports_the_bad_file_and_key_and_exits_2(tmp_path, capsys):
+    from meterlink.gateway.cli import main
+
+    path = write(tmp_path, GOOD.replace('unit = "mHz"', 'unit = "Hz"', 1))
+    assert main(["profiles", "check", "eastron_sdm630", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert "eastron_sdm630.toml: ok" in out
+    assert f"{path}:" in err and "key 'quantity[3].unit'" in err and "unknown unit 'Hz'" in err
