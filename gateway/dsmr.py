@@ -317,7 +317,32 @@ def parse_telegram(raw: bytes, *, version: str | None = None) -> Telegram:
         if not lm:
             raise TelegramError("malformed", f"line {n}: malformed object {line[:60]!r}")
         objects.append((n, lm.group(1), _VALUES.findall(lm.group(2))))
+    if crc is None:
+        _check_without_crc(objects)
     return _build(header, crc, objects)
+
+
+# DSMR 2.2 has no CRC: its fixed value widths and mandatory objects are the only guard against a
+# line that lost bytes or lines on the way ('00001.001' that arrives as '0001.001' is refused).
+DSMR22_FORMATS: dict[str, str] = {
+    "0-0:96.1.1": r".+",
+    "1-0:1.8.1": r"\d{5}\.\d{3}\*kWh", "1-0:1.8.2": r"\d{5}\.\d{3}\*kWh",
+    "1-0:2.8.1": r"\d{5}\.\d{3}\*kWh", "1-0:2.8.2": r"\d{5}\.\d{3}\*kWh",
+    "0-0:96.14.0": r"\d{4}", "1-0:1.7.0": r"\d{4}\.\d{2}\*kW", "1-0:2.7.0": r"\d{4}\.\d{2}\*kW",
+}
+
+
+def _check_without_crc(objects: list[tuple[int, str, list[str]]]) -> None:
+    seen = {}
+    for n, ref, values in objects:
+        fmt = DSMR22_FORMATS.get(ref)
+        if fmt is not None:
+            if len(values) != 1 or not re.fullmatch(fmt, values[0]):
+                raise TelegramError("malformed", f"line {n}: {ref}: {values!r} is not the DSMR 2.2 format {fmt}")
+            seen[ref] = n
+    missing = [ref for ref in DSMR22_FORMATS if ref not in seen]
+    if missing:
+        raise TelegramError("truncated", f"telegram without CRC lacks {', '.join(missing)}")
 
 
 def _build(header: str, crc: int | None, objects: list[tuple[int, str, list[str]]]) -> Telegram:

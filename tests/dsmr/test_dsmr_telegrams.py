@@ -247,3 +247,14 @@ def test_belgian_gas_reference_24_2_3_is_read_like_24_2_1():
     raw = edit_v5(b"0-1:24.2.1(170102161005W)(00000.107*m3)", b"0-1:24.2.3(170102161005W)(00012.345*m3)")
     (gas,) = [r for r in to_readings(parse_telegram(raw, version="5"), received_at=NOW) if r.obis == "24.2.1"]
     assert gas.value == 12_345 and gas.taken_at == datetime(2017, 1, 2, 15, 10, 5, tzinfo=UTC)
+
+
+def test_a_crc_less_22_telegram_that_lost_a_line_or_a_digit_is_refused():
+    raw = sample("v2_2_iskra_nocrc.txt")
+    without_line = raw.replace(b"1-0:1.8.2(00001.001*kWh)\r\n", b"")
+    with pytest.raises(TelegramError, match=r"lacks 1-0:1\.8\.2") as exc:
+        parse_telegram(without_line, version="2.2")
+    assert exc.value.kind == "truncated"
+    lost_digit = raw.replace(b"1-0:1.8.2(00001.001*kWh)", b"1-0:1.8.2(0001.001*kWh)")
+    with pytest.raises(TelegramError, match=r"line 5: 1-0:1\.8\.2: .* not the DSMR 2\.2 format"):
+        parse_telegram(lost_digit, version="2.2")
