@@ -386,3 +386,38 @@ def bill_run(period: str, *, bindings: Bindings, markets: Mapping[str, Market], 
 
 __all__ = ["UsageRow", "bind_intervals", "merge_rows", "rebind", "check_rebinding", "bill_account", "bill_run",
            "BillableItem", "AccountBill", "BillRun", "Adjustment", "parse_period", "period_instants", "item_from_aggregates"]
+
+
+@dataclass(frozen=True)
+class WindowQuote:
+    account_id: str
+    start: date
+    end: date                                 # exclusive
+    currency: str
+    lines: tuple[ItemLine, ...]
+    vat: VatResult
+    usage_wh: int
+
+    @property
+    def net_minor(self) -> int:
+        return sum(il.line.net_minor for il in self.lines)
+
+
+def quote_window(account_id: str, start: date, end: date, *, bindings: Bindings, market: Market, tariff: Tariff,
+                 vat: VatTable, rows: Iterable[UsageRow], promotions: Sequence[Promotion] = ()) -> WindowQuote:
+    """Price any window of LOCAL dates [start, end) for an account from its bound, non-held usage
+    (billed or not) plus standing charges for its supply days, VAT included; changes nothing."""
+    if end <= start:
+        raise ValidationError(f"quote window end {end} must be after start {start}")
+    zone = ZoneInfo(market.timezone)
+    t0, t1 = local_midnight(start, zone), local_midnight(end, zone)
+    mine = [r for r in rows if r.account_id == account_id and not r.held and t0 <= r.start < t1]
+    aggs = rate_intervals({}, [r.as_interval(r.wh) for r in mine], tariff, account_id, zone)
+    for d in standing_dates(bindings, account_id, start, end, zone):
+        aggs = merge_aggregates(aggs, standing_charges(tariff, account_id, d, d + timedelta(days=1)))
+    quote = lines_from_aggregates(tariff, aggs.values(), start, end, account_id=account_id,
+                                  rounding_mode=market.rounding_mode, rounding_stage=market.rounding_stage,
+                                  split_at=vat.change_dates(market.id, start, end), promotions=promotions)
+    vat_result = apply_vat(market, vat, quote.lines, default_start=start, default_end=end)
+    lines = tuple(ItemLine(line, v.code, v.rate) for line, v in zip(quote.lines, vat_result.lines))
+    return WindowQuote(account_id, start, end, market.currency, lines, vat_result, sum(r.wh for r in mine))
