@@ -296,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_gateways_parser(sub)
     from . import cli_chain   # trust-gateway, chain
     cli_chain.register(sub)
+    from . import cli_billing   # bindings, process, quote, bill, export, reconcile, exceptions
+    cli_billing.register(sub)
     return parser
 
 
