@@ -163,11 +163,14 @@ def probe_request(profiles: list[Profile]) -> modbus.Request:
 
 
 def scan(open_bus: Callable[[int, str], object], units: list[int], settings: list[tuple[int, str]],
-         profiles: list[Profile], clock, *, progress: Callable[[str], None] | None = None) -> list[Found]:
+         profiles: list[Profile], clock, *, progress: Callable[[str], None] | None = None,
+         identify_timeout_s: float = 1.0) -> list[Found]:
     """Probe `units` under each (baud, parity) in turn; stop at the first setting where meters answer.
 
-    `open_bus(baud, parity)` returns a master with a short timeout (the caller chooses it).
-    `progress(text)` is called after each probe.
+    `open_bus(baud, parity)` returns a master with a short timeout (the caller chooses it): silent
+    units cost one such timeout each. Units that answered are then identified with at least
+    `identify_timeout_s`, so a busy meter is not mistaken for another model. `progress(text)` is
+    called after each probe.
     """
     req = probe_request(profiles)
     for baud, parity in settings:
@@ -195,6 +198,8 @@ def scan(open_bus: Callable[[int, str], object], units: list[int], settings: lis
             if not present or all(s == "garbled" for _, s in present):
                 continue   # nobody, or only line noise: wrong speed/parity
             found = []
+            if hasattr(master, "timeout"):
+                master.timeout = max(master.timeout, identify_timeout_s)
             for u, state in present:
                 f = identify(master, u, profiles, clock)
                 if state == "garbled" and f.profile is None:

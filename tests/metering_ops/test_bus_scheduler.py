@@ -159,3 +159,22 @@ def test_a_meter_register_going_backwards_on_the_wire_is_journaled_with_a_decrea
     assert flags == [0, 2, 4]                               # OK, DECREASE, IMPLAUSIBLE_JUMP
     values = [r.value for r in rec.readings if r.obis == "1.8.0"]
     assert values[1] < values[0] < values[2]                # kept as read, not "fixed"
+
+
+def test_a_meter_exchanged_on_the_bus_is_flagged_from_its_serial_number_not_as_a_decrease(tmp_path, clock, pty_bus):
+    meters = sim_meters(clock, {1: "eastron_sdm630"})
+    meters[1].faults.exchange_at = START + timedelta(minutes=20)
+    meters[1].faults.exchange_serial = 77_000_001
+    meters[1].faults.exchange_import_wh = 50
+    bus = pty_bus(meters)
+    cfg = write_config(tmp_path, [(bus.client_path, {}, {1: "M1"})], 900)
+    rec = Recorder()
+    gw = Gateway(load_config(cfg), clock, publisher=rec)
+    try:
+        gw.run(threading.Event(), until=START + timedelta(minutes=45), first=START)
+    finally:
+        gw.close()
+    imports = [(r.value, r.quality) for r in rec.readings if r.obis == "1.8.0"]
+    assert [q for _, q in imports] == [0, 0, 8, 0]          # METER_EXCHANGE at 00:30 only, no DECREASE
+    assert imports[2][0] < imports[1][0]                     # the new meter's register, kept as read
+    assert gw.memos["M1"].serial == 77_000_001

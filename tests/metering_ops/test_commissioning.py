@@ -31,7 +31,7 @@ def test_scan_finds_each_meter_on_the_bus_and_names_its_model(clock, pty_bus):
     bus = pty_bus(sim_meters(clock, {1: "eastron_sdm630", 2: "eastron_sdm120", 4: "eastron_sdm630"}))
     started = time.monotonic()
     out = subprocess.run([str(BIN / "meterlink-gateway"), "scan", "--port", bus.client_path, "--units", "1-6",
-                          "--timeout", "0.05", "--json", "--clock", "sim:2026-11-24T00:00:00Z"],
+                          "--timeout", "0.1", "--json", "--clock", "sim:2026-11-24T00:00:00Z"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert time.monotonic() - started < 20
@@ -46,7 +46,7 @@ def test_scan_finds_each_meter_on_the_bus_and_names_its_model(clock, pty_bus):
 def test_scan_prints_what_it_found_with_a_progress_bar(clock, pty_bus):
     bus = pty_bus(sim_meters(clock, {3: "eastron_sdm630"}))
     out = subprocess.run([str(BIN / "meterlink-gateway"), "scan", "--port", bus.client_path, "--units", "1-4",
-                          "--timeout", "0.05"], capture_output=True, text=True, timeout=60)
+                          "--timeout", "0.1"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "unit   3  eastron_sdm630" in out.stdout
     assert "4/4" in out.stderr                        # the progress bar counted every probe
@@ -58,7 +58,7 @@ def test_scan_with_auto_baud_stops_at_the_first_setting_where_meters_answer(cloc
 
     def open_bus(baud, parity):
         tried.append((baud, parity))
-        return open_master(bus.client_path, baud=baud, parity=parity, timeout=0.05)
+        return open_master(bus.client_path, baud=baud, parity=parity, timeout=0.1)
 
     found = c.scan(open_bus, [1, 2], c.settings_to_try("auto", "auto"), c.all_profiles(), SystemClock())
     assert [f.unit for f in found] == [2] and found[0].profile == "eastron_sdm630"
@@ -73,6 +73,15 @@ def test_a_silent_bus_is_scanned_quickly_and_reports_nothing(pty_bus, clock):
                    [(9600, "N"), (19200, "N"), (9600, "E")], c.all_profiles(), clock)
     assert found == []
     assert time.monotonic() - started < 10
+
+
+def test_a_whole_1_to_247_scan_on_a_pty_takes_seconds_and_finds_the_last_unit(pty_bus, clock):
+    bus = pty_bus(sim_meters(clock, {247: "eastron_sdm630"}))
+    started = time.monotonic()
+    found = c.scan(lambda b, p: open_master(bus.client_path, baud=b, parity=p, timeout=0.015),
+                   c.parse_units("1-247"), [(9600, "N")], c.all_profiles(), clock)
+    assert [(f.unit, f.profile) for f in found] == [(247, "eastron_sdm630")]
+    assert time.monotonic() - started < 15
 
 
 def test_identification_rejects_profiles_whose_values_are_implausible():
@@ -163,7 +172,7 @@ def test_diagnose_counts_timeouts_crc_errors_and_exceptions_per_meter(clock, pty
     meters[3].faults.exception_code = 4
     bus = pty_bus(meters)
     out = subprocess.run([str(BIN / "meterlink-gateway"), "diagnose", "--port", bus.client_path, "--units", "1-4",
-                          "--count", "3", "--timeout", "0.05", "--json"], capture_output=True, text=True, timeout=60)
+                          "--count", "2", "--timeout", "0.3", "--json"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     units = {u["unit"]: u for u in json.loads(out.stdout)["units"]}
     n = units[1]["requests"]
@@ -178,6 +187,6 @@ def test_diagnose_counts_timeouts_crc_errors_and_exceptions_per_meter(clock, pty
 def test_diagnose_prints_a_table(clock, pty_bus):
     bus = pty_bus(sim_meters(clock, {1: "eastron_sdm630"}))
     out = subprocess.run([str(BIN / "meterlink-gateway"), "diagnose", "--port", bus.client_path, "--units", "1",
-                          "--count", "2", "--timeout", "0.05"], capture_output=True, text=True, timeout=60)
+                          "--count", "2", "--timeout", "0.5"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "timeouts" in out.stdout and "0.0%" in out.stdout
