@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import queue
 import random
 import shutil
 import threading
@@ -138,13 +139,26 @@ class Gateway:
     # -- one poll's readings: plausibility -> journal -> MQTT -----------------------------------
     def accept(self, meter, readings: list, serial: int | None = None) -> list:
         """Flag, journal (one commit) and publish one poll's readings of `meter`; returns them."""
+        return self.commit([self.flag(meter, readings, serial)])
+
+    def flag(self, meter, readings: list, serial: int | None = None, trusted: bool | None = None) -> list:
+        """Plausibility flags for one poll of `meter` against what it said before (memo updated).
+
+        `trusted`: the clock's trust state when the meter answered (default: now)."""
+        if trusted is None:
+            trusted = clock_trusted(self.clock)
         limit = meter.max_power_w if getattr(meter, "max_power_w", None) else meter.profile.max_power_w
         resolution = {q.obis: q.resolution for q in meter.profile.quantities}
         with self._stats_lock:
             flagged, self.memos[meter.id] = check_readings(
                 self.memos.get(meter.id), readings, max_power_w=limit or 0, resolution_wh=resolution,
-                serial=serial, clock_trusted=clock_trusted(self.clock))
+                serial=serial, clock_trusted=trusted)
             self.stats.flagged += sum(1 for r in flagged if r.quality)
+        return flagged
+
+    def commit(self, polls: list[list]) -> list:
+        """Journal several polls' flagged readings in ONE transaction (one flash sync), then publish."""
+        flagged = [r for poll in polls for r in poll]
         if self.journal.billing_only:   # disk nearly full: keep billing registers only
             flagged = billing_only_readings(flagged)
         self.journal.append(flagged)
@@ -214,7 +228,7 @@ class Gateway:
                 return worker.switch_relay(meter_id, closed)
         raise KeyError(f"meter {meter_id} is not on any running bus")
 
-    def schedule_for(self, bus, first: datetime) -> sched.BusSchedule:
+    def schedule_for(self, bus, first: datetime, catch_up_before: datetime | None = None) -> sched.BusSchedule:
         interval = self.config.poll_interval_s
         backoff = sched.BackoffPolicy(base_s=bus.backoff_base_s if hasattr(bus, "backoff_base_s") else 2.0,
                                       max_s=getattr(bus, "backoff_max_s", None) or float(interval))
@@ -224,7 +238,7 @@ class Gateway:
             instant = any(not getattr(q, "billing", q.obis in BILLING_OBIS) for q in m.profile.quantities)
             meters.append((m.id, billing, instant))
         return sched.BusSchedule(meters, interval, first, stagger_s=getattr(bus, "stagger_s", 0.0),
-                                 backoff=backoff, rng=self.rng)
+                                 backoff=backoff, rng=self.rng, catch_up_before=catch_up_before)
 
     def poll_once(self) -> int:
         """Read every configured meter once; each meter's readings are journaled in one commit."""
@@ -303,10 +317,17 @@ class Gateway:
         """Poll every bus on its own scheduler thread from `first` (default: the next interval
         boundary) until `stop` is set or the clock passes `until`; then push what is left."""
         interval = self.config.poll_interval_s
+        # an explicit first poll in the past: every boundary since is polled once, at once (as before)
+        catch_up_before = self.clock.now() if first is not None else None
         first = first or next_boundary(self.clock.now() - timedelta(milliseconds=1), interval)
         sleeper = sched.make_sleeper(self.clock)
         sync_wanted = threading.Event()
         done = threading.Event()
+
+        # Bus threads hand each poll to the journal writer and go on polling: flash syncs (and
+        # MQTT hand-off) never hold up the bus; polls waiting together share one commit.
+        polls: queue.Queue = queue.Queue()
+        writer_done = threading.Event()
 
         def deliver(meter, outcome: sched.JobOutcome) -> None:
             if not outcome.ok:
@@ -314,15 +335,36 @@ class Gateway:
                     self.stats.read_errors += 1
                 self._note(outcome.error)
                 return
-            readings, serial = outcome.readings
-            self.accept(meter, readings, serial)
-            with self._stats_lock:
-                self.stats.readings += len(readings)
+            polls.put((meter, outcome.readings, clock_trusted(self.clock)))
+
+        def writer() -> None:
+            while True:
+                try:
+                    batch = [polls.get(timeout=0.1)]
+                except queue.Empty:
+                    if writer_done.is_set():
+                        return
+                    continue
+                while True:
+                    try:
+                        batch.append(polls.get_nowait())
+                    except queue.Empty:
+                        break
+                flagged = [self.flag(meter, readings, serial, trusted)
+                           for meter, (readings, serial), trusted in batch]
+                try:
+                    self.commit(flagged)
+                except Exception as exc:  # noqa: BLE001 - a failed commit must not stop polling
+                    log.exception("journal commit failed")
+                    self._note(f"journal {self.config.database}: commit of {len(batch)} poll(s) failed: {exc}")
+                    continue
+                with self._stats_lock:
+                    self.stats.readings += sum(len(p) for p in flagged)
+                sync_wanted.set()
 
         def round_done() -> None:
             with self._stats_lock:
                 self.stats.polls += 1
-            sync_wanted.set()
 
         def syncer() -> None:
             while not done.is_set():
@@ -339,13 +381,15 @@ class Gateway:
             if not meters:
                 continue
             self.workers.append(sched.BusWorker(
-                bus.port, master, meters, self.schedule_for(bus, first), self.clock, sleeper,
+                bus.port, master, meters, self.schedule_for(bus, first, catch_up_before), self.clock, sleeper,
                 lambda master, meter, job: self._read_job(master, meter, job), deliver,
                 stop=stop, until=until, on_round=round_done))
         for p1, reader in zip(getattr(self.config, "p1", ()), self.p1_readers):   # DSMR P1 ports
             self.workers.append(P1Worker(p1, reader, self.clock, sleeper, interval, first, self.accept_p1,
                                          self._p1_error, stop=stop, until=until, on_round=round_done))
         sync_thread = threading.Thread(target=syncer, name="sync", daemon=True)
+        writer_thread = threading.Thread(target=writer, name="journal writer", daemon=True)
+        writer_thread.start()
         if self.pusher is not None:
             sync_thread.start()
         for w in self.workers:
@@ -358,6 +402,8 @@ class Gateway:
                         for other in self.workers:
                             other.wake.set()
         finally:
+            writer_done.set()
+            writer_thread.join()        # every poll taken is journaled before run returns
             done.set()
             if sync_thread.is_alive():
                 sync_thread.join()

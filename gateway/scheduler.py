@@ -110,8 +110,15 @@ class BusSchedule:
 
     def __init__(self, meters: Iterable[tuple[str, bool, bool]], interval_s: int, first: datetime, *,
                  stagger_s: float = 0.0, backoff: BackoffPolicy | None = None,
-                 rng: random.Random | None = None, relay_attempts: int = 5) -> None:
-        """`meters`: (meter id, has billing quantities, has instantaneous quantities) in bus order."""
+                 rng: random.Random | None = None, relay_attempts: int = 5,
+                 catch_up_before: datetime | None = None) -> None:
+        """`meters`: (meter id, has billing quantities, has instantaneous quantities) in bus order.
+
+        Grid instants that pass while a meter is busy or backing off are skipped (counted in
+        `missed`): polling them late would only repeat the same values. The exception is a backlog
+        the caller asked for: instants before `catch_up_before` (e.g. an explicit first poll in the
+        past when the daemon starts) are each polled once, at once.
+        """
         meters = list(meters)
         if interval_s <= 0:
             raise ValueError("interval_s must be positive")
@@ -119,6 +126,7 @@ class BusSchedule:
         self.backoff = backoff or BackoffPolicy(max_s=float(interval_s))
         self.rng = rng if rng is not None else random.Random(0)
         self.relay_attempts = relay_attempts
+        self.catch_up_before = catch_up_before
         offsets = stagger_offsets([m for m, _, _ in meters], stagger_s)
         self.slots: dict[str, MeterSlot] = {}
         for i, (mid, billing, instant) in enumerate(meters):
@@ -139,7 +147,10 @@ class BusSchedule:
                 due, retry = s.next_poll, False
             else:
                 continue
-            nxt = grid_after(now, self.first, self.interval_s, s.offset)
+            if not retry and self.catch_up_before is not None and s.next_poll < self.catch_up_before:
+                nxt = grid_after(s.next_poll, self.first, self.interval_s, s.offset)
+            else:
+                nxt = grid_after(now, self.first, self.interval_s, s.offset)
             if not retry:
                 s.missed += (to_ms(nxt) - to_ms(s.next_poll)) // (self.interval_s * 1000) - 1
             s.next_poll = nxt

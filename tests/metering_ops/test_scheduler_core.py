@@ -147,3 +147,14 @@ def test_one_dead_meter_of_five_never_delays_the_others_beyond_its_own_timeout(t
             # before it: at most the other live meters' billing reads and ONE timeout of the dead one
             assert boundary <= at <= boundary + timedelta(seconds=timeout_s + 4 * read_s), (meter, k, at)
     assert s.slots["M3"].polls_ok == 0 and s.slots["M3"].failures > 5
+
+
+def test_instants_missed_at_startup_are_caught_up_once_each_but_later_misses_are_skipped():
+    s = BusSchedule([("a", True, False)], 900, T0, catch_up_before=T0 + timedelta(seconds=2000))
+    late = T0 + timedelta(seconds=2000)
+    assert [j.due for j in drain(s, late)] == [T0, T0 + timedelta(seconds=900), T0 + timedelta(seconds=1800)]
+    # a bus that falls behind later does not replay what it missed
+    much_later = T0 + timedelta(seconds=2700 + 3 * 900 + 5)
+    assert [j.due for j in drain(s, much_later)] == [T0 + timedelta(seconds=2700)]
+    assert s.slots["a"].missed == 3
+    assert s.wakeup() == T0 + timedelta(seconds=2700 + 4 * 900)
