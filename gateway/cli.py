@@ -49,6 +49,10 @@ def cmd_read_dsmr(args) -> int:
     crc = "no CRC" if t.crc is None else f"CRC {t.crc:04X}"
     print(f"DSMR {args.dsmr_version} P1 on {args.port}: {t.header}, meter {got.readings[0].meter_id}, "
           f"telegram time {t.timestamp.isoformat() if t.timestamp else '-'} ({crc})")
+    c = reader.counters
+    if c.crc_errors or c.truncated or c.malformed or c.garbage_bytes:
+        print(f"  refused before it: {c.crc_errors} CRC errors, {c.truncated} truncated, {c.malformed} malformed; "
+              f"{c.garbage_bytes} garbage bytes")
     for r in got.readings:
         name = ELECTRICITY_NAMES.get(r.obis, "")
         if r.obis == "24.2.1":

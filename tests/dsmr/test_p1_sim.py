@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
@@ -184,7 +185,13 @@ def test_cli_end_to_end_sim_dsmr_to_gateway_read_json():
 
 
 def test_cli_read_dsmr_prints_the_table(capsys):
-    proc, path = start_sim("--version", "5", "--interval-s", "0.2")
+    proc, path = start_sim("--version", "5", "--interval-s", "0.2", "--bad-crc-every", "1")
+    try:    # every telegram bad: the read fails naming what it saw
+        assert gateway_main(["read", "--dsmr", "--port", path, "--wait", "1"]) == 2
+    finally:
+        stop(proc)
+    assert "no valid telegram in 1 s" in capsys.readouterr().err
+    proc, path = start_sim("--version", "5", "--interval-s", "0.2", "--garbage-bytes", "9")
     try:
         assert gateway_main(["read", "--dsmr", "--port", path, "--wait", "5", "--meter-id", "HOUSE-7"]) == 0
     finally:
@@ -192,6 +199,8 @@ def test_cli_read_dsmr_prints_the_table(capsys):
     out = capsys.readouterr().out
     assert out.startswith(f"DSMR 5 P1 on {path}: MLS5\\2MeterlinkSim-5, meter HOUSE-7")
     assert "1.8.1    import tariff 1" in out and "gas, meter MLG0000010000001" in out
+    seen = re.search(r"refused before it: 0 CRC errors, \d+ truncated, 0 malformed; (\d+) garbage bytes", out)
+    assert seen and int(seen.group(1)) >= 9     # the junk before the telegram (plus the tail of one cut by opening)
 
 
 def test_cli_read_without_profile_or_dsmr_is_refused(capsys):
