@@ -196,6 +196,12 @@ def secure_channel(address: str, identity: GatewayIdentity, server_name: str | N
     return grpc.secure_channel(address, channel_credentials(identity), options=options)
 
 
+def headend_credentials(config) -> grpc.ChannelCredentials | None:
+    """Mutual-TLS credentials for the `Pusher` when gateway.toml has ``[headend] pki_dir``, else None (plaintext)."""
+    pki_dir = getattr(config, "headend_pki_dir", None)
+    return channel_credentials(load_identity(pki_dir)) if pki_dir else None
+
+
 def headend_channel(config) -> grpc.Channel | None:
     """The mutual-TLS channel a GatewayConfig asks for (``[headend] pki_dir``), or None for plaintext."""
     pki_dir = getattr(config, "headend_pki_dir", None)
