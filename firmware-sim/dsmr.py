@@ -13,7 +13,7 @@ import os
 import select
 import threading
 import tty
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
