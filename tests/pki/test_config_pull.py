@@ -114,3 +114,28 @@ def test_the_payload_is_canonical_json_naming_since_and_version(headend):
     doc = json.loads(payload)
     assert payload == json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
     assert doc["since"] == 0 and doc["version"] >= 1 and doc["changes"][0]["kind"] == "meter.add"
+
+
+def test_any_single_byte_change_to_a_signed_delta_is_refused(headend):
+    from hypothesis import given, settings, strategies as st
+    now = headend.clock.now()
+    headend.registry.add("gw-a", now)
+    headend.registry.provision("gw-a", ["MTR-1", "MTR-2"], [], now)
+    publish_tariff(headend.registry, "flat", TARIFF, now)
+    genuine = build_delta(headend.registry, "gw-a", 0, now, headend.keys.signing_key)
+    pub = headend.keys.signing_public
+    assert verify_delta(genuine, pub, "gw-a", 0).version >= 3
+
+    @settings(max_examples=300, deadline=None)
+    @given(field=st.sampled_from(["payload", "signature"]), index=st.integers(min_value=0),
+           flip=st.integers(min_value=1, max_value=255))
+    def altered_is_refused(field, index, flip):
+        data = bytearray(getattr(genuine, field))
+        data[index % len(data)] ^= flip
+        forged = config_pb2.SignedConfigDelta()
+        forged.CopyFrom(genuine)
+        setattr(forged, field, bytes(data))
+        with pytest.raises(ConfigDeltaRefused):
+            verify_delta(forged, pub, "gw-a", 0)
+
+    altered_is_refused()
