@@ -102,6 +102,10 @@ def cmd_run(args) -> int:
         pass
     finally:
         s = gw.stats
+        if gw.mqtt is not None:
+            m = gw.mqtt.stats
+            print(f"gateway {config.id}: MQTT {m.sent} published, {m.delivered} acknowledged, {m.dropped} dropped",
+                  file=sys.stderr, flush=True)
         print(f"gateway {config.id}: {s.polls} polls, {s.readings} readings, {s.read_errors} read errors, "
               f"{s.pushed} pushed, {gw.journal.unacked_count()} unacked", file=sys.stderr, flush=True)
         gw.close()
