@@ -157,3 +157,13 @@ def test_fingerprints_are_accepted_in_the_usual_spellings():
 
 def test_code_hash_ignores_case_dashes_and_spaces():
     assert hash_code("k7qm-2xwd") == hash_code("K7QM 2XWD") == hash_code("K7QM2XWD")
+
+
+def test_every_proto_file_has_committed_generated_code():
+    # scripts/gen_proto.py compiles every proto/meterlink/v1/*.proto; the skeleton's staleness test
+    # compares what it produces with what is committed, so a new .proto without code fails there too.
+    v1 = Path(__file__).resolve().parents[2] / "proto" / "meterlink" / "v1"
+    for proto in sorted(v1.glob("*.proto")):
+        for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"):
+            assert (v1 / f"{proto.stem}{suffix}").exists(), f"{proto.name}: {proto.stem}{suffix} missing; run make proto"
+    assert {"enrol.proto", "config.proto", "sync.proto"} <= {p.name for p in v1.glob("*.proto")}
