@@ -17,6 +17,7 @@ that a gateway whose clock lags a little still accepts them.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import ipaddress
 import os
@@ -305,6 +306,13 @@ def ensure_headend_pki(directory: str | Path, hosts: list[str], now: datetime,
     """
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
+    # `serve` and `gateways add` may both arrive first: one makes the CA, the other loads it.
+    with open(d / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _ensure_headend_pki(d, hosts, now, ca_name)
+
+
+def _ensure_headend_pki(d: Path, hosts: list[str], now: datetime, ca_name: str) -> HeadendPki:
     if (d / "ca.key").exists() != (d / "ca.crt").exists():
         raise PkiError(f"{d}: ca.key and ca.crt must both exist or both be absent")
     if not (d / "ca.key").exists():

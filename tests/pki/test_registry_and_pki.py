@@ -167,3 +167,14 @@ def test_every_proto_file_has_committed_generated_code():
         for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"):
             assert (v1 / f"{proto.stem}{suffix}").exists(), f"{proto.name}: {proto.stem}{suffix} missing; run make proto"
     assert {"enrol.proto", "config.proto", "sync.proto"} <= {p.name for p in v1.glob("*.proto")}
+
+
+def test_two_processes_creating_the_headend_ca_at_once_end_up_with_one(tmp_path):
+    import subprocess
+    code = ("import sys; from datetime import datetime, timezone; from meterlink import pki; "
+            "print(pki.ensure_headend_pki(sys.argv[1], ['127.0.0.1'], datetime(2026, 11, 24, tzinfo=timezone.utc))"
+            ".ca_fingerprint)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "pki")], stdout=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    prints = {p.communicate(timeout=60)[0].strip() for p in procs}
+    assert len(prints) == 1 and prints == {pki.fingerprint(pki.load_cert((tmp_path / "pki" / "ca.crt").read_bytes()))}
