@@ -238,3 +238,19 @@ def test_refusals_are_counted_by_reason_in_the_headend_metrics(tmp_path, clock):
         repo.close()
     assert metrics.registry.get_sample_value("meterlink_headend_refused_batches_total",
                                              {"reason": "ACCESS_REFUSAL_METER_NOT_PROVISIONED"}) == 1
+
+
+def test_an_enrolment_without_proof_of_the_signing_key_is_refused_and_the_code_survives(headend, tmp_path):
+    from meterlink.gateway.enrol import build_request
+    from meterlink.v1 import enrol_pb2_grpc
+    code = headend.registry.add("gw-0001", headend.clock.now())
+    request = build_request(code, pki.new_tls_key(), pki.new_signing_key())
+    request.signing_public_key = pki.raw_public_key(pki.new_signing_key())     # claims a key it cannot sign with
+    channel = grpc.secure_channel(headend.enrol_address, grpc.ssl_channel_credentials(headend.keys.ca_pem))
+    with pytest.raises(grpc.RpcError) as err:
+        enrol_pb2_grpc.EnrolmentStub(channel).Enroll(request, timeout=10)
+    channel.close()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "proof of the Ed25519 signing key" in err.value.details()
+    assert enroll(headend.enrol_address, code, tmp_path / "gw", ca_fingerprint=headend.keys.ca_fingerprint).name \
+        == "gw-0001"
