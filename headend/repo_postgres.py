@@ -56,7 +56,7 @@ ISLANDS = ("SELECT MIN(seq), MAX(seq) FROM (SELECT seq, seq - ROW_NUMBER() OVER 
 
 def redact(url: str) -> str:
     """The URL with any password replaced, for messages and logs."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    return re.sub(r"(password=)[^&\s]*", r"\1***", re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url))
 
 
 class _Pool:

@@ -47,7 +47,8 @@ class IngestResult:
 
 
 class ReadingRepository(Protocol):
-    url: str
+    url: str          # the database URL, password redacted
+    dialect: str      # "sqlite" | "postgres"
 
     def ingest(self, gateway_id: str, records: list[StoredRecord], received_at_ms: int) -> IngestResult: ...
     def acked_seq(self, gateway_id: str) -> int: ...

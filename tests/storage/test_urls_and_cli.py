@@ -17,6 +17,7 @@ from meterlink.headend.store import open_repository
     ("postgresql://postgres@127.0.0.1:5432", "no database name"),
     ("postgresql://postgres@127.0.0.1:1/meterlink", r"cannot connect to PostgreSQL database postgresql://postgres@127\.0\.0\.1:1/meterlink"),
     ("postgresql://postgres:s3cret@127.0.0.1:1/meterlink", r"postgres:\*\*\*@127\.0\.0\.1:1"),
+    ("postgresql://postgres@127.0.0.1:1/meterlink?password=s3cret", r"password=\*\*\*"),
 ])
 def test_bad_database_url_is_refused_naming_the_problem(url, problem):
     with pytest.raises(ConfigError, match=problem) as err:
