@@ -22,7 +22,7 @@ from meterlink.clock import clock_from_spec
 from meterlink.config import load_section
 from meterlink.errors import ConfigError
 
-from .registry import open_registry
+from .registry import RegistryError, open_registry
 
 DEFAULT_SERVER_NAMES = ("localhost", "127.0.0.1")
 
@@ -101,6 +101,10 @@ def cmd_gateways(args) -> int:
         if args.gateways_command in ("add", "code"):
             keys = pki.ensure_headend_pki(pcfg.dir, list(pcfg.server_names), now)
             ttl = timedelta(hours=args.ttl_h or pcfg.code_ttl_h)
+            owners = {m: r.name for r in registry.list() for m in r.meters}
+            for meter in args.meter or ():
+                if owners.get(meter, args.name) != args.name:      # refuse before a code is made
+                    raise RegistryError(f"meter {meter} is provisioned to gateway {owners[meter]}; remove it there first")
             code = (registry.add if args.gateways_command == "add" else registry.new_code)(args.name, now, ttl)
             if args.meter:
                 registry.provision(args.name, list(args.meter), [], now)

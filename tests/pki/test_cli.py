@@ -101,3 +101,13 @@ def test_enrolling_with_the_gateway_config_registers_the_key_the_daemon_signs_wi
     rc, out, _ = run(headend_main, ["gateways", "list", "--config", str(cfg), "--json"], capsys)
     listed = {g["gateway"]: g for g in json.loads(out)}
     assert listed["gw-0003"]["signing_key"] == pki.key_id(identity.signing_public)
+
+
+def test_adding_a_gateway_with_another_gateways_meter_makes_no_code(tmp_path, capsys):
+    db = f"sqlite:///{tmp_path}/h.db"
+    base = ["--database", db, "--pki-dir", str(tmp_path / "pki"), "--config", str(tmp_path / "none.toml")]
+    assert run(headend_main, ["gateways", "add", "gw-a", "--meter", "MTR-1", *base], capsys)[0] == 0
+    rc, out, err = run(headend_main, ["gateways", "add", "gw-b", "--meter", "MTR-1", *base], capsys)
+    assert rc == 2 and "meter MTR-1 is provisioned to gateway gw-a" in err and "code" not in out
+    rc, out, _ = run(headend_main, ["gateways", "list", "--json", *base], capsys)
+    assert [g["gateway"] for g in json.loads(out)] == ["gw-a"]
