@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))      # billing_helpers (import-mode=importlib adds no path)
+sys.path.insert(0, str(HERE))          # billing_helpers (import-mode=importlib adds no path)
+sys.path.insert(0, str(HERE.parent))   # tests/: pgserver (a real PostgreSQL for the store tests)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -21,10 +21,16 @@ def ingest(repo, readings, gateway="GW1", first_seq=1):
     return first_seq + len(recs)
 
 
-@pytest.fixture
-def db(tmp_path):
-    url = f"sqlite:///{tmp_path}/headend.db"
-    repo = open_repository(url)
+@pytest.fixture(params=["sqlite", "postgres"])
+def db(request, tmp_path):
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/headend.db"
+    else:
+        from pgserver import PG_UNAVAILABLE, fresh_schema_url
+        if PG_UNAVAILABLE:
+            pytest.skip(PG_UNAVAILABLE)
+        url = fresh_schema_url()
+    repo = open_repository(url, migrate=True)
     store = BillingStore(url)
     yield repo, store
     store.close()
