@@ -305,7 +305,7 @@ def ensure_headend_pki(directory: str | Path, hosts: list[str], now: datetime,
     (re)issued when missing or when `hosts` are not all among its SANs.
     """
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
     # `serve` and `gateways add` may both arrive first: one makes the CA, the other loads it.
     with open(d / ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -56,7 +56,7 @@ class GatewayIdentity:
 def ensure_keys(state_dir: str | Path, signing_key_path: str | Path | None = None):
     """Load or create (0600) the device's TLS and signing keys -> (tls_key, signing_key)."""
     d = Path(state_dir)
-    d.mkdir(parents=True, exist_ok=True)
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
     sk = Path(signing_key_path) if signing_key_path else d / "signing.key"
     if not (d / "tls.key").exists():
         pki.write_private(d / "tls.key", pki.private_key_pem(pki.new_tls_key()))

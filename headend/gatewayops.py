@@ -108,7 +108,7 @@ def cmd_gateways(args) -> int:
             code = (registry.add if args.gateways_command == "add" else registry.new_code)(args.name, now, ttl)
             if args.meter:
                 registry.provision(args.name, list(args.meter), [], now)
-            expires = (now + ttl).isoformat().replace("+00:00", "Z")
+            expires = (now + ttl).isoformat(timespec="seconds").replace("+00:00", "Z")
             if args.json:
                 print(json.dumps({"gateway": args.name, "code": code, "expires": expires,
                                   "ca_fingerprint": keys.ca_fingerprint, "enrol_address": pcfg.enrol_listen}))
