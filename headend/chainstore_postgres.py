@@ -1,0 +1,116 @@
+"""PostgreSQL twin of headend/chainstore.py (per-gateway chain head, record hashes, events, tombstones, trusted keys); SQL only, no rules.
+
+Same methods and meaning as `SqliteChainStore`, so several head-end replicas can share the chain
+state in one PostgreSQL database. `commit` is safe across replicas: it locks the gateway's head row
+first (an upsert, so the very first head is locked too) and refuses with `HeadMoved` when another
+replica advanced the head since this one verified the batch; nothing is written then.
+The tables are created if missing (like the SQLite store), under an advisory lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from meterlink.chain import GENESIS, ChainRecord, Event, Tombstone, hash_of
+from meterlink.clock import to_ms
+from meterlink.errors import ConfigError
+
+from .chainstore import HeadMoved
+from .repo_postgres import _Pool, redact
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS gateway_chain_head (
+    gateway_id TEXT PRIMARY KEY, head_seq BIGINT NOT NULL, head_hash BYTEA NOT NULL, updated_at_ms BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS gateway_chain_hash (
+    gateway_id TEXT NOT NULL, seq BIGINT NOT NULL, hash BYTEA NOT NULL, PRIMARY KEY (gateway_id, seq));
+CREATE TABLE IF NOT EXISTS gateway_event (
+    gateway_id TEXT NOT NULL, seq BIGINT NOT NULL, prev_hash BYTEA NOT NULL, kind TEXT NOT NULL, meter_id TEXT NOT NULL,
+    at_ms BIGINT NOT NULL, payload BYTEA NOT NULL, obis TEXT NOT NULL DEFAULT '', record_hash BYTEA,
+    received_at_ms BIGINT NOT NULL, PRIMARY KEY (gateway_id, seq));
+CREATE TABLE IF NOT EXISTS gateway_key (
+    gateway_id TEXT PRIMARY KEY, public_key BYTEA NOT NULL, trusted_at_ms BIGINT NOT NULL);
+"""
+_DDL_LOCK = int.from_bytes(hashlib.sha256(b"meterlink.headend.chainstore").digest()[:8], "big") >> 1
+
+# Lock (creating if needed) the gateway's head row; returns the head seq before this commit.
+LOCK_HEAD = ("INSERT INTO gateway_chain_head AS h VALUES (%s, 0, %s, 0) ON CONFLICT (gateway_id) "
+             "DO UPDATE SET head_seq = h.head_seq RETURNING head_seq")
+
+
+class PostgresChainStore:
+    def __init__(self, url: str, pool_size: int = 8) -> None:
+        self.url = redact(url)
+        self._pool = _Pool(url, pool_size, self.url)
+        with self._pool.connection() as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_DDL_LOCK,))
+            conn.execute(SCHEMA.encode(), prepare=False)
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def head(self, gateway_id: str) -> tuple[int, bytes]:
+        """(seq, hash) of the last record held for the gateway; (0, GENESIS) when none."""
+        with self._pool.connection() as conn:
+            row = conn.execute("SELECT head_seq, head_hash FROM gateway_chain_head WHERE gateway_id = %s",
+                               (gateway_id,)).fetchone()
+        return (row[0], bytes(row[1])) if row else (0, GENESIS)
+
+    def record_hash(self, gateway_id: str, seq: int) -> bytes | None:
+        with self._pool.connection() as conn:
+            row = conn.execute("SELECT hash FROM gateway_chain_hash WHERE gateway_id = %s AND seq = %s",
+                               (gateway_id, seq)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def commit(self, gateway_id: str, expected_head: int, new: list[ChainRecord], received_at_ms: int) -> int:
+        """Record hashes, events and tombstones of `new` and advance the head, in one transaction -> new head seq.
+
+        Raises HeadMoved when the stored head is no longer `expected_head` (nothing is written).
+        """
+        if not new:
+            return expected_head
+        hashes = [(gateway_id, r.seq, hash_of(r)) for r in new]
+        others = []
+        for r in new:
+            b = r.body
+            if isinstance(b, Event):
+                others.append((gateway_id, r.seq, r.prev_hash, b.kind, b.meter_id, to_ms(b.at), b.payload, "",
+                               None, received_at_ms))
+            elif isinstance(b, Tombstone):
+                others.append((gateway_id, r.seq, r.prev_hash, "tombstone", "", b.first_seq, b"", "",
+                               b.record_hash, received_at_ms))
+        with self._pool.connection() as conn:
+            with conn.transaction():
+                head = conn.execute(LOCK_HEAD, (gateway_id, GENESIS)).fetchone()[0]
+                if head != expected_head:
+                    raise HeadMoved(f"gateway {gateway_id}: head moved from {expected_head} to {head}")
+                cur = conn.cursor()
+                with cur.copy("COPY gateway_chain_hash (gateway_id, seq, hash) FROM STDIN (FORMAT BINARY)") as copy:
+                    copy.set_types(["text", "int8", "bytea"])
+                    for row in hashes:
+                        copy.write_row(row)
+                if others:
+                    cur.executemany("INSERT INTO gateway_event VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)", others)
+                cur.execute("UPDATE gateway_chain_head SET head_seq = %s, head_hash = %s, updated_at_ms = %s "
+                            "WHERE gateway_id = %s", (new[-1].seq, hashes[-1][2], received_at_ms, gateway_id))
+        return new[-1].seq
+
+    def events(self, gateway_id: str) -> list[tuple[int, str, str, int, bytes, str]]:
+        """(seq, kind, meter_id, at_ms, payload, obis) of the gateway's events and tombstones, by seq."""
+        with self._pool.connection() as conn:
+            rows = conn.execute("SELECT seq, kind, meter_id, at_ms, payload, obis FROM gateway_event "
+                                "WHERE gateway_id = %s ORDER BY seq", (gateway_id,)).fetchall()
+        return [(s, k, m, a, bytes(p), o) for s, k, m, a, p, o in rows]
+
+    def public_key(self, gateway_id: str) -> bytes | None:
+        with self._pool.connection() as conn:
+            row = conn.execute("SELECT public_key FROM gateway_key WHERE gateway_id = %s", (gateway_id,)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def trust(self, gateway_id: str, public_key: bytes, at_ms: int) -> None:
+        """Register (or replace) the Ed25519 public key the gateway's chain heads must be signed with."""
+        if len(public_key) != 32:
+            raise ConfigError(f"gateway {gateway_id}: an Ed25519 public key is 32 bytes, got {len(public_key)}")
+        with self._pool.connection() as conn:
+            conn.execute("INSERT INTO gateway_key VALUES (%s, %s, %s) ON CONFLICT (gateway_id) DO UPDATE SET "
+                         "public_key = excluded.public_key, trusted_at_ms = excluded.trusted_at_ms",
+                         (gateway_id, public_key, at_ms))
