@@ -131,6 +131,22 @@ def cmd_settle(args) -> int:
     return 0 if run.ok else 1
 
 
+def cmd_over_usage(args) -> int:
+    from . import settlement
+    store = _payg_store(args)
+    try:
+        rows = settlement.over_usage_report(store, settlement.parse_period(args.period, args.timezone))
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps([r.__dict__ for r in rows]))
+        return 0
+    print(f"{'account':16} {'meter':16} {'events':>6} {'debt (minor)':>12} {'Wh':>10}")
+    for r in rows:
+        print(f"{r.account_id:16} {r.meter:16} {r.events:>6} {r.amount_minor:>12} {r.wh:>10}")
+    return 0
+
+
 def cmd_cards(args) -> int:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -206,6 +222,15 @@ def _register_payg(sub) -> None:
     st.add_argument("--config", default="headend.toml")
     st.add_argument("--database", help="sqlite:///PATH, overrides the config")
     st.set_defaults(func=cmd_settle)
+
+    ou = sub.add_parser("over-usage", help="over-usage booked as debt in a period, per account and meter",
+                        epilog="example: meterlink-headend over-usage --period 2026-03 --database sqlite:///var/headend.db")
+    ou.add_argument("--period", required=True, help="YYYY-MM, YYYY-MM-DD or START/END ISO instants")
+    ou.add_argument("--timezone", default="UTC")
+    ou.add_argument("--json", action="store_true")
+    ou.add_argument("--config", default="headend.toml")
+    ou.add_argument("--database", help="sqlite:///PATH, overrides the config")
+    ou.set_defaults(func=cmd_over_usage)
 
     cards = sub.add_parser("cards", help="issue, register, blacklist and list customer top-up cards",
                            epilog="example: meterlink-headend cards blacklist --card CARD-0001 --reason stolen "

@@ -123,4 +123,30 @@ def render_text(run: SettlementRun) -> str:
     return "\n".join(out)
 
 
-__all__ = ["SettlementRun", "parse_period", "render_text", "settle", "to_json"]
+@dataclass(frozen=True)
+class OverUsageLine:
+    account_id: str
+    meter: str
+    source: str
+    events: int
+    amount_minor: int
+    wh: int
+
+
+def over_usage_report(store: PaygStore, period: V.Period) -> list[OverUsageLine]:
+    """Over-usage booked as debt in `period`, per (account, meter, source), from the CRM event log."""
+    acc: dict[tuple[str, str, str], list[int]] = {}
+    cursor = 0
+    while batch := store.events(cursor, 5000):
+        for e in batch:
+            if e.kind == "over_usage" and period.start <= e.at < period.end:
+                key = (e.account_id, str(e.payload.get("meter", "")), str(e.payload.get("source", "headend")))
+                row = acc.setdefault(key, [0, 0, 0])
+                row[0] += 1
+                row[1] += int(e.payload.get("amount_minor", 0))
+                row[2] += int(e.payload.get("wh") or 0)
+        cursor = batch[-1].seq
+    return [OverUsageLine(a, m, s, n, minor, wh) for (a, m, s), (n, minor, wh) in sorted(acc.items())]
+
+
+__all__ = ["OverUsageLine", "SettlementRun", "over_usage_report", "parse_period", "render_text", "settle", "to_json"]

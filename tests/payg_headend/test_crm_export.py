@@ -69,3 +69,26 @@ def test_head_end_events_are_exported_to_mosquitto_once_past_the_cursor(tmp_path
     assert over["amount_minor"] == 350 - granted and over["meter"] == "M1" and over["source"] == "headend"
     assert messages[0][0] == f"meterlink/v1/crm/over_usage/{account}"
     assert L.balance(store.transactions(), L.debt(account), "GBP") == 350 - granted
+
+
+def test_over_usage_report_command_lists_debt_booked_per_account_and_meter(tmp_path, capsys):
+    import json
+
+    from meterlink.headend.cli import main
+    store = store_with_card(tmp_path)
+    store.append([L.top_up("seed", T0, "ACC1", "V1", 1000, "GBP", store.vat)])
+    cc = CC.CreditControl(store, CC.InMemorySessionStore(), CC.GrantPolicy(max_grant_minor=200),
+                          L.PrepaidVat(Decimal("0.05")))
+    granted = cc.reserve(CC.initial("S1", "ACC1", "M1", "GBP"), T0).answer.grant.amount_minor
+    for n, used in ((1, granted + 40), (2, 10_000)):
+        out = cc.update(CC.CreditControlRequest("S1", CC.RequestType.UPDATE_REQUEST, n, "ACC1", "M1", "GBP", used,
+                                                0), T0 + timedelta(hours=n))
+        for e in out.events:
+            PS.record_over_usage(store, e)
+    debt = L.balance(store.transactions(), L.debt("ACC1"), "GBP")
+    store.close()
+    assert main(["over-usage", "--period", "2026-03", "--json", "--database", f"sqlite:///{tmp_path}/h.db"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert (row["account_id"], row["meter"], row["events"], row["amount_minor"]) == ("ACC1", "M1", 2, debt)
+    assert main(["over-usage", "--period", "2026-04", "--database", f"sqlite:///{tmp_path}/h.db"]) == 0
+    assert "ACC1" not in capsys.readouterr().out
