@@ -77,12 +77,12 @@ def cmd_migrate(args) -> int:
             pending = repo.pending_migrations()
             for m in pending:
                 print(f"pending {m.label}")
-            print(f"{repo.url}: schema version {repo.schema_version()}, {len(pending)} pending")
+            print(f"{repo.display_url}: schema version {repo.schema_version()}, {len(pending)} pending")
             return 1 if pending else 0
         applied = repo.migrate()
         for m in applied:
             print(f"applied {m.label} ({m.checksum})")
-        print(f"{repo.url}: schema version {repo.schema_version()}"
+        print(f"{repo.display_url}: schema version {repo.schema_version()}"
               + ("" if applied else " (already up to date)"))
         return 0
     finally:
@@ -144,6 +144,33 @@ def cmd_over_usage(args) -> int:
     print(f"{'account':16} {'meter':16} {'events':>6} {'debt (minor)':>12} {'Wh':>10}")
     for r in rows:
         print(f"{r.account_id:16} {r.meter:16} {r.events:>6} {r.amount_minor:>12} {r.wh:>10}")
+    return 0
+
+
+def cmd_tokens(args) -> int:
+    from pathlib import Path
+    from cryptography.hazmat.primitives import serialization
+    from meterlink.errors import ConfigError, ValidationError
+    from . import payg_store
+    store = _payg_store(args)
+    try:
+        if args.tokens_command == "issue":
+            try:
+                key = serialization.load_pem_private_key(Path(args.key).read_bytes(), None)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"head-end signing key: {exc}", path=args.key) from None
+            vendor, sep, sale = args.sale.partition("/")
+            if not sep:
+                raise ValidationError(f"--sale {args.sale!r}: expected VENDOR/SALE_ID")
+            token = payg_store.token_for_sale(store, vendor, sale, args.meter, key, _payg_now(args))
+            print(json.dumps({"token_id": token.token_id, "meter": token.meter, "counter": token.counter,
+                              "amount_minor": token.amount_minor, "currency": token.currency,
+                              "token": token.encode()}) if args.json else token.encode())
+        else:
+            for token_id, reference, amount in payg_store.unapplied_tokens(store, args.meter):
+                print(f"{token_id:24} {reference:32} {amount:>10}")
+    finally:
+        store.close()
     return 0
 
 
@@ -231,6 +258,26 @@ def _register_payg(sub) -> None:
     ou.add_argument("--config", default="headend.toml")
     ou.add_argument("--database", help="sqlite:///PATH, overrides the config")
     ou.set_defaults(func=cmd_over_usage)
+
+    tk = sub.add_parser("tokens", help="signed top-up tokens delivering authorised sales to meters",
+                        epilog="example: meterlink-headend tokens issue --sale SHOP1/S-0001 --meter MTR-0001 "
+                               "--key headend-signing.pem")
+    tsub = tk.add_subparsers(dest="tokens_command", required=True)
+    ti = tsub.add_parser("issue", help="print the token of an authorised sale (the same token if asked again)",
+                         epilog="example: meterlink-headend tokens issue --sale SHOP1/S-0001 --meter MTR-0001 "
+                                "--key headend-signing.pem --json")
+    ti.add_argument("--sale", required=True, help="VENDOR/SALE_ID")
+    ti.add_argument("--key", required=True, help="head-end Ed25519 signing key (PEM)")
+    ti.add_argument("--json", action="store_true")
+    ti.add_argument("--clock", default="system", help="system | sim:ISO")
+    ti.add_argument("--at", help="ISO instant to use instead of the clock")
+    tp = tsub.add_parser("pending", help="tokens of a meter no gateway has reported applied",
+                         epilog="example: meterlink-headend tokens pending --meter MTR-0001")
+    for p in (ti, tp):
+        p.add_argument("--meter", required=True)
+        p.add_argument("--config", default="headend.toml")
+        p.add_argument("--database", help="sqlite:///PATH, overrides the config")
+    tk.set_defaults(func=cmd_tokens)
 
     cards = sub.add_parser("cards", help="issue, register, blacklist and list customer top-up cards",
                            epilog="example: meterlink-headend cards blacklist --card CARD-0001 --reason stolen "

@@ -66,6 +66,10 @@ CREATE TABLE IF NOT EXISTS payg_refusal (
 CREATE TABLE IF NOT EXISTS payg_reversal (
     reversal_id TEXT PRIMARY KEY, vendor_id TEXT NOT NULL, sale_id TEXT NOT NULL, at_ms INTEGER NOT NULL,
     reason TEXT NOT NULL, UNIQUE (vendor_id, sale_id));
+CREATE TABLE IF NOT EXISTS payg_token (
+    token_id TEXT PRIMARY KEY, reference TEXT NOT NULL UNIQUE, meter_id TEXT NOT NULL, counter INTEGER NOT NULL,
+    account_id TEXT NOT NULL, amount_minor INTEGER NOT NULL, currency TEXT NOT NULL, issued_at_ms INTEGER NOT NULL,
+    expires_at_ms INTEGER NOT NULL, applied_at_ms INTEGER, UNIQUE (meter_id, counter));
 CREATE TABLE IF NOT EXISTS payg_event (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, at_ms INTEGER NOT NULL, kind TEXT NOT NULL, account_id TEXT NOT NULL,
     payload TEXT NOT NULL);
@@ -369,6 +373,11 @@ class PaygStore:
             if db.execute("SELECT 1 FROM payg_reversal WHERE vendor_id = ? AND sale_id = ?",
                           (vendor_id, sale_id)).fetchone():
                 raise ValidationError(f"reversal {reversal_id}: sale {vendor_id}/{sale_id} is already reversed")
+            applied = db.execute("SELECT token_id FROM payg_token WHERE reference = ? AND applied_at_ms IS NOT NULL",
+                                 (f"sale:{vendor_id}:{sale_id}",)).fetchone()
+            if applied is not None:
+                raise ValidationError(f"reversal {reversal_id}: sale {vendor_id}/{sale_id} reached the meter as "
+                                      f"token {applied[0]} (reported applied); adjust instead of reversing")
             sale = _sale(row)
             result = V.reverse_sale(sale, reversal_id, now, reason, self.account(sale.account_id), self.vat)
             if isinstance(result, V.Refusal):
@@ -423,6 +432,67 @@ class PaygStore:
             rows = self._db.execute("SELECT seq, at_ms, kind, account_id, payload FROM payg_event WHERE seq > ? "
                                     "ORDER BY seq LIMIT ?", (after_seq, limit)).fetchall()
         return [CrmEvent(r[0], from_ms(r[1]), r[2], r[3], json.loads(r[4])) for r in rows]
+
+
+TOKEN_TTL = timedelta(days=30)
+
+
+def issue_token(store: PaygStore, reference: str, meter_id: str, account_id: str, amount_minor: int, currency: str,
+                head_end_key, now: datetime, ttl: timedelta = TOKEN_TTL):
+    """The signed top-up token delivering `reference` (e.g. ``sale:SHOP1:S1``) to `meter_id`.
+
+    Idempotent on `reference`: asking again returns the identical token (same id, counter and
+    Ed25519 signature), so a lost delivery can be retried; each new reference takes the meter's
+    next counter (the gateway's replay window)."""
+    from meterlink.gateway.tokens import TopUpToken
+    with store.transaction() as db:
+        row = db.execute("SELECT token_id, meter_id, counter, account_id, amount_minor, currency, issued_at_ms, "
+                         "expires_at_ms FROM payg_token WHERE reference = ?", (reference,)).fetchone()
+        if row is not None:
+            if (row[1], row[3], row[4], row[5]) != (meter_id, account_id, amount_minor, currency):
+                raise ValidationError(f"token for {reference} was issued for meter {row[1]} account {row[3]} "
+                                      f"{row[4]} {row[5]}, not {meter_id} {account_id} {amount_minor} {currency}")
+            return TopUpToken(row[0], row[1], row[2], row[4], row[5], from_ms(row[6]),
+                              from_ms(row[7])).signed(head_end_key)
+        counter = db.execute("SELECT COALESCE(MAX(counter), 0) + 1 FROM payg_token WHERE meter_id = ?",
+                             (meter_id,)).fetchone()[0]
+        token = TopUpToken(f"{meter_id}-{counter:08d}", meter_id, counter, amount_minor, currency,
+                           now.replace(microsecond=now.microsecond // 1000 * 1000),
+                           (now + ttl).replace(microsecond=now.microsecond // 1000 * 1000))
+        db.execute("INSERT INTO payg_token VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                   (token.token_id, reference, meter_id, counter, account_id, amount_minor, currency,
+                    to_ms(token.issued_at), to_ms(token.expires_at)))
+        return token.signed(head_end_key)
+
+
+def token_for_sale(store: PaygStore, vendor_id: str, sale_id: str, meter_id: str, head_end_key,
+                   now: datetime):
+    """The token delivering an authorised (and not reversed) sale to the account's meter."""
+    with store.transaction() as db:
+        row = db.execute("SELECT * FROM payg_sale WHERE vendor_id = ? AND sale_id = ?", (vendor_id, sale_id)).fetchone()
+        if row is None:
+            raise ValidationError(f"no authorised sale {vendor_id}/{sale_id}")
+        if db.execute("SELECT 1 FROM payg_reversal WHERE vendor_id = ? AND sale_id = ?",
+                      (vendor_id, sale_id)).fetchone():
+            raise ValidationError(f"sale {vendor_id}/{sale_id} was reversed: no token")
+        sale = _sale(row)
+        return issue_token(store, f"sale:{vendor_id}:{sale_id}", meter_id, sale.account_id, sale.amount_minor,
+                           sale.currency, head_end_key, now)
+
+
+def mark_tokens_applied(store: PaygStore, token_ids: Sequence[str], at: datetime) -> int:
+    """Record the tokens a gateway reported applied (first report wins); returns how many were new."""
+    with store.transaction() as db:
+        return sum(db.execute("UPDATE payg_token SET applied_at_ms = ? WHERE token_id = ? AND applied_at_ms IS NULL",
+                              (to_ms(at), t)).rowcount for t in token_ids)
+
+
+def unapplied_tokens(store: PaygStore, meter_id: str) -> list[tuple[str, str, int]]:
+    """(token id, reference, amount) of the meter's tokens no gateway has reported applied yet."""
+    with store._lock:
+        return [tuple(r) for r in store._db.execute(
+            "SELECT token_id, reference, amount_minor FROM payg_token WHERE meter_id = ? AND applied_at_ms IS NULL "
+            "ORDER BY counter", (meter_id,)).fetchall()]
 
 
 @dataclass(frozen=True)
@@ -497,4 +567,5 @@ def _sale(r: Sequence) -> V.Sale:
 
 
 __all__ = ["CARD_CLEARING_VENDOR", "CHALLENGE_TTL", "CRM_TOPIC_PREFIX", "CrmEvent", "OfflineCardTopUp", "PaygStore",
-           "export_events", "reconcile_offline_card_topups", "record_over_usage", "sqlite_path"]
+           "TOKEN_TTL", "export_events", "issue_token", "mark_tokens_applied", "reconcile_offline_card_topups",
+           "record_over_usage", "sqlite_path", "token_for_sale", "unapplied_tokens"]

@@ -211,3 +211,43 @@ def test_a_local_month_period_follows_the_market_zone():
 def test_bad_periods_are_refused_naming_the_text(bad):
     with pytest.raises(ValidationError, match="period"):
         S.parse_period(bad)
+
+
+# --------------------------------------------------------------------------- tokens for sales
+
+def test_a_sale_is_delivered_as_a_signed_token_the_gateway_applies_once(db, tmp_path, capsys):
+    from meterlink.gateway import credit as C
+    from meterlink.gateway import tokens as T
+    from meterlink.headend import payg_store as PS
+    setup_shop(db)
+    key = issue_card(db, tmp_path)
+    store = PaygStore(db)
+    sell(store, key, "S1", 2500, T0)
+    sell(store, key, "S2", 1000, T0 + timedelta(minutes=1))
+    head_end = Ed25519PrivateKey.generate()
+    keyfile = tmp_path / "headend.pem"
+    keyfile.write_bytes(head_end.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+    capsys.readouterr()
+    assert cli(db, "tokens", "issue", "--sale", "SHOP1/S1", "--meter", "M1", "--key", str(keyfile),
+               "--at", "2026-03-02T09:05:00Z") == 0
+    text = capsys.readouterr().out.strip()
+    assert cli(db, "tokens", "issue", "--sale", "SHOP1/S1", "--meter", "M1", "--key", str(keyfile),
+               "--at", "2026-03-02T09:30:00Z") == 0
+    assert capsys.readouterr().out.strip() == text                 # the same token again: retry-safe
+    second = PS.token_for_sale(store, "SHOP1", "S2", "M1", head_end, T0 + timedelta(minutes=6))
+    assert (T.TopUpToken.decode(text).counter, second.counter) == (1, 2)
+    state, window = C.AccountState(account="M1"), T.ReplayWindow()
+    at = T0 + timedelta(minutes=10)
+    for t in (text, text, second.encode()):
+        state, window, _ = T.apply_token(state, window, T.TopUpToken.decode(t), T.public_bytes(head_end), at)
+    assert state.credit_balance == 3500
+    assert [r[0] for r in PS.unapplied_tokens(store, "M1")] == ["M1-00000001", "M1-00000002"]
+    assert PS.mark_tokens_applied(store, ["M1-00000001", "M1-00000001"], at) == 1
+    assert [r[0] for r in PS.unapplied_tokens(store, "M1")] == ["M1-00000002"]
+    with pytest.raises(ValidationError, match="M1-00000001.*applied"):
+        store.reverse("SHOP1", "S1", "R1", at, "too late")
+    store.reverse("SHOP1", "S2", "R2", at, "customer changed mind")
+    with pytest.raises(ValidationError, match="reversed"):
+        PS.token_for_sale(store, "SHOP1", "S2", "M1", head_end, at)
+    assert cli(db, "tokens", "issue", "--sale", "SHOP1/NOPE", "--meter", "M1", "--key", str(keyfile)) == 2
