@@ -39,8 +39,8 @@ LOCK_HEAD = ("INSERT INTO gateway_chain_head AS h VALUES (%s, 0, %s, 0) ON CONFL
 
 class PostgresChainStore:
     def __init__(self, url: str, pool_size: int = 8) -> None:
-        self.url = redact(url)
-        self._pool = _Pool(url, pool_size, self.url)
+        self.url, self.display_url = url, redact(url)
+        self._pool = _Pool(url, pool_size, self.display_url)
         with self._pool.connection() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_DDL_LOCK,))
             conn.execute(SCHEMA.encode(), prepare=False)

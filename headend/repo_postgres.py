@@ -111,9 +111,9 @@ class PostgresReadingRepository:
     dialect = "postgres"
 
     def __init__(self, url: str, *, migrate: bool = False, clock: Clock | None = None, pool_size: int = 8) -> None:
-        self.url = redact(url)
+        self.url, self.display_url = url, redact(url)
         self._clock = clock or SystemClock()
-        self._pool = _Pool(url, pool_size, self.url)
+        self._pool = _Pool(url, pool_size, self.display_url)
         with self._pool.connection():
             pass                      # fail now, with the URL in the message, if the server is unreachable
         if migrate:

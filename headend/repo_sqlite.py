@@ -52,7 +52,7 @@ class SqliteReadingRepository:
     def __init__(self, path: str | Path, *, migrate: bool = True, clock: Clock | None = None,
                  busy_timeout_s: float = 30.0) -> None:
         self.path = str(path)
-        self.url = "sqlite://" if self.path == ":memory:" else f"sqlite:///{self.path}"
+        self.url = self.display_url = "sqlite://" if self.path == ":memory:" else f"sqlite:///{self.path}"
         self._clock = clock or SystemClock()
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)

@@ -47,7 +47,8 @@ class IngestResult:
 
 
 class ReadingRepository(Protocol):
-    url: str          # the database URL, password redacted
+    url: str          # the database URL as given (opens sibling stores on the same database)
+    display_url: str  # the same with any password replaced by *** (messages, logs)
     dialect: str      # "sqlite" | "postgres"
 
     def ingest(self, gateway_id: str, records: list[StoredRecord], received_at_ms: int) -> IngestResult: ...
@@ -144,9 +145,9 @@ def open_repository(url: str | Path, *, migrate: bool | None = None) -> ReadingR
             pending = repo.pending_migrations()
             if pending:
                 from .migrations import SchemaError
-                raise SchemaError(f"database {repo.url}: {len(pending)} pending schema migration(s) "
+                raise SchemaError(f"database {repo.display_url}: {len(pending)} pending schema migration(s) "
                                   f"({', '.join(m.label for m in pending)}); run: meterlink-headend migrate "
-                                  f"--database {repo.url}")
+                                  f"--database {repo.display_url}")
     except BaseException:
         repo.close()
         raise
