@@ -239,6 +239,26 @@ def _atomic_write(path: Path, data: dict) -> None:
         raise
 
 
+def _card_list_to_json(cl: T.CardList) -> dict:
+    return {"version": cl.version, "issued_at": _jsonable(cl.issued_at), "signature": cl.signature.hex(),
+            "cards": [[c.card_id, c.meter, c.public_key.hex()] for c in cl.cards]}
+
+
+def _card_list_from_json(d: dict) -> T.CardList:
+    return T.CardList(d["version"], parse_instant(d["issued_at"]),
+                      tuple(T.CardEntry(c, m, bytes.fromhex(k)) for c, m, k in d["cards"]), bytes.fromhex(d["signature"]))
+
+
+def _blacklist_to_json(bl: T.Blacklist) -> dict:
+    return {"version": bl.version, "issued_at": _jsonable(bl.issued_at), "signature": bl.signature.hex(),
+            "card_ids": sorted(bl.card_ids)}
+
+
+def _blacklist_from_json(d: dict) -> T.Blacklist:
+    return T.Blacklist(d["version"], parse_instant(d["issued_at"]), frozenset(d["card_ids"]),
+                       bytes.fromhex(d["signature"]))
+
+
 # --------------------------------------------------------------------------- the shell
 
 class PaygMeter:
@@ -273,6 +293,11 @@ class PaygMeter:
                                      data["window"]["size"])
         self.last_import_wh = data["last_import_wh"]
         self.command_seq = data["command_seq"]
+        self.unpublished = [CrmRecord(r["topic"], r["payload"]) for r in data.get("unpublished", [])]
+        if data.get("card_list"):
+            self.card_list = _card_list_from_json(data["card_list"])
+        if data.get("blacklist"):
+            self.blacklist = _blacklist_from_json(data["blacklist"])
 
     def _save(self) -> None:
         if self.state_path is None:
@@ -280,7 +305,10 @@ class PaygMeter:
         _atomic_write(self.state_path, {
             "meter": self.meter_id, "state": state_to_json(self.state),
             "window": {"floor": self.window.floor, "seen": sorted(self.window.seen), "size": self.window.size},
-            "last_import_wh": self.last_import_wh, "command_seq": self.command_seq})
+            "last_import_wh": self.last_import_wh, "command_seq": self.command_seq,
+            "unpublished": [{"topic": r.topic, "payload": r.payload} for r in self.unpublished],
+            "card_list": _card_list_to_json(self.card_list) if self.card_list else None,
+            "blacklist": _blacklist_to_json(self.blacklist) if self.blacklist else None})
 
     # ---------------------------------------------------------------- events
 
@@ -305,6 +333,8 @@ class PaygMeter:
                 break
             self.unpublished.pop(0)
             sent += 1
+        if sent:
+            self._save()
         return sent
 
     # ---------------------------------------------------------------- decisions
@@ -394,6 +424,7 @@ class PaygMeter:
             self.blacklist = blacklist
         if self.card_list is None or card_list.version >= self.card_list.version:
             self.card_list = card_list
+        self._save()
 
     def card_topup(self, topup: T.CardTopUp, expected_nonce: bytes | None) -> list[C.CreditEvent]:
         """Offline card top-up against the last signed card list and blacklist."""

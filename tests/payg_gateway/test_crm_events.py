@@ -122,3 +122,37 @@ def test_crm_event_ids_are_stable_so_a_republication_can_be_deduplicated():
     assert a == b and a.payload["event_id"] == b.payload["event_id"]
     assert P.crm_record(C.TopUpRefused(account="M1", at=at, reference="tok-1", amount_minor=1, reason="replay"),
                         "GW") is None
+
+
+def test_queued_events_and_signed_card_lists_survive_a_gateway_restart(tmp_path):
+    clock = SimClock(datetime(2026, 3, 9, 11, tzinfo=UTC))
+    sent = []
+
+    def down(topic, payload):
+        raise OSError("broker down")
+
+    class NoRelay:
+        def read(self):
+            return "open"
+
+        def command(self, position, command_id):
+            return None
+
+    def gateway(publish):
+        return P.PaygMeter("M1", NoRelay(), clock, cfg=C.PrepaymentConfig(), friendly=None, price=Decimal(30),
+                           head_end_key=T.public_bytes(HEAD_END), publish=publish, state_path=tmp_path / "m1.json")
+
+    pm = gateway(down)
+    pm.boot(0)
+    cards = T.CardList(1, clock.now(), (T.CardEntry("CARD9", "M1", T.public_bytes(CARD)),)).signed(HEAD_END)
+    pm.set_card_lists(cards, T.Blacklist(1, clock.now(), frozenset()).signed(HEAD_END))
+    pm.on_reading(0)                                              # low balance, not publishable now
+    queued = [r.payload["kind"] for r in pm.unpublished]
+    assert queued
+    again = gateway(lambda t, p: sent.append(t))                 # restart, broker back
+    assert [r.payload["kind"] for r in again.unpublished] == queued
+    assert again.flush_events() == len(queued)
+    nonce = b"z" * 16
+    topup = T.CardTopUp("CARD9", T.CardChallenge("M1", nonce, 700, "GBP", clock.now())).signed(CARD)
+    again.card_topup(topup, nonce)                                # offline card top-up with the persisted lists
+    assert again.state.credit_balance == 700 and again.state.relay == "closed"
