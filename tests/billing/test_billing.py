@@ -120,3 +120,19 @@ def test_french_item_across_the_abonnement_vat_change_has_two_standing_lines():
                                 window_start=date(2025, 7, 20))
     rates = sorted((il.line.period_start, il.vat_rate) for il in item.lines)
     assert rates == [(date(2025, 7, 20), Decimal("0.055")), (date(2025, 8, 1), Decimal("0.20"))]
+
+
+def test_a_french_october_with_the_dst_change_bills_745_hours_between_local_midnights():
+    from meterlink.headend.billing import period_instants
+    from zoneinfo import ZoneInfo
+    fr = TARIFFS["fr-hphc"]
+    b = gb_bindings(utc(2026, 9, 1), market="FR", tariff="fr-hphc").move_in("SP1", "A1", utc(2026, 9, 1))
+    rows = bind_intervals(derive_intervals(hourly_readings("M1", utc(2026, 9, 30), 24 * 33, wh_per_hour=60),
+                                           CFG).intervals, b)
+    t0, t1 = period_instants("2026-10", ZoneInfo("Europe/Paris"))
+    assert (t0, t1) == (utc(2026, 9, 30, 22), utc(2026, 10, 31, 23))
+    bill = bill_account("A1", "2026-10", bindings=b, market=MARKETS["FR"], tariff=fr, vat=VAT, rows=rows)
+    by_month = {u.usage_period: u.wh for u in bill.item.usage}
+    assert by_month == {"2026-10": 745 * 60, "2026-09": 22 * 60}      # + the unbilled end of September, catch-up
+    standing = next(il.line for il in bill.item.lines if il.line.kind == "standing")
+    assert standing.quantity_kwh == 31                   # the 25-hour day is one day

@@ -15,9 +15,9 @@ from billing_helpers import hourly_readings, utc
 def url(tmp_path):
     url = f"sqlite:///{tmp_path}/h.db"
     repo = open_repository(url)
-    rs = hourly_readings("MTR-RTU-01", utc(2026, 10, 31, 23), 24 * 31)
+    rs = hourly_readings("MTR-RTU-01", utc(2026, 10, 31, 23), 24 * 10)
     rs[100] = replace(rs[100], value=rs[100].value - 5000)                # one register decrease
-    rs += hourly_readings("MTR-RTU-02", utc(2026, 10, 31, 22), 24 * 31, wh_per_hour=700)
+    rs += hourly_readings("MTR-RTU-02", utc(2026, 10, 31, 22), 24 * 10, wh_per_hour=700)
     repo.ingest("GW1", [StoredRecord("GW1", i + 1, b"\0" * 32, r) for i, r in enumerate(rs)], 0)
     repo.close()
     return url

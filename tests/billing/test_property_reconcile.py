@@ -59,7 +59,7 @@ def readings_of(usage, exchange_hour, initial):
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-@settings(max_examples=8, **SETTINGS)
+@settings(max_examples=6, **SETTINGS)
 @given(months())
 def test_random_months_reconcile_exactly_and_invoices_add_up(month):
     check_month(month)
