@@ -251,3 +251,28 @@ def test_a_sale_is_delivered_as_a_signed_token_the_gateway_applies_once(db, tmp_
     with pytest.raises(ValidationError, match="reversed"):
         PS.token_for_sale(store, "SHOP1", "S2", "M1", head_end, at)
     assert cli(db, "tokens", "issue", "--sale", "SHOP1/NOPE", "--meter", "M1", "--key", str(keyfile)) == 2
+
+
+def test_concurrent_sales_from_two_connections_never_exceed_the_maximum_balance(db, tmp_path):
+    import threading
+    setup_shop(db)
+    key = issue_card(db, tmp_path)
+    assert cli(db, "vendors", "account", "--account", "ACC1", "--currency", "GBP", "--max-balance", "10000") == 0
+    stores = [PaygStore(db, velocity_limits=()), PaygStore(db, velocity_limits=())]
+    results = []
+
+    def worker(k: int) -> None:
+        store = stores[k % 2]
+        for i in range(6):
+            r = sell(store, key, f"S{k}-{i}", 1000, T0 + timedelta(seconds=i))
+            results.append(r.authorised or r.reason)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count(True) == 10
+    assert results.count(V.RefusalReason.MAX_BALANCE) == 14
+    assert stores[0].account("ACC1").balance_minor == 10_000
+    assert L.totals_by_currency(stores[1].transactions()) == {"GBP": 0}
