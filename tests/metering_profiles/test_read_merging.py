@@ -153,3 +153,18 @@ def test_the_gateway_reads_every_profile_from_the_simulator_serving_the_same_fil
         assert got["1.8.0"] == decode(q, encode(q, want["1.8.0"]))
         assert abs(got["1.8.0"] - want["1.8.0"]) <= q.resolution
         assert result.requests == len(plan_reads(profile, max_gap=19))
+
+
+def test_firmware_that_accepts_fewer_registers_than_the_profile_says_gets_a_lower_limit(clock):
+    with pty_bus(clock, "eastron_sdm630") as (server, master, profile):
+        optimistic = replace(profile, max_block=80)               # the datasheet's 80
+        server.meters[1].profile = replace(profile, max_block=20)  # this firmware: 20
+        reader = MeterReader("sdm", 1, optimistic)
+        assert [b.count for b in reader.plan(master)] == [24, 12]  # 24 > 20: refused with exception 3
+        first = reader.read(master, clock)
+        assert {r.obis for r in first.readings} == {q.obis for q in profile.quantities}
+        assert reader.max_block == 20 and master.counters.exceptions == 1
+        exceptions = master.counters.exceptions
+        second = reader.read(master, clock)
+        assert master.counters.exceptions == exceptions           # the new plan fits the firmware
+        assert {r.obis for r in second.readings} == {q.obis for q in profile.quantities}

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 import pytest
 
 from meterlink.errors import ConfigError
+from meterlink.gateway.poller import read_meter
 from meterlink.gateway.profiles import load_profile
 from meterlink.gateway.readplan import check_bus, check_bus_plan, exchange_time_s, plan_meter, sweep_cost
+from meterlink.gateway.transport import RtuMaster
 from meterlink.modbus import SerialLine
+from meterlink.sim.meter import MeterModel
+from meterlink.sim.server import RtuPtyServer
 
 LINE = SerialLine(9600, "N", 1)
 
@@ -76,3 +81,19 @@ def test_a_refused_register_is_left_out_of_the_modelled_plan():
 def test_the_serial_read_costs_one_more_request_when_asked_for():
     p = load_profile("eastron_sdm630")
     assert plan_meter("m", p, LINE, with_serial=True).requests == plan_meter("m", p, LINE).requests + 1
+
+
+def test_a_simulator_paced_at_9600_baud_takes_as_long_as_the_model_says(clock):
+    profile = load_profile("eastron_sdm630")
+    server = RtuPtyServer({1: MeterModel.starting_at(profile, clock)}, pace=LINE).start()
+    master = RtuMaster(server.client_path, 9600, timeout=1.0)
+    try:
+        read_meter(master, 1, profile, "m", clock)                 # warm up
+        t0 = time.perf_counter()
+        read_meter(master, 1, profile, "m", clock)
+        took = time.perf_counter() - t0
+    finally:
+        master.close()
+        server.stop()
+    modelled = plan_meter("m", profile, LINE).wire_time_s(LINE)
+    assert modelled <= took < modelled + 0.15
