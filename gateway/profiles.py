@@ -4,7 +4,7 @@ A profile names, for each quantity, function code, address, register count, data
 order, scale, stored unit and OBIS code, plus the model's largest accepted block, its "no value"
 marker, its declared energy resolution, an optional serial-number register and model variants.
 `[[example]]` blocks (raw registers -> decoded values) are checked by the test suite for every
-profile. Floats from the wire become exact integers here, once (exact Decimal of the float,
+profile. Floats from the wire become exact integers here, once (the float's exact binary value,
 rounded half-even to the declared resolution), and never again.
 """
 
@@ -15,6 +15,7 @@ import struct
 import tomllib
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal
+from fractions import Fraction
 from importlib import resources
 from pathlib import Path
 
@@ -408,8 +409,8 @@ def raw_value(q: Quantity, words: list[int]) -> int | float:
 def decode(q: Quantity, words: list[int], no_value: int | None = None) -> int | None:
     """Raw register words -> exact integer in the stored unit (None for the 'no value' marker).
 
-    Floats are taken at their exact binary value (Decimal(float)), scaled exactly and rounded once,
-    half-even, to a multiple of the quantity's resolution.
+    Floats are taken at their exact binary value, scaled exactly (rational arithmetic) and rounded
+    once, half-even, to a multiple of the quantity's resolution.
     """
     if len(words) != q.count:
         raise ValueError(f"{q.obis}: expected {q.count} registers, got {len(words)}")
@@ -418,9 +419,10 @@ def decode(q: Quantity, words: list[int], no_value: int | None = None) -> int | 
     raw = raw_value(q, words)
     if isinstance(raw, float) and (raw != raw or raw in (float("inf"), float("-inf"))):
         return None
-    value = Decimal(raw) * q.scale  # Decimal(float) is the float's exact binary value
-    step = Decimal(q.resolution)
-    return int((value / step).quantize(Decimal(1), rounding=ROUND_HALF_EVEN) * step)
+    # Fraction(float) is the float's exact binary value and Fraction(Decimal) the exact scale, so no
+    # step rounds before the one below (Decimal arithmetic would round to 28 digits on the way).
+    steps = Fraction(raw) * Fraction(q.scale) / q.resolution
+    return round(steps) * q.resolution  # round() of a Fraction is half-even
 
 
 def encode(q: Quantity, value: int) -> list[int]:

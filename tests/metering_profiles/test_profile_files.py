@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import struct
+from dataclasses import replace
 from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from meterlink.errors import ConfigError
 from meterlink.gateway.profiles import (check_profile_file, decode, decode_example, encode, load_profile,
@@ -147,3 +150,19 @@ def test_the_profiles_check_command_reports_the_bad_file_and_key_and_exits_2(tmp
     out, err = capsys.readouterr()
     assert "eastron_sdm630.toml: ok" in out
     assert f"{path}:" in err and "key 'quantity[3].unit'" in err and "unknown unit 'Hz'" in err
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 0xFFFF), st.integers(0, 0xFFFF), st.sampled_from([1, 10, 100]))
+def test_float_decoding_equals_exact_rational_arithmetic_rounded_half_even(hi, lo, resolution):
+    q = replace(load_profile("eastron_sdm630").quantity("1.8.0"), resolution=resolution)
+    value = struct.unpack(">f", struct.pack(">HH", hi, lo))[0]
+    got = decode(q, [hi, lo])
+    if value != value or value in (float("inf"), float("-inf")):
+        assert got is None
+        return
+    exact = Fraction(value) * 1000 / resolution            # independent of Decimal
+    floor = exact.numerator // exact.denominator
+    rest = exact - floor
+    steps = floor + (1 if rest > Fraction(1, 2) or (rest == Fraction(1, 2) and floor % 2) else 0)
+    assert got == steps * resolution
