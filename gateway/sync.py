@@ -130,12 +130,17 @@ class Pusher:
         self.key = key
         self.metrics = metrics            # meterlink.metrics.GatewayMetrics or None
         self.last_refusal: Refused | None = None
+        self._built: tuple | None = None
         # our own jittered back-off decides when to retry; keep gRPC's reconnect back-off short so a
         # head-end that is back is reached at the next try
+        self._credentials = credentials
+        self._connect()
+
+    def _connect(self) -> None:
         opts = [("grpc.max_send_message_length", 64 * 1024 * 1024), ("grpc.initial_reconnect_backoff_ms", 100),
                 ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
-        self._channel = (grpc.secure_channel(address, credentials, options=opts) if credentials
-                         else grpc.insecure_channel(address, options=opts))
+        self._channel = (grpc.secure_channel(self.address, self._credentials, options=opts) if self._credentials
+                         else grpc.insecure_channel(self.address, options=opts))
         self._stub = sync_pb2_grpc.GatewaySyncStub(self._channel)
 
     def close(self) -> None:
@@ -146,12 +151,23 @@ class Pusher:
 
         Raises DeviceError when the head-end is unreachable and Refused when it refuses the batch.
         """
-        records = self.journal.unacked(self.batch)
-        if not records:
-            return 0, True
+        # while the head-end is down the same batch is retried: build it once per (ack, head)
+        state = (self.journal.acked_seq(), self.journal.head()[0])
+        if self._built is not None and self._built[0] == state:
+            records, request = self._built[1], self._built[2]
+        else:
+            records = self.journal.unacked(self.batch)
+            if not records:
+                return 0, True
+            request = to_proto(self.gateway_id, records, self.key)
+            self._built = (state, records, request)
         try:
-            ack = self._stub.Push(to_proto(self.gateway_id, records, self.key), timeout=self.timeout_s)
+            ack = self._stub.Push(request, timeout=self.timeout_s)
         except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                # a fresh channel on the next try: our back-off decides when, not gRPC's reconnect timer
+                self._channel.close()
+                self._connect()
             raise DeviceError(f"push to head-end {self.address} failed: {exc.code().name}: {exc.details()}") from None
         newly = self.journal.mark_acked(ack.acked_seq)
         if self.metrics is not None and newly:
