@@ -58,6 +58,12 @@ def modelled() -> None:
         print(f"{n:>6} {c.requests:>9} {c.bytes_on_wire:>11} {c.wire_time_s:>8.3f} {c.min_wire_time_s:>8.3f} "
               f"{c.efficiency:>8.1%} | {c.per_value_requests:>8} {c.per_value_wire_time_s:>8.3f} "
               f"{c.per_value_wire_time_s / c.wire_time_s:>7.2f}x")
+    print("as the gateway daemon polls today (billing job with the serial number + separate instantaneous job):")
+    for n in (1, 10, 32, 100):
+        c = sweep_cost(LINE, [plan_meter(f"m{i}", profile, LINE, with_serial=True, split_priorities=True)
+                              for i in range(n)])
+        print(f"{n:>6} {c.requests:>9} {c.bytes_on_wire:>11} {c.wire_time_s:>8.3f} {c.min_wire_time_s:>8.3f} "
+              f"{c.efficiency:>8.1%} |")
     c1 = sweep_cost(LINE, [plan_meter("m", profile, LINE)])
     print(f"requests per meter: {c1.requests} (= fewest the {profile.max_block}-register block limit allows: "
           f"{c1.min_requests}); mbmd-style: {c1.per_value_requests}")

@@ -170,9 +170,22 @@ class MeterPlan:
 
 
 def plan_meter(meter_id: str, profile: Profile, line: SerialLine | None, *,
-               refused: frozenset[int] = frozenset(), with_serial: bool = False) -> MeterPlan:
-    """Plan one meter's sweep on `line` (None: Modbus TCP) and note its theoretical floor."""
-    blocks = plan_reads(profile, max_gap=max_gap_for(line, profile), skip=refused)
+               refused: frozenset[int] = frozenset(), with_serial: bool = False,
+               split_priorities: bool = False) -> MeterPlan:
+    """Plan one meter's sweep on `line` (None: Modbus TCP) and note its theoretical floor.
+
+    `split_priorities` plans billing and instantaneous quantities as two separate reads (as a
+    scheduler does that runs them as jobs of different priority); `with_serial` adds the
+    serial-number read.
+    """
+    gap = max_gap_for(line, profile)
+    if split_priorities:
+        billing = frozenset(q.obis for q in profile.quantities if q.billing)
+        others = frozenset(q.obis for q in profile.quantities) - billing
+        blocks = [b for only in (billing, others) if only
+                  for b in plan_reads(profile, max_gap=gap, skip=refused, only=only)]
+    else:
+        blocks = plan_reads(profile, max_gap=gap, skip=refused)
     chosen = [q for b in blocks for q in b.quantities]
     floor = plan_reads(profile, max_gap=MAX_GAP_ANY, skip=refused)
     if with_serial and profile.serial is not None and not any(a in refused for a in profile.serial.registers):
@@ -238,11 +251,18 @@ def check_bus_plan(bus: str, line: SerialLine, plans: Iterable[MeterPlan], poll_
     return cost
 
 
-def check_bus(bus, poll_interval_s: float, *, path: str | None = None) -> SweepCost | None:
+def check_bus(bus, poll_interval_s: float, *, path: str | None = None, with_serial: bool = True,
+              split_priorities: bool = True) -> SweepCost | None:
     """`check_bus_plan` for a configured bus (duck-typed: .port .baud .parity .stopbits and
-    .meters with .id .profile); None for Modbus TCP, where there is no serial wire to model."""
+    .meters with .id .profile); None for Modbus TCP, where there is no serial wire to model.
+
+    The defaults model what the gateway daemon sends per interval today: a billing read with the
+    serial number and a separate instantaneous read per meter. Pass `split_priorities=False,
+    with_serial=False` for the fully merged plan (one read per meter-block).
+    """
     if str(bus.port).startswith("tcp://"):
         return None
     line = SerialLine(bus.baud, bus.parity, bus.stopbits)
-    plans = [plan_meter(m.id, m.profile, line) for m in bus.meters]
+    plans = [plan_meter(m.id, m.profile, line, with_serial=with_serial, split_priorities=split_priorities)
+             for m in bus.meters]
     return check_bus_plan(bus.port, line, plans, poll_interval_s, path=path)

@@ -65,7 +65,9 @@ def test_check_bus_takes_a_configured_bus_and_skips_modbus_tcp():
     with pytest.raises(ConfigError, match=r"bus /dev/ttyUSB1 \(2400 8E1\)"):
         check_bus(rtu, 5)
     # at 2400 baud a request is cheap next to 16 registers: the frequency at 0x5B2C gets its own read
-    assert check_bus(rtu, 900).requests == 40 * 3
+    assert check_bus(rtu, 900, with_serial=False, split_priorities=False).requests == 40 * 3
+    # as the daemon polls: + the serial number (0x8900) with the billing read
+    assert check_bus(rtu, 900).requests == 40 * 4
     tcp = SimpleNamespace(port="tcp://10.0.0.5:502", baud=9600, parity="N", stopbits=1, meters=(meter,))
     assert check_bus(tcp, 1) is None
 
@@ -97,3 +99,12 @@ def test_a_simulator_paced_at_9600_baud_takes_as_long_as_the_model_says(clock):
         server.stop()
     modelled = plan_meter("m", profile, LINE).wire_time_s(LINE)
     assert modelled <= took < modelled + 0.15
+
+
+def test_separate_billing_and_instantaneous_reads_cost_what_the_model_says():
+    p = load_profile("eastron_sdm630")
+    merged = plan_meter("m", p, LINE)
+    split = plan_meter("m", p, LINE, split_priorities=True, with_serial=True)
+    assert [(b.address, b.count) for b in split.blocks] == [(0x48, 4), (0x00, 12), (0x34, 20), (0xFC00, 2)]
+    assert split.requests == 4 and merged.requests == 2
+    assert split.wire_time_s(LINE) > merged.wire_time_s(LINE)
