@@ -2,12 +2,13 @@
 
 Tables are created with ``CREATE TABLE IF NOT EXISTS`` when the store is opened, so they live
 next to the readings tables of the same file without touching them. Each authorisation and each
-reversal runs in ONE ``BEGIN IMMEDIATE`` transaction (SQLite's database-wide write lock), so the
+reversal runs in ONE write transaction that holds the store's write lock (SQLite: ``BEGIN
+IMMEDIATE``, the database-wide write lock; PostgreSQL: ``pg_advisory_xact_lock`` on one key), so the
 blacklist, velocity and balance it reads cannot change before its postings are written: a card
 blacklisted at 12:00:00.000 is refused by any sale that starts after the blacklist commit.
 
-Only SQLite is implemented; PostgreSQL parity (same statements with ``SELECT ... FOR UPDATE`` on
-the account row) is not written yet.
+The same SQL runs on SQLite (``sqlite:///PATH``) and PostgreSQL (``postgresql://USER@HOST/DB``,
+psycopg 3): statements are written with ``?`` placeholders and converted for psycopg.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import secrets
 import sqlite3
+import zlib
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,58 +33,87 @@ from . import vendors as V
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS payg_txn (
-    business_key TEXT PRIMARY KEY, at_ms INTEGER NOT NULL, kind TEXT NOT NULL, memo TEXT NOT NULL DEFAULT '');
+    business_key TEXT PRIMARY KEY, at_ms BIGINT NOT NULL, kind TEXT NOT NULL, memo TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS payg_posting (
     business_key TEXT NOT NULL REFERENCES payg_txn(business_key), account TEXT NOT NULL,
-    amount_minor INTEGER NOT NULL, currency TEXT NOT NULL);
+    amount_minor BIGINT NOT NULL, currency TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS payg_posting_account ON payg_posting(account, currency);
 CREATE INDEX IF NOT EXISTS payg_posting_key ON payg_posting(business_key);
 CREATE TABLE IF NOT EXISTS payg_account (
-    account_id TEXT PRIMARY KEY, currency TEXT NOT NULL, active INTEGER NOT NULL DEFAULT 1,
-    max_balance_minor INTEGER NOT NULL);
+    account_id TEXT PRIMARY KEY, currency TEXT NOT NULL, active BIGINT NOT NULL DEFAULT 1,
+    max_balance_minor BIGINT NOT NULL);
 CREATE TABLE IF NOT EXISTS payg_card (
     card_id TEXT PRIMARY KEY, account_id TEXT NOT NULL, public_key TEXT NOT NULL,
-    active INTEGER NOT NULL DEFAULT 1, registered_at_ms INTEGER NOT NULL);
+    active BIGINT NOT NULL DEFAULT 1, registered_at_ms BIGINT NOT NULL);
 CREATE TABLE IF NOT EXISTS payg_blacklist (
-    card_id TEXT NOT NULL, effective_at_ms INTEGER NOT NULL, reason TEXT NOT NULL DEFAULT '',
-    lifted_at_ms INTEGER, PRIMARY KEY (card_id, effective_at_ms));
+    card_id TEXT NOT NULL, effective_at_ms BIGINT NOT NULL, reason TEXT NOT NULL DEFAULT '',
+    lifted_at_ms BIGINT, PRIMARY KEY (card_id, effective_at_ms));
 CREATE TABLE IF NOT EXISTS payg_vendor (
     vendor_id TEXT PRIMARY KEY, currency TEXT NOT NULL, commission_percent TEXT NOT NULL,
-    commission_fixed_minor INTEGER NOT NULL, vat_rate_on_commission TEXT NOT NULL, rounding TEXT NOT NULL,
+    commission_fixed_minor BIGINT NOT NULL, vat_rate_on_commission TEXT NOT NULL, rounding TEXT NOT NULL,
     contract_id TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS payg_challenge (
-    challenge TEXT PRIMARY KEY, issued_at_ms INTEGER NOT NULL, used_at_ms INTEGER);
+    challenge TEXT PRIMARY KEY, issued_at_ms BIGINT NOT NULL, used_at_ms BIGINT);
 CREATE TABLE IF NOT EXISTS payg_sale (
     vendor_id TEXT NOT NULL, sale_id TEXT NOT NULL, card_id TEXT NOT NULL, account_id TEXT NOT NULL,
-    amount_minor INTEGER NOT NULL, currency TEXT NOT NULL, at_ms INTEGER NOT NULL,
-    commission_minor INTEGER NOT NULL, vat_on_commission_minor INTEGER NOT NULL,
+    amount_minor BIGINT NOT NULL, currency TEXT NOT NULL, at_ms BIGINT NOT NULL,
+    commission_minor BIGINT NOT NULL, vat_on_commission_minor BIGINT NOT NULL,
     PRIMARY KEY (vendor_id, sale_id));
 CREATE INDEX IF NOT EXISTS payg_sale_card ON payg_sale(card_id, at_ms);
 CREATE INDEX IF NOT EXISTS payg_sale_account ON payg_sale(account_id, at_ms);
 CREATE TABLE IF NOT EXISTS payg_refusal (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, vendor_id TEXT NOT NULL, sale_id TEXT NOT NULL, card_id TEXT NOT NULL,
-    account_id TEXT NOT NULL, amount_minor INTEGER NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL,
-    at_ms INTEGER NOT NULL);
+    id {SERIAL}, vendor_id TEXT NOT NULL, sale_id TEXT NOT NULL, card_id TEXT NOT NULL,
+    account_id TEXT NOT NULL, amount_minor BIGINT NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL,
+    at_ms BIGINT NOT NULL);
 CREATE TABLE IF NOT EXISTS payg_reversal (
-    reversal_id TEXT PRIMARY KEY, vendor_id TEXT NOT NULL, sale_id TEXT NOT NULL, at_ms INTEGER NOT NULL,
+    reversal_id TEXT PRIMARY KEY, vendor_id TEXT NOT NULL, sale_id TEXT NOT NULL, at_ms BIGINT NOT NULL,
     reason TEXT NOT NULL, UNIQUE (vendor_id, sale_id));
 CREATE TABLE IF NOT EXISTS payg_token (
-    token_id TEXT PRIMARY KEY, reference TEXT NOT NULL UNIQUE, meter_id TEXT NOT NULL, counter INTEGER NOT NULL,
-    account_id TEXT NOT NULL, amount_minor INTEGER NOT NULL, currency TEXT NOT NULL, issued_at_ms INTEGER NOT NULL,
-    expires_at_ms INTEGER NOT NULL, applied_at_ms INTEGER, UNIQUE (meter_id, counter));
+    token_id TEXT PRIMARY KEY, reference TEXT NOT NULL UNIQUE, meter_id TEXT NOT NULL, counter BIGINT NOT NULL,
+    account_id TEXT NOT NULL, amount_minor BIGINT NOT NULL, currency TEXT NOT NULL, issued_at_ms BIGINT NOT NULL,
+    expires_at_ms BIGINT NOT NULL, applied_at_ms BIGINT, UNIQUE (meter_id, counter));
 CREATE TABLE IF NOT EXISTS payg_event (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, at_ms INTEGER NOT NULL, kind TEXT NOT NULL, account_id TEXT NOT NULL,
+    seq {SERIAL}, at_ms BIGINT NOT NULL, kind TEXT NOT NULL, account_id TEXT NOT NULL,
     payload TEXT NOT NULL);
 """
 
 CHALLENGE_TTL = timedelta(minutes=5)
 
 
+_PG_LOCK_KEY = zlib.crc32(b"meterlink-payg")        # the advisory lock that serialises PAYG writes
+
+
+class _Conn:
+    """One connection behind `?` placeholders: SQLite natively, converted to `%s` for psycopg."""
+
+    def __init__(self, raw, postgres: bool) -> None:
+        self.raw, self.postgres = raw, postgres
+
+    def execute(self, sql: str, params: Sequence = ()):
+        if self.postgres:
+            return self.raw.execute(sql.replace("?", "%s"), tuple(params))
+        return self.raw.execute(sql, tuple(params))
+
+    def executemany(self, sql: str, rows: Sequence[Sequence]) -> None:
+        if self.postgres:
+            with self.raw.cursor() as cur:
+                cur.executemany(sql.replace("?", "%s"), rows)
+        else:
+            self.raw.executemany(sql, rows)
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def _is_postgres(url: str) -> bool:
+    return str(url).startswith(("postgresql://", "postgres://"))
+
+
 def sqlite_path(url: str) -> str:
     """``sqlite:///rel``, ``sqlite:////abs``, ``sqlite://`` (memory) or a bare path -> a sqlite3 path."""
     url = str(url)
-    if url.startswith(("postgresql://", "postgres://")):
-        raise ConfigError(f"database URL {url!r}: the PAYG store is SQLite only so far")
+    if _is_postgres(url):
+        raise ConfigError(f"database URL {url!r} is PostgreSQL, not a SQLite path")
     if url.startswith("sqlite://"):
         rest = url[len("sqlite://"):]
         if rest and not rest.startswith("/"):
@@ -107,24 +138,40 @@ class PaygStore:
 
     def __init__(self, database: str | Path, *, vat: L.PrepaidVat | None = None,
                  velocity_limits: Sequence[V.VelocityLimit] = V.DEFAULT_VELOCITY) -> None:
-        path = sqlite_path(str(database))
-        if path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
         self.vat = vat or L.PrepaidVat(Decimal("0.05"), "consumption")
         self.velocity_limits = tuple(velocity_limits)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL" if path != ":memory:" else "PRAGMA journal_mode=MEMORY")
-        self._db.execute("PRAGMA synchronous=NORMAL")
         self._lock = threading.RLock()
         self._depth = 0
-        self._db.executescript(SCHEMA)
+        if _is_postgres(str(database)):
+            import psycopg
+            self.path = str(database)
+            try:
+                raw = psycopg.connect(self.path, autocommit=True)
+            except psycopg.OperationalError as exc:
+                raise ConfigError(f"database {self.path}: {str(exc).strip()}") from None
+            self._db = _Conn(raw, postgres=True)
+            self._integrity_errors = (psycopg.errors.IntegrityError,)
+            with self.transaction() as db:
+                for stmt in SCHEMA.replace("{SERIAL}", "BIGSERIAL PRIMARY KEY").split(";"):
+                    if stmt.strip():
+                        db.execute(stmt)
+        else:
+            path = sqlite_path(str(database))
+            if path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.path = path
+            raw = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+            raw.execute("PRAGMA journal_mode=WAL" if path != ":memory:" else "PRAGMA journal_mode=MEMORY")
+            raw.execute("PRAGMA synchronous=NORMAL")
+            raw.executescript(SCHEMA.replace("{SERIAL}", "INTEGER PRIMARY KEY AUTOINCREMENT"))
+            self._db = _Conn(raw, postgres=False)
+            self._integrity_errors = (sqlite3.IntegrityError,)
 
     def close(self) -> None:
         self._db.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[_Conn]:
         """One write transaction (nested calls join the outer one)."""
         with self._lock:
             if self._depth:
@@ -134,7 +181,11 @@ class PaygStore:
                 finally:
                     self._depth -= 1
                 return
-            self._db.execute("BEGIN IMMEDIATE")
+            if self._db.postgres:
+                self._db.execute("BEGIN")
+                self._db.execute("SELECT pg_advisory_xact_lock(?)", (_PG_LOCK_KEY,))
+            else:
+                self._db.execute("BEGIN IMMEDIATE")
             self._depth = 1
             try:
                 yield self._db
@@ -240,7 +291,7 @@ class PaygStore:
             try:
                 db.execute("INSERT INTO payg_card VALUES (?, ?, ?, 1, ?)",
                            (card_id, account_id, public_key.hex(), to_ms(now)))
-            except sqlite3.IntegrityError:
+            except self._integrity_errors:
                 raise ValidationError(f"card {card_id} is already registered") from None
         return V.Card(card_id, account_id, public_key)
 
@@ -259,7 +310,7 @@ class PaygStore:
         with self.transaction() as db:
             if not self._card(card_id):
                 raise ValidationError(f"card {card_id} is not registered")
-            db.execute("INSERT OR IGNORE INTO payg_blacklist VALUES (?, ?, ?, NULL)",
+            db.execute("INSERT INTO payg_blacklist VALUES (?, ?, ?, NULL) ON CONFLICT DO NOTHING",
                        (card_id, to_ms(effective_at), reason))
         return entry
 

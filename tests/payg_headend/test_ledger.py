@@ -194,7 +194,7 @@ def ledgers(draw):
     return [draw(transactions(f"k{i}")) for i in range(n)]
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(ledgers(), st.randoms(use_true_random=False))
 def test_any_valid_sequence_sums_to_zero_and_replay_changes_nothing(txns, rnd):
     ledger = L.InMemoryLedger()
