@@ -33,9 +33,16 @@ def _db(args) -> str:
 
 
 def _bindings(args):
+    """--bindings files when given, else the bindings held in the database (`bindings load`), else the demo's."""
     if args.bindings:
         return load_bindings(args.bindings, args.bindings_csv or [])
-    return load_demo_bindings()
+    from .billing_store import BillingStore
+    store = BillingStore(_db(args))
+    try:
+        held = store.bindings()
+    finally:
+        store.close()
+    return held if held.accounts else load_demo_bindings()
 
 
 def _tariffs(extra: list[Path] | None = None) -> dict:
@@ -292,7 +299,7 @@ def _common(p, bindings: bool = True) -> None:
     p.add_argument("--database", help="sqlite:///PATH, overrides the config")
     p.add_argument("--clock", default="system", help="system | sim:ISO | scaled:ISO,SPEED[,ANCHOR_UNIX]")
     if bindings:
-        p.add_argument("--bindings", type=Path, help="bindings TOML (default: the bundled demo bindings)")
+        p.add_argument("--bindings", type=Path, help="bindings TOML (default: those loaded in the database, else the demo's)")
         p.add_argument("--bindings-csv", type=Path, action="append", help="effective-dated bindings CSV (repeatable)")
 
 

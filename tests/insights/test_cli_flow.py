@@ -140,3 +140,12 @@ def test_market_report_and_outcomes_run_on_stored_results(db, tmp_path, capsys):
     assert f"parked {30 * 48 * 120} Wh" in html.read_text()
     assert main(["promotions", "outcomes", "--json", "--database", db, *BIND]) == 0
     capsys.readouterr()
+
+
+def test_bindings_loaded_into_the_database_are_used_without_files(db, capsys):
+    assert main(["bindings", "load", "--toml", str(DATA / "bindings_gb.toml"), "--csv", str(DATA / "bindings_gb.csv"),
+                 "--database", db]) == 0
+    capsys.readouterr()
+    assert main(["insights", "--period", "2026-11", "--database", db, "--json"]) == 0
+    rows = {r["account_id"] for r in json.loads(capsys.readouterr().out)}
+    assert rows == {"A-1", "A-2", "A-3"}            # not the demo's A-GB-001...
