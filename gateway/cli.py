@@ -279,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sync_parsers(sub)
     from .profiles import add_parsers as add_profile_parsers  # profiles list|check, bus-plan
     add_profile_parsers(sub)
+    from .payg import add_parsers as add_payg_parsers         # payg status
+    add_payg_parsers(sub)
     return parser
 
 

@@ -276,6 +276,8 @@ class PaygMeter:
         self.window = T.ReplayWindow()
         self.last_import_wh: int | None = None
         self.command_seq = 0
+        self.unreported_minor = 0                 # charged since the last acknowledged usage report
+        self.unreported_wh = 0
         self.card_list: T.CardList | None = None
         self.blacklist: T.Blacklist | None = None
         self.journal: list[tuple[C.CreditEvent, str | None]] = []   # (event, relay command id)
@@ -293,6 +295,7 @@ class PaygMeter:
                                      data["window"]["size"])
         self.last_import_wh = data["last_import_wh"]
         self.command_seq = data["command_seq"]
+        self.unreported_minor, self.unreported_wh = data.get("unreported", [0, 0])
         self.unpublished = [CrmRecord(r["topic"], r["payload"]) for r in data.get("unpublished", [])]
         if data.get("card_list"):
             self.card_list = _card_list_from_json(data["card_list"])
@@ -306,6 +309,7 @@ class PaygMeter:
             "meter": self.meter_id, "state": state_to_json(self.state),
             "window": {"floor": self.window.floor, "seen": sorted(self.window.seen), "size": self.window.size},
             "last_import_wh": self.last_import_wh, "command_seq": self.command_seq,
+            "unreported": [self.unreported_minor, self.unreported_wh],
             "unpublished": [{"topic": r.topic, "payload": r.payload} for r in self.unpublished],
             "card_list": _card_list_to_json(self.card_list) if self.card_list else None,
             "blacklist": _blacklist_to_json(self.blacklist) if self.blacklist else None})
@@ -381,6 +385,10 @@ class PaygMeter:
                                   f"{self.last_import_wh} to {import_wh} Wh (meter exchange or reset?)")
         self.state, events = C.charge(self.state, delta, self.price, now)
         self.last_import_wh = import_wh
+        for e in events:
+            if isinstance(e, C.Charged):
+                self.unreported_minor += e.amount_minor
+                self.unreported_wh += e.wh
         self._emit(events)
 
     def on_reading(self, import_wh: int) -> C.Decision:
@@ -388,6 +396,21 @@ class PaygMeter:
         now = self.clock.now()
         self._charge(import_wh, now)
         return self.evaluate()
+
+    def usage_report(self) -> tuple[int, int]:
+        """(used minor units, used Wh) charged since the last acknowledged report: the used service
+        units of the next credit-control update."""
+        return self.unreported_minor, self.unreported_wh
+
+    def usage_acknowledged(self, used_minor: int, used_wh: int) -> None:
+        """The head-end answered the update that reported (used_minor, used_wh): only that much is
+        taken off, so usage charged while the update was in flight goes into the next report."""
+        if not (0 <= used_minor <= self.unreported_minor and 0 <= used_wh <= self.unreported_wh):
+            raise ValidationError(f"meter {self.meter_id}: acknowledged usage {used_minor}/{used_wh} Wh exceeds "
+                                  f"the unreported {self.unreported_minor}/{self.unreported_wh} Wh")
+        self.unreported_minor -= used_minor
+        self.unreported_wh -= used_wh
+        self._save()
 
     def evaluate(self) -> C.Decision:
         return self._enforce(C.decide_supply(self.state, self.friendly, self.clock.now()))
@@ -444,5 +467,57 @@ class PaygMeter:
         return self._then_decide(*C.confirm_reconnect(self.state, self.clock.now()))
 
 
+# --------------------------------------------------------------------------- CLI (meterlink-gateway payg ...)
+
+def status(state_path: str | Path) -> dict:
+    """What a PAYG meter's state file says: credit, emergency credit, debt, relay, pending reports."""
+    path = Path(state_path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise ValidationError(f"{path}: cannot read the PAYG state file: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise ValidationError(f"{path}:{exc.lineno}: not a PAYG state file: {exc.msg}") from None
+    st = state_from_json(data["state"], C.PrepaymentConfig())
+    return {"meter": data.get("meter", st.account), "at": data["state"].get("at"), "relay": st.relay,
+            "credit_balance_minor": st.credit_balance, "granted_wh": st.granted_wh,
+            "emergency_credit": {"offered": st.emergency_credit_offered, "accepted": st.emergency_credit_accepted,
+                                 "used_minor": st.emergency_credit_used},
+            "accumulated_debt_minor": st.accumulated_debt, "arrears_minor": st.arrears,
+            "grant": {"session": st.grant_session, "request_number": st.grant_number,
+                      "valid_until": data["state"].get("grant_valid_until")},
+            "unreported_usage": {"minor": data.get("unreported", [0, 0])[0], "wh": data.get("unreported", [0, 0])[1]},
+            "unpublished_crm_events": len(data.get("unpublished", [])),
+            "relay_commands": data.get("command_seq", 0),
+            "blacklist_version": (data.get("blacklist") or {}).get("version"),
+            "card_list_version": (data.get("card_list") or {}).get("version")}
+
+
+def _cmd_status(args) -> int:
+    info = status(args.state)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    ec = info["emergency_credit"]
+    print(f"meter {info['meter']} at {info['at']}: relay {info['relay']}")
+    print(f"  credit {info['credit_balance_minor']} minor, granted {info['granted_wh']} Wh, debt "
+          f"{info['accumulated_debt_minor']}, arrears {info['arrears_minor']}")
+    print(f"  emergency credit: offered {ec['offered']}, accepted {ec['accepted']}, used {ec['used_minor']}")
+    print(f"  unreported usage {info['unreported_usage']['minor']} minor / {info['unreported_usage']['wh']} Wh, "
+          f"{info['unpublished_crm_events']} CRM event(s) waiting")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    payg = sub.add_parser("payg", help="pay-as-you-go meters held by this gateway",
+                          epilog="example: meterlink-gateway payg status --state var/payg/MTR-0001.json")
+    psub = payg.add_subparsers(dest="payg_command", required=True)
+    st = psub.add_parser("status", help="credit, emergency credit, debt and relay of one PAYG meter",
+                         epilog="example: meterlink-gateway payg status --state var/payg/MTR-0001.json --json")
+    st.add_argument("--state", required=True, help="the meter's PAYG state file")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=_cmd_status)
+
+
 __all__ = ["CRM_KINDS", "CRM_TOPIC_PREFIX", "CrmRecord", "MqttPublisher", "PaygMeter", "RelayOutcome", "RelaySwitch",
-           "crm_record", "price_from_tariff", "read_import_wh", "state_from_json", "state_to_json"]
+           "add_parsers", "crm_record", "price_from_tariff", "read_import_wh", "status", "state_from_json", "state_to_json"]

@@ -156,3 +156,30 @@ def test_queued_events_and_signed_card_lists_survive_a_gateway_restart(tmp_path)
     topup = T.CardTopUp("CARD9", T.CardChallenge("M1", nonce, 700, "GBP", clock.now())).signed(CARD)
     again.card_topup(topup, nonce)                                # offline card top-up with the persisted lists
     assert again.state.credit_balance == 700 and again.state.relay == "closed"
+
+
+def test_payg_status_command_shows_the_persisted_account(tmp_path, capsys):
+    import json as _json
+
+    from meterlink.gateway.cli import main
+    clock = SimClock(datetime(2026, 3, 9, 11, tzinfo=UTC))
+
+    class NoRelay:
+        def read(self):
+            return "closed"
+
+        def command(self, position, command_id):
+            return None
+
+    pm = P.PaygMeter("M1", NoRelay(), clock, cfg=C.PrepaymentConfig(), friendly=None, price=Decimal(30),
+                     head_end_key=T.public_bytes(HEAD_END), state_path=tmp_path / "m1.json")
+    pm.boot(0)
+    pm.enter_token(T.TopUpToken("t1", "M1", 1, 1500, "GBP", clock.now(),
+                                clock.now() + timedelta(days=1)).signed(HEAD_END).encode())
+    clock.advance(timedelta(hours=1))
+    pm.on_reading(2000)
+    assert main(["payg", "status", "--state", str(tmp_path / "m1.json"), "--json"]) == 0
+    info = _json.loads(capsys.readouterr().out)
+    assert info["relay"] == "closed" and info["credit_balance_minor"] == 1440
+    assert info["unreported_usage"] == {"minor": 60, "wh": 2000} and info["relay_commands"] == 2
+    assert main(["payg", "status", "--state", str(tmp_path / "nope.json")]) == 2

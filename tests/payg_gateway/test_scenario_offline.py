@@ -53,8 +53,9 @@ def test_scenario_6_three_days_offline_is_limited_by_grant_and_emergency_credit_
             pm.on_reading(P.read_import_wh(master, 1, profile))
             if pm.state.emergency_credit_offered and not pm.state.emergency_credit_accepted:
                 pm.accept_emergency_credit()
-        charged = sum(e.amount_minor for e, _ in pm.journal if isinstance(e, C.Charged))
-        used_wh = P.read_import_wh(master, 1, profile) - start_wh
+        charged, used_wh = pm.usage_report()
+        assert charged == sum(e.amount_minor for e, _ in pm.journal if isinstance(e, C.Charged))
+        assert used_wh == P.read_import_wh(master, 1, profile) - start_wh
         limit = grant + pm.cfg.emergency_credit_limit
         assert pm.state.relay == "open" and not meter.relay_closed
         # consumption limited by grant + emergency credit (plus the last 15-minute step that crossed it)
@@ -64,6 +65,8 @@ def test_scenario_6_three_days_offline_is_limited_by_grant_and_emergency_credit_
         # reconnection: the gateway reports what it used; the head-end books it (over the grant as debt)
         out = cc.update(CC.CreditControlRequest("S1", CC.RequestType.UPDATE_REQUEST, 1, "ACC1", "M1", "GBP",
                                                 charged, used_wh), clock.now())
+        pm.usage_acknowledged(charged, used_wh)
+        assert pm.usage_report() == (0, 0)
         [over] = out.events
         assert over.over_minor == charged - grant
         ledger = list(store.transactions())
