@@ -62,6 +62,14 @@ def test_with_one_of_five_meters_dead_the_other_four_keep_their_poll_interval_an
                                    {u: f"M{u}" for u in range(1, 6)})], interval)
     rec = Recorder()
     gw = Gateway(load_config(cfg), clock, publisher=rec)
+    failures = []            # when M3's tries failed (the daemon notes every failed poll)
+    note = gw._note
+
+    def noting(message: str) -> None:
+        if "meter M3 " in message:
+            failures.append(clock.now())
+        note(message)
+    gw._note = noting
     try:
         gw.run(threading.Event(), until=first + timedelta(seconds=4 * interval), first=first)
         slot = gw.workers[0].schedule.slots["M3"]
@@ -76,7 +84,9 @@ def test_with_one_of_five_meters_dead_the_other_four_keep_their_poll_interval_an
             # at most one timeout of the dead meter plus the live reads (generous for a loaded machine)
             assert 0 <= delay <= timeout_sim + 4.0, (meter, boundary, delay)
     # M3 failed, backed off, came back and is polled on the grid again with its backoff reset
-    assert slot.polls_failed >= 2
+    assert slot.polls_failed >= 3 and len(failures) == slot.polls_failed
+    gaps = [(b - a).total_seconds() for a, b in zip(failures, failures[1:])]
+    assert gaps[-1] > gaps[0], gaps                      # the retries backed off
     assert (slot.failures, slot.retry_at) == (0, None) and slot.last_ok is not None
     m3 = rec.taken("M3")
     assert m3 and all(at >= back_at for at in m3)

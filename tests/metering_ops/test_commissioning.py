@@ -66,6 +66,18 @@ def test_scan_with_auto_baud_stops_at_the_first_setting_where_meters_answer(cloc
     assert len(c.settings_to_try("auto", "auto")) == len(c.BAUD_RATES) * 3
 
 
+def test_scan_over_modbus_tcp_finds_the_unit_behind_the_gateway(clock):
+    from meterlink.sim.server import TcpServer
+
+    server = TcpServer(sim_meters(clock, {3: "eastron_sdm120"})).start()
+    try:
+        found = c.scan(lambda b, p: open_master(f"tcp://{server.address}", timeout=0.1), [1, 2, 3],
+                       [(9600, "N")], c.all_profiles(), clock)
+    finally:
+        server.stop()
+    assert [(f.unit, f.profile, f.baud) for f in found] == [(3, "eastron_sdm120", None)]
+
+
 def test_a_silent_bus_is_scanned_quickly_and_reports_nothing(pty_bus, clock):
     bus = pty_bus({})
     started = time.monotonic()
