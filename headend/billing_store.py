@@ -336,6 +336,18 @@ class BillingStore:
     def store_bill_run(self, run: BillRun, bindings: Bindings, markets: Mapping[str, Market], issue_date: date,
                        now: datetime) -> list[str]:
         """Items, invoices, billed usage and billed rows of a run, in one transaction; returns invoice ids."""
+        try:
+            return self._store_bill_run(run, bindings, markets, issue_date, now)
+        except Exception as exc:                 # sqlite3.IntegrityError / psycopg UniqueViolation
+            if "unique" in str(exc).lower() or "UNIQUE" in type(exc).__name__.upper():
+                from meterlink.errors import ValidationError
+                raise ValidationError(f"period {run.period}: another bill run stored an item for one of "
+                                      f"{', '.join(b.item.account_id for b in run.bills)} meanwhile; nothing of this "
+                                      f"run was stored, run bill again ({exc})") from None
+            raise
+
+    def _store_bill_run(self, run: BillRun, bindings: Bindings, markets: Mapping[str, Market], issue_date: date,
+                        now: datetime) -> list[str]:
         ids = []
         with self.db.tx():
             for bill in run.bills:
@@ -400,12 +412,15 @@ def process_readings(repo, store: BillingStore, markets: Mapping[str, Market], n
 
 def run_billing(store: BillingStore, period: str, *, markets: Mapping[str, Market], tariffs: Mapping[str, Tariff],
                 vat: VatTable, issue_date: date, now: datetime, adjustments: Sequence[Adjustment] = (),
-                accounts: Iterable[str] | None = None) -> BillRun:
-    """Bill `period` for every account not yet billed for it and store items and invoices."""
+                accounts: Iterable[str] | None = None, promotions: Mapping[str, Sequence] | None = None) -> BillRun:
+    """Bill `period` for every account not yet billed for it and store items and invoices.
+
+    `promotions`: account id -> accepted rating Promotions (cli_insights.accepted_rating_promotions).
+    """
     bindings = store.bindings()
     run = bill_run(period, bindings=bindings, markets=markets, tariffs=tariffs, vat=vat,
                    rows=store.rows().values(), already_billed=store.billed_accounts(period),
-                   adjustments=adjustments, accounts=accounts)
+                   adjustments=adjustments, accounts=accounts, promotions=promotions)
     store.store_bill_run(run, bindings, markets, issue_date, now)
     return run
 

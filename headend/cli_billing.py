@@ -188,8 +188,10 @@ def cmd_bill(args) -> int:
     try:
         if not args.no_process:
             process_readings(repo, store, markets, now)
+        from .cli_insights import accepted_rating_promotions     # accepted percent discounts (insights)
         run = run_billing(store, args.period, markets=markets, tariffs=tariffs, vat=vat,
-                          issue_date=date.fromisoformat(args.issue_date) if args.issue_date else now.date(), now=now)
+                          issue_date=date.fromisoformat(args.issue_date) if args.issue_date else now.date(), now=now,
+                          promotions=accepted_rating_promotions(_url(args)))
     finally:
         store.close()
         repo.close()

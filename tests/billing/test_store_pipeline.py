@@ -122,3 +122,19 @@ def test_register_decrease_is_queued_held_and_released_by_the_operator(db):
     process_readings(repo, store, MARKETS, NOW)
     rep = reconcile_period(repo, store, "2026-11", markets=MARKETS, default_market="GB", strict=True)
     assert rep.ok and rep.lines[0].held_wh == 0, rep.format()
+
+
+def test_a_second_bill_run_that_lost_the_race_stores_nothing_and_says_so(db):
+    from meterlink.headend.billing import bill_run
+    repo, store = db
+    b = gb_bindings().move_in("SP1", "A1", utc(2026, 10, 1))
+    store.import_bindings(b, MARKETS, VAT)
+    ingest(repo, hourly_readings("M1", utc(2026, 11, 1), 24))
+    process_readings(repo, store, MARKETS, NOW)
+    # two replicas compute the same run from the same state; the first stores it
+    runs = [bill_run("2026-11", bindings=store.bindings(), markets=MARKETS, tariffs=TARIFFS, vat=VAT,
+                     rows=store.rows().values()) for _ in range(2)]
+    store.store_bill_run(runs[0], store.bindings(), MARKETS, date(2026, 12, 2), NOW)
+    with pytest.raises(ValidationError, match="another bill run stored an item"):
+        store.store_bill_run(runs[1], store.bindings(), MARKETS, date(2026, 12, 2), NOW)
+    assert len(store.items()) == 1 and len(store.invoices()) == 1
