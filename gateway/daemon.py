@@ -22,7 +22,6 @@ from datetime import datetime, timedelta
 from meterlink.clock import Clock, to_ms, from_ms
 from meterlink.errors import DeviceError, ProtocolError
 
-from meterlink import modbus
 from meterlink.clock import clock_trusted
 from meterlink.readings import BILLING_OBIS
 

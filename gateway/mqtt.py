@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import paho.mqtt.client as paho
 
-from meterlink.clock import to_ms
+from meterlink.clock import from_ms, to_ms
 from meterlink.readings import Reading
 
 from .plausibility import flag_names
@@ -46,7 +46,7 @@ def topic_for(prefix: str, gateway_id: str, meter_id: str, obis: str) -> str:
 
 
 def iso_ms(ms: int) -> str:
-    from meterlink.clock import from_ms
+    """Milliseconds since the epoch -> '2026-11-24T00:15:00.000Z'."""
     return from_ms(ms).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
 
 
@@ -149,15 +149,12 @@ class MqttPublisher:
 
     def flush(self, timeout_s: float = 5.0) -> bool:
         """Wait (real time) until the queue is empty and the broker acknowledged what was sent."""
-        done = threading.Event()
-        deadline = timeout_s
-        step = 0.02
-        while deadline > 0:
+        pause = threading.Event()   # never set: a plain real-time wait between checks
+        for _ in range(max(0, int(timeout_s / 0.02))):
             if not self._queue and self.stats.delivered >= self.stats.sent:
                 return True
-            done.wait(step)
-            deadline -= step
-        return False
+            pause.wait(0.02)
+        return not self._queue and self.stats.delivered >= self.stats.sent
 
     def close(self, timeout_s: float = 2.0) -> None:
         self.flush(timeout_s if self.connected else 0)

@@ -8,7 +8,7 @@ from datetime import timedelta
 
 import pytest
 
-from meterlink.clock import ScaledClock, SimClock, to_ms
+from meterlink.clock import ScaledClock
 from meterlink.gateway.config import load_config
 from meterlink.gateway.daemon import Gateway
 from meterlink.readings import BILLING_OBIS
