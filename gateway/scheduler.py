@@ -151,8 +151,8 @@ class BusSchedule:
                 nxt = grid_after(s.next_poll, self.first, self.interval_s, s.offset)
             else:
                 nxt = grid_after(now, self.first, self.interval_s, s.offset)
-            if not retry:
-                s.missed += (to_ms(nxt) - to_ms(s.next_poll)) // (self.interval_s * 1000) - 1
+            if s.next_poll <= now:   # grid instants that passed without a poll of this meter
+                s.missed += max(0, (to_ms(nxt) - to_ms(s.next_poll)) // (self.interval_s * 1000) - (0 if retry else 1))
             s.next_poll = nxt
             s.retry_at = None
             jobs = []

@@ -147,6 +147,8 @@ def test_one_dead_meter_of_five_never_delays_the_others_beyond_its_own_timeout(t
             # before it: at most the other live meters' billing reads and ONE timeout of the dead one
             assert boundary <= at <= boundary + timedelta(seconds=timeout_s + 4 * read_s), (meter, k, at)
     assert s.slots["M3"].polls_ok == 0 and s.slots["M3"].failures > 5
+    assert s.slots["M3"].missed > 0                          # grid polls it sat out while backing off
+    assert all(s.slots[m].missed == 0 for m in ("M1", "M2", "M4", "M5"))
 
 
 def test_instants_missed_at_startup_are_caught_up_once_each_but_later_misses_are_skipped():
