@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import Iterable, Union
 
 from cryptography.exceptions import InvalidSignature
@@ -86,6 +86,26 @@ def _i64(v: int, what: str) -> bytes:
     return struct.pack(">q", v)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MS = timedelta(milliseconds=1)
+_READING_STRUCTS: dict[tuple[int, int, int], struct.Struct] = {}
+
+
+def _reading_bytes(seq: int, prev_hash: bytes, r: Reading) -> bytes | None:
+    """Fast path for the common case (ASCII ids, in-range values): one struct.pack; None -> use the general path."""
+    try:
+        m, o, u = r.meter_id.encode("ascii"), r.obis.encode("ascii"), r.unit.encode("ascii")
+        lengths = (len(m), len(o), len(u))
+        st = _READING_STRUCTS.get(lengths)
+        if st is None:
+            st = _READING_STRUCTS.setdefault(lengths, struct.Struct(
+                f">4sQ32sBH{lengths[0]}sH{lengths[1]}sqqH{lengths[2]}sI"))
+        return st.pack(RECORD_MAGIC, seq, prev_hash, KIND_READING, lengths[0], m, lengths[1], o,
+                       (r.taken_at - _EPOCH) // _MS, r.value, lengths[2], u, r.quality)
+    except (UnicodeEncodeError, struct.error, TypeError):
+        return None
+
+
 def body_bytes(body: Reading | Event) -> bytes:
     if isinstance(body, Reading):
         what = f"reading {body.meter_id}/{body.obis}"
@@ -109,6 +129,10 @@ def canonical_bytes(seq: int, prev_hash: bytes, body: Reading | Event) -> bytes:
         raise EncodingError(f"seq {seq} outside 1..2^64-1")
     if len(prev_hash) != 32:
         raise EncodingError(f"record seq {seq}: prev_hash is {len(prev_hash)} bytes, not 32")
+    if type(body) is Reading and len(body.meter_id) < 0xFFFF and len(body.obis) < 0xFFFF and len(body.unit) < 0xFFFF:
+        fast = _reading_bytes(seq, prev_hash, body)
+        if fast is not None:
+            return fast
     return RECORD_MAGIC + struct.pack(">Q", seq) + prev_hash + body_bytes(body)
 
 

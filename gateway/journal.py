@@ -191,6 +191,12 @@ class Journal:
                                      (acked, limit))
             return [_record(row) for row in cur]
 
+    def records_after(self, seq: int, limit: int) -> list[JournalRecord]:
+        """Up to `limit` records with seq > `seq`, in order (the next batch while one is in flight)."""
+        with self._lock:
+            cur = self._conn.execute(f"SELECT {COLUMNS} FROM journal WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit))
+            return [_record(row) for row in cur]
+
     def records(self, first: int = 1, last: int | None = None) -> list[JournalRecord]:
         """Every record still held with first <= seq <= last, in order."""
         with self._lock:

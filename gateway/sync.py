@@ -180,13 +180,41 @@ class Pusher:
         return len(records), ack.acked_seq >= records[-1].seq
 
     def drain(self) -> int:
-        """Push batches until nothing is unacked or the head-end stops advancing; returns records sent."""
-        total = 0
-        while True:
-            sent, complete = self.push_once()
-            total += sent
-            if sent == 0 or not complete:
+        """Push batches until nothing is unacked or the head-end stops advancing; returns records sent.
+
+        The first batch goes through `push_once`; after that the next batch is read and signed while
+        the head-end verifies and commits the one in flight (batches stay strictly one after another).
+        """
+        sent, complete = self.push_once()
+        total = sent
+        if sent == 0 or not complete:
+            return total
+        records = self.journal.unacked(self.batch)
+        request = to_proto(self.gateway_id, records, self.key) if records else None
+        while records:
+            try:
+                future = self._stub.Push.future(request, timeout=self.timeout_s)
+                nxt = self.journal.records_after(records[-1].seq, self.batch)
+                nxt_request = to_proto(self.gateway_id, nxt, self.key) if nxt else None
+                ack = future.result()
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    self._channel.close()
+                    self._connect()
+                raise DeviceError(f"push to head-end {self.address} failed: {exc.code().name}: "
+                                  f"{exc.details()}") from None
+            newly = self.journal.mark_acked(ack.acked_seq)
+            if self.metrics is not None and newly:
+                self.metrics.pushed.inc(newly)
+            if ack.refused:
+                self.last_refusal = Refused(sync_pb2.Refusal.Name(ack.refused), ack.detail)
+                log.error("gateway %s: %s", self.gateway_id, self.last_refusal)
+                raise self.last_refusal
+            total += len(records)
+            if ack.acked_seq < records[-1].seq:
                 return total
+            records, request = nxt, nxt_request
+        return total
 
 
 # -- CLI -----------------------------------------------------------------------------------------

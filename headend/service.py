@@ -120,7 +120,7 @@ class GatewaySyncService(sync_pb2_grpc.GatewaySyncServicer):
                 try:
                     if readings:
                         self.repo.ingest(gw, readings, now_ms)
-                    acked = self.chain.commit(gw, head_seq, verdict.new, now_ms)
+                    acked = self.chain.commit(gw, head_seq, verdict.new, now_ms, verdict.new_hashes)
                 except HeadMoved:
                     continue      # another replica/request advanced the head: verify again
                 except MeterlinkError as exc:

@@ -34,6 +34,7 @@ class Verdict:
     detail: str = ""
     new: list[ChainRecord] = field(default_factory=list)   # records after the stored head, in order
     duplicates: int = 0                                     # records identical to what is held
+    new_hashes: list[bytes] = field(default_factory=list)  # hash of each record in `new`
 
     @property
     def accepted(self) -> bool:
@@ -95,7 +96,7 @@ def verify_batch(gateway_id: str, records: list[ChainRecord], head_hash: bytes, 
             return _refuse(Refusal.ALTERED, gateway_id, f"seq {first} does not link to held seq {stored_seq} "
                                                         f"(the gateway's record {stored_seq} differs from the "
                                                         f"one held)")
-        return Verdict(Refusal.NONE, new=list(records))
+        return Verdict(Refusal.NONE, new=list(records), new_hashes=hashes)
     # The batch overlaps what is held. Its last record at or below the held head must be a record the
     # head-end holds with the same hash; by the chain, every record before it is then identical too.
     if seqs[0] <= stored_seq:
@@ -117,4 +118,4 @@ def verify_batch(gateway_id: str, records: list[ChainRecord], head_hash: bytes, 
             return _refuse(Refusal.REPLAY, gateway_id, f"seq {r.seq} overlaps held seq {stored_seq}")
         # a run pruned after part of it was delivered: keep only the part the head-end lacks
         rest[0] = ChainRecord(r.seq, stored_hash, Tombstone(stored_seq + 1, r.body.record_hash))
-    return Verdict(Refusal.NONE, new=rest, duplicates=duplicates)
+    return Verdict(Refusal.NONE, new=rest, duplicates=duplicates, new_hashes=hashes[len(records) - len(rest):])

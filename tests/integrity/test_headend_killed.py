@@ -39,7 +39,7 @@ def test_headend_sigkilled_mid_batch_loses_and_doubles_nothing(tmp_path):
     subprocess.run([str(BIN / "meterlink-headend"), "trust-gateway", GW, "--public-key", str(tmp_path / "gw.pub"),
                     "--database", f"sqlite:///{db}"], check=True, capture_output=True, timeout=60)
     journal = Journal(tmp_path / "gw.db")
-    journal.append(readings(16_000))
+    journal.append(readings(30_000))
     port = free_port()
     pusher = Pusher(GW, f"127.0.0.1:{port}", journal, batch=1000, key=key, timeout_s=20)
     log = open(tmp_path / "headend.log", "ab")
@@ -54,15 +54,19 @@ def test_headend_sigkilled_mid_batch_loses_and_doubles_nothing(tmp_path):
                     pusher.drain()
                 except DeviceError as exc:
                     failures.append(exc)
+            before = journal.acked_seq()
             t = threading.Thread(target=drain)
             t.start()
-            time.sleep(rng.uniform(0.2, 0.8))        # while batches are being verified and committed
+            deadline = time.monotonic() + 30
+            while journal.acked_seq() == before and time.monotonic() < deadline:
+                time.sleep(0.005)                     # batches are flowing ...
+            time.sleep(rng.uniform(0, 0.05))          # ... kill while one is verified or committed
             he.send_signal(signal.SIGKILL)
             he.wait(timeout=30)
             he.stdout.close()
             t.join(timeout=60)
             kills += bool(failures)
-        assert 0 < journal.acked_seq() < 16_000 or kills == 0
+        assert 0 < journal.acked_seq() < 30_000
         he = start_headend(db, port, log)             # back for good: resume from the last ack
         try:
             pusher.drain()
@@ -73,12 +77,12 @@ def test_headend_sigkilled_mid_batch_loses_and_doubles_nothing(tmp_path):
     finally:
         log.close()
         pusher.close()
-    assert kills >= 1, "no kill landed while a push was in flight"
+    assert kills == 3, "a kill did not land while pushes were in flight"
     assert journal.unacked_count() == 0
     held = assert_chain_verifies(db, GW)
-    assert [r.seq for r in held] == list(range(1, 16_001))
+    assert [r.seq for r in held] == list(range(1, 30_001))
     con = sqlite3.connect(db)
-    assert con.execute("SELECT COUNT(*), COUNT(DISTINCT seq) FROM gateway_record").fetchone() == (16_000, 16_000)
+    assert con.execute("SELECT COUNT(*), COUNT(DISTINCT seq) FROM gateway_record").fetchone() == (30_000, 30_000)
     con.close()
     journal.close()
 

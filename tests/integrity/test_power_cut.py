@@ -115,5 +115,7 @@ def test_sigkill_at_ten_random_moments_loses_and_doubles_nothing(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_at_a_hundred_random_moments_loses_and_doubles_nothing(tmp_path):
+def test_sigkill_at_a_hundred_random_moments_loses_and_doubles_nothing(tmp_path, request):
+    if "slow" not in (request.config.getoption("-m") or ""):
+        pytest.skip("long variant (about 3 minutes): run with -m slow")
     power_cuts(tmp_path, cuts=100, seed=int(os.environ.get("POWER_CUT_SEED", "4")))

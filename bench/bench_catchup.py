@@ -1,0 +1,143 @@
+"""Catch-up after an outage: 1000 meters x 7 days x 15-minute readings (672,000 records) journaled on the
+gateway, then the head-end comes up and the gateway drains to zero unacked over loopback gRPC with mutual TLS.
+
+Prints the drain time, records/s and the draining gateway process's peak RSS. Goal: <= 10 s.
+
+The gateway side (journal -> signed batches -> gRPC) runs in its own process (this script with --drain) so
+its peak RSS is its own; the head-end (verify -> SQLite repository + chain store) runs in this process.
+
+Run: .venv/bin/python bench/bench_catchup.py [--meters 1000] [--days 7] [--batch 5000] [--no-tls]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+START = datetime(2026, 11, 24, tzinfo=timezone.utc)
+GW = "gw-bench"
+
+
+def journal_week(path: Path, meters: int, days: int) -> int:
+    from meterlink.gateway.journal import Journal
+    from meterlink.readings import Reading
+    j = Journal(path)
+    n = 0
+    for slot in range(days * 96):
+        at = START + timedelta(minutes=15 * slot)
+        # one poll of every meter: its import register, journaled in one commit
+        j.append([Reading(f"MTR-{m:05d}", "1.8.0", at, 1_000_000 + m * 10_000 + slot * 37, "Wh")
+                  for m in range(meters)])
+        n += meters
+    j.close()
+    return n
+
+
+def tls_material(tmp: Path) -> dict:
+    """A head-end CA, server and gateway client certificates (common/pki.py), as PEM files."""
+    from meterlink import pki
+    now = START
+    ca_key, ca = pki.create_ca("meterlink bench CA", now)
+    srv_key = pki.new_tls_key()
+    srv = pki.issue_server_cert(ca_key, ca, srv_key.public_key(), ["localhost", "127.0.0.1"], now)
+    cli_key = pki.new_tls_key()
+    cli = pki.issue_client_cert(ca_key, ca, pki.build_csr(cli_key, GW), GW, now)
+    files = {"ca": pki.cert_pem(ca), "srv_key": pki.private_key_pem(srv_key), "srv": pki.cert_pem(srv),
+             "cli_key": pki.private_key_pem(cli_key), "cli": pki.cert_pem(cli)}
+    for k, v in files.items():
+        (tmp / f"{k}.pem").write_bytes(v)
+    return files
+
+
+def drain(args) -> int:
+    """Child process: drain the journal to the head-end; print JSON with the time and own peak RSS."""
+    import grpc
+    from meterlink.gateway.journal import Journal
+    from meterlink.gateway.sync import Pusher, load_or_create_key
+    tmp = Path(args.dir)
+    creds = None
+    if not args.no_tls:
+        creds = grpc.ssl_channel_credentials(root_certificates=(tmp / "ca.pem").read_bytes(),
+                                             private_key=(tmp / "cli_key.pem").read_bytes(),
+                                             certificate_chain=(tmp / "cli.pem").read_bytes())
+    journal = Journal(tmp / "gw.db")
+    pusher = Pusher(GW, args.address, journal, batch=args.batch, key=load_or_create_key(tmp / "signing.key"),
+                    credentials=creds, timeout_s=120)
+    t0 = time.perf_counter()
+    sent = pusher.drain()
+    elapsed = time.perf_counter() - t0
+    left = journal.unacked_count()
+    print(json.dumps({"sent": sent, "seconds": elapsed, "unacked": left,
+                      "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--meters", type=int, default=1000)
+    ap.add_argument("--days", type=int, default=7)
+    ap.add_argument("--batch", type=int, default=5000, help="records per push (default 5000)")
+    ap.add_argument("--no-tls", action="store_true", help="plaintext gRPC instead of mutual TLS")
+    ap.add_argument("--drain", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--dir", help=argparse.SUPPRESS)
+    ap.add_argument("--address", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.drain:
+        return drain(args)
+
+    import grpc
+    from meterlink.chain import public_bytes
+    from meterlink.clock import SimClock
+    from meterlink.gateway.sync import load_or_create_key
+    from meterlink.headend.chainstore import SqliteChainStore
+    from meterlink.headend.service import make_server
+    from meterlink.headend.store import SqliteReadingRepository
+
+    with tempfile.TemporaryDirectory(prefix="bench-catchup-") as d:
+        tmp = Path(d)
+        t0 = time.perf_counter()
+        n = journal_week(tmp / "gw.db", args.meters, args.days)
+        print(f"journaled {n:,} records ({args.meters} meters x {args.days} days x 96) in "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
+        key = load_or_create_key(tmp / "signing.key")
+        creds = None
+        if not args.no_tls:
+            pem = tls_material(tmp)
+            creds = grpc.ssl_server_credentials([(pem["srv_key"], pem["srv"])], root_certificates=pem["ca"],
+                                                require_client_auth=True)
+        repo = SqliteReadingRepository(tmp / "headend.db")
+        chain = SqliteChainStore(tmp / "headend.db")
+        chain.trust(GW, public_bytes(key), 0)
+        server, port = make_server(repo, SimClock(START + timedelta(days=args.days)), "127.0.0.1:0",
+                                   chain=chain, credentials=creds)
+        server.start()                                          # the head-end comes up
+        address = f"localhost:{port}" if creds else f"127.0.0.1:{port}"
+        out = subprocess.run([sys.executable, __file__, "--drain", "--dir", str(tmp), "--address", address,
+                              "--batch", str(args.batch)] + (["--no-tls"] if args.no_tls else []),
+                             capture_output=True, text=True)
+        server.stop(grace=None).wait()
+        if out.returncode != 0:
+            print(out.stderr, file=sys.stderr)
+            return 1
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        held = chain.head(GW)[0]
+        repo.close()
+        chain.close()
+        rate = res["sent"] / res["seconds"]
+        print(f"catch-up over loopback gRPC {'with mutual TLS' if creds else 'WITHOUT TLS'}, batch {args.batch}: "
+              f"{res['sent']:,} records in {res['seconds']:.2f} s = {rate:,.0f} records/s; "
+              f"unacked after: {res['unacked']}; head-end head seq {held:,}")
+        print(f"gateway (draining process) peak RSS: {res['peak_rss_kib'] / 1024:.0f} MiB")
+        print(f"goal <= 10 s: {'met' if res['seconds'] <= 10 and res['unacked'] == 0 else 'NOT met'}")
+        return 0 if res["unacked"] == 0 and held == n else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
