@@ -96,8 +96,12 @@ class Gateway:
                         for b in config.buses]
         self.p1_readers = [P1Reader(p.port, p.version, clock=clock) for p in getattr(config, "p1", ())]
         self.key = load_or_create_key(signing_key_path(config))
-        self.pusher = (Pusher(config.id, config.headend, self.journal, config.push_batch, key=self.key)
-                       if config.headend else None)
+        self.pusher = None
+        if config.headend:
+            from .enrol import headend_credentials   # mutual TLS when [headend] pki_dir is set (enrolled)
+            self.pusher = Pusher(config.id, config.headend, self.journal, config.push_batch, key=self.key,
+                                 credentials=headend_credentials(config),
+                                 server_name=getattr(config, "headend_server_name", None))
         self.stats = Stats()
         # sync back-off while the head-end is down or refusing: jittered, on the injected clock
         self.backoff = Backoff(base_s=float(getattr(config, "push_backoff_base_s", 5.0)),

@@ -124,7 +124,8 @@ class Backoff:
 class Pusher:
     def __init__(self, gateway_id: str, address: str, journal: Journal, batch: int = 5000,
                  timeout_s: float = 10.0, key: Ed25519PrivateKey | None = None,
-                 credentials: grpc.ChannelCredentials | None = None, metrics=None) -> None:
+                 credentials: grpc.ChannelCredentials | None = None, metrics=None,
+                 server_name: str | None = None) -> None:
         self.gateway_id, self.address, self.journal = gateway_id, address, journal
         self.batch, self.timeout_s = batch, timeout_s
         self.key = key
@@ -134,11 +135,14 @@ class Pusher:
         # our own jittered back-off decides when to retry; keep gRPC's reconnect back-off short so a
         # head-end that is back is reached at the next try
         self._credentials = credentials
+        self._server_name = server_name      # name checked in the head-end's certificate, if not the host
         self._connect()
 
     def _connect(self) -> None:
         opts = [("grpc.max_send_message_length", 64 * 1024 * 1024), ("grpc.initial_reconnect_backoff_ms", 100),
                 ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
+        if self._credentials and self._server_name:
+            opts.append(("grpc.ssl_target_name_override", self._server_name))
         self._channel = (grpc.secure_channel(self.address, self._credentials, options=opts) if self._credentials
                          else grpc.insecure_channel(self.address, options=opts))
         self._stub = sync_pb2_grpc.GatewaySyncStub(self._channel)
