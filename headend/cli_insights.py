@@ -246,6 +246,17 @@ def cmd_outcomes(args) -> int:
     return 0
 
 
+def _issued_item(db_url: str, account: str, period: str) -> dict | None:
+    """The billable item issued for (account, period), if the bill run made one."""
+    from .billing_store import BillingStore
+    store = BillingStore(db_url)
+    try:
+        found = [d for _, d in store.items(period=period) if d["account_id"] == account]
+    finally:
+        store.close()
+    return found[-1] if found else None
+
+
 def cmd_report(args) -> int:
     from . import report as R
 
@@ -266,9 +277,13 @@ def cmd_report(args) -> int:
             tariff = tariffs[acc.tariff_id or market.default_tariff]
             ivs = usage_by_account(repo, bindings, markets, start, end, [args.account])[args.account]
             promos = accepted_rating_promotions(_db(args)).get(args.account, [])
-            rep = R.build_customer_report(args.account, ivs, tariff, market, vat, start, end, promotions=promos)
+            issued = None if args.start else _issued_item(_db(args), args.account, args.period)
+            bill = R.bill_from_item_dict(issued) if issued else None
+            rep = R.build_customer_report(args.account, ivs, tariff, market, vat, start, end, promotions=promos,
+                                          bill=bill)
             out = R.render(rep, args.out)
-            print(f"{out}: {rep.total_wh} Wh, {rep.money(rep.bill.gross_minor)} {rep.currency} incl. VAT")
+            print(f"{out}: {rep.total_wh} Wh, {rep.money(rep.bill.gross_minor)} {rep.currency} incl. VAT"
+                  + (" (the issued bill)" if issued else " (priced now; no bill issued for the period yet)"))
             return 0
         market = markets[args.market]
         accounts = [a for a in bindings.accounts if bindings.market_of_account(a) == market.id]

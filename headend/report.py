@@ -100,6 +100,14 @@ def bill_from_item(item) -> Bill:
     return Bill(lines, vat, item.net_minor, item.vat_minor, item.gross_minor)
 
 
+def bill_from_item_dict(d: dict) -> Bill:
+    """Bill of an issued billable item as stored (BillableItem.to_dict): the invoice's own numbers."""
+    lines = tuple(BillLine(l["description"], l["kind"], Decimal(l["quantity"]), l["unit_code"], int(l["net_minor"]))
+                  for l in d["lines"])
+    vat = tuple(VatRow(Decimal(b["rate"]), int(b["taxable_minor"]), int(b["vat_minor"])) for b in d["vat_breakdown"])
+    return Bill(lines, vat, int(d["net_minor"]), int(d["vat_minor"]), int(d["gross_minor"]))
+
+
 def build_customer_report(account_id: str, intervals: Iterable[Interval], tariff: Tariff, market: Market,
                           vat_table: VatTable, start: date, end: date, *,
                           promotions: Sequence[Promotion] = (), bill: Bill | None = None,

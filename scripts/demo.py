@@ -94,6 +94,12 @@ id = "MTR-TCP-01"
 unit = 1
 profile = "eastron_sdm630"
 """)
+        # the gateway's Ed25519 chain-signing key is made on the device; the head-end is told its public key
+        subprocess.run([str(BIN / "meterlink-gateway"), "signing-key", "--config", str(out / "gateway.toml"),
+                        "--out", str(out / "gw-demo-1.pub")], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([str(BIN / "meterlink-headend"), "trust-gateway", "gw-demo-1", "--public-key",
+                        str(out / "gw-demo-1.pub"), "--database", f"sqlite:///{out / 'headend.db'}",
+                        "--config", os.devnull], check=True, stdout=subprocess.DEVNULL)
         print(f"head-end {he_addr} | RTU bus {pty} (units 1, 2) | TCP meter {tcp_addr}")
         print(f"simulating {args.hours} h of 15-minute polls from {start_at:%Y-%m-%d %H:%M} UTC "
               f"at {args.speed:g}x ...", flush=True)

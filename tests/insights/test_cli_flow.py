@@ -149,3 +149,26 @@ def test_bindings_loaded_into_the_database_are_used_without_files(db, capsys):
     assert main(["insights", "--period", "2026-11", "--database", db, "--json"]) == 0
     rows = {r["account_id"] for r in json.loads(capsys.readouterr().out)}
     assert rows == {"A-1", "A-2", "A-3"}            # not the demo's A-GB-001...
+
+
+def test_report_of_a_billed_month_shows_the_issued_invoice_numbers(db, tmp_path, capsys):
+    assert main(["bindings", "load", "--toml", str(DATA / "bindings_gb.toml"), "--csv", str(DATA / "bindings_gb.csv"),
+                 "--database", db]) == 0
+    assert main(["bill", "--period", "2026-10", "--database", db, "--clock", "sim:2026-11-02T06:00:00Z"]) == 0
+    capsys.readouterr()
+    from meterlink.headend.billing_store import BillingStore
+    store = BillingStore(db)
+    invoices = {j["buyer_reference"]: j for _, _, j, _ in store.invoices(period="2026-10")}
+    items = {d["account_id"]: d for _, d in store.items(period="2026-10")}
+    store.close()
+    out = tmp_path / "a3-oct.html"
+    assert main(["report", "--account", "A-3", "--period", "2026-10", "--out", str(out), "--database", db]) == 0
+    assert "(the issued bill)" in capsys.readouterr().out
+    page = out.read_text()
+    item = items["A-3"]
+    assert int(re.search(r'id="gross" data-minor="(-?\d+)"', page).group(1)) == item["gross_minor"]
+    assert int(re.search(r'id="vat" data-minor="(-?\d+)"', page).group(1)) == item["vat_minor"]
+    assert [int(m) for m in re.findall(r"data-minor='(-?\d+)'", page)][:len(item["lines"])] == \
+        [l["net_minor"] for l in item["lines"]]
+    assert int(re.search(r'id="gross" data-minor="(-?\d+)"', page).group(1)) == \
+        invoices["A-3"]["totals"]["gross_minor"]        # BT-115 payable of the issued invoice
