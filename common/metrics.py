@@ -20,6 +20,8 @@ class GatewayMetrics:
     unacked: Gauge
     push_latency: Histogram
     pushed: Counter
+    disk_alarm: Gauge | None = None      # 1 while the journal's disk is nearly full (billing-only polling)
+    push_refusals: Counter | None = None
 
     @classmethod
     def create(cls) -> "GatewayMetrics":
@@ -35,6 +37,10 @@ class GatewayMetrics:
                                    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r),
             pushed=Counter("meterlink_gateway_pushed_records_total", "Records acknowledged by the head-end",
                            registry=r),
+            disk_alarm=Gauge("meterlink_gateway_disk_alarm", "1 while the journal disk is nearly full and only "
+                             "billing registers are polled", registry=r),
+            push_refusals=Counter("meterlink_gateway_push_refusals_total", "Batches the head-end refused, by reason",
+                                  ["reason"], registry=r),
         )
 
 

@@ -112,6 +112,7 @@ class Gateway:
         self.min_free_permille = int(getattr(config, "min_free_permille", 50))
         self.disk_usage = shutil.disk_usage   # injectable: (path) -> (total, used, free)
         self.disk_alarm = False
+        self.metrics = None                   # meterlink.metrics.GatewayMetrics, when the daemon serves them
         # backoff jitter: seeded per gateway, so gateways desynchronise but a run is reproducible
         self.rng = rng if rng is not None else random.Random(
             int.from_bytes(hashlib.sha256(config.id.encode()).digest()[:8], "big"))
@@ -305,9 +306,13 @@ class Gateway:
                           self.config.database, free, total, report.acked_deleted, report.pruned)
                 self._note(f"disk nearly full: journal {self.config.database} in billing-only mode")
             self.disk_alarm = True
+            if self.metrics is not None and self.metrics.disk_alarm is not None:
+                self.metrics.disk_alarm.set(1)
         elif self.journal.billing_only and not disk_pressure(free, total, 2 * self.min_free_permille):
             self.journal.set_billing_only(False)
             self.disk_alarm = False
+            if self.metrics is not None and self.metrics.disk_alarm is not None:
+                self.metrics.disk_alarm.set(0)
             log.warning("journal %s: disk pressure gone; polling every register again", self.config.database)
 
     def _note(self, message: str) -> None:

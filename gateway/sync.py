@@ -177,11 +177,16 @@ class Pusher:
         if self.metrics is not None and newly:
             self.metrics.pushed.inc(newly)
         if ack.refused:
-            self.last_refusal = Refused(sync_pb2.Refusal.Name(ack.refused), ack.detail)
-            log.error("gateway %s: %s", self.gateway_id, self.last_refusal)
-            raise self.last_refusal
+            self._refused(ack)
         self.last_refusal = None
         return len(records), ack.acked_seq >= records[-1].seq
+
+    def _refused(self, ack) -> None:
+        self.last_refusal = Refused(sync_pb2.Refusal.Name(ack.refused), ack.detail)
+        log.error("gateway %s: %s", self.gateway_id, self.last_refusal)
+        if self.metrics is not None and getattr(self.metrics, "push_refusals", None) is not None:
+            self.metrics.push_refusals.labels(reason=self.last_refusal.reason).inc()
+        raise self.last_refusal
 
     def drain(self) -> int:
         """Push batches until nothing is unacked or the head-end stops advancing; returns records sent.
@@ -211,9 +216,7 @@ class Pusher:
             if self.metrics is not None and newly:
                 self.metrics.pushed.inc(newly)
             if ack.refused:
-                self.last_refusal = Refused(sync_pb2.Refusal.Name(ack.refused), ack.detail)
-                log.error("gateway %s: %s", self.gateway_id, self.last_refusal)
-                raise self.last_refusal
+                self._refused(ack)
             total += len(records)
             if ack.acked_seq < records[-1].seq:
                 return total

@@ -98,17 +98,20 @@ def gateway_config(tmp_path, headend_addr: str):
 
 def test_the_daemon_raises_the_alarm_and_polls_billing_only_while_the_disk_is_nearly_full(tmp_path, clock,
                                                                                           caplog):
+    from meterlink.metrics import GatewayMetrics
     gw = Gateway(gateway_config(tmp_path, f"127.0.0.1:{free_port()}"), clock)
+    gw.metrics = GatewayMetrics.create()
+    alarm = lambda: gw.metrics.registry.get_sample_value("meterlink_gateway_disk_alarm")
     try:
         gw.journal.append(readings(8))
         gw.disk_usage = lambda path: (1000, 980, 20)               # 2 % free
         with caplog.at_level(logging.ERROR, logger="meterlink.gateway"):
             gw.retention_once()
-        assert gw.journal.billing_only and gw.disk_alarm
+        assert gw.journal.billing_only and gw.disk_alarm and alarm() == 1
         assert any("ALARM" in r.message and "disk nearly full" in r.message for r in caplog.records)
         gw.disk_usage = lambda path: (1000, 500, 500)              # room again
         gw.retention_once()
-        assert not gw.journal.billing_only and not gw.disk_alarm
+        assert not gw.journal.billing_only and not gw.disk_alarm and alarm() == 0
     finally:
         gw.close()
 

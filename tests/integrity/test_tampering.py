@@ -58,12 +58,16 @@ def test_an_identical_re_send_is_acknowledged_again_without_duplicates(journal, 
 def test_a_record_edited_in_the_gateway_database_is_refused_as_altered(journal, headend, key):
     journal.append(readings(20))
     sql(journal, "UPDATE journal SET value = value + 1000 WHERE seq = 7")   # someone "corrects" a register
-    pusher = Pusher(GW, headend.addr, journal, key=key)
+    from meterlink.metrics import GatewayMetrics
+    metrics = GatewayMetrics.create()
+    pusher = Pusher(GW, headend.addr, journal, key=key, metrics=metrics)
     with pytest.raises(Refused) as err:
         pusher.drain()
     assert err.value.reason == "REFUSAL_ALTERED" and "seq 7" in err.value.detail
     assert journal.unacked_count() == 20 and headend.repo.readings("M1") == []
     assert headend.refusals("ALTERED") == 1
+    assert metrics.registry.get_sample_value("meterlink_gateway_push_refusals_total",
+                                             {"reason": "REFUSAL_ALTERED"}) == 1
 
 
 def test_the_last_record_of_a_batch_edited_is_refused_as_altered_not_as_a_bad_signature(journal, headend, key):
