@@ -5,11 +5,12 @@ One contract (`ReadingRepository`), two implementations tested by one contract s
 (`repo_postgres`, production; several head-end replicas may share one database).
 
 Contract, in words:
-  * `ingest` commits a gateway's batch in ONE transaction and is idempotent on (gateway_id, seq):
-    records already held are counted as duplicates, never stored twice, also when two replicas
-    ingest the same batch at the same moment;
-  * `acked_seq` is the highest seq such that every seq 1..acked_seq of that gateway is held (the
-    gap-free prefix); it never goes backwards. The gateway prunes only what is acked;
+  * `ingest` commits a gateway's batch atomically (its own transaction, or its own savepoint in a
+    SQLite group commit) and is idempotent on (gateway_id, seq): records already held are counted
+    as duplicates, never stored twice, also when two replicas ingest the same batch at once;
+  * `acked_seq` is the highest seq such that every seq 1..acked_seq of that gateway's READINGS is
+    held (the gap-free prefix); it never goes backwards. Events and tombstones live in the chain
+    store (headend/chainstore*.py), whose head is the ack the service sends to the gateway;
   * `gaps` lists the missing seq ranges between the ack and the highest seq held;
   * `readings` returns a meter's readings ordered by (taken_at, obis), optionally one register and a
     half-open [start, end) window; `meters` lists meter ids that have readings;
