@@ -44,6 +44,15 @@ def main() -> int:
     out = args.out
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
+    # the gateway's Ed25519 chain-signing key is made on the device (beside its journal); the head-end is
+    # told its public key before anything runs, so the first signed batch verifies
+    (out / "key.toml").write_text(f'[gateway]\nid = "gw-demo-1"\ndatabase = "{out / "gateway.db"}"\n'
+                                  'poll_interval_s = 900\n')
+    subprocess.run([str(BIN / "meterlink-gateway"), "signing-key", "--config", str(out / "key.toml"),
+                    "--out", str(out / "gw-demo-1.pub")], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([str(BIN / "meterlink-headend"), "trust-gateway", "gw-demo-1", "--public-key",
+                    str(out / "gw-demo-1.pub"), "--database", f"sqlite:///{out / 'headend.db'}",
+                    "--config", os.devnull], check=True, stdout=subprocess.DEVNULL)
     start_at = parse_instant("2026-11-24T00:00:00Z")
     until = start_at + timedelta(hours=args.hours)
     anchor = time.time() + 4.0  # every process starts before simulated midnight
@@ -94,12 +103,6 @@ id = "MTR-TCP-01"
 unit = 1
 profile = "eastron_sdm630"
 """)
-        # the gateway's Ed25519 chain-signing key is made on the device; the head-end is told its public key
-        subprocess.run([str(BIN / "meterlink-gateway"), "signing-key", "--config", str(out / "gateway.toml"),
-                        "--out", str(out / "gw-demo-1.pub")], check=True, stdout=subprocess.DEVNULL)
-        subprocess.run([str(BIN / "meterlink-headend"), "trust-gateway", "gw-demo-1", "--public-key",
-                        str(out / "gw-demo-1.pub"), "--database", f"sqlite:///{out / 'headend.db'}",
-                        "--config", os.devnull], check=True, stdout=subprocess.DEVNULL)
         print(f"head-end {he_addr} | RTU bus {pty} (units 1, 2) | TCP meter {tcp_addr}")
         print(f"simulating {args.hours} h of 15-minute polls from {start_at:%Y-%m-%d %H:%M} UTC "
               f"at {args.speed:g}x ...", flush=True)
@@ -137,9 +140,36 @@ profile = "eastron_sdm630"
     print(f"\n(read back from the head-end database {out / 'headend.db'}; {time.monotonic() - t0:.1f} s real time)")
     print((out / "gateway.log").read_text().strip().splitlines()[-1])
     ok = all(r[1] == args.hours * 4 + 1 for r in rows)
+    ok = billing(out, start_at) and ok
     if not ok:
         print("\ndemo: some meters were not read at every 15-minute boundary (see demo-out/*.log)", file=sys.stderr)
     return 0 if ok else 1
+
+
+def billing(out: Path, start_at) -> bool:
+    """Bind the demo meters to their accounts, bill the month, prove it, export it, draw one customer's report."""
+    db = ["--database", f"sqlite:///{out / 'headend.db'}", "--config", os.devnull]
+    period = f"{start_at:%Y-%m}"
+    steps = [
+        ("bindings", ["bindings", "load"]),                        # the bundled demo customers and bindings
+        ("bill", ["bill", "--period", period, "--clock", "sim:2026-12-01T06:00:00Z"]),
+        ("reconcile", ["reconcile", "--period", period]),
+        ("export", ["export", "--to", str(out / "export"), "--format", "ubl"]),
+        ("report", ["report", "--account", "A-GB-001", "--period", period, "--out", str(out / "report-A-GB-001.html")]),
+        ("report", ["report", "--account", "A-GB-001", "--period", period, "--start", f"{start_at:%Y-%m-%d}",
+                    "--end", f"{start_at + timedelta(days=1):%Y-%m-%d}", "--out", str(out / "report-A-GB-001-day.png")]),
+    ]
+    print()
+    for name, cmd in steps:
+        res = subprocess.run([str(BIN / "meterlink-headend"), *cmd, *db], capture_output=True, text=True)
+        lines = res.stdout.strip().splitlines()
+        shown = lines if name in ("bill",) else lines[:1]
+        for line in shown:
+            print(f"{name:10} {line}")
+        if res.returncode != 0:
+            print(res.stderr, file=sys.stderr)
+            return False
+    return True
 
 
 if __name__ == "__main__":
