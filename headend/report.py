@@ -165,7 +165,10 @@ def _figure(report: CustomerReport):
     ax.set_title("Consumption per day by tariff band")
     ax.legend(loc="upper right", fontsize=8)
     ax.xaxis.set_major_formatter(mdates.DateFormatter("%d %b"))
-    ax.set_xlim(days[0] - timedelta(days=1), days[-1] + timedelta(days=1)) if days else None
+    if days:
+        ax.set_xlim(days[0] - timedelta(days=1), days[-1] + timedelta(days=1))
+        if len(days) <= 10:
+            ax.set_xticks(days)
 
     ax = axes[1]
     if report.intervals:
@@ -177,7 +180,8 @@ def _figure(report: CustomerReport):
                    width=step.total_seconds() / 86400, color=colour[b], label=b, align="edge")
     ax.set_ylabel("average kW")
     ax.set_title(f"Every interval, coloured by band (local time, {report.zone})")
-    ax.xaxis.set_major_formatter(mdates.DateFormatter("%d %b"))
+    short = (report.end - report.start).days <= 3
+    ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M" if short else "%d %b"))
 
     ax = axes[2]
     items = [(l.description, l.net_minor) for l in report.bill.lines]
