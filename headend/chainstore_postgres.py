@@ -61,14 +61,18 @@ class PostgresChainStore:
                                (gateway_id, seq)).fetchone()
         return bytes(row[0]) if row else None
 
-    def commit(self, gateway_id: str, expected_head: int, new: list[ChainRecord], received_at_ms: int) -> int:
+    def commit(self, gateway_id: str, expected_head: int, new: list[ChainRecord], received_at_ms: int,
+               hashes: list[bytes] | None = None) -> int:
         """Record hashes, events and tombstones of `new` and advance the head, in one transaction -> new head seq.
 
+        `hashes`: the records' hashes if the caller computed them already (verification does).
         Raises HeadMoved when the stored head is no longer `expected_head` (nothing is written).
         """
         if not new:
             return expected_head
-        hashes = [(gateway_id, r.seq, hash_of(r)) for r in new]
+        if hashes is None:
+            hashes = [hash_of(r) for r in new]
+        hashes = [(gateway_id, r.seq, h) for r, h in zip(new, hashes)]
         others = []
         for r in new:
             b = r.body

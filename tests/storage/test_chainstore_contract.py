@@ -91,3 +91,15 @@ def test_trusted_key_is_stored_replaced_and_checked_for_length(open_chain):
     assert store.public_key("gw-1") == b"\x02" * 32
     with pytest.raises(ConfigError, match="gw-1: an Ed25519 public key is 32 bytes, got 3"):
         store.trust("gw-1", b"abc", 3)
+
+
+def test_both_chain_stores_offer_the_same_methods_with_the_same_signatures():
+    import inspect
+
+    from meterlink.headend.chainstore_postgres import PostgresChainStore
+
+    def api(cls):
+        return {n: str(inspect.signature(f)) for n, f in vars(cls).items()
+                if callable(f) and not n.startswith("_")}
+
+    assert api(PostgresChainStore) == api(SqliteChainStore)
