@@ -50,3 +50,17 @@ def test_migrate_command_applies_then_reports_up_to_date(repo_url, backend, caps
 def test_migrate_command_with_a_bad_url_exits_2_with_the_reason(capsys):
     assert main(["migrate", "--database", "oracle://db/x"]) == 2
     assert "unsupported scheme 'oracle'" in capsys.readouterr().err
+
+
+def test_both_repositories_implement_the_contract_with_the_same_signatures():
+    import inspect
+
+    from meterlink.headend.repo_postgres import PostgresReadingRepository
+    from meterlink.headend.repo_sqlite import SqliteReadingRepository
+    from meterlink.headend.store import ReadingRepository
+
+    contract = {n for n, f in vars(ReadingRepository).items() if callable(f) and not n.startswith("_")}
+    assert {"ingest", "acked_seq", "gaps", "readings", "meters", "migrate", "close"} <= contract
+    for cls in (SqliteReadingRepository, PostgresReadingRepository):
+        assert {n: str(inspect.signature(getattr(cls, n))) for n in contract} == \
+               {n: str(inspect.signature(getattr(ReadingRepository, n))) for n in contract}, cls.__name__
