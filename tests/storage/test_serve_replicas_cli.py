@@ -1,0 +1,74 @@
+"""`meterlink-headend migrate` then two real `meterlink-headend serve --database URL` processes on one database:
+a gateway pushing to either replica in turn ends with every record once and an unbroken chain."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from storage_records import T0
+
+from meterlink.errors import ConfigError
+from meterlink.gateway.journal import Journal
+from meterlink.gateway.sync import Pusher, load_or_create_key, write_public_key
+from meterlink.readings import Reading
+
+BIN = Path(sys.executable).parent
+GW = "gw-cli-replicas"
+
+
+def _headend(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "meterlink-headend"), *args], capture_output=True, text=True, timeout=120, **kw)
+
+
+def _serve(url: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([str(BIN / "meterlink-headend"), "serve", "--listen", "127.0.0.1:0", "--database", url,
+                             "--config", "/dev/null", "--clock", f"sim:{T0.isoformat()}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline().strip()
+    if not line:
+        proc.wait(timeout=30)
+        raise AssertionError(f"serve did not start: {proc.stderr.read()}")
+    return proc, line
+
+
+def test_two_serve_processes_on_one_database_share_the_work(backend, repo_url, tmp_path):
+    if backend == "postgres":
+        from meterlink.headend.chainstore import open_chain_store
+        try:
+            open_chain_store(repo_url).close()
+        except ConfigError as exc:
+            pytest.skip(f"the service's chain store is not wired for PostgreSQL yet "
+                        f"(headend/chainstore.open_chain_store: {exc})")
+    assert _headend("migrate", "--database", repo_url).returncode == 0
+    key = load_or_create_key(tmp_path / "gw.key")
+    write_public_key(key, tmp_path / "gw.pub")
+    trusted = _headend("trust-gateway", GW, "--public-key", str(tmp_path / "gw.pub"), "--database", repo_url)
+    assert trusted.returncode == 0, trusted.stderr
+    journal = Journal(tmp_path / "gw.db")
+    journal.append([Reading("MTR-C", "1.8.0", T0 + timedelta(minutes=15 * i), 1_000 + i, "Wh") for i in range(3_000)])
+    servers = [_serve(repo_url) for _ in range(2)]
+    pushers = [Pusher(GW, addr, journal, batch=250, key=key, timeout_s=60) for _, addr in servers]
+    try:
+        turn = 0
+        while journal.unacked_count():
+            pushers[turn % 2].push_once()          # replicas take turns: each sees the other's commits
+            turn += 1
+        assert turn == 12
+    finally:
+        for p in pushers:
+            p.close()
+        for proc, _ in servers:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+            proc.stdout.close()
+            proc.stderr.close()
+    shown = _headend("readings", "--meter", "MTR-C", "--database", repo_url, "--json")
+    assert shown.returncode == 0, shown.stderr
+    import json
+    values = [r["value"] for r in json.loads(shown.stdout)["readings"]]
+    assert values == [1_000 + i for i in range(3_000)]
