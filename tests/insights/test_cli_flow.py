@@ -172,3 +172,24 @@ def test_report_of_a_billed_month_shows_the_issued_invoice_numbers(db, tmp_path,
         [l["net_minor"] for l in item["lines"]]
     assert int(re.search(r'id="gross" data-minor="(-?\d+)"', page).group(1)) == \
         invoices["A-3"]["totals"]["gross_minor"]        # BT-115 payable of the issued invoice
+
+
+def test_accepted_promotion_is_its_own_line_on_the_next_invoice_which_keeps_en16931_totals(db, capsys):
+    from meterlink.headend.billing_store import BillingStore
+    from meterlink.headend.ubl import check_en16931
+
+    assert main(["bindings", "load", "--toml", str(DATA / "bindings_gb.toml"), "--csv", str(DATA / "bindings_gb.csv"),
+                 "--database", db]) == 0
+    assert main(["promotions", "offer", "--period", "2026-11", "--lookback-months", "1", "--database", db]) == 0
+    main(["promotions", "accept", "--account", "A-1", "--promotion", "gb-winter-day-10", "--from", "2026-12-15",
+          "--database", db])                     # may already be accepted by an earlier test of this module
+    assert main(["bill", "--period", "2026-12", "--database", db, "--clock", "sim:2027-01-02T06:00:00Z"]) == 0
+    capsys.readouterr()
+    store = BillingStore(db)
+    (inv,) = [(j, u) for _, _, j, u in store.invoices(period="2026-12") if j["buyer_reference"] == "A-1"]
+    store.close()
+    doc, ubl = inv
+    promo = [l for l in doc["lines"] if "10 % off" in l["description"] or "winter" in l["description"].lower()]
+    assert len(promo) == 1 and promo[0]["net_minor"] == -571        # 10 % of 17 days of 13.5 kWh at 24.86p
+    assert check_en16931(ubl) == []
+    assert doc["totals"]["net_minor"] == sum(l["net_minor"] for l in doc["lines"])
