@@ -169,14 +169,14 @@ def cmd_accept(args) -> int:
 
 
 def accepted_rating_promotions(db_url: str, promos=None) -> dict[str, list]:
-    """Account id -> accepted percent discounts as rating Promotions (what the bill run prices)."""
+    """Account id -> accepted discounts (percent or fixed per kWh) as rating Promotions (what the bill run prices)."""
     promos = {p.id: p for p in (promos or P.load_promotions())}
     store = InsightsStore(db_url)
     try:
         out: dict[str, list] = {}
         for pid, acc, frm in store.acceptances():
             p = promos.get(pid)
-            if p is not None and p.kind == "percent_discount":
+            if p is not None and p.kind in P.DISCOUNTS:
                 out.setdefault(acc, []).append(p.as_rating_promotion(frm))
         return out
     finally:

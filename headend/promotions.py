@@ -7,6 +7,8 @@ A promotions file (TOML) holds `[[promotion]]` tables:
                                      the customer's look-back window under it costs LESS than under
                                      the current tariff; the offer states the saving
   kind = "percent_discount"          `percent` off the energy amount of `bands` (all when absent)
+  kind = "fixed_discount"            `per_kwh_minor` minor units off every kWh of `bands` (never more than
+                                     that energy costs)
   kind = "topup_bonus"               `percent` bonus credit on PAYG top-ups (prepaid accounts only)
   valid_from / valid_to              local dates of the offer's effect (end exclusive)
   cost_cap_minor                     total estimated cost the company accepts; offers are made in
@@ -32,7 +34,8 @@ from .rating import Promotion, quote
 from .tariff import Tariff
 from .vee import Interval
 
-KINDS = ("tariff_switch", "percent_discount", "topup_bonus")
+KINDS = ("tariff_switch", "percent_discount", "fixed_discount", "topup_bonus")
+DISCOUNTS = ("percent_discount", "fixed_discount")     # priced by rating as their own line
 BUNDLED = Path(__file__).parent / "data" / "promotions.toml"
 
 
@@ -46,6 +49,7 @@ class PromotionDef:
     segments_all: frozenset[str] = frozenset()
     tariff: str | None = None
     percent: Decimal = Decimal(0)
+    per_kwh_minor: Decimal = Decimal(0)
     bands: frozenset[str] | None = None
     valid_from: date | None = None
     valid_to: date | None = None
@@ -60,10 +64,10 @@ class PromotionDef:
 
     def as_rating_promotion(self, start: date | None = None) -> Promotion:
         """An accepted percent discount as the rating engine's Promotion (effective from `start`)."""
-        if self.kind != "percent_discount":
+        if self.kind not in DISCOUNTS:
             raise ValidationError(f"promotion {self.id!r} is a {self.kind}, not a discount on rating")
         frm = max(d for d in (self.valid_from, start) if d is not None) if (self.valid_from or start) else None
-        return Promotion(self.id, self.description, self.percent, self.bands, frm, self.valid_to)
+        return Promotion(self.id, self.description, self.percent, self.bands, frm, self.valid_to, self.per_kwh_minor)
 
 
 @dataclass(frozen=True)
@@ -115,7 +119,7 @@ def promotions_from_section(root: Section, known_tariffs: Iterable[str] | None =
     out, seen = [], set()
     for sec in root.sections("promotion"):
         sec.check_known({"id", "description", "market", "kind", "segments_any", "segments_all", "tariff",
-                         "percent", "bands", "valid_from", "valid_to", "cost_cap_minor"})
+                         "percent", "per_kwh_minor", "bands", "valid_from", "valid_to", "cost_cap_minor"})
         pid = sec.get("id", str)
         if pid in seen:
             raise sec.error("id", f"duplicate promotion id {pid!r}")
@@ -138,6 +142,15 @@ def promotions_from_section(root: Section, known_tariffs: Iterable[str] | None =
                 raise sec.error("percent", f"not a decimal number: {raw!r}") from None
             if not (Decimal(0) < percent <= Decimal(100)):
                 raise sec.error("percent", f"must be in (0, 100], got {raw!r}")
+        per_kwh = Decimal(0)
+        if kind == "fixed_discount":
+            raw = sec.get("per_kwh_minor", (str, int))
+            try:
+                per_kwh = Decimal(str(raw))
+            except InvalidOperation:
+                raise sec.error("per_kwh_minor", f"not a decimal number: {raw!r}") from None
+            if not per_kwh.is_finite() or per_kwh <= 0:
+                raise sec.error("per_kwh_minor", f"must be a positive number of minor units per kWh, got {raw!r}")
         bands = sec.get("bands", list, None)
         cap = sec.get("cost_cap_minor", int, None)
         if cap is not None and cap < 0:
@@ -149,6 +162,7 @@ def promotions_from_section(root: Section, known_tariffs: Iterable[str] | None =
             id=pid, description=sec.get("description", str, ""), market=sec.get("market", str), kind=kind,
             segments_any=frozenset(sec.get("segments_any", list, [])),
             segments_all=frozenset(sec.get("segments_all", list, [])), tariff=tariff, percent=percent,
+            per_kwh_minor=per_kwh,
             bands=frozenset(bands) if bands is not None else None, valid_from=vf, valid_to=vt,
             cost_cap_minor=cap, prepaid_only=(kind == "topup_bonus")))
     return tuple(out)
@@ -220,15 +234,18 @@ def make_offers(promos: Sequence[PromotionDef], accounts: Mapping[str, Account],
                        f"you would have paid {_major(saving, cand)} less.")
                 candidates.append(Offer(promo.id, acc_id, promo.kind, msg, saving, saving, cur.total_minor,
                                         shadow.total_minor, cand.currency, lookback))
-            elif promo.kind == "percent_discount":
+            elif promo.kind in DISCOUNTS:
                 # the discount as if it had applied all through the look-back window
-                whole = Promotion(promo.id, promo.description, promo.percent, promo.bands)
+                whole = Promotion(promo.id, promo.description, promo.percent, promo.bands,
+                                  per_kwh_off=promo.per_kwh_minor)
                 disc = shadow_quote(acc, acc.tariff, ivs, start, end, (whole,))
                 saving = cur.total_minor - disc.total_minor
                 if saving <= 0:
                     skipped.append(Skipped(promo.id, acc_id, "no_saving"))
                     continue
-                msg = (f"{promo.percent}% off {', '.join(sorted(promo.bands)) if promo.bands else 'all'} energy: "
+                what = (f"{promo.percent}% off" if promo.kind == "percent_discount"
+                        else f"{promo.per_kwh_minor} {acc.tariff.currency} minor units off every kWh of")
+                msg = (f"{what} {', '.join(sorted(promo.bands)) if promo.bands else 'all'} energy: "
                        f"on your use from {start} to {end} you would have saved {_major(saving, acc.tariff)}.")
                 candidates.append(Offer(promo.id, acc_id, promo.kind, msg, saving, saving, cur.total_minor,
                                         disc.total_minor, acc.tariff.currency, lookback))

@@ -81,7 +81,8 @@ class RatedLine:
 
 @dataclass(frozen=True)
 class Promotion:
-    """An accepted offer: `percent_off` % of the energy amount of `bands` (None: all) on local dates [valid_from, valid_to)."""
+    """An accepted offer: `percent_off` % of the energy amount of `bands` (None: all) on local dates [valid_from, valid_to),
+    plus a fixed `per_kwh_off` (minor units per kWh) off the same energy; never more than that energy's amount."""
 
     id: str
     description: str
@@ -89,6 +90,7 @@ class Promotion:
     bands: frozenset[str] | None = None
     valid_from: date | None = None
     valid_to: date | None = None
+    per_kwh_off: Decimal = _ZERO
 
     def applies(self, local_date: date, band: str) -> bool:
         return ((self.bands is None or band in self.bands)
@@ -336,12 +338,16 @@ def lines_from_aggregates(tariff: Tariff, aggregates: Iterable[DayBandAggregate]
     for promo in promotions:
         promo_by_id[promo.id] = promo
         base: dict[tuple[date, date], Decimal] = {}
+        base_wh: dict[tuple[date, date], int] = {}
         for agg in aggregates_in_window:
             if agg.kind == "energy" and promo.applies(agg.local_date, agg.band):
                 sub = _period_of(agg.local_date, bounds)
                 base[sub] = _CTX.add(base.get(sub, _ZERO), agg.amount_dec)
+                base_wh[sub] = base_wh.get(sub, 0) + agg.wh
         for (ps, pe), amount in base.items():
-            discount = -_CTX.multiply(amount, promo.percent_off).scaleb(-2)
+            off = _CTX.add(_CTX.multiply(amount, promo.percent_off).scaleb(-2),
+                           _CTX.multiply(Decimal(base_wh[(ps, pe)]), promo.per_kwh_off).scaleb(-3))
+            discount = -min(off, amount) if amount > 0 else _ZERO
             if discount:
                 groups[(ps, pe, "promotion", promo.id, discount)] = [1, discount]
 

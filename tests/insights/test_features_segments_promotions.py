@@ -193,3 +193,28 @@ def test_outcomes_count_offers_acceptances_cost_and_consumption_change():
     assert o.acceptance_rate == Decimal("0.5000")
     assert (o.avg_daily_wh_before, o.avg_daily_wh_after) == (7000, 6500)
     assert o.consumption_change == Decimal("-0.0714")
+
+
+def test_fixed_discount_takes_pence_off_every_kwh_of_its_band_and_never_more_than_the_band_costs():
+    tariffs = _tariffs()
+    (promo,) = [p for p in promotions.load_promotions(known_tariffs=tariffs) if p.id == "gb-night-3p"]
+    ivs = {"A": week("M1", MON, night_heavy)}
+    offers, _ = promotions.make_offers([promo], {"A": _account("A", "gb-economy7")}, {"A": ("night_user",)}, ivs,
+                                       tariffs, (MON, MON + timedelta(days=7)))
+    # E7 night (23:30-06:30): 18.9 kWh x 3p = 56.7p off
+    (offer,) = offers
+    assert offer.saving_minor == 57 and "3 GBP minor units off every kWh of night energy" in offer.message
+    from dataclasses import replace
+    from meterlink.headend.rating import quote
+    huge = replace(promo, per_kwh_minor=Decimal(1000), valid_from=None, valid_to=None).as_rating_promotion()
+    q = quote(tariffs["gb-economy7"], ivs["A"], "A", MON, MON + timedelta(days=7), promotions=(huge,))
+    night = sum(l.amount_dec for l in q.lines if l.kind == "energy" and l.band == "night")
+    (line,) = [l for l in q.lines if l.kind == "promotion"]
+    assert line.amount_dec == -night          # capped at what the night energy cost
+
+
+def test_fixed_discount_needs_a_positive_per_kwh_amount(tmp_path: Path):
+    bad = tmp_path / "p.toml"
+    bad.write_text('[[promotion]]\nid = "x"\nmarket = "GB"\nkind = "fixed_discount"\nper_kwh_minor = "-1"\n')
+    with pytest.raises(ConfigError, match="per_kwh_minor"):
+        promotions.load_promotions(bad)
