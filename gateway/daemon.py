@@ -276,7 +276,7 @@ class Gateway:
                 return 0
             try:
                 sent = self.pusher.drain()
-            except (DeviceError, Refused) as exc:
+            except (DeviceError, Refused, ValueError, TypeError) as exc:   # unreachable, refused, corrupt row
                 self.stats.push_errors += 1
                 self._note(str(exc))
                 self.next_push_at = now + timedelta(seconds=self.backoff.next_delay())

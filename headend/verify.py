@@ -53,7 +53,9 @@ def verify_batch(gateway_id: str, records: list[ChainRecord], head_hash: bytes, 
     `stored_seq`/`stored_hash` is the head-end's chain head for the gateway (0/GENESIS when none);
     `held_hash(seq)` returns the hash of an already-held record (seq <= stored_seq). Checks, in order:
     known gateway, seq order, links inside the batch, claimed head == last record's hash, signature,
-    tombstones, then continuity with what is held (gap, identical re-send, replay, altered link).
+    then continuity with what is held (gap, identical re-send, replay, altered link). A tombstone run
+    that starts inside what is held (pruned after part of it was delivered) is trimmed to the part
+    the head-end lacks.
     """
     if public_key is None:
         return _refuse(Refusal.UNKNOWN_GATEWAY, gateway_id, "no public key registered for this gateway")
