@@ -80,12 +80,19 @@ def _row(r: ChainRecord, h: bytes) -> tuple:
     return (r.seq, r.prev_hash, h, KIND_TOMBSTONE, "", "", b.first_seq, None, None, None, None)
 
 
-def _record(row) -> JournalRecord:
+def _record(row, instants: dict | None = None) -> JournalRecord:
+    """A row as a record; `instants` caches ms -> datetime across one read (a poll shares one instant)."""
     seq, prev, h, kind, meter, obis, t, value, unit, quality, payload = row
+    if kind != KIND_TOMBSTONE:
+        at = instants.get(t) if instants is not None else None
+        if at is None:
+            at = from_ms(t)
+            if instants is not None:
+                instants[t] = at
     if kind == KIND_READING:
-        body = Reading(meter, obis, from_ms(t), value, unit, quality)
+        body = Reading(meter, obis, at, value, unit, quality)
     elif kind == KIND_EVENT:
-        body = Event(obis, meter, from_ms(t), bytes(payload or b""))
+        body = Event(obis, meter, at, bytes(payload or b""))
     else:
         body = Tombstone(t, bytes(h))
     return JournalRecord(seq, bytes(prev), body, bytes(h))
@@ -189,13 +196,15 @@ class Journal:
             acked = self._conn.execute("SELECT acked_seq FROM chain").fetchone()[0]
             cur = self._conn.execute(f"SELECT {COLUMNS} FROM journal WHERE seq > ? ORDER BY seq LIMIT ?",
                                      (acked, limit))
-            return [_record(row) for row in cur]
+            instants: dict = {}
+            return [_record(row, instants) for row in cur]
 
     def records_after(self, seq: int, limit: int) -> list[JournalRecord]:
         """Up to `limit` records with seq > `seq`, in order (the next batch while one is in flight)."""
         with self._lock:
             cur = self._conn.execute(f"SELECT {COLUMNS} FROM journal WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit))
-            return [_record(row) for row in cur]
+            instants: dict = {}
+            return [_record(row, instants) for row in cur]
 
     def records(self, first: int = 1, last: int | None = None) -> list[JournalRecord]:
         """Every record still held with first <= seq <= last, in order."""

@@ -65,7 +65,8 @@ def write_public_key(key: Ed25519PrivateKey, path: str | Path) -> bytes:
 
 
 # -- wire ----------------------------------------------------------------------------------------
-def record_to_proto(r: JournalRecord) -> sync_pb2.Record:
+def record_to_proto(r: JournalRecord, ms: dict | None = None) -> sync_pb2.Record:
+    """One wire record; `ms` caches datetime -> epoch ms across a batch (a poll shares one instant)."""
     b = r.body
     if isinstance(b, Event):
         return sync_pb2.Record(seq=r.seq, prev_hash=r.prev_hash, event=sync_pb2.Event(
@@ -73,15 +74,20 @@ def record_to_proto(r: JournalRecord) -> sync_pb2.Record:
     if isinstance(b, Tombstone):
         return sync_pb2.Record(seq=r.seq, prev_hash=r.prev_hash, tombstone=sync_pb2.Tombstone(
             first_seq=b.first_seq, record_hash=b.record_hash))
+    at = ms.get(b.taken_at) if ms is not None else None
+    if at is None:
+        at = to_ms(b.taken_at)
+        if ms is not None:
+            ms[b.taken_at] = at
     return sync_pb2.Record(seq=r.seq, prev_hash=r.prev_hash, reading=sync_pb2.Reading(
-        meter_id=b.meter_id, obis=b.obis, taken_at_ms=to_ms(b.taken_at), value=b.value, unit=b.unit,
-        quality=b.quality))
+        meter_id=b.meter_id, obis=b.obis, taken_at_ms=at, value=b.value, unit=b.unit, quality=b.quality))
 
 
 def to_proto(gateway_id: str, records: list[JournalRecord], key: Ed25519PrivateKey | None = None
              ) -> sync_pb2.PushRequest:
     """A push request; with `key`, signed over the stored hash of the last record (the chain head)."""
-    req = sync_pb2.PushRequest(gateway_id=gateway_id, records=[record_to_proto(r) for r in records])
+    ms: dict = {}
+    req = sync_pb2.PushRequest(gateway_id=gateway_id, records=[record_to_proto(r, ms) for r in records])
     if key is not None and records:
         last = records[-1]
         req.head_hash = last.hash
