@@ -133,113 +133,12 @@ class SqliteChainStore:
                              (gateway_id, public_key, at_ms))
 
 
-PG_SCHEMA = [
-    "CREATE TABLE IF NOT EXISTS gateway_chain_head (gateway_id TEXT PRIMARY KEY, head_seq BIGINT NOT NULL, "
-    "head_hash BYTEA NOT NULL, updated_at_ms BIGINT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS gateway_chain_hash (gateway_id TEXT NOT NULL, seq BIGINT NOT NULL, hash BYTEA NOT NULL, "
-    "PRIMARY KEY (gateway_id, seq))",
-    "CREATE TABLE IF NOT EXISTS gateway_event (gateway_id TEXT NOT NULL, seq BIGINT NOT NULL, prev_hash BYTEA NOT NULL, "
-    "kind TEXT NOT NULL, meter_id TEXT NOT NULL, at_ms BIGINT NOT NULL, payload BYTEA NOT NULL, "
-    "obis TEXT NOT NULL DEFAULT '', record_hash BYTEA, received_at_ms BIGINT NOT NULL, PRIMARY KEY (gateway_id, seq))",
-    "CREATE TABLE IF NOT EXISTS gateway_key (gateway_id TEXT PRIMARY KEY, public_key BYTEA NOT NULL, "
-    "trusted_at_ms BIGINT NOT NULL)",
-]
-
-
-class PostgresChainStore:
-    """The same tables and contract in PostgreSQL (psycopg 3); replicas serialise a gateway's commits by
-    locking its head row (SELECT ... FOR UPDATE), and a replica that lost the race gets HeadMoved."""
-
-    def __init__(self, url: str) -> None:
-        import psycopg
-        self.url = url
-        try:
-            self._db = psycopg.connect(url, autocommit=True, connect_timeout=10)
-        except psycopg.OperationalError as exc:
-            raise ConfigError(f"chain store: cannot connect to PostgreSQL: {' '.join(str(exc).split())}") from None
-        with self._db.transaction():
-            self._db.execute("SELECT pg_advisory_xact_lock(7461626165)")   # concurrent first starts
-            for ddl in PG_SCHEMA:
-                self._db.execute(ddl)
-        self._lock = threading.RLock()
-
-    def close(self) -> None:
-        self._db.close()
-
-    def head(self, gateway_id: str) -> tuple[int, bytes]:
-        with self._lock:
-            row = self._db.execute("SELECT head_seq, head_hash FROM gateway_chain_head WHERE gateway_id=%s",
-                                   (gateway_id,)).fetchone()
-        return (row[0], bytes(row[1])) if row else (0, GENESIS)
-
-    def record_hash(self, gateway_id: str, seq: int) -> bytes | None:
-        with self._lock:
-            row = self._db.execute("SELECT hash FROM gateway_chain_hash WHERE gateway_id=%s AND seq=%s",
-                                   (gateway_id, seq)).fetchone()
-        return bytes(row[0]) if row else None
-
-    def commit(self, gateway_id: str, expected_head: int, new: list[ChainRecord], received_at_ms: int,
-               hashes: list[bytes] | None = None) -> int:
-        if not new:
-            return expected_head
-        if hashes is None:
-            hashes = [hash_of(r) for r in new]
-        rows = [(gateway_id, r.seq, h) for r, h in zip(new, hashes)]
-        others = _event_rows(gateway_id, new, received_at_ms)
-        with self._lock, self._db.transaction():
-            db = self._db
-            db.execute("INSERT INTO gateway_chain_head VALUES (%s, 0, %s, %s) ON CONFLICT (gateway_id) DO NOTHING",
-                       (gateway_id, GENESIS, received_at_ms))
-            held = db.execute("SELECT head_seq FROM gateway_chain_head WHERE gateway_id=%s FOR UPDATE",
-                              (gateway_id,)).fetchone()[0]
-            if held != expected_head:
-                raise HeadMoved(f"gateway {gateway_id}: head moved from {expected_head} to {held}")
-            with db.cursor() as cur:
-                cur.executemany("INSERT INTO gateway_chain_hash VALUES (%s, %s, %s)", rows)
-                if others:
-                    cur.executemany("INSERT INTO gateway_event VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)", others)
-            db.execute("UPDATE gateway_chain_head SET head_seq=%s, head_hash=%s, updated_at_ms=%s WHERE gateway_id=%s",
-                       (new[-1].seq, hashes[-1], received_at_ms, gateway_id))
-        return new[-1].seq
-
-    def events(self, gateway_id: str) -> list[tuple[int, str, str, int, bytes, str]]:
-        with self._lock:
-            return [(s, k, m, a, bytes(p), o) for s, k, m, a, p, o in self._db.execute(
-                "SELECT seq, kind, meter_id, at_ms, payload, obis FROM gateway_event WHERE gateway_id=%s "
-                "ORDER BY seq", (gateway_id,))]
-
-    def public_key(self, gateway_id: str) -> bytes | None:
-        with self._lock:
-            row = self._db.execute("SELECT public_key FROM gateway_key WHERE gateway_id=%s",
-                                   (gateway_id,)).fetchone()
-        return bytes(row[0]) if row else None
-
-    def trust(self, gateway_id: str, public_key: bytes, at_ms: int) -> None:
-        if len(public_key) != 32:
-            raise ConfigError(f"gateway {gateway_id}: an Ed25519 public key is 32 bytes, got {len(public_key)}")
-        with self._lock:
-            self._db.execute("INSERT INTO gateway_key VALUES (%s,%s,%s) ON CONFLICT (gateway_id) DO UPDATE SET "
-                             "public_key=excluded.public_key, trusted_at_ms=excluded.trusted_at_ms",
-                             (gateway_id, public_key, at_ms))
-
-
-def _event_rows(gateway_id: str, new: list[ChainRecord], received_at_ms: int) -> list[tuple]:
-    out = []
-    for r in new:
-        b = r.body
-        if isinstance(b, Event):
-            out.append((gateway_id, r.seq, r.prev_hash, b.kind, b.meter_id, to_ms(b.at), b.payload, "", None,
-                        received_at_ms))
-        elif isinstance(b, Tombstone):
-            out.append((gateway_id, r.seq, r.prev_hash, "tombstone", "", b.first_seq, b"", "", b.record_hash,
-                        received_at_ms))
-    return out
-
-
-def open_chain_store(database_url: str) -> SqliteChainStore | PostgresChainStore:
-    """The chain store for the head-end database URL: the same SQLite file or PostgreSQL database."""
+def open_chain_store(database_url: str):
+    """The chain store for the head-end database URL: the same SQLite file, or the same PostgreSQL
+    database (`chainstore_postgres.PostgresChainStore`, the twin with identical methods)."""
     url = str(database_url)
     if url.split("://", 1)[0].lower() in ("postgresql", "postgres"):
+        from .chainstore_postgres import PostgresChainStore
         return PostgresChainStore(url)
     if url.startswith("sqlite:///"):
         return SqliteChainStore(url[len("sqlite:///"):])

@@ -1,5 +1,5 @@
 """The chain store on PostgreSQL (the production database): the same push, re-send and refusal behaviour over
-real gRPC as on SQLite, with H6's PostgreSQL reading repository beside it."""
+real gRPC as on SQLite, with the PostgreSQL reading repository beside it."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from meterlink.chain import public_bytes
 from meterlink.clock import SimClock
 from meterlink.gateway.journal import Journal
 from meterlink.gateway.sync import to_proto
-from meterlink.headend.chainstore import PostgresChainStore, open_chain_store
+from meterlink.headend.chainstore import open_chain_store
+from meterlink.headend.chainstore_postgres import PostgresChainStore
 from meterlink.headend.service import make_server
 from meterlink.headend.store import open_repository
 from meterlink.v1 import sync_pb2, sync_pb2_grpc
