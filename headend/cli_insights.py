@@ -211,6 +211,34 @@ def cmd_export_offers(args) -> int:
     return 0
 
 
+def cmd_bonuses(args) -> int:
+    """Book the top-up bonuses earned by PAYG sales in [from, to) (idempotent)."""
+    from datetime import datetime, timezone
+    from .payg_store import PaygStore
+
+    start = datetime.combine(date.fromisoformat(args.start), datetime.min.time(), timezone.utc)
+    end = datetime.combine(date.fromisoformat(args.end), datetime.min.time(), timezone.utc)
+    store = InsightsStore(_db(args))
+    try:
+        accepted = {(p, a): frm for p, a, frm in store.acceptances()}
+    finally:
+        store.close()
+    payg = PaygStore(_db(args))
+    try:
+        sales, reversals = [], {}
+        for vendor in payg.vendors():
+            sales += payg.sales(vendor, start, end)
+            reversals.update({r.sale.sale_id: r.at for r in payg.reversals(vendor, start, end)})
+        txns = P.topup_bonuses(sales, reversals, accepted, P.load_promotions(args.promotions or P.BUNDLED))
+        booked = payg.append(txns)
+    finally:
+        payg.close()
+    total = sum(t.postings[0].amount_minor for t in booked)
+    print(f"booked {len(booked)} bonus transaction(s) (of {len(txns)} due; the rest were booked before), "
+          f"net {total} minor units")
+    return 0
+
+
 def cmd_outcomes(args) -> int:
     store = InsightsStore(_db(args))
     bindings, markets = _bindings(args), load_markets()
@@ -355,6 +383,13 @@ def register(sub) -> None:
     exp.add_argument("--mqtt", help="also publish each offer to meterlink/crm/offers/<account> on HOST:PORT")
     _common(exp, bindings=False)
     exp.set_defaults(func=cmd_export_offers)
+    bon = psub.add_parser("bonuses", help="book PAYG top-up bonuses of accepted offers on the sales of a window",
+                          epilog="example: meterlink-headend promotions bonuses --from 2026-12-01 --to 2027-01-01")
+    bon.add_argument("--from", dest="start", required=True, help="UTC date, inclusive")
+    bon.add_argument("--to", dest="end", required=True, help="UTC date, exclusive")
+    bon.add_argument("--promotions", type=Path)
+    _common(bon, bindings=False)
+    bon.set_defaults(func=cmd_bonuses)
     out = psub.add_parser("outcomes", help="offered, accepted, cost, consumption change per promotion",
                           epilog="example: meterlink-headend promotions outcomes --days 28")
     out.add_argument("--days", type=int, default=28, help="days before/after acceptance compared (default 28)")

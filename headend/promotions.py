@@ -312,3 +312,44 @@ def outcomes(offers: Iterable[Offer], accepted: Mapping[tuple[str, str], int],
         rate = (Decimal(len(acc_ids)) / len(offered)).quantize(Decimal("0.0001"), rounding=ROUND_HALF_EVEN)
         out.append(Outcome(pid, len(offered), len(acc_ids), rate, cost, mb, ma, change))
     return out
+
+
+# --------------------------------------------------------------------------- PAYG top-up bonuses
+
+PROMOTION_EXPENSE = "expense:promotions"
+
+
+def topup_bonuses(sales: Iterable, reversals: Mapping[str, "datetime"], accepted: Mapping[tuple[str, str], date],
+                  promos: Sequence[PromotionDef], rounding_mode: str = "half_up") -> list:
+    """Ledger transactions crediting accepted `topup_bonus` promotions on PAYG sales (pure).
+
+    Each sale (vendors.Sale) of an account that accepted a top-up bonus in effect on the sale's
+    date earns `percent` of its amount, rounded once with the market's mode: Dr expense:promotions,
+    Cr the customer's prepaid credit; business key `bonus:<promotion>:<sale>` so booking twice is a
+    no-op. A reversed sale's bonus is reversed with it at the reversal's instant
+    (`bonus-reversal:<promotion>:<sale>`); `reversals` maps sale id -> reversal instant.
+    """
+    from . import ledger as L
+
+    by_id = {p.id: p for p in promos if p.kind == "topup_bonus"}
+    out = []
+    for sale in sales:
+        for (pid, account), frm in sorted(accepted.items()):
+            promo = by_id.get(pid)
+            if promo is None or account != sale.account_id:
+                continue
+            on = sale.at.date()
+            if on < frm or (promo.valid_to and on >= promo.valid_to):
+                continue
+            bonus = round_minor(Decimal(sale.amount_minor) * promo.percent / 100, rounding_mode)
+            if bonus <= 0:
+                continue
+            txn = L.Transaction(f"bonus:{pid}:{sale.sale_id}", sale.at,
+                                (L.Posting(PROMOTION_EXPENSE, bonus, sale.currency),
+                                 L.Posting(L.prepaid(account), -bonus, sale.currency)),
+                                "promotion-bonus", f"{promo.percent}% top-up bonus ({pid})")
+            out.append(txn)
+            if sale.sale_id in reversals:
+                out.append(L.reverse(txn, f"bonus-reversal:{pid}:{sale.sale_id}", reversals[sale.sale_id],
+                                     "promotion-bonus-reversal"))
+    return out
