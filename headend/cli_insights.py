@@ -239,6 +239,37 @@ def cmd_bonuses(args) -> int:
     return 0
 
 
+def realised_costs(db_url: str) -> dict[tuple[str, str], int]:
+    """(promotion, account) -> what it has cost so far: discount lines on issued billable items and booked
+    top-up bonuses (net of reversals). Tariff switches have no line of their own: their cost stays the
+    shadow-rated estimate of the offer."""
+    from .billing_store import BillingStore
+    from .payg_store import PaygStore
+
+    out: dict[tuple[str, str], int] = {}
+    store = BillingStore(db_url)
+    try:
+        for _, item in store.items():
+            for line in item["lines"]:
+                if line["kind"] == "promotion":
+                    key = (line["band"], item["account_id"])
+                    out[key] = out.get(key, 0) - int(line["net_minor"])
+    finally:
+        store.close()
+    payg = PaygStore(db_url)
+    try:
+        for t in payg.transactions():
+            if t.business_key.startswith(("bonus:", "bonus-reversal:")):
+                _, pid, _ = t.business_key.split(":", 2)
+                credited = next(p.account for p in t.postings if p.account != P.PROMOTION_EXPENSE)
+                account = credited.removeprefix("customer:").removesuffix(":prepaid")
+                key = (pid, account)
+                out[key] = out.get(key, 0) + t.amount(P.PROMOTION_EXPENSE)
+    finally:
+        payg.close()
+    return out
+
+
 def cmd_outcomes(args) -> int:
     store = InsightsStore(_db(args))
     bindings, markets = _bindings(args), load_markets()
@@ -263,6 +294,7 @@ def cmd_outcomes(args) -> int:
                                          if o.promotion_id == pid and o.account_id == account), 0)
     finally:
         repo.close()
+    cost.update({k: v for k, v in realised_costs(_db(args)).items() if k in cost})
     outs = P.outcomes(offers, cost, before, after)
     if args.json:
         print(json.dumps([o.__dict__ for o in outs], default=str))

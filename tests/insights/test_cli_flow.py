@@ -193,3 +193,7 @@ def test_accepted_promotion_is_its_own_line_on_the_next_invoice_which_keeps_en16
     assert len(promo) == 1 and promo[0]["net_minor"] == -571        # 10 % of 17 days of 13.5 kWh at 24.86p
     assert check_en16931(ubl) == []
     assert doc["totals"]["net_minor"] == sum(l["net_minor"] for l in doc["lines"])
+    # outcome tracking counts the realised cost: the discount line of the issued item
+    assert main(["promotions", "outcomes", "--json", "--database", db]) == 0
+    outs = {o["promotion_id"]: o for o in json.loads(capsys.readouterr().out)}
+    assert outs["gb-winter-day-10"]["accepted"] == 1 and outs["gb-winter-day-10"]["cost_minor"] == 571
