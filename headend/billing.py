@@ -297,26 +297,118 @@ def bill_account(account_id: str, period: str, *, bindings: Bindings, market: Ma
         raise ValidationError(f"unknown account {account_id}")
     todo = [r for r in rows if r.account_id == account_id and not r.held and r.unbilled_wh != 0
             and r.start < t_end]
-    intervals = [r.as_interval(r.unbilled_wh) for r in todo]
-    first = min((iv.start.astimezone(zone).date() for iv in intervals), default=start)
-    window_start = min(first, start)
-    aggs = rate_intervals({}, intervals, tariff, account_id, zone)
+    aggs, usage = pending_contributions(((None, r) for r in todo), tariff, zone)
+    item = item_from_pending(account_id, period, bindings=bindings, market=market, tariff=tariff, vat=vat,
+                             aggregates=aggs.values(), usage=usage, promotions=promotions,
+                             adjustments=adjustments, standing=standing)
+    if item is None:
+        return None
+    billed = tuple(replace(r, billed_wh=r.wh, billed_account=account_id) for r in todo)
+    return AccountBill(item, billed)
+
+
+def _nonzero(agg) -> bool:
+    return bool(agg.wh or agg.amount_dec or agg.days)
+
+
+def item_from_pending(account_id: str, period: str, *, bindings: Bindings, market: Market, tariff: Tariff,
+                      vat: VatTable, aggregates: Iterable, usage: Mapping[tuple[str, str, str], int],
+                      promotions: Sequence[Promotion] = (), adjustments: Sequence[Adjustment] = (),
+                      standing: bool = True) -> BillableItem | None:
+    """The billable item of one account for `period` from its PENDING (unbilled) day-band aggregates dated
+    before the period's end and its pending usage totals ((meter, obis, local month) -> Wh); None when there
+    is nothing to bill. Standing charges for the supply days of the period are added here. Pure: the
+    monthly bill run's summation (`billing_store.run_billing` feeds it the stored aggregates,
+    `bill_account` the aggregates it rates from rows; both give the same item)."""
+    zone = ZoneInfo(market.timezone)
+    start, end = parse_period(period)
+    acct = bindings.accounts.get(account_id)
+    if acct is None:
+        raise ValidationError(f"unknown account {account_id}")
+    aggs = {a.key: a for a in aggregates if a.local_date < end and _nonzero(a)}
+    window_start = min([start, *(k[1] for k in aggs)])
     days = standing_dates(bindings, account_id, start, end, zone) if standing else []
     if days:
         aggs = merge_aggregates(aggs, *(standing_charges(tariff, account_id, d, d + timedelta(days=1)) for d in days))
     adjs = [a for a in adjustments if a.account_id == account_id and a.period == period]
     if not aggs and not adjs:
         return None
-    usage: dict[tuple[str, str, str], int] = {}
-    for r in todo:
-        k = (r.meter_id, r.obis, period_of(r.start.astimezone(zone).date()))
-        usage[k] = usage.get(k, 0) + r.unbilled_wh
-    item = item_from_aggregates(account_id, period, market=market, tariff=tariff, vat=vat, aggregates=aggs.values(),
+    return item_from_aggregates(account_id, period, market=market, tariff=tariff, vat=vat, aggregates=aggs.values(),
                                 window_start=window_start, payment=acct.payment, promotions=promotions,
                                 adjustments=adjs,
-                                usage=tuple(UsageTotal(m, o, p, wh) for (m, o, p), wh in sorted(usage.items())))
-    billed = tuple(replace(r, billed_wh=r.wh, billed_account=account_id) for r in todo)
-    return AccountBill(item, billed)
+                                usage=tuple(UsageTotal(m, o, p, wh) for (m, o, p), wh in sorted(usage.items())
+                                            if wh and p <= period))
+
+
+# --------------------------------------------------------------------------- incremental rating
+
+def pending_contribution(row: UsageRow | None) -> tuple[str, Interval] | None:
+    """What a stored row adds to its account's pending (unbilled) rated usage: its unbilled Wh, when it is
+    bound and not held; None otherwise."""
+    if row is None or row.account_id is None or row.held or row.unbilled_wh == 0:
+        return None
+    return row.account_id, row.as_interval(row.unbilled_wh)
+
+
+def pending_contributions(changes: Iterable[tuple[UsageRow | None, UsageRow | None]], tariff: Tariff,
+                          zone: ZoneInfo) -> tuple[dict, dict[tuple[str, str, str], int]]:
+    """Row changes (old, new) of ONE account's tariff -> the change of pending day-band aggregates and of
+    pending usage ((meter, obis, local month) -> Wh): the new row's contribution minus the old one's.
+
+    Exact and associative (amounts are linear in Wh, see `rating`): applying the deltas of any batching
+    of changes to stored aggregates gives the aggregates of rating the final rows from scratch, so
+    re-processing unchanged rows (no changes) adds nothing and a replaced estimate adds only its delta.
+    """
+    intervals: list[Interval] = []
+    usage: dict[tuple[str, str, str], int] = {}
+    account = None
+    for old, new in changes:
+        for row, sign in ((old, -1), (new, 1)):
+            c = pending_contribution(row)
+            if c is None:
+                continue
+            if account is None:
+                account = c[0]
+            elif c[0] != account:
+                raise ValueError(f"pending_contributions: rows of accounts {account} and {c[0]} in one call")
+            iv = c[1] if sign > 0 else replace(c[1], wh=-c[1].wh)
+            intervals.append(iv)
+            k = (row.meter_id, row.obis, period_of(row.start.astimezone(zone).date()))
+            usage[k] = usage.get(k, 0) + iv.wh
+    if account is None:
+        return {}, {}
+    aggs = rate_intervals({}, intervals, tariff, account, zone)
+    return ({k: a for k, a in aggs.items() if _nonzero(a)}, {k: wh for k, wh in usage.items() if wh})
+
+
+def split_by_account(changes: Iterable[tuple[UsageRow | None, UsageRow | None]]) -> dict[str, list]:
+    """(old, new) row changes -> per account the (old, new) pairs touching its pending usage; a row that
+    moves between accounts is (old, None) for the one and (None, new) for the other."""
+    out: dict[str, list] = {}
+    for old, new in changes:
+        a_old = pending_contribution(old)
+        a_new = pending_contribution(new)
+        if a_old is not None and a_new is not None and a_old[0] == a_new[0]:
+            out.setdefault(a_old[0], []).append((old, new))
+            continue
+        if a_old is not None:
+            out.setdefault(a_old[0], []).append((old, None))
+        if a_new is not None:
+            out.setdefault(a_new[0], []).append((None, new))
+    return out
+
+
+def tariff_digest(tariff: Tariff) -> str:
+    """A stable fingerprint of what day-band rating depends on (bands, windows, rates, export rate, zone,
+    holidays): pending aggregates rated with another digest are rated again from their rows."""
+    import hashlib
+    parts = [tariff.id, tariff.timezone, tariff.country, str(tariff.subdivision), repr(tuple(tariff.exclude_holidays))]
+    for v in tariff.versions:
+        parts.append(f"{v.valid_from}|{v.export_rate}")
+        for b in v.bands:
+            parts.append(f"{b.name}|{b.rate}|" + ";".join(f"{','.join(sorted(w.days))}:{w.start}-{w.end}"
+                                                          for w in b.windows))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def item_from_aggregates(account_id: str, period: str, *, market: Market, tariff: Tariff, vat: VatTable,
@@ -385,7 +477,8 @@ def bill_run(period: str, *, bindings: Bindings, markets: Mapping[str, Market], 
 
 
 __all__ = ["UsageRow", "bind_intervals", "merge_rows", "rebind", "check_rebinding", "bill_account", "bill_run",
-           "BillableItem", "AccountBill", "BillRun", "Adjustment", "parse_period", "period_instants", "item_from_aggregates"]
+           "BillableItem", "AccountBill", "BillRun", "Adjustment", "parse_period", "period_instants", "item_from_aggregates",
+           "item_from_pending", "pending_contribution", "pending_contributions", "split_by_account", "tariff_digest"]
 
 
 @dataclass(frozen=True)
