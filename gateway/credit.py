@@ -17,10 +17,20 @@ Where the money of one account sits (all int minor units, all >= 0):
 * `arrears`                debt registered by the head-end, recovered by time-based and
                            payment-based debt recovery
 
-Conservation (checked by a property test): for any sequence of transitions,
-  Σ top-ups applied + Σ amount grants
-    == credit_balance + Σ debt recovered + Σ consumption charged
-       − accumulated_debt − emergency_credit_used.
+Grants REPLACE, after RFC 4006: the head-end's prepaid account (its ledger) is the customer's
+one balance; `credit_balance` is only the *window* of it the gateway may spend: the last grant,
+plus tokens applied since, minus what was spent since. Each new grant replaces the unused rest
+of the previous one, counted from the moment the usage report it answers was taken
+(`begin_report`): ``credit_balance := grant + tokens since the report − window spending since
+the report`` (then debt and emergency credit are repaid from it). Every report carries a `Usage`:
+used units by source (credit window, emergency credit, accumulated debt), repayments of debt and
+emergency credit, arrears recovered, and the tokens applied — so the head-end can book each of
+them once (`headend/creditcontrol.py`) and both sides hold the same debt and emergency-credit
+figures to the cent.
+
+Window identity (checked by a property test): at any instant
+  credit_balance == last grant + Σ tokens since its report point − window spending since then
+where window spending = consumption from credit + debt/emergency repayments + arrears recovered.
 """
 
 from __future__ import annotations
@@ -89,12 +99,53 @@ class PrepaymentConfig:
 
 
 @dataclass(frozen=True)
+class Usage:
+    """Used service units and repayments since a report point (all int minor units / Wh, >= 0).
+
+    used_minor == from_credit + from_emergency + to_debt. Window spending (what left the grant
+    window) == from_credit + repaid_debt + repaid_emergency + recovered_arrears. `tokens` are
+    (reference, amount) of top-ups applied, in order."""
+
+    used_minor: int = 0
+    used_wh: int = 0
+    from_credit: int = 0
+    from_emergency: int = 0
+    to_debt: int = 0
+    repaid_debt: int = 0
+    repaid_emergency: int = 0
+    recovered_arrears: int = 0
+    tokens: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def window_spend(self) -> int:
+        return self.from_credit + self.repaid_debt + self.repaid_emergency + self.recovered_arrears
+
+    @property
+    def token_minor(self) -> int:
+        return sum(a for _, a in self.tokens)
+
+    @property
+    def empty(self) -> bool:
+        return self == Usage()
+
+    def plus(self, other: "Usage") -> "Usage":
+        return Usage(*(getattr(self, f) + getattr(other, f) for f in (
+            "used_minor", "used_wh", "from_credit", "from_emergency", "to_debt", "repaid_debt",
+            "repaid_emergency", "recovered_arrears")), tokens=self.tokens + other.tokens)
+
+    def add(self, **kw) -> "Usage":
+        tokens = kw.pop("tokens", ())
+        return replace(self, tokens=self.tokens + tuple(tokens), **{k: getattr(self, k) + v for k, v in kw.items()})
+
+
+@dataclass(frozen=True)
 class Grant:
     """A head-end credit-control grant (RFC 4006 Granted-Service-Unit) as verified by the shell.
 
-    Grants are INCREMENTS: each (session, request_number) adds its amount / Wh once. `amount_minor`
-    joins the credit balance (after repaying accumulated debt and emergency credit); `wh` is an
-    energy quota the head-end has already priced, consumed before any locally priced credit.
+    Grants REPLACE: each (session, request_number) is applied once and sets the credit window to
+    ``amount_minor + tokens since the report point − window spending since then`` (after repaying
+    accumulated debt and emergency credit). `wh` likewise replaces the energy quota (a quota the
+    head-end priced itself; the PAYG client sends 0 because it prices with the pulled tariff).
     """
 
     session_id: str
@@ -274,6 +325,8 @@ class AccountState:
     low_balance_warned: bool = False
     emergency_exhausted_reported: bool = False
     friendly_warning_until: datetime | None = None  # end of the friendly span already warned about
+    unreported: Usage = Usage()                   # since the last report point (not yet sent)
+    in_flight: Usage | None = None                # the report sent and not yet answered
 
     @property
     def emergency_credit_available(self) -> int:
@@ -344,7 +397,8 @@ def _advance(state: AccountState, at: datetime) -> tuple[AccountState, Events]:
         take = min(due, state.arrears, state.credit_balance)
         # what credit cannot cover now is not collected (recovery pauses; arrears stay)
         state = replace(state, time_recovery_residue=exact - due, arrears=state.arrears - take,
-                        credit_balance=state.credit_balance - take)
+                        credit_balance=state.credit_balance - take,
+                        unreported=state.unreported.add(recovered_arrears=take))
         if take:
             events.append(DebtRecovered(account=state.account, at=at, amount_minor=take, method="time",
                                         arrears_after=state.arrears))
@@ -424,7 +478,9 @@ def charge(state: AccountState, wh: int, price: Price, at: datetime) -> tuple[Ac
     state = replace(state, granted_wh=state.granted_wh - from_grant, charge_residue=exact - amount,
                     credit_balance=state.credit_balance - take_credit,
                     emergency_credit_used=state.emergency_credit_used + take_ec,
-                    accumulated_debt=state.accumulated_debt + to_debt)
+                    accumulated_debt=state.accumulated_debt + to_debt,
+                    unreported=state.unreported.add(used_minor=amount, used_wh=wh, from_credit=take_credit,
+                                                    from_emergency=take_ec, to_debt=to_debt))
     events.append(Charged(account=state.account, at=at, wh=wh, wh_from_grant=from_grant, amount_minor=amount,
                           from_credit=take_credit, from_emergency_credit=take_ec, to_accumulated_debt=to_debt))
     if to_debt:
@@ -482,7 +538,10 @@ def apply_topup(state: AccountState, amount_minor: int, token_id: str, at: datet
     state = replace(state, arrears=state.arrears - recovery, recovered_in_period=state.recovered_in_period + recovery,
                     accumulated_debt=state.accumulated_debt - to_debt,
                     emergency_credit_used=state.emergency_credit_used - to_ec,
-                    credit_balance=state.credit_balance + to_credit, reconnect_confirmed=False)
+                    credit_balance=state.credit_balance + to_credit, reconnect_confirmed=False,
+                    unreported=state.unreported.add(repaid_debt=to_debt, repaid_emergency=to_ec,
+                                                    recovered_arrears=recovery,
+                                                    tokens=((token_id, amount_minor),)))
     events.append(TopUpApplied(account=state.account, at=at, reference=token_id, amount_minor=amount_minor,
                                to_debt_recovery=recovery, to_accumulated_debt=to_debt, to_emergency_credit=to_ec,
                                to_credit=to_credit, credit_balance=state.credit_balance))
@@ -492,10 +551,64 @@ def apply_topup(state: AccountState, amount_minor: int, token_id: str, at: datet
     return _flags(state, at, events), events
 
 
+def begin_report(state: AccountState) -> tuple[AccountState, Usage]:
+    """Take the usage report for the next credit-control update: the report point.
+
+    While an earlier report is unanswered (lost answer, head-end offline) the SAME report is
+    returned, so a retransmission carries identical content (idempotent at the head-end)."""
+    if state.in_flight is not None:
+        return state, state.in_flight
+    return replace(state, in_flight=state.unreported, unreported=Usage()), state.unreported
+
+
+def abandon_report(state: AccountState) -> AccountState:
+    """The session the in-flight report belonged to is gone (head-end lost it): its usage goes
+    back into the next report (of a new session)."""
+    if state.in_flight is None:
+        return state
+    return replace(state, unreported=state.in_flight.plus(state.unreported), in_flight=None)
+
+
+def _replace_window(state: AccountState, amount: int) -> AccountState:
+    """credit_balance := amount + tokens since the report point − window spending since then.
+    Spending the new grant cannot cover (it came from the old window after the report) becomes
+    accumulated debt, and the unreported usage says so."""
+    u = state.unreported
+    window = amount + u.token_minor - u.window_spend
+    if window < 0:
+        # undo, newest money first, what the new grant cannot cover: consumption from the window
+        # becomes accumulated debt; repayments/recoveries are taken back (debt, EC, arrears return)
+        deficit = -window
+        shift = min(deficit, u.from_credit)
+        u = replace(u, from_credit=u.from_credit - shift, to_debt=u.to_debt + shift)
+        debt, ec, arrears = state.accumulated_debt + shift, state.emergency_credit_used, state.arrears
+        deficit -= shift
+        back = min(deficit, u.recovered_arrears)
+        u, arrears, deficit = replace(u, recovered_arrears=u.recovered_arrears - back), arrears + back, deficit - back
+        back = min(deficit, u.repaid_emergency)
+        u, ec, deficit = replace(u, repaid_emergency=u.repaid_emergency - back), ec + back, deficit - back
+        back = min(deficit, u.repaid_debt)
+        u, debt, deficit = replace(u, repaid_debt=u.repaid_debt - back), debt + back, deficit - back
+        if deficit:
+            raise ValidationError(f"account {state.account}: window deficit exceeds the unreported spending")
+        state = replace(state, accumulated_debt=debt, emergency_credit_used=ec, arrears=arrears, unreported=u)
+        window = 0
+    return replace(state, credit_balance=window, in_flight=None)
+
+
+def acknowledge(state: AccountState, at: datetime) -> tuple[AccountState, Events]:
+    """The head-end answered the in-flight report WITHOUT a grant (credit limit reached,
+    termination): the old window is given back, only what was applied since stays."""
+    state, events = _advance(state, at)
+    state = _replace_window(state, 0)
+    return _flags(state, state.at, events), events
+
+
 def apply_grant(state: AccountState, grant: Grant, at: datetime) -> tuple[AccountState, Events]:
-    """Apply a verified head-end grant once: money repays accumulated debt, then emergency
-    credit, then joins the balance; Wh join the energy quota; validity and final-unit action
-    are remembered."""
+    """Apply a verified head-end grant once; it answers the in-flight report (if any) and
+    REPLACES the unused rest of the previous window (see the module doc). The new window repays
+    accumulated debt, then emergency credit (reported as repayments in the next update); Wh
+    replace the energy quota; validity and final-unit action are remembered."""
     state, events = _advance(state, at)
     at = state.at
 
@@ -514,10 +627,12 @@ def apply_grant(state: AccountState, grant: Grant, at: datetime) -> tuple[Accoun
         return refuse("expired")
     if grant.session_id == state.grant_session and grant.request_number <= state.grant_number:
         return refuse("replay")
-    to_debt, to_ec, to_credit = _repay(state, grant.amount_minor)
+    state = _replace_window(state, grant.amount_minor)
+    to_debt, to_ec, to_credit = _repay(state, state.credit_balance)
     state = replace(state, accumulated_debt=state.accumulated_debt - to_debt,
                     emergency_credit_used=state.emergency_credit_used - to_ec,
-                    credit_balance=state.credit_balance + to_credit, granted_wh=state.granted_wh + grant.wh,
+                    credit_balance=to_credit, granted_wh=grant.wh,
+                    unreported=state.unreported.add(repaid_debt=to_debt, repaid_emergency=to_ec),
                     grant_session=grant.session_id, grant_number=grant.request_number,
                     grant_valid_until=utc(grant.valid_until), grant_expiry_reported=False,
                     final_unit_action=grant.final_unit_action)

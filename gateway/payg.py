@@ -83,6 +83,10 @@ class CrmRecord:
 
 
 def _jsonable(value):
+    if isinstance(value, C.Usage):
+        d = dataclasses.asdict(value)
+        d["tokens"] = [list(t) for t in value.tokens]
+        return d
     if isinstance(value, datetime):
         return utc(value).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     if isinstance(value, Decimal):
@@ -221,8 +225,16 @@ def state_from_json(data: dict, cfg: C.PrepaymentConfig) -> C.AccountState:
             v = parse_instant(v)
         elif k in _DEC_FIELDS:
             v = Decimal(v)
+        elif k in ("unreported", "in_flight") and v is not None:
+            v = usage_from_json(v)
         kw[k] = v
     return C.AccountState(cfg=cfg, **kw)
+
+
+def usage_from_json(d: dict) -> C.Usage:
+    d = dict(d)
+    d["tokens"] = tuple((str(r), int(a)) for r, a in d.get("tokens", ()))
+    return C.Usage(**d)
 
 
 def _atomic_write(path: Path, data: dict) -> None:
@@ -276,8 +288,6 @@ class PaygMeter:
         self.window = T.ReplayWindow()
         self.last_import_wh: int | None = None
         self.command_seq = 0
-        self.unreported_minor = 0                 # charged since the last acknowledged usage report
-        self.unreported_wh = 0
         self.card_list: T.CardList | None = None
         self.blacklist: T.Blacklist | None = None
         self.journal: list[tuple[C.CreditEvent, str | None]] = []   # (event, relay command id)
@@ -295,7 +305,6 @@ class PaygMeter:
                                      data["window"]["size"])
         self.last_import_wh = data["last_import_wh"]
         self.command_seq = data["command_seq"]
-        self.unreported_minor, self.unreported_wh = data.get("unreported", [0, 0])
         self.unpublished = [CrmRecord(r["topic"], r["payload"]) for r in data.get("unpublished", [])]
         if data.get("card_list"):
             self.card_list = _card_list_from_json(data["card_list"])
@@ -309,7 +318,8 @@ class PaygMeter:
             "meter": self.meter_id, "state": state_to_json(self.state),
             "window": {"floor": self.window.floor, "seen": sorted(self.window.seen), "size": self.window.size},
             "last_import_wh": self.last_import_wh, "command_seq": self.command_seq,
-            "unreported": [self.unreported_minor, self.unreported_wh],
+            "unreported": [self.state.unreported.used_minor + (self.state.in_flight or C.Usage()).used_minor,
+                           self.state.unreported.used_wh + (self.state.in_flight or C.Usage()).used_wh],
             "unpublished": [{"topic": r.topic, "payload": r.payload} for r in self.unpublished],
             "card_list": _card_list_to_json(self.card_list) if self.card_list else None,
             "blacklist": _blacklist_to_json(self.blacklist) if self.blacklist else None})
@@ -385,10 +395,6 @@ class PaygMeter:
                                   f"{self.last_import_wh} to {import_wh} Wh (meter exchange or reset?)")
         self.state, events = C.charge(self.state, delta, self.price, now)
         self.last_import_wh = import_wh
-        for e in events:
-            if isinstance(e, C.Charged):
-                self.unreported_minor += e.amount_minor
-                self.unreported_wh += e.wh
         self._emit(events)
 
     def on_reading(self, import_wh: int) -> C.Decision:
@@ -397,19 +403,25 @@ class PaygMeter:
         self._charge(import_wh, now)
         return self.evaluate()
 
-    def usage_report(self) -> tuple[int, int]:
-        """(used minor units, used Wh) charged since the last acknowledged report: the used service
-        units of the next credit-control update."""
-        return self.unreported_minor, self.unreported_wh
+    def usage_report(self) -> C.Usage:
+        """The used service units (by source), repayments and tokens since the last report point,
+        for the next credit-control update. Sets the report point (`credit.begin_report`); until
+        the answer is applied the same report is returned (retransmission)."""
+        self.state, usage = C.begin_report(self.state)
+        self._save()
+        return usage
 
-    def usage_acknowledged(self, used_minor: int, used_wh: int) -> None:
-        """The head-end answered the update that reported (used_minor, used_wh): only that much is
-        taken off, so usage charged while the update was in flight goes into the next report."""
-        if not (0 <= used_minor <= self.unreported_minor and 0 <= used_wh <= self.unreported_wh):
-            raise ValidationError(f"meter {self.meter_id}: acknowledged usage {used_minor}/{used_wh} Wh exceeds "
-                                  f"the unreported {self.unreported_minor}/{self.unreported_wh} Wh")
-        self.unreported_minor -= used_minor
-        self.unreported_wh -= used_wh
+    def peek_usage(self) -> C.Usage:
+        """Everything not yet acknowledged (in-flight report + since), without setting a report point."""
+        return (self.state.in_flight or C.Usage()).plus(self.state.unreported)
+
+    def acknowledge(self) -> list[C.CreditEvent]:
+        """The head-end answered the in-flight report without a grant: the old window is given back."""
+        return self._then_decide(*C.acknowledge(self.state, self.clock.now()))
+
+    def abandon_report(self) -> None:
+        """The head-end lost the session: the in-flight usage goes into the next session's first update."""
+        self.state = C.abandon_report(self.state)
         self._save()
 
     def evaluate(self) -> C.Decision:
@@ -487,6 +499,7 @@ def status(state_path: str | Path) -> dict:
             "grant": {"session": st.grant_session, "request_number": st.grant_number,
                       "valid_until": data["state"].get("grant_valid_until")},
             "unreported_usage": {"minor": data.get("unreported", [0, 0])[0], "wh": data.get("unreported", [0, 0])[1]},
+            "report_in_flight": st.in_flight is not None,
             "unpublished_crm_events": len(data.get("unpublished", [])),
             "relay_commands": data.get("command_seq", 0),
             "blacklist_version": (data.get("blacklist") or {}).get("version"),

@@ -145,9 +145,28 @@ class CreditControlRequest:
     currency: str
     used_minor: int = 0
     used_wh: int = 0
+    # the gateway's breakdown (gateway/credit.py Usage): used_minor == from credit window
+    # + from_emergency_minor + to_debt_minor; repayments and arrears recovered left the window too
+    from_emergency_minor: int = 0
+    to_debt_minor: int = 0
+    repaid_debt_minor: int = 0
+    repaid_emergency_minor: int = 0
+    recovered_arrears_minor: int = 0
+    tokens: tuple[tuple[str, int], ...] = ()     # (reference, amount) of top-ups applied at the meter
+
+    @property
+    def from_window_minor(self) -> int:
+        return self.used_minor - self.from_emergency_minor - self.to_debt_minor
+
+    @property
+    def window_spend_minor(self) -> int:
+        return (self.from_window_minor + self.repaid_debt_minor + self.repaid_emergency_minor
+                + self.recovered_arrears_minor)
 
     def fingerprint(self) -> tuple:
-        return (int(self.request_type), self.account_id, self.meter_id, self.currency, self.used_minor, self.used_wh)
+        return (int(self.request_type), self.account_id, self.meter_id, self.currency, self.used_minor, self.used_wh,
+                self.from_emergency_minor, self.to_debt_minor, self.repaid_debt_minor, self.repaid_emergency_minor,
+                self.recovered_arrears_minor, tuple(self.tokens))
 
 
 def initial(session_id: str, account_id: str, meter_id: str, currency: str) -> CreditControlRequest:
@@ -302,11 +321,16 @@ def _grant_answer(req: CreditControlRequest, available: int, burn: Decimal, poli
 
 def decide(session: Session | None, request: CreditControlRequest, *, credit_minor: int,
            reserved_by_others_minor: int, policy: GrantPolicy, vat: L.PrepaidVat, now: datetime,
-           account_active: bool = True) -> Outcome:
+           account_active: bool = True, outstanding_tokens_minor: int = 0,
+           reported_tokens_minor: int | None = None) -> Outcome:
     """Answer one CCR from the session's state and the account's credit; the whole credit-control core.
 
     `credit_minor` is the account's prepaid credit now (customer view), `reserved_by_others_minor`
-    the open grants of the account's *other* sessions. Nothing is stored here: the caller appends
+    the open grants of the account's *other* sessions, `outstanding_tokens_minor` the top-up
+    tokens issued for the account and not yet reported applied (excluding this request's): a
+    token is a reservation like a grant, its money already in the prepaid credit since the sale.
+    `reported_tokens_minor` is how much of this request's reported tokens the store confirms
+    (None: trust the request); it extends the grant the usage is measured against. Nothing is stored here: the caller appends
     `transactions` and stores `session` together (one database transaction).
     """
     req = request
@@ -316,7 +340,9 @@ def decide(session: Session | None, request: CreditControlRequest, *, credit_min
         except ValueError:
             return _refuse(req, ResultCode.INVALID_AVP_VALUE, f"session {req.session_id}: "
                            f"unknown CC-Request-Type {req.request_type!r}")
-    if req.request_number < 0 or req.used_minor < 0 or req.used_wh < 0:
+    if (req.request_number < 0 or req.used_minor < 0 or req.used_wh < 0 or req.from_window_minor < 0
+            or min(req.from_emergency_minor, req.to_debt_minor, req.repaid_debt_minor, req.repaid_emergency_minor,
+                   req.recovered_arrears_minor) < 0 or any(a <= 0 for _, a in req.tokens)):
         return _refuse(req, ResultCode.INVALID_AVP_VALUE, f"session {req.session_id} request {req.request_number}: "
                        f"negative request number or used units")
 
@@ -326,13 +352,14 @@ def decide(session: Session | None, request: CreditControlRequest, *, credit_min
         if req.request_number != 0:
             return _refuse(req, ResultCode.UNABLE_TO_COMPLY,
                            f"session {req.session_id}: CCR-Initial must be request number 0, got {req.request_number}")
-        if req.used_minor or req.used_wh:
+        if req.used_minor or req.used_wh or req.window_spend_minor or req.tokens:
             return _refuse(req, ResultCode.INVALID_AVP_VALUE,
                            f"session {req.session_id}: CCR-Initial cannot report used units")
         if not account_active:
             return _refuse(req, ResultCode.END_USER_SERVICE_DENIED, f"account {req.account_id} is not active")
         burn = to_decimal(policy.initial_burn_rate_minor_per_h)
-        answer = _grant_answer(req, credit_minor - reserved_by_others_minor, burn, policy, now)
+        answer = _grant_answer(req, credit_minor - reserved_by_others_minor - outstanding_tokens_minor, burn,
+                               policy, now)
         if not answer.ok:
             return Outcome(answer)          # no session is opened without a grant
         new = Session(req.session_id, req.account_id, req.meter_id, req.currency, now, 0, False, answer.grant,
@@ -359,21 +386,40 @@ def decide(session: Session | None, request: CreditControlRequest, *, credit_min
     if req.request_type == RequestType.INITIAL_REQUEST:
         return _refuse(req, ResultCode.INVALID_AVP_VALUE, f"session {req.session_id} already initialised")
 
-    # --- usage of the grant being replaced
+    # --- usage of the grant being replaced (RFC 4006: the new grant replaces its unused rest)
     grant = session.grant
     granted = grant.amount_minor if grant else 0
-    within = min(req.used_minor, granted)
-    over = req.used_minor - within
+    tokens_minor = sum(a for _, a in req.tokens) if reported_tokens_minor is None else reported_tokens_minor
+    window = granted + tokens_minor                      # what the gateway was allowed to spend
+    spend = req.window_spend_minor
+    over_window = max(0, spend - window)                 # beyond the window: a gateway that overspent
+    if over_window > req.from_window_minor:
+        return _refuse(req, ResultCode.INVALID_AVP_VALUE,
+                       f"session {req.session_id} request {req.request_number}: repayments "
+                       f"{spend - req.from_window_minor} exceed the window {window}")
+    from_window = req.from_window_minor - over_window
+    over = req.to_debt_minor + over_window
+    within = spend - over_window                         # what leaves the prepaid credit
     txns: list[L.Transaction] = []
     events: list[OverUsage] = []
     base = f"cc:{req.session_id}:{req.request_number}"
-    if within:
-        txns.append(L.consumption_charge(f"{base}:usage", now, req.account_id, req.currency, vat, gross_minor=within))
+    if from_window:
+        txns.append(L.consumption_charge(f"{base}:usage", now, req.account_id, req.currency, vat,
+                                         gross_minor=from_window))
+    if req.from_emergency_minor:
+        txns.append(L.emergency_consumption_charge(f"{base}:emergency", now, req.account_id,
+                                                   req.from_emergency_minor, req.currency, vat))
+    if req.repaid_debt_minor + req.recovered_arrears_minor:
+        txns.append(L.debt_recovery(f"{base}:debt-repaid", now, req.account_id,
+                                    req.repaid_debt_minor + req.recovered_arrears_minor, req.currency))
+    if req.repaid_emergency_minor:
+        txns.append(L.emergency_credit_repayment(f"{base}:emergency-repaid", now, req.account_id,
+                                                 req.repaid_emergency_minor, req.currency))
     if over:
         key = f"{base}:over-usage"
         txns.append(L.over_usage_debt(key, now, req.account_id, over, req.currency, vat))
         granted_wh = grant.wh if grant else (0 if policy.price_minor_per_kwh is not None else None)
-        events.append(OverUsage(req.session_id, req.account_id, req.meter_id, req.request_number, now, granted,
+        events.append(OverUsage(req.session_id, req.account_id, req.meter_id, req.request_number, now, window,
                                 req.used_minor, over, granted_wh, req.used_wh,
                                 None if granted_wh is None else max(0, req.used_wh - granted_wh), key))
     since = grant.issued_at if grant else (session.usage[-1].at if session.usage else session.opened_at)
@@ -388,7 +434,8 @@ def decide(session: Session | None, request: CreditControlRequest, *, credit_min
             answer = _answer(req, ResultCode.END_USER_SERVICE_DENIED, fua=policy.final_unit_action,
                              detail=f"account {req.account_id} is not active")
         else:
-            answer = _grant_answer(req, credit_minor - within - reserved_by_others_minor, burn, policy, now)
+            answer = _grant_answer(req, credit_minor - within - reserved_by_others_minor - outstanding_tokens_minor,
+                                   burn, policy, now)
         terminated, new_grant = False, answer.grant
 
     new = replace(session, last_request_number=req.request_number, terminated=terminated, grant=new_grant,
@@ -410,6 +457,16 @@ class SessionStore(Protocol):
     def put(self, session: Session) -> None: ...
 
     def open_sessions(self, account_id: str) -> Iterable[Session]: ...
+
+
+class TokenReservations(Protocol):
+    """Top-up tokens as credit-control sees them (implemented over the `payg_token` table)."""
+
+    def outstanding_minor(self, account_id: str, exclude: tuple[str, ...] = ()) -> int:
+        """Tokens issued for the account and not yet reported applied (a reservation)."""
+
+    def confirmed_minor(self, meter_id: str, tokens: tuple[tuple[str, int], ...]) -> int:
+        """How much of the reported (reference, amount) the head-end knows as issued for this meter."""
 
 
 class InMemorySessionStore:
@@ -437,9 +494,11 @@ class CreditControl:
     """
 
     def __init__(self, ledger: L.LedgerStore, sessions: SessionStore, policy: GrantPolicy, vat: L.PrepaidVat,
-                 account_active: Callable[[str], bool] = lambda account_id: True) -> None:
+                 account_active: Callable[[str], bool] = lambda account_id: True,
+                 tokens: "TokenReservations | None" = None) -> None:
         self.ledger, self.sessions, self.policy, self.vat = ledger, sessions, policy, vat
         self.account_active = account_active
+        self.tokens = tokens
 
     def handle(self, request: CreditControlRequest, now: datetime) -> Outcome:
         session = self.sessions.get(request.session_id)
@@ -447,8 +506,12 @@ class CreditControl:
         currency = session.currency if session else request.currency
         credit = -self.ledger.balance(L.prepaid(account), currency)
         others = sum(s.reserved_minor for s in self.sessions.open_sessions(account) if s.session_id != request.session_id)
+        refs = tuple(r for r, _ in request.tokens)
+        outstanding = self.tokens.outstanding_minor(account, exclude=refs) if self.tokens else 0
+        confirmed = self.tokens.confirmed_minor(request.meter_id, request.tokens) if self.tokens else None
         outcome = decide(session, request, credit_minor=credit, reserved_by_others_minor=others, policy=self.policy,
-                         vat=self.vat, now=now, account_active=self.account_active(account))
+                         vat=self.vat, now=now, account_active=self.account_active(account),
+                         outstanding_tokens_minor=outstanding, reported_tokens_minor=confirmed)
         if outcome.transactions:
             self.ledger.append(outcome.transactions)
         if outcome.session is not None:
@@ -504,5 +567,5 @@ def over_usage_report(events: Iterable[OverUsage], start: datetime, end: datetim
 __all__ = [
     "CreditControl", "CreditControlAnswer", "CreditControlRequest", "FinalUnitAction", "Grant", "GrantPolicy",
     "InMemorySessionStore", "Outcome", "OverUsage", "OverUsageRow", "RequestType", "ResultCode", "Session",
-    "SessionStore", "UsageReport", "burn_rate", "decide", "initial", "over_usage_report", "size_grant",
+    "SessionStore", "TokenReservations", "UsageReport", "burn_rate", "decide", "initial", "over_usage_report", "size_grant",
 ]

@@ -393,6 +393,14 @@ def over_usage_debt(business_key: str, at: datetime, customer: str, gross_minor:
     return _charge(business_key, at, "over-usage-debt", debt(customer), REVENUE_ENERGY, n, v, currency, vat)
 
 
+def emergency_consumption_charge(business_key: str, at: datetime, customer: str, gross_minor: int, currency: str,
+                                 vat: PrepaidVat) -> Transaction:
+    """Energy paid with emergency credit at the gateway: Dr emergency-credit (advanced, owed back), Cr revenue, Cr VAT."""
+    n, v = _split(business_key, None, gross_minor, vat)
+    return _charge(business_key, at, "emergency-consumption", emergency_credit_account(customer), REVENUE_ENERGY,
+                   n, v, currency, vat)
+
+
 def debt_recovery(business_key: str, at: datetime, customer: str, amount_minor: int, currency: str) -> Transaction:
     """Recover debt from prepaid credit: Dr prepaid, Cr debt."""
     _positive(amount_minor, "debt recovery", business_key)
@@ -465,7 +473,7 @@ __all__ = [
     "ADJUSTMENTS", "BusinessKeyConflict", "CASH_BANK", "InMemoryLedger", "LedgerError", "LedgerStore", "Posting",
     "PrepaidVat", "REVENUE_ENERGY", "REVENUE_STANDING", "ROUNDING_RESIDUE", "Transaction", "UnbalancedTransaction",
     "VAT_INPUT", "VAT_OUTPUT", "VAT_PREPAID_CLEARING", "adjustment", "balance", "commission_expense",
-    "consumption_charge", "customer_credit", "debt", "debt_recovery", "emergency_credit",
+    "consumption_charge", "customer_credit", "emergency_consumption_charge", "debt", "debt_recovery", "emergency_credit",
     "emergency_credit_account", "emergency_credit_repayment", "merge", "over_usage_debt", "prepaid",
     "residue_to_book", "reverse", "rounding_residue", "standing_charge", "top_up", "totals_by_currency",
     "trial_balance", "vat_in_gross", "vat_on_net", "vendor_commission", "vendor_receivable", "vendor_remittance",

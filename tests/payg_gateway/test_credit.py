@@ -174,6 +174,19 @@ def test_a_grant_is_applied_once_and_repays_debt_first():
     assert ev[-1].reason == "replay" and s2.credit_balance == 700
 
 
+def test_a_new_grant_replaces_the_unused_rest_of_the_last_counted_from_the_report_point():
+    s, _ = C.apply_grant(acct(), grant(0, 1000), T0)
+    s, _ = C.charge(s, 10_000, "30", T0 + timedelta(minutes=1))           # 300 from the window
+    s, report = C.begin_report(s)
+    assert (report.used_minor, report.from_credit) == (300, 300)
+    s, _ = C.charge(s, 2_000, "30", T0 + timedelta(minutes=2))            # 60 while the update is in flight
+    s, _ = C.apply_topup(s, 500, "tok-1", T0 + timedelta(minutes=3))      # a token applied meanwhile
+    s, ev = C.apply_grant(s, grant(1, 800), T0 + timedelta(minutes=4))
+    # not 700 + 800: the grant replaces the rest; what came after the report point stays counted
+    assert s.credit_balance == 800 - 60 + 500 and s.in_flight is None
+    assert s.unreported.used_minor == 60 and s.unreported.tokens == (("tok-1", 500),)
+
+
 def test_expired_bad_and_foreign_currency_grants_are_refused():
     s = acct()
     assert C.apply_grant(s, grant(valid=T0), T0)[1][-1].reason == "expired"
@@ -253,32 +266,55 @@ ops = st.lists(st.one_of(
     st.tuples(st.just("charge"), st.integers(0, 20_000), st.sampled_from(["0", "7.5", "30", "33.3"])),
     st.tuples(st.just("topup"), st.integers(-5, 30_000)),
     st.tuples(st.just("grant"), st.integers(0, 5_000), st.integers(0, 3_000)),
+    st.tuples(st.just("report")),
+    st.tuples(st.just("ack")),
     st.tuples(st.just("accept_ec")),
     st.tuples(st.just("arrears"), st.integers(0, 10_000)),
     st.tuples(st.just("decide")),
 ), max_size=40)
 
 
+def _total(acked: C.Usage, s: C.AccountState) -> C.Usage:
+    return acked.plus(s.in_flight or C.Usage()).plus(s.unreported)
+
+
 @settings(max_examples=150, deadline=None)
 @given(ops, st.integers(0, 5000), st.sampled_from(["half_up", "half_even", "down"]))
-def test_credit_is_conserved_over_any_sequence_of_transitions(seq, start_credit, rounding):
-    """Σ top-ups + Σ grants == balance + Σ recovered + Σ charged − accumulated debt − EC used."""
+def test_the_credit_window_and_the_reported_usage_account_for_every_minor_unit(seq, start_credit, rounding):
+    """Grants replace the window: credit_balance == window set by the last grant + tokens since −
+    window spending since; debt and emergency credit equal what the reports drew minus repaid;
+    the reports' used units equal every charge."""
     cfg = C.PrepaymentConfig(rounding=rounding, payment_recovery_percent=Decimal(25), payment_recovery_cap=2000,
                              time_recovery_per_day=Decimal(50), max_credit_balance=50_000)
     s = C.AccountState(account="P1", cfg=cfg)
     s, _ = C.apply_topup(s, start_credit, "opening", T0) if start_credit else (s, [])
     at = T0
-    topped = granted = charged = recovered = 0
+    acked = C.Usage()
+    charged = 0
+    tot = _total(acked, s)
+    base_window, base_tokens, base_spend = 0, 0, 0
     for i, op in enumerate(seq):
         at += timedelta(hours=3)
         events: list = []
+        in_flight = s.in_flight
         if op[0] == "charge":
             s, events = C.charge(s, op[1], op[2], at)
         elif op[0] == "topup":
             s, events = C.apply_topup(s, op[1], f"t{i}", at)
-        elif op[0] == "grant":
-            g = C.Grant("S", i, at + timedelta(hours=1), amount_minor=op[1], wh=op[2])
-            s, events = C.apply_grant(s, g, at)
+        elif op[0] in ("grant", "ack"):
+            if op[0] == "grant":
+                g = C.Grant("S", i, at + timedelta(hours=1), amount_minor=op[1], wh=op[2])
+                s, events = C.apply_grant(s, g, at)
+            else:
+                s, events = C.acknowledge(s, at)
+            acked = acked.plus(in_flight or C.Usage())
+            assert s.in_flight is None
+            t = _total(acked, s)
+            base_window, base_tokens, base_spend = s.credit_balance, t.token_minor, t.window_spend
+        elif op[0] == "report":
+            s, report = C.begin_report(s)
+            if in_flight is not None:
+                assert report == in_flight            # a retransmission carries the same content
         elif op[0] == "accept_ec":
             s, events = C.accept_emergency_credit(s, at)
         elif op[0] == "arrears":
@@ -286,17 +322,11 @@ def test_credit_is_conserved_over_any_sequence_of_transitions(seq, start_credit,
         else:
             d = C.decide_supply(s, None, at)
             s, events = d.state, list(d.events)
-        for e in events:
-            if isinstance(e, C.TopUpApplied):
-                topped += e.amount_minor
-            elif isinstance(e, C.GrantApplied):
-                granted += e.amount_minor
-            elif isinstance(e, C.Charged):
-                charged += e.amount_minor
-            elif isinstance(e, C.DebtRecovered):
-                recovered += e.amount_minor
+        charged += sum(e.amount_minor for e in events if isinstance(e, C.Charged))
+        t = _total(acked, s)
         assert min(s.credit_balance, s.accumulated_debt, s.emergency_credit_used, s.arrears) >= 0
         assert s.emergency_credit_used <= cfg.emergency_credit_limit
-    opening = start_credit if start_credit else 0
-    assert opening + topped + granted == (s.credit_balance + recovered + charged
-                                          - s.accumulated_debt - s.emergency_credit_used)
+        assert s.credit_balance == base_window + (t.token_minor - base_tokens) - (t.window_spend - base_spend)
+        assert t.used_minor == charged == t.from_credit + t.from_emergency + t.to_debt
+        assert s.accumulated_debt == t.to_debt - t.repaid_debt
+        assert s.emergency_credit_used == t.from_emergency - t.repaid_emergency

@@ -53,7 +53,8 @@ def test_scenario_6_three_days_offline_is_limited_by_grant_and_emergency_credit_
             pm.on_reading(P.read_import_wh(master, 1, profile))
             if pm.state.emergency_credit_offered and not pm.state.emergency_credit_accepted:
                 pm.accept_emergency_credit()
-        charged, used_wh = pm.usage_report()
+        usage = pm.usage_report()
+        charged, used_wh = usage.used_minor, usage.used_wh
         assert charged == sum(e.amount_minor for e, _ in pm.journal if isinstance(e, C.Charged))
         assert used_wh == P.read_import_wh(master, 1, profile) - start_wh
         limit = grant + pm.cfg.emergency_credit_limit
@@ -61,17 +62,39 @@ def test_scenario_6_three_days_offline_is_limited_by_grant_and_emergency_credit_
         # consumption limited by grant + emergency credit (plus the last 15-minute step that crossed it)
         assert limit <= charged < limit + 100
         assert used_wh * PRICE / 1000 < limit + 100
+        assert usage.from_credit == grant and usage.from_emergency == pm.cfg.emergency_credit_limit
         assert any(isinstance(e, C.GrantValidityExpired) for e, _ in pm.journal)
-        # reconnection: the gateway reports what it used; the head-end books it (over the grant as debt)
-        out = cc.update(CC.CreditControlRequest("S1", CC.RequestType.UPDATE_REQUEST, 1, "ACC1", "M1", "GBP",
-                                                charged, used_wh), clock.now())
-        pm.usage_acknowledged(charged, used_wh)
-        assert pm.usage_report() == (0, 0)
-        [over] = out.events
-        assert over.over_minor == charged - grant
+        # reconnection: the gateway reports what it used, by source; the head-end books each once
+        out = cc.update(CC.CreditControlRequest(
+            "S1", CC.RequestType.UPDATE_REQUEST, 1, "ACC1", "M1", "GBP", charged, used_wh,
+            from_emergency_minor=usage.from_emergency, to_debt_minor=usage.to_debt), clock.now())
+        assert out.answer.ok
+        new = out.answer.grant
+        pm.apply_grant(C.Grant("S1", 1, new.expires_at, amount_minor=new.amount_minor))
         ledger = list(store.transactions())
-        assert L.balance(ledger, L.debt("ACC1"), "GBP") == pm.state.emergency_credit_used + pm.state.accumulated_debt
-        assert L.customer_credit(ledger, "ACC1", "GBP") + grant == 5000   # the grant came out of the prepaid credit
+        # the new grant repaid the debt, then the emergency credit: the next report says so
+        follow = pm.usage_report()
+        assert follow.repaid_debt == usage.to_debt
+        assert follow.repaid_emergency == min(new.amount_minor - usage.to_debt, pm.cfg.emergency_credit_limit)
+        out2 = cc.update(CC.CreditControlRequest(
+            "S1", CC.RequestType.UPDATE_REQUEST, 2, "ACC1", "M1", "GBP", 0, 0,
+            repaid_debt_minor=follow.repaid_debt, repaid_emergency_minor=follow.repaid_emergency), clock.now())
+        pm.apply_grant(C.Grant("S1", 2, out2.answer.grant.expires_at, amount_minor=out2.answer.grant.amount_minor))
+        # the session ends: the termination reports what the last grant repaid; no new window
+        last = pm.usage_report()
+        out3 = cc.terminate(CC.CreditControlRequest(
+            "S1", CC.RequestType.TERMINATION_REQUEST, 3, "ACC1", "M1", "GBP", 0, 0,
+            repaid_debt_minor=last.repaid_debt, repaid_emergency_minor=last.repaid_emergency), clock.now())
+        assert out3.answer.ok and last.repaid_emergency == out2.answer.grant.amount_minor
+        pm.acknowledge()
+        ledger = list(store.transactions())
+        # to the cent: debt and emergency credit outstanding are the same figures on both sides
+        assert L.balance(ledger, L.debt("ACC1"), "GBP") == pm.state.accumulated_debt == 0
+        assert (L.balance(ledger, L.emergency_credit_account("ACC1"), "GBP") == pm.state.emergency_credit_used
+                == pm.cfg.emergency_credit_limit - follow.repaid_emergency - last.repaid_emergency > 0)
+        # the prepaid credit fell by exactly what the gateway spent from its windows
+        spent = usage.from_credit + follow.repaid_debt + follow.repaid_emergency + last.repaid_emergency
+        assert L.customer_credit(ledger, "ACC1", "GBP") == 5000 - spent
         assert pm.state.credit_balance == 0
         assert L.totals_by_currency(ledger) == {"GBP": 0}
     finally:
