@@ -96,7 +96,8 @@ def cmd_run(args) -> int:
     print(f"gateway {config.id}: {sum(len(b.meters) for b in config.buses)} meter(s) on "
           f"{len(config.buses)} bus(es), every {config.poll_interval_s} s", file=sys.stderr, flush=True)
     try:
-        gw.run(stop, until=until, first=first)
+        from meterlink.sdnotify import Notifier, watchdog_interval_s   # systemd Type=notify + WatchdogSec
+        gw.run(stop, until=until, first=first, notifier=Notifier(), watchdog_s=watchdog_interval_s())
         gw.sync_once()
     except KeyboardInterrupt:
         pass

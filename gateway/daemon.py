@@ -15,6 +15,7 @@ import queue
 import random
 import shutil
 import threading
+import time
 from pathlib import Path
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -27,6 +28,7 @@ from meterlink.readings import BILLING_OBIS
 
 from . import scheduler as sched
 from .config import GatewayConfig
+from .health import ProgressMonitor, Watchdog
 from .journal import Journal, billing_only_readings, disk_pressure
 from .p1 import P1Reader, P1Worker
 from .plausibility import MeterMemo, check_readings
@@ -321,10 +323,23 @@ class Gateway:
             self.stats.errors.append(message)
             del self.stats.errors[:-20]  # bounded
 
-    def run(self, stop: threading.Event, until: datetime | None = None, first: datetime | None = None) -> None:
+    def run(self, stop: threading.Event, until: datetime | None = None, first: datetime | None = None, *,
+            notifier=None, watchdog_s: float | None = None, monotonic=time.monotonic) -> None:
         """Poll every bus on its own scheduler thread from `first` (default: the next interval
-        boundary) until `stop` is set or the clock passes `until`; then push what is left."""
+        boundary) until `stop` is set or the clock passes `until`; then push what is left.
+
+        `notifier` (meterlink.sdnotify.Notifier): READY=1 once the first poll is journaled, STATUS=
+        lines, and with `watchdog_s` (half of WatchdogSec) WATCHDOG=1 every `watchdog_s` only while
+        every bus poller and the journal writer progress (gateway/health.py): a bus whose read hangs
+        for longer than `stall_after_s` (default: WatchdogSec) stops the pings.
+        """
         interval = self.config.poll_interval_s
+        stall_s = float(getattr(self.config, "stall_after_s", None) or (2 * watchdog_s if watchdog_s else 120.0))
+        self.progress = progress = ProgressMonitor(max_silence_s=stall_s)
+        ready_sent = threading.Event()
+
+        def liveness(name: str, busy: bool) -> None:
+            (progress.busy if busy else progress.idle)(name, monotonic())
         # an explicit first poll in the past: every boundary since is polled once, at once (as before)
         catch_up_before = self.clock.now() if first is not None else None
         first = first or next_boundary(self.clock.now() - timedelta(milliseconds=1), interval)
@@ -358,6 +373,7 @@ class Gateway:
                         batch.append(polls.get_nowait())
                     except queue.Empty:
                         break
+                liveness("journal writer", True)
                 flagged = [self.flag(meter, readings, serial, trusted)
                            for meter, (readings, serial), trusted in batch]
                 try:
@@ -365,10 +381,20 @@ class Gateway:
                 except Exception as exc:  # noqa: BLE001 - a failed commit must not stop polling
                     log.exception("journal commit failed")
                     self._note(f"journal {self.config.database}: commit of {len(batch)} poll(s) failed: {exc}")
-                    continue
+                    continue        # left busy: a journal that never commits again stops the watchdog
+                liveness("journal writer", False)
+                if notifier is not None and not ready_sent.is_set():
+                    ready_sent.set()          # journal writes work and polling runs
+                    notifier.ready(status_text())
                 with self._stats_lock:
                     self.stats.readings += sum(len(p) for p in flagged)
                 sync_wanted.set()
+
+        def status_text() -> str:
+            s = self.stats
+            pushed = f", {s.pushed} pushed" if self.pusher is not None else ""
+            return (f"polling {sum(len(w.meters) for w in self.workers)} meter(s) on {len(self.workers)} "
+                    f"bus(es): {s.polls} polls, {s.readings} readings, {s.read_errors} read errors{pushed}")
 
         def round_done() -> None:
             with self._stats_lock:
@@ -391,12 +417,17 @@ class Gateway:
             self.workers.append(sched.BusWorker(
                 bus.port, master, meters, self.schedule_for(bus, first, catch_up_before), self.clock, sleeper,
                 lambda master, meter, job: self._read_job(master, meter, job), deliver,
-                stop=stop, until=until, on_round=round_done))
+                stop=stop, until=until, on_round=round_done, progress=liveness))
+            liveness(self.workers[-1].name, False)
         for p1, reader in zip(getattr(self.config, "p1", ()), self.p1_readers):   # DSMR P1 ports
             self.workers.append(P1Worker(p1, reader, self.clock, sleeper, interval, first, self.accept_p1,
                                          self._p1_error, stop=stop, until=until, on_round=round_done))
         sync_thread = threading.Thread(target=syncer, name="sync", daemon=True)
         writer_thread = threading.Thread(target=writer, name="journal writer", daemon=True)
+        liveness("journal writer", False)
+        watchdog = None
+        if notifier is not None and watchdog_s:
+            watchdog = Watchdog(notifier, progress, watchdog_s, monotonic, status_text).start()
         writer_thread.start()
         if self.pusher is not None:
             sync_thread.start()
@@ -410,6 +441,10 @@ class Gateway:
                         for other in self.workers:
                             other.wake.set()
         finally:
+            if notifier is not None:
+                notifier.stopping()
+            if watchdog is not None:
+                watchdog.stop()
             writer_done.set()
             writer_thread.join()        # every poll taken is journaled before run returns
             done.set()

@@ -319,10 +319,14 @@ class BusWorker:
     def __init__(self, name: str, master, meters: dict, schedule: BusSchedule, clock: Clock, sleeper,
                  read: Callable, deliver: Callable[[Any, JobOutcome], None], *,
                  stop: threading.Event, until: datetime | None = None, on_round: Callable[[], None] | None = None,
-                 beat: Callable[[str], None] | None = None) -> None:
+                 beat: Callable[[str], None] | None = None,
+                 progress: Callable[[str, bool], None] | None = None) -> None:
+        """`progress(name, busy)`: called with True before each job and False once it is done (the
+        daemon's watchdog: a bus busy for too long is stuck; gateway/health.py)."""
         self.name, self.master, self.meters, self.schedule = name, master, meters, schedule
         self.clock, self.sleeper, self.read, self.deliver = clock, sleeper, read, deliver
         self.stop, self.until, self.on_round, self.beat = stop, until, on_round, beat
+        self.progress = progress
         self.wake = threading.Event()
         self._lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name=f"bus {name}", daemon=True)
@@ -361,7 +365,11 @@ class BusWorker:
         while True:
             job = self._next()
             if job is not None:
-                self._execute(job)
+                if self.progress:
+                    self.progress(self.name, True)
+                self._execute(job)        # a job that raises leaves the bus busy: the watchdog sees it
+                if self.progress:
+                    self.progress(self.name, False)
                 worked = True
                 continue
             if worked and self.on_round:

@@ -37,24 +37,36 @@ def cmd_serve(args) -> int:
     clock = clock_from_spec(args.clock)
     repo = open_repository(args.database or cfg.database)
     from .gatewayops import start_secure
-    secure = start_secure(args, args.listen or cfg.listen, repo, clock)   # mutual TLS when [pki] is configured
+    metrics = None
+    if getattr(args, "metrics_listen", None):   # Prometheus /metrics: records, duplicates, refusals, latency
+        from meterlink.metrics import HeadendMetrics
+        metrics = HeadendMetrics.create()
+    secure = start_secure(args, args.listen or cfg.listen, repo, clock, metrics=metrics)   # mTLS when [pki] is configured
     if secure is not None:
         server, port = secure.server, secure.port
     else:
-        server, port = make_server(repo, clock, args.listen or cfg.listen)
+        server, port = make_server(repo, clock, args.listen or cfg.listen, metrics=metrics)
         server.start()
     host = (args.listen or cfg.listen).rpartition(":")[0]
     print(f"{host}:{port}", flush=True)
     if secure is not None:
         print(f"enrol {secure.enrol_port} ca-sha256 {secure.keys.ca_fingerprint}", flush=True)
+    if metrics is not None:
+        from meterlink.metrics import serve_metrics
+        mhost = args.metrics_listen.rpartition(":")[0] or "127.0.0.1"
+        print(f"metrics http://{mhost}:{serve_metrics(metrics.registry, args.metrics_listen)}/metrics", flush=True)
     logging.getLogger("meterlink.headend").info("head-end listening on %s:%d, database %s", host, port,
                                                 args.database or cfg.database)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    from meterlink.sdnotify import Notifier        # systemd Type=notify: ready once the ports listen
+    notifier = Notifier()
+    notifier.ready(f"listening on {host}:{port}")
     try:
         stop.wait()
     except KeyboardInterrupt:
         pass
+    notifier.stopping()
     server.stop(grace=2).wait()
     if secure is not None:
         secure.enrol_server.stop(None)
@@ -345,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--clock", default="system", help="system | sim:ISO | scaled:ISO,SPEED[,ANCHOR_UNIX]")
     serve.add_argument("--pki-dir", help="serve mutual TLS with the head-end CA in this directory (or [pki] dir)")
     serve.add_argument("--enrol-listen", help="HOST:PORT of the server-TLS enrolment port, overrides [pki]")
+    serve.add_argument("--metrics-listen", help="HOST:PORT of a Prometheus /metrics endpoint, e.g. 127.0.0.1:9109 "
+                                                "(port 0 picks one; printed as 'metrics URL')")
     serve.set_defaults(func=cmd_serve)
     mg = sub.add_parser("migrate", help="apply pending schema migrations (versioned, checksummed, one transaction)",
                         epilog="example: meterlink-headend migrate --database postgresql://postgres@127.0.0.1:5432/meterlink")
