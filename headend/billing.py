@@ -258,7 +258,8 @@ class BillableItem:
 @dataclass(frozen=True)
 class AccountBill:
     item: BillableItem
-    billed_rows: tuple[UsageRow, ...]         # the rows with their new billed state
+    billed_rows: tuple[UsageRow, ...] | None  # the rows with their new billed state (None: summed from
+                                              # stored aggregates; the store marks the rows)
 
 
 def standing_dates(bindings: Bindings, account_id: str, start: date, end: date, zone: ZoneInfo) -> list[date]:

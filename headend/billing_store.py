@@ -20,23 +20,32 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
+from decimal import Decimal
 from typing import Iterable, Iterator, Mapping, Sequence
+from zoneinfo import ZoneInfo
 
 from meterlink.clock import from_ms, to_ms
-from meterlink.errors import ConfigError
+from meterlink.errors import ConfigError, ValidationError
 
-from .billing import (Adjustment, BillRun, RowKey, UsageRow, bill_run, bind_intervals, check_rebinding, merge_rows,
-                      rebind)
+from .billing import (AccountBill, Adjustment, BillRun, RowKey, UsageRow, bind_intervals, check_rebinding,
+                      item_from_pending, local_midnight, merge_rows, parse_period, pending_contributions, rebind,
+                      split_by_account, tariff_digest)
 from .binding import Account, Bindings, Customer, Installation, Meter, ServicePoint, Supply
 from .exceptions import QueuedException, released_keys
 from .invoice import invoice_to_json, make_invoice
+from .rating import AggKey, DayBandAggregate
 from .tariff import Tariff
 from .ubl import to_ubl
 from .vat import Market, VatTable
-from .vee import MeterExchange, VeeConfig, VeeException, derive_intervals
+from .vee import HOLD_FLAGS, MeterExchange, VeeConfig, VeeException, derive_intervals
+
+# pg_advisory_xact_lock key held by `process` and the bill run (a fixed signed 63-bit number)
+RATING_LOCK_KEY = 0x6D6C_7261_7469_6E67 >> 1
+AGG_COLS = "account_id, local_date, band, kind, wh, amount_dec, unit_price, days"
+_NOT_HELD = " AND ".join(f"(',' || flags || ',') NOT LIKE '%,{f},%'" for f in sorted(HOLD_FLAGS))
 
 ROW_COLS = "meter_id, obis, start_ms, end_ms, wh, estimated, flags, account_id, revision, billed_wh, billed_account"
 
@@ -67,7 +76,7 @@ class _Db:
             raise ConfigError(f"database URL {url!r}: unsupported scheme {scheme!r}")
 
     def _sql(self, sql: str) -> str:
-        return sql.replace("?", "%s") if self.dialect == "postgres" else sql
+        return sql.replace("%", "%%").replace("?", "%s") if self.dialect == "postgres" else sql
 
     def q(self, sql: str, args: Sequence = ()) -> list[tuple]:
         with self.lock:
@@ -89,7 +98,10 @@ class _Db:
                     cur.executemany(self._sql(sql), rows)
 
     @contextmanager
-    def tx(self) -> Iterator[None]:
+    def tx(self, exclusive: bool = False) -> Iterator[None]:
+        """One transaction; `exclusive` also serialises it against other exclusive ones (SQLite's
+        BEGIN IMMEDIATE already does; PostgreSQL takes a transaction-scoped advisory lock), which
+        `process` and the bill run use so the pending aggregates and the rows always agree."""
         with self.lock:
             if self.dialect == "sqlite":
                 self.conn.execute("BEGIN IMMEDIATE")
@@ -101,7 +113,15 @@ class _Db:
                 self.conn.execute("COMMIT")
             else:
                 with self.conn.transaction():
+                    if exclusive:
+                        self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (RATING_LOCK_KEY,)).fetchall()
                     yield
+
+    def day(self, d: date):
+        return d.isoformat() if self.dialect == "sqlite" else d
+
+    def dec(self, x: Decimal):
+        return str(x) if self.dialect == "sqlite" else x
 
     def close(self) -> None:
         self.conn.close()
@@ -173,6 +193,7 @@ class BillingStore:
                          "ON CONFLICT (meter_id) DO UPDATE SET serial=excluded.serial, "
                          "register_max=excluded.register_max, max_power_w=excluded.max_power_w",
                          [(m.id, m.serial, m.register_max, m.max_power_w) for m in b.meters.values()])
+            self.needs_full(b.meters)                  # register_max / max_power_w may have changed
             self._replace_links(b)
             self._rebind(b)
 
@@ -191,6 +212,7 @@ class BillingStore:
         check_rebinding(rows.values(), b)
         changed = rebind(rows.values(), b)
         self.save_rows(changed.values())
+        self.mark_stale({r.account_id for r in changed.values()} | {rows[k].account_id for k in changed})
         return len(changed)
 
     def bindings(self) -> Bindings:
@@ -222,6 +244,7 @@ class BillingStore:
         with self.db.tx():
             self.db.x("INSERT INTO meter_exchange_read VALUES (?,?,?,?,?,?,?)",
                       (e.meter_id, e.obis, to_ms(e.at), e.final_read, e.initial_read, e.old_serial, e.new_serial))
+            self.needs_full([e.meter_id])
 
     def exchange_reads(self, meter_id: str) -> list[MeterExchange]:
         return [MeterExchange(m, o, from_ms(t), f, i, os_, ns) for m, o, t, f, i, os_, ns in self.db.q(
@@ -230,8 +253,17 @@ class BillingStore:
 
     # ------------------------------------------------------------------ usage rows
     def rows(self, meter_id: str | None = None, start: datetime | None = None,
-             end: datetime | None = None) -> dict[RowKey, UsageRow]:
+             end: datetime | None = None, *, obis: str | None = None, account: str | None = None,
+             unbilled: bool = False) -> dict[RowKey, UsageRow]:
         sql, args = f"SELECT {ROW_COLS} FROM interval_usage WHERE 1=1", []
+        if account is not None:
+            sql += " AND account_id=?"
+            args.append(account)
+        if unbilled:
+            sql += " AND wh<>billed_wh"
+        if obis is not None:
+            sql += " AND obis=?"
+            args.append(obis)
         if meter_id is not None:
             sql += " AND meter_id=?"
             args.append(meter_id)
@@ -285,6 +317,8 @@ class BillingStore:
                 raise ValidationError(f"exception {exception_id} is already resolved")
             self.db.x("UPDATE vee_exception SET status='resolved', resolved_at_ms=?, resolution=? WHERE exception_id=?",
                       (to_ms(now), f"{action}: {note}".strip(), exception_id))
+            self.needs_full([r[0] for r in self.db.q("SELECT meter_id FROM vee_exception WHERE exception_id=?",
+                                                     (exception_id,))])
         return next(e for e in self.exceptions() if e.id == exception_id)
 
     # ------------------------------------------------------------------ items and invoices
@@ -334,10 +368,14 @@ class BillingStore:
                       (consumer, item_position, invoice_position, to_ms(now)))
 
     def store_bill_run(self, run: BillRun, bindings: Bindings, markets: Mapping[str, Market], issue_date: date,
-                       now: datetime) -> list[str]:
-        """Items, invoices, billed usage and billed rows of a run, in one transaction; returns invoice ids."""
+                       now: datetime, *, _in_tx: bool = False) -> list[str]:
+        """Items, invoices, billed usage and billed rows of a run, in one transaction; returns invoice ids.
+
+        A run summed from the pending aggregates (`run_billing`, bills without rows) consumes them; a run
+        rated from rows (`billing.bill_run`, bills carrying their billed rows) saves those rows and marks
+        the account's aggregates stale, to be rated again from the rows."""
         try:
-            return self._store_bill_run(run, bindings, markets, issue_date, now)
+            return self._store_bill_run(run, bindings, markets, issue_date, now, _in_tx)
         except Exception as exc:                 # sqlite3.IntegrityError / psycopg UniqueViolation
             if "unique" in str(exc).lower() or "UNIQUE" in type(exc).__name__.upper():
                 from meterlink.errors import ValidationError
@@ -347,9 +385,9 @@ class BillingStore:
             raise
 
     def _store_bill_run(self, run: BillRun, bindings: Bindings, markets: Mapping[str, Market], issue_date: date,
-                        now: datetime) -> list[str]:
+                        now: datetime, in_tx: bool = False) -> list[str]:
         ids = []
-        with self.db.tx():
+        with (nullcontext() if in_tx else self.db.tx(exclusive=True)):
             for bill in run.bills:
                 item = bill.item
                 seq = self.db.q("INSERT INTO billable_item (account_id, period, currency, net_minor, vat_minor, "
@@ -365,12 +403,175 @@ class BillingStore:
                           (inv.id, item.account_id, item.period, issue_date.isoformat(), item.currency,
                            inv.line_total_minor, inv.vat_minor, inv.payable_minor, invoice_to_json(inv), to_ubl(inv),
                            to_ms(now)))
-                self.save_rows(bill.billed_rows)
+                if bill.billed_rows is not None:
+                    self.save_rows(bill.billed_rows)
+                    self.mark_stale([item.account_id])
+                else:
+                    zone = ZoneInfo(markets[item.market].timezone)
+                    self.consume_pending(item.account_id, item.period, local_midnight(item.end, zone))
                 ids.append(inv.id)
         return ids
 
     def gateways(self) -> list[str]:
         return [r[0] for r in self.db.q("SELECT gateway_id FROM gateway_sync ORDER BY 1")]
+
+    # ------------------------------------------------------------------ pending (unbilled) rated usage
+    def _agg(self, r: tuple) -> DayBandAggregate:
+        a, d, band, kind, wh, amount, price, days = r
+        return DayBandAggregate(a, d if isinstance(d, date) else date.fromisoformat(d), band, int(wh),
+                                Decimal(amount), kind, Decimal(price), int(days))
+
+    def pending_aggregates(self, account: str | None = None,
+                           before: date | None = None) -> dict[str, dict[AggKey, DayBandAggregate]]:
+        """Stored day-band aggregates of not yet billed usage, per account (local dates < `before`)."""
+        sql, args = f"SELECT {AGG_COLS} FROM day_band_aggregate WHERE 1=1", []
+        if account is not None:
+            sql += " AND account_id=?"
+            args.append(account)
+        if before is not None:
+            sql += " AND local_date<?"
+            args.append(self.db.day(before))
+        out: dict[str, dict[AggKey, DayBandAggregate]] = {}
+        for r in self.db.q(sql, args):
+            agg = self._agg(r)
+            out.setdefault(agg.account_id, {})[agg.key] = agg
+        return out
+
+    def pending_usage(self, account: str | None = None,
+                      through: str | None = None) -> dict[str, dict[tuple[str, str, str], int]]:
+        """Pending Wh per account and (meter, obis, local month <= `through`)."""
+        sql, args = "SELECT account_id, meter_id, obis, usage_period, wh FROM pending_usage WHERE 1=1", []
+        if account is not None:
+            sql += " AND account_id=?"
+            args.append(account)
+        if through is not None:
+            sql += " AND usage_period<=?"
+            args.append(through)
+        out: dict[str, dict[tuple[str, str, str], int]] = {}
+        for a, m, o, p, wh in self.db.q(sql, args):
+            out.setdefault(a, {})[(m, o, p)] = int(wh)
+        return out
+
+    def rating_states(self) -> dict[str, tuple[str, str, bool]]:
+        return {a: (t, d, bool(s)) for a, t, d, s in
+                self.db.q("SELECT account_id, tariff_id, digest, stale FROM rating_state")}
+
+    def mark_stale(self, accounts: Iterable[str | None]) -> None:
+        """These accounts' pending aggregates no longer match their rows: re-rate them before use."""
+        self.db.many("INSERT INTO rating_state (account_id, stale) VALUES (?, 1) "
+                     "ON CONFLICT (account_id) DO UPDATE SET stale=1", [(a,) for a in sorted(a for a in accounts if a)])
+
+    def add_pending(self, account: str, aggs: Mapping[AggKey, DayBandAggregate],
+                    usage: Mapping[tuple[str, str, str], int]) -> None:
+        """Add deltas to the stored pending aggregates and usage (raises ValueError on a unit price that
+        differs from the stored one: the caller re-rates the account)."""
+        if aggs:
+            dates = sorted({k[1] for k in aggs})
+            have = self.pending_aggregates(account)
+            have = {k: v for k, v in have.get(account, {}).items() if dates[0] <= k[1] <= dates[-1]}
+            upsert, delete = [], []
+            for key, delta in aggs.items():
+                old = have.get(key)
+                new = delta if old is None else old + delta
+                if new.wh or new.amount_dec or new.days:
+                    upsert.append((new.account_id, self.db.day(new.local_date), new.band, new.kind, new.wh,
+                                   self.db.dec(new.amount_dec), self.db.dec(new.unit_price), new.days))
+                elif old is not None:
+                    delete.append((account, self.db.day(key[1]), key[2], old.kind))
+            self.db.many(f"INSERT INTO day_band_aggregate ({AGG_COLS}) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT "
+                         "(account_id, local_date, band, kind) DO UPDATE SET wh=excluded.wh, "
+                         "amount_dec=excluded.amount_dec, unit_price=excluded.unit_price, days=excluded.days", upsert)
+            self.db.many("DELETE FROM day_band_aggregate WHERE account_id=? AND local_date=? AND band=? AND kind=?",
+                         delete)
+        if usage:
+            self.db.many("INSERT INTO pending_usage VALUES (?,?,?,?,?) ON CONFLICT (account_id, meter_id, obis, "
+                         "usage_period) DO UPDATE SET wh=pending_usage.wh+excluded.wh",
+                         [(account, m, o, p, wh) for (m, o, p), wh in usage.items()])
+            self.db.x("DELETE FROM pending_usage WHERE account_id=? AND wh=0", (account,))
+
+    def rerate_pending(self, account: str, tariff: Tariff, zone: ZoneInfo) -> None:
+        """Rate the account's pending usage from scratch from its unbilled rows (inside a transaction)."""
+        self.db.x("DELETE FROM day_band_aggregate WHERE account_id=?", (account,))
+        self.db.x("DELETE FROM pending_usage WHERE account_id=?", (account,))
+        rows = self.rows(account=account, unbilled=True).values()
+        aggs, usage = pending_contributions(((None, r) for r in rows), tariff, zone)
+        self.add_pending(account, aggs, usage)
+        self._rated_with(account, tariff)
+
+    def _rated_with(self, account: str, tariff: Tariff) -> None:
+        self.db.x("INSERT INTO rating_state VALUES (?,?,?,0) ON CONFLICT (account_id) DO UPDATE SET "
+                  "tariff_id=excluded.tariff_id, digest=excluded.digest, stale=0",
+                  (account, tariff.id, tariff_digest(tariff)))
+
+    def consume_pending(self, account: str, period: str, t_end: datetime) -> None:
+        """A bill for `period` took the account's pending usage dated before its end: drop it and mark
+        those rows billed (one set-based UPDATE, no rating)."""
+        _, end = parse_period(period)
+        self.db.x("DELETE FROM day_band_aggregate WHERE account_id=? AND local_date<?", (account, self.db.day(end)))
+        self.db.x("DELETE FROM pending_usage WHERE account_id=? AND usage_period<=?", (account, period))
+        self.db.x(f"UPDATE interval_usage SET billed_wh=wh, billed_account=account_id WHERE account_id=? "
+                  f"AND start_ms<? AND wh<>billed_wh AND {_NOT_HELD}", (account, to_ms(t_end)))
+
+    # ------------------------------------------------------------------ incremental processing state
+    def needs_full(self, meters: Iterable[str]) -> None:
+        self.db.many("INSERT INTO process_full VALUES (?) ON CONFLICT (meter_id) DO NOTHING", [(m,) for m in meters])
+
+    def full_meters(self) -> set[str]:
+        return {r[0] for r in self.db.q("SELECT meter_id FROM process_full")}
+
+    def process_cursors(self) -> dict[str, tuple[int, list[tuple[int, int]]]]:
+        return {g: (int(m), [tuple(x) for x in json.loads(gaps)]) for g, m, gaps in
+                self.db.q("SELECT gateway_id, max_seq, gaps FROM process_cursor")}
+
+    def set_process_cursor(self, gateway_id: str, max_seq: int, gaps: Sequence[tuple[int, int]]) -> None:
+        self.db.x("INSERT INTO process_cursor VALUES (?,?,?) ON CONFLICT (gateway_id) DO UPDATE SET "
+                  "max_seq=excluded.max_seq, gaps=excluded.gaps", (gateway_id, max_seq, json.dumps(list(gaps))))
+
+    def changed_registers(self, gateway_id: str, after_seq: int, upto_seq: int,
+                          gaps: Sequence[tuple[int, int]]) -> dict[tuple[str, str], int]:
+        """(meter, obis) -> earliest taken_at_ms among the gateway's records with seq in (after, upto] or in
+        the old `gaps` ranges (records that arrived since the last process)."""
+        out: dict[tuple[str, str], int] = {}
+        ranges = [(after_seq + 1, upto_seq), *gaps]
+        for lo, hi in ranges:
+            if hi < lo:
+                continue
+            for m, o, t in self.db.q("SELECT meter_id, obis, MIN(taken_at_ms) FROM gateway_record WHERE gateway_id=? "
+                                     "AND seq BETWEEN ? AND ? AND obis IN ('1.8.0', '2.8.0') GROUP BY meter_id, obis",
+                                     (gateway_id, lo, hi)):
+                out[(m, o)] = min(out.get((m, o), t), t)
+        return out
+
+    def max_seq(self, gateway_id: str) -> int:
+        return int(self.db.q("SELECT COALESCE(MAX(seq), 0) FROM gateway_record WHERE gateway_id=?", (gateway_id,))[0][0])
+
+    def reading_instants_before(self, meter_id: str, obis: str, before_ms: int, n: int = 2) -> list[int]:
+        """The last `n` distinct reading instants (ms) of a register strictly before `before_ms`, newest first."""
+        return [int(r[0]) for r in self.db.q(
+            "SELECT DISTINCT taken_at_ms FROM gateway_record WHERE meter_id=? AND obis=? AND taken_at_ms<? "
+            f"ORDER BY taken_at_ms DESC LIMIT {int(n)}", (meter_id, obis, before_ms))]
+
+    def chain_gaps(self) -> list[tuple[str, int, int]]:
+        """Missing seq ranges of every gateway's chain as the chain store holds it (record hashes of
+        readings AND events, up to the head); a tombstoned (pruned) run counts as missing."""
+        from .chainstore import open_chain_store
+        open_chain_store(self.url).close()            # its tables exist (created on first open)
+        out = []
+        for g, head in self.db.q("SELECT gateway_id, head_seq FROM gateway_chain_head ORDER BY gateway_id"):
+            held = self.db.q("SELECT seq, nxt FROM (SELECT seq, LEAD(seq) OVER (ORDER BY seq) AS nxt "
+                             "FROM gateway_chain_hash WHERE gateway_id=?) t WHERE nxt IS NOT NULL AND nxt > seq + 1",
+                             (g,))
+            first = self.db.q("SELECT MIN(seq), MAX(seq) FROM gateway_chain_hash WHERE gateway_id=?", (g,))[0]
+            if first[0] is None:
+                if head:
+                    out.append((g, 1, int(head)))
+                continue
+            if first[0] > 1:
+                out.append((g, 1, int(first[0]) - 1))
+            out.extend((g, int(a) + 1, int(b) - 1) for a, b in held)
+            if int(first[1]) < int(head):
+                out.append((g, int(first[1]) + 1, int(head)))
+        return out
 
 
 # --------------------------------------------------------------------------- steps
@@ -380,6 +581,8 @@ class ProcessResult:
     meters: int
     rows_changed: int
     exceptions_queued: int
+    readings: int = 0                 # readings derived (the incremental windows, or whole histories)
+    accounts_rerated: int = 0         # accounts whose pending usage was rated again from their rows
 
 
 def vee_config(bindings: Bindings, markets: Mapping[str, Market], meter_id: str) -> VeeConfig:
@@ -390,44 +593,186 @@ def vee_config(bindings: Bindings, markets: Mapping[str, Market], meter_id: str)
                      max_power_w=meter.max_power_w if meter else None)
 
 
+def _grid_ceil_ms(ms: int, step_ms: int) -> int:
+    return -(-ms // step_ms) * step_ms
+
+
+def _work(repo, store: BillingStore, meters: Iterable[str] | None) -> tuple[dict, dict]:
+    """What to derive: meter -> {obis: from instant ms, or None = whole history}, and the cursors to
+    store once done. Explicit `meters` and meters marked for a full run are derived whole."""
+    work: dict[str, dict[str, int | None]] = {}
+    cursors: dict[str, tuple[int, list]] = {}
+    if meters is not None:
+        for m in meters:
+            work[m] = {"1.8.0": None, "2.8.0": None}
+        return work, cursors
+    for m in store.full_meters():
+        work[m] = {"1.8.0": None, "2.8.0": None}
+    known = store.process_cursors()
+    for g in store.gateways():
+        gaps = [(a, b) for a, b in repo.gaps(g)]
+        upto = store.max_seq(g)
+        after, old_gaps = known.get(g, (0, []))
+        for (m, o), t in store.changed_registers(g, after, upto, old_gaps).items():
+            regs = work.setdefault(m, {})
+            if o in regs and regs[o] is None:
+                continue
+            regs[o] = t if o not in regs else min(regs[o], t)
+        cursors[g] = (upto, [(a, b) for a, b in gaps if a <= upto])
+    return work, cursors
+
+
 def process_readings(repo, store: BillingStore, markets: Mapping[str, Market], now: datetime,
-                     meters: Iterable[str] | None = None) -> ProcessResult:
-    """Readings of each meter -> intervals -> bound rows, merged with their billing state; exceptions queued."""
+                     meters: Iterable[str] | None = None, *,
+                     tariffs: Mapping[str, Tariff] | None = None) -> ProcessResult:
+    """New readings -> intervals -> bound rows merged with their billing state, rated into the pending
+    day-band aggregates of their accounts (the delta only); exceptions queued. Incremental.
+
+    Only registers with readings that arrived since the last run (per gateway, by seq) are derived, from
+    the second-last reading before the earliest new one (VEE is local: an interval depends on the
+    readings around it), and only the stored rows from there on are compared. `meters` given, meters
+    with an exchange read and meters marked (exchange recorded, exception resolved, meter data
+    changed) are derived whole. Without `tariffs` (or for an account whose tariff is not loaded) the
+    touched accounts are marked stale and re-rated from their rows by the next run that has tariffs.
+    """
     bindings = store.bindings()
     released_from = [e for e in store.exceptions(status="resolved") if e.released]
-    n_meters = changed_total = queued = 0
-    for meter_id in (meters if meters is not None else repo.meters()):
-        readings = [r for r in repo.readings(meter_id) if r.obis in ("1.8.0", "2.8.0")]
-        result = derive_intervals(readings, vee_config(bindings, markets, meter_id), store.exchange_reads(meter_id))
-        fresh = bind_intervals(result.intervals, bindings)
+    work, cursors = _work(repo, store, meters)
+    states = store.rating_states()
+    n_meters = changed_total = queued = n_readings = 0
+    rerated: set[str] = set()
+    for meter_id in sorted(work):
+        config = vee_config(bindings, markets, meter_id)
+        exchanges = store.exchange_reads(meter_id)
+        step_ms = int(config.interval.total_seconds() * 1000)
+        readings, windows = [], {}
+        for obis in ("1.8.0", "2.8.0"):
+            if obis not in work[meter_id]:
+                continue
+            t_new = work[meter_id][obis]
+            since = None
+            if t_new is not None and not exchanges:
+                before = store.reading_instants_before(meter_id, obis, t_new)
+                if len(before) == 2:
+                    since = before[1]
+            got = repo.readings(meter_id, obis, start=None if since is None else from_ms(since))
+            readings.extend(got)
+            windows[obis] = None if since is None else from_ms(_grid_ceil_ms(since, step_ms))
+        n_readings += len(readings)
+        result = derive_intervals(readings, config, exchanges)
+        fresh = [r for r in bind_intervals(result.intervals, bindings)
+                 if r.obis in windows and (windows[r.obis] is None or r.start >= windows[r.obis])]
         released = released_keys(fresh, [e for e in released_from if e.meter_id == meter_id])
-        with store.db.tx():
-            changed = merge_rows(store.rows(meter_id), fresh, released)
+        with store.db.tx(exclusive=True):
+            stored = {}
+            for obis, since in windows.items():
+                stored.update(store.rows(meter_id, since, obis=obis))
+            changed = merge_rows(stored, fresh, released)
             store.save_rows(changed.values())
             queued += store.queue_exceptions(result.exceptions, now)
+            rerated |= _rate_changes(store, bindings, markets, tariffs, states,
+                                     [(stored.get(k), r) for k, r in changed.items()])
+            if meter_id in work and meters is None:
+                store.db.x("DELETE FROM process_full WHERE meter_id=?", (meter_id,))
         n_meters += 1
         changed_total += len(changed)
-    return ProcessResult(n_meters, changed_total, queued)
+    with store.db.tx():
+        for g, (upto, gaps) in cursors.items():
+            store.set_process_cursor(g, upto, gaps)
+    return ProcessResult(n_meters, changed_total, queued, n_readings, len(rerated))
+
+
+def _account_tariff(bindings: Bindings, markets: Mapping[str, Market], tariffs: Mapping[str, Tariff] | None,
+                    account: str) -> tuple[Tariff, ZoneInfo] | None:
+    if tariffs is None or account not in bindings.accounts:
+        return None
+    market = markets.get(bindings.market_of_account(account))
+    if market is None:
+        return None
+    tariff = tariffs.get(bindings.accounts[account].tariff_id or market.default_tariff)
+    return None if tariff is None else (tariff, ZoneInfo(market.timezone))
+
+
+def _rate_changes(store: BillingStore, bindings: Bindings, markets: Mapping[str, Market],
+                  tariffs: Mapping[str, Tariff] | None, states: dict, changes: list) -> set[str]:
+    """Rate (old, new) row changes into the pending aggregates, per account; returns accounts re-rated."""
+    rerated = set()
+    for account, pairs in split_by_account(changes).items():
+        found = _account_tariff(bindings, markets, tariffs, account)
+        if found is None:
+            store.mark_stale([account])
+            states[account] = ("", "", True)
+            continue
+        tariff, zone = found
+        state = states.get(account)
+        if state is None or state[2] or state[1] != tariff_digest(tariff):
+            store.rerate_pending(account, tariff, zone)          # rows already saved: from scratch
+            states[account] = (tariff.id, tariff_digest(tariff), False)
+            rerated.add(account)
+            continue
+        aggs, usage = pending_contributions(pairs, tariff, zone)
+        try:
+            store.add_pending(account, aggs, usage)
+        except ValueError:                                       # stored with another unit price
+            store.rerate_pending(account, tariff, zone)
+            rerated.add(account)
+    return rerated
 
 
 def run_billing(store: BillingStore, period: str, *, markets: Mapping[str, Market], tariffs: Mapping[str, Tariff],
                 vat: VatTable, issue_date: date, now: datetime, adjustments: Sequence[Adjustment] = (),
                 accounts: Iterable[str] | None = None, promotions: Mapping[str, Sequence] | None = None) -> BillRun:
-    """Bill `period` for every account not yet billed for it and store items and invoices.
+    """Bill `period` for every account not yet billed for it, from the STORED pending aggregates (a
+    summation, no rating), and store items and invoices; all in one transaction.
 
-    `promotions`: account id -> accepted rating Promotions (cli_insights.accepted_rating_promotions).
+    Accounts whose pending aggregates are stale or were rated with another tariff are rated again from
+    their rows first. Billing an account drops its pending aggregates dated before the period's end and
+    marks those rows billed. `promotions`: account id -> accepted rating Promotions
+    (cli_insights.accepted_rating_promotions).
     """
-    bindings = store.bindings()
-    run = bill_run(period, bindings=bindings, markets=markets, tariffs=tariffs, vat=vat,
-                   rows=store.rows().values(), already_billed=store.billed_accounts(period),
-                   adjustments=adjustments, accounts=accounts, promotions=promotions)
-    store.store_bill_run(run, bindings, markets, issue_date, now)
+    _, end = parse_period(period)
+    with store.db.tx(exclusive=True):
+        bindings = store.bindings()
+        done = store.billed_accounts(period)
+        states = store.rating_states()
+        todo, skipped = [], []
+        for account_id in sorted(accounts if accounts is not None else bindings.accounts):
+            if account_id in done:
+                skipped.append(account_id)
+                continue
+            if account_id not in bindings.accounts:
+                raise ValidationError(f"unknown account {account_id}")
+            market = markets[bindings.market_of_account(account_id)]
+            tariff_id = bindings.accounts[account_id].tariff_id or market.default_tariff
+            if tariff_id not in tariffs:
+                raise ValidationError(f"account {account_id}: tariff {tariff_id!r} is not loaded "
+                                      f"(known: {', '.join(sorted(tariffs))})")
+            tariff = tariffs[tariff_id]
+            state = states.get(account_id)
+            if state is None or state[2] or state[1] != tariff_digest(tariff):
+                store.rerate_pending(account_id, tariff, ZoneInfo(market.timezone))
+            todo.append((account_id, market, tariff))
+        aggs = store.pending_aggregates(before=end)
+        usage = store.pending_usage(through=period)
+        bills = []
+        for account_id, market, tariff in todo:
+            item = item_from_pending(account_id, period, bindings=bindings, market=market, tariff=tariff, vat=vat,
+                                     aggregates=aggs.get(account_id, {}).values(), usage=usage.get(account_id, {}),
+                                     promotions=(promotions or {}).get(account_id, ()), adjustments=adjustments)
+            if item is not None:
+                bills.append(AccountBill(item, None))       # None: summed, rows marked by consume_pending
+        run = BillRun(period, tuple(bills), tuple(skipped))
+        store.store_bill_run(run, bindings, markets, issue_date, now, _in_tx=True)
     return run
 
 
 def reconcile_period(repo, store: BillingStore, period: str, *, markets: Mapping[str, Market],
                      default_market: str, strict: bool = False):
-    """Gather what `reconcile.reconcile` compares for `period` (each meter in its market's zone)."""
+    """Gather what `reconcile.reconcile` compares for `period` (each meter in its market's zone).
+
+    Chain gaps come from the chain store (`BillingStore.chain_gaps`): the gateway chains hold events
+    (credit, relay) as well as readings, so the reading repository's own gaps would list every event's
+    seq as missing."""
     from zoneinfo import ZoneInfo
 
     from .billing import period_instants
@@ -449,7 +794,7 @@ def reconcile_period(repo, store: BillingStore, period: str, *, markets: Mapping
         for row in store.rows(meter_id, start, end).values():
             rows_by.setdefault((meter_id, row.obis), []).append(row)
     billed = {(m, o): wh for (m, o, p), wh in store.billed_usage(period).items()}
-    gaps = [(g, a, b) for g in store.gateways() for a, b in repo.gaps(g)]
+    gaps = store.chain_gaps()
     return reconcile(period, *default, fresh=fresh, rows=rows_by, billed=billed, readings=readings_by,
                      items=[d for _, d in store.items(period=period)], chain_gaps=gaps,
                      open_exceptions=store.exceptions(status="open"), strict=strict, bounds=bounds)

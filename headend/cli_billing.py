@@ -129,15 +129,15 @@ def _print_bindings(b, as_json: bool) -> int:
 
 def cmd_process(args) -> int:
     from .billing_store import process_readings
-    markets, _, _ = _ref(args)
+    markets, _, tariffs = _ref(args)
     repo, store = _open(args)
     try:
-        res = process_readings(repo, store, markets, _now(args))
+        res = process_readings(repo, store, markets, _now(args), tariffs=tariffs)
     finally:
         store.close()
         repo.close()
-    print(f"processed {res.meters} meter(s): {res.rows_changed} interval(s) new or changed, "
-          f"{res.exceptions_queued} exception(s) queued")
+    print(f"processed {res.meters} meter(s), {res.readings} reading(s): {res.rows_changed} interval(s) new or "
+          f"changed and rated, {res.exceptions_queued} exception(s) queued")
     return 0
 
 
@@ -187,7 +187,7 @@ def cmd_bill(args) -> int:
     now = _now(args)
     try:
         if not args.no_process:
-            process_readings(repo, store, markets, now)
+            process_readings(repo, store, markets, now, tariffs=tariffs)
         from .cli_insights import accepted_rating_promotions     # accepted percent discounts (insights)
         run = run_billing(store, args.period, markets=markets, tariffs=tariffs, vat=vat,
                           issue_date=date.fromisoformat(args.issue_date) if args.issue_date else now.date(), now=now,
