@@ -352,11 +352,17 @@ def decide(session: Session | None, request: CreditControlRequest, *, credit_min
         if req.request_number != 0:
             return _refuse(req, ResultCode.UNABLE_TO_COMPLY,
                            f"session {req.session_id}: CCR-Initial must be request number 0, got {req.request_number}")
-        if req.used_minor or req.used_wh or req.window_spend_minor or req.tokens:
-            return _refuse(req, ResultCode.INVALID_AVP_VALUE,
-                           f"session {req.session_id}: CCR-Initial cannot report used units")
         if not account_active:
             return _refuse(req, ResultCode.END_USER_SERVICE_DENIED, f"account {req.account_id} is not active")
+        if req.used_minor or req.used_wh or req.window_spend_minor or req.tokens:
+            # a deviation from RFC 4006: the gateway reports what happened before any session
+            # (tokens typed in, emergency credit, debt) against an empty grant, so nothing is lost
+            session = Session(req.session_id, req.account_id, req.meter_id, req.currency, now, -1)
+            return _book_and_grant(session, req, credit_minor=credit_minor,
+                                   reserved_by_others_minor=reserved_by_others_minor, policy=policy, vat=vat,
+                                   now=now, account_active=account_active,
+                                   outstanding_tokens_minor=outstanding_tokens_minor,
+                                   reported_tokens_minor=reported_tokens_minor)
         burn = to_decimal(policy.initial_burn_rate_minor_per_h)
         answer = _grant_answer(req, credit_minor - reserved_by_others_minor - outstanding_tokens_minor, burn,
                                policy, now)
@@ -385,6 +391,16 @@ def decide(session: Session | None, request: CreditControlRequest, *, credit_min
                        f"(expected {session.last_request_number + 1})")
     if req.request_type == RequestType.INITIAL_REQUEST:
         return _refuse(req, ResultCode.INVALID_AVP_VALUE, f"session {req.session_id} already initialised")
+    return _book_and_grant(session, req, credit_minor=credit_minor, reserved_by_others_minor=reserved_by_others_minor,
+                           policy=policy, vat=vat, now=now, account_active=account_active,
+                           outstanding_tokens_minor=outstanding_tokens_minor,
+                           reported_tokens_minor=reported_tokens_minor)
+
+
+def _book_and_grant(session: Session, req: CreditControlRequest, *, credit_minor: int, reserved_by_others_minor: int,
+                    policy: GrantPolicy, vat: L.PrepaidVat, now: datetime, account_active: bool,
+                    outstanding_tokens_minor: int, reported_tokens_minor: int | None) -> Outcome:
+    """Book the used units of the grant being replaced, then answer with the next grant."""
 
     # --- usage of the grant being replaced (RFC 4006: the new grant replaces its unused rest)
     grant = session.grant

@@ -546,6 +546,33 @@ def unapplied_tokens(store: PaygStore, meter_id: str) -> list[tuple[str, str, in
             "ORDER BY counter", (meter_id,)).fetchall()]
 
 
+class StoreTokenReservations:
+    """`creditcontrol.TokenReservations` over `payg_token`: an issued, unapplied token reserves its
+    amount of the account's prepaid credit; a reported token counts if it was issued for the
+    meter (same amount) or is an offline card top-up already booked (``card-topup:{reference}``)."""
+
+    def __init__(self, store: PaygStore) -> None:
+        self.store = store
+
+    def outstanding_minor(self, account_id: str, exclude: tuple[str, ...] = ()) -> int:
+        with self.store._lock:
+            rows = self.store._db.execute("SELECT token_id, amount_minor FROM payg_token WHERE account_id = ? "
+                                          "AND applied_at_ms IS NULL", (account_id,)).fetchall()
+        return sum(a for t, a in rows if t not in exclude)
+
+    def confirmed_minor(self, meter_id: str, tokens: tuple[tuple[str, int], ...]) -> int:
+        total = 0
+        for ref, amount in tokens:
+            with self.store._lock:
+                row = self.store._db.execute("SELECT amount_minor FROM payg_token WHERE token_id = ? AND meter_id = ?",
+                                             (ref, meter_id)).fetchone()
+            if row is not None and row[0] == amount:
+                total += amount
+            elif row is None and ref.startswith("card:") and self.store.exists(f"card-topup:{ref}"):
+                total += amount
+        return total
+
+
 @dataclass(frozen=True)
 class OfflineCardTopUp:
     """A card top-up the gateway applied offline, as reported at sync (reference = card:{id}:{nonce})."""
