@@ -91,6 +91,12 @@ def cmd_run(args) -> int:
     until = parse_instant(args.until) if args.until else None
     first = parse_instant(args.first_poll) if args.first_poll else None
     gw = Gateway(config, clock)
+    listen = args.metrics_listen or config.metrics_listen
+    if listen:                                   # Prometheus /metrics ([metrics] listen or --metrics-listen)
+        from meterlink.metrics import serve_metrics
+        port = serve_metrics(gw.enable_metrics().registry, listen)
+        print(f"gateway {config.id}: metrics on http://{listen.rpartition(':')[0]}:{port}/metrics",
+              file=sys.stderr, flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     print(f"gateway {config.id}: {sum(len(b.meters) for b in config.buses)} meter(s) on "
@@ -233,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--clock", default="system", help="system | sim:ISO | scaled:ISO,SPEED[,ANCHOR_UNIX]")
     run.add_argument("--first-poll", help="instant (ISO-8601) of the first poll; default: the next interval boundary")
     run.add_argument("--until", help="stop after the poll at this instant (ISO-8601), e.g. for a demo")
+    run.add_argument("--metrics-listen", help="HOST:PORT of the Prometheus /metrics endpoint, overrides "
+                                              "[metrics] listen (port 0 picks one), e.g. 127.0.0.1:9108")
     run.set_defaults(func=cmd_run)
     sc = sub.add_parser("scan", help="find meters on a bus and identify their model from the profiles",
                         epilog="example: meterlink-gateway scan --port /dev/ttyUSB0 --baud auto --units 1-247")

@@ -64,11 +64,12 @@ class GatewayConfig:
     p1: tuple[P1Config, ...] = ()
     headend_pki_dir: str | None = None      # [headend] pki_dir: enrolled identity -> mutual TLS (gateway/enrol.py)
     headend_server_name: str | None = None  # [headend] server_name: name checked in the head-end certificate
+    metrics_listen: str | None = None       # [metrics] listen: HOST:PORT of the Prometheus /metrics endpoint
 
 
 def load_config(path: str) -> GatewayConfig:
     root = load_section(path)
-    root.check_known({"gateway", "headend", "bus", "mqtt", "p1"})
+    root.check_known({"gateway", "headend", "bus", "mqtt", "p1", "metrics"})
     gw = root.section("gateway")
     gw.check_known({"id", "database", "poll_interval_s", "push_batch"})
     interval = gw.get("poll_interval_s", int, 900)
@@ -141,11 +142,19 @@ def load_config(path: str) -> GatewayConfig:
             raise mq.error("queue_size", "must be positive")
         mqtt = MqttConfig(host=mq.get("host", str, "127.0.0.1"), port=mport, topic_prefix=prefix, queue_size=qsize)
     p1 = _load_p1(root, seen, ports)
+    metrics_listen = None
+    if "metrics" in root.data:
+        me = root.section("metrics")
+        me.check_known({"listen"})
+        metrics_listen = me.get("listen", str)
+        host, _, mport = metrics_listen.rpartition(":")
+        if not host or not mport.isdigit() or not 0 <= int(mport) <= 65535:
+            raise me.error("listen", f"{metrics_listen!r}: expected HOST:PORT, e.g. 127.0.0.1:9108")
     config = GatewayConfig(id=gw.get("id", str), database=gw.get("database", str, "var/gateway.db"),
                            poll_interval_s=interval, headend=he.get("address", str, None),
                            push_batch=gw.get("push_batch", int, 5000), buses=tuple(buses), path=path,
                            mqtt=mqtt, p1=p1, headend_pki_dir=he.get("pki_dir", str, None),
-                           headend_server_name=he.get("server_name", str, None))
+                           headend_server_name=he.get("server_name", str, None), metrics_listen=metrics_listen)
     _check_bus_plans(config, root)
     return config
 

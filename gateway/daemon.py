@@ -131,6 +131,26 @@ class Gateway:
                                       topic_prefix=config.mqtt.topic_prefix,
                                       queue_size=config.mqtt.queue_size).start()
 
+    def enable_metrics(self):
+        """Count into a GatewayMetrics (created here unless set) and expose the parts' own counters
+        at scrape time; returns it (serve it with meterlink.metrics.serve_metrics)."""
+        from meterlink.metrics import GatewayMetrics
+        if self.metrics is None:
+            self.metrics = GatewayMetrics.create()
+        self.metrics.watch(self.metrics_snapshot)
+        if self.pusher is not None:
+            self.pusher.metrics = self.metrics
+        return self.metrics
+
+    def metrics_snapshot(self):
+        """The counters the transports, P1 readers, MQTT publisher and journal keep, at this instant."""
+        from meterlink.metrics import GatewaySnapshot
+        return GatewaySnapshot(
+            buses=tuple((b.port, m.counters) for b, m in zip(self.config.buses, self.masters)),
+            p1=tuple((p.port, r.counters) for p, r in zip(getattr(self.config, "p1", ()), self.p1_readers)),
+            mqtt=getattr(self.mqtt, "stats", None), journal_records=self.journal.depth(),
+            unacked_records=self.journal.unacked_count())
+
     def close(self) -> None:
         for m in self.masters:
             m.close()
@@ -186,6 +206,8 @@ class Gateway:
                 flagged += out
             self.stats.flagged += sum(1 for r in flagged if r.quality)
             self.stats.readings += len(flagged)
+        if self.metrics is not None:
+            self.metrics.readings.labels(bus=p1.port).inc(len(flagged))
         if self.journal.billing_only:
             flagged = billing_only_readings(flagged)
         self.journal.append(flagged)
@@ -276,13 +298,18 @@ class Gateway:
             now = self.clock.now()
             if not force and self.next_push_at is not None and now < self.next_push_at:
                 return 0
+            t0 = time.monotonic()
             try:
                 sent = self.pusher.drain()
             except (DeviceError, Refused, ValueError, TypeError) as exc:   # unreachable, refused, corrupt row
+                if self.metrics is not None:
+                    self.metrics.push_latency.observe(time.monotonic() - t0)
                 self.stats.push_errors += 1
                 self._note(str(exc))
                 self.next_push_at = now + timedelta(seconds=self.backoff.next_delay())
                 return 0
+            if self.metrics is not None and sent:
+                self.metrics.push_latency.observe(time.monotonic() - t0)
             self.backoff.reset()
             self.next_push_at = None
         self.stats.pushed += sent
@@ -352,12 +379,18 @@ class Gateway:
         polls: queue.Queue = queue.Queue()
         writer_done = threading.Event()
 
+        bus_of = {m.id: bus.port for bus in self.config.buses for m in bus.meters}
+
         def deliver(meter, outcome: sched.JobOutcome) -> None:
             if not outcome.ok:
                 with self._stats_lock:
                     self.stats.read_errors += 1
+                if self.metrics is not None:
+                    self.metrics.bus_errors.labels(bus=bus_of[meter.id]).inc()
                 self._note(outcome.error)
                 return
+            if self.metrics is not None:
+                self.metrics.readings.labels(bus=bus_of[meter.id]).inc(len(outcome.readings[0]))
             polls.put((meter, outcome.readings, clock_trusted(self.clock)))
 
         def writer() -> None:
