@@ -552,25 +552,33 @@ class BillingStore:
             f"ORDER BY taken_at_ms DESC LIMIT {int(n)}", (meter_id, obis, before_ms))]
 
     def chain_gaps(self) -> list[tuple[str, int, int]]:
-        """Missing seq ranges of every gateway's chain as the chain store holds it (record hashes of
-        readings AND events, up to the head); a tombstoned (pruned) run counts as missing."""
+        """Missing seq ranges [first, last] of every gateway's chain as the chain store holds it: seqs up to
+        the head with no record hash (readings AND events have one, so events are no gaps), and runs the
+        gateway pruned before delivering them (tombstones: those readings never arrived)."""
         from .chainstore import open_chain_store
         open_chain_store(self.url).close()            # its tables exist (created on first open)
         out = []
         for g, head in self.db.q("SELECT gateway_id, head_seq FROM gateway_chain_head ORDER BY gateway_id"):
-            held = self.db.q("SELECT seq, nxt FROM (SELECT seq, LEAD(seq) OVER (ORDER BY seq) AS nxt "
-                             "FROM gateway_chain_hash WHERE gateway_id=?) t WHERE nxt IS NOT NULL AND nxt > seq + 1",
-                             (g,))
-            first = self.db.q("SELECT MIN(seq), MAX(seq) FROM gateway_chain_hash WHERE gateway_id=?", (g,))[0]
-            if first[0] is None:
-                if head:
-                    out.append((g, 1, int(head)))
-                continue
-            if first[0] > 1:
-                out.append((g, 1, int(first[0]) - 1))
-            out.extend((g, int(a) + 1, int(b) - 1) for a, b in held)
-            if int(first[1]) < int(head):
-                out.append((g, int(first[1]) + 1, int(head)))
+            head = int(head)
+            lo, hi = self.db.q("SELECT MIN(seq), MAX(seq) FROM gateway_chain_hash WHERE gateway_id=?", (g,))[0]
+            missing = []
+            if lo is None:
+                missing.append((1, head))
+            else:
+                missing.append((1, int(lo) - 1))
+                missing += [(int(a) + 1, int(b) - 1) for a, b in self.db.q(
+                    "SELECT seq, nxt FROM (SELECT seq, LEAD(seq) OVER (ORDER BY seq) AS nxt FROM gateway_chain_hash "
+                    "WHERE gateway_id=?) t WHERE nxt IS NOT NULL AND nxt > seq + 1", (g,))]
+                missing.append((int(hi) + 1, head))
+            missing += [(int(first), int(last)) for last, first in self.db.q(
+                "SELECT seq, at_ms FROM gateway_event WHERE gateway_id=? AND kind='tombstone'", (g,))]
+            merged: list[list[int]] = []
+            for a, b in sorted(r for r in missing if r[0] <= r[1]):
+                if merged and a <= merged[-1][1] + 1:
+                    merged[-1][1] = max(merged[-1][1], b)
+                else:
+                    merged.append([a, b])
+            out += [(g, a, b) for a, b in merged]
         return out
 
 
