@@ -26,6 +26,8 @@ class GatewayMetrics:
     pushed: Counter
     disk_alarm: Gauge | None = None      # 1 while the journal's disk is nearly full (billing-only polling)
     push_refusals: Counter | None = None
+    push_failures: Counter | None = None   # pushes that failed: head-end unreachable, access refused, refused batch
+    config_pulls: Counter | None = None    # configuration pulls by result (ok, failed, refused)
 
     @classmethod
     def create(cls) -> "GatewayMetrics":
@@ -45,6 +47,11 @@ class GatewayMetrics:
                              "billing registers are polled", registry=r),
             push_refusals=Counter("meterlink_gateway_push_refusals_total", "Batches the head-end refused, by reason",
                                   ["reason"], registry=r),
+            push_failures=Counter("meterlink_gateway_push_failures_total", "Pushes that failed (head-end "
+                                  "unreachable, access refused over mutual TLS, or a refused batch)", registry=r),
+            config_pulls=Counter("meterlink_gateway_config_pulls_total", "Signed configuration pulls, by result "
+                                 "(ok, failed: unreachable, refused: forged or replayed delta)", ["result"],
+                                 registry=r),
         )
 
 

@@ -65,6 +65,7 @@ class GatewayConfig:
     headend_pki_dir: str | None = None      # [headend] pki_dir: enrolled identity -> mutual TLS (gateway/enrol.py)
     headend_server_name: str | None = None  # [headend] server_name: name checked in the head-end certificate
     metrics_listen: str | None = None       # [metrics] listen: HOST:PORT of the Prometheus /metrics endpoint
+    config_pull_s: float = 3600.0           # [headend] config_pull_s: pull signed config deltas this often (enrolled)
 
 
 def load_config(path: str) -> GatewayConfig:
@@ -76,7 +77,10 @@ def load_config(path: str) -> GatewayConfig:
     if interval <= 0:
         raise gw.error("poll_interval_s", "must be a positive number of seconds")
     he = root.section("headend", required=False)
-    he.check_known({"address", "pki_dir", "server_name"})
+    he.check_known({"address", "pki_dir", "server_name", "config_pull_s"})
+    config_pull_s = he.get("config_pull_s", (int, float), 3600)
+    if config_pull_s <= 0:
+        raise he.error("config_pull_s", "must be a positive number of seconds")
     buses = []
     seen: dict[str, str] = {}
     ports: set[str] = set()
@@ -154,7 +158,8 @@ def load_config(path: str) -> GatewayConfig:
                            poll_interval_s=interval, headend=he.get("address", str, None),
                            push_batch=gw.get("push_batch", int, 5000), buses=tuple(buses), path=path,
                            mqtt=mqtt, p1=p1, headend_pki_dir=he.get("pki_dir", str, None),
-                           headend_server_name=he.get("server_name", str, None), metrics_listen=metrics_listen)
+                           headend_server_name=he.get("server_name", str, None), metrics_listen=metrics_listen,
+                           config_pull_s=float(config_pull_s))
     _check_bus_plans(config, root)
     return config
 

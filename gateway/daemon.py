@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from meterlink.clock import Clock, to_ms, from_ms
-from meterlink.errors import DeviceError, ProtocolError
+from meterlink.errors import DeviceError, MeterlinkError, ProtocolError
 
 from meterlink.clock import clock_trusted
 from meterlink.readings import BILLING_OBIS
@@ -56,6 +56,8 @@ class Stats:
     push_errors: int = 0
     errors: list[str] = field(default_factory=list)
     flagged: int = 0          # readings that carry a plausibility flag
+    config_pulls: int = 0     # signed configuration deltas pulled and applied (or already current)
+    config_pull_errors: int = 0   # pulls that failed (unreachable) or were refused (forged, replayed)
 
 
 class _LockedJournal:
@@ -118,6 +120,14 @@ class Gateway:
         # backoff jitter: seeded per gateway, so gateways desynchronise but a run is reproducible
         self.rng = rng if rng is not None else random.Random(
             int.from_bytes(hashlib.sha256(config.id.encode()).digest()[:8], "big"))
+        # signed configuration deltas pulled periodically when enrolled ([headend] pki_dir); failures back off
+        self.config_pull_s = float(getattr(config, "config_pull_s", None) or 3600.0)
+        self.config_pull_backoff = Backoff(base_s=min(30.0, self.config_pull_s), cap_s=self.config_pull_s,
+                                           rng=self.rng)
+        self.next_config_pull: datetime | None = None
+        self.config_version: int | None = None
+        self._config_puller = None
+        self._config_channel = None
         self.memos: dict[str, MeterMemo] = {}
         self.workers: list[sched.BusWorker] = []
         self._stats_lock = threading.Lock()
@@ -158,6 +168,8 @@ class Gateway:
             r.close()
         if self.pusher:
             self.pusher.close()
+        if self._config_channel is not None:
+            self._config_channel.close()
         if self.mqtt is not None:
             self.mqtt.close()
         self.journal.close()
@@ -304,6 +316,8 @@ class Gateway:
             except (DeviceError, Refused, ValueError, TypeError) as exc:   # unreachable, refused, corrupt row
                 if self.metrics is not None:
                     self.metrics.push_latency.observe(time.monotonic() - t0)
+                    if self.metrics.push_failures is not None:
+                        self.metrics.push_failures.inc()
                 self.stats.push_errors += 1
                 self._note(str(exc))
                 self.next_push_at = now + timedelta(seconds=self.backoff.next_delay())
@@ -314,6 +328,43 @@ class Gateway:
             self.next_push_at = None
         self.stats.pushed += sent
         return sent
+
+    def pull_config_once(self, force: bool = False) -> bool:
+        """When enrolled and due: pull the head-end's signed configuration delta, verify and apply it
+        (gateway/configpull.py). Never fatal: a failure (head-end unreachable, delta refused as forged or
+        replayed) is counted, noted, and the next try waits a jittered back-off capped at `config_pull_s`."""
+        pki_dir = getattr(self.config, "headend_pki_dir", None)
+        if not pki_dir or not self.config.headend:
+            return False
+        now = self.clock.now()
+        if not force and self.next_config_pull is not None and now < self.next_config_pull:
+            return False
+        from .configpull import ConfigDeltaRefused, ConfigPuller
+        try:
+            if self._config_puller is None:
+                from .enrol import headend_channel, load_identity
+                self._config_channel = headend_channel(self.config)
+                self._config_puller = ConfigPuller.for_identity(self._config_channel, load_identity(pki_dir))
+            state = self._config_puller.pull_once()
+        except MeterlinkError as exc:
+            result = "refused" if isinstance(exc, ConfigDeltaRefused) else "failed"
+            with self._stats_lock:
+                self.stats.config_pull_errors += 1
+            if self.metrics is not None and getattr(self.metrics, "config_pulls", None) is not None:
+                self.metrics.config_pulls.labels(result=result).inc()
+            self._note(f"configuration pull from head-end {self.config.headend} {result}: {exc}")
+            self.next_config_pull = now + timedelta(seconds=self.config_pull_backoff.next_delay())
+            return False
+        self.config_pull_backoff.reset()
+        with self._stats_lock:
+            self.stats.config_pulls += 1
+        if self.metrics is not None and getattr(self.metrics, "config_pulls", None) is not None:
+            self.metrics.config_pulls.labels(result="ok").inc()
+        if state.version != self.config_version:
+            log.info("gateway %s: configuration version %d applied", self.config.id, state.version)
+        self.config_version = state.version
+        self.next_config_pull = now + timedelta(seconds=self.config_pull_s)
+        return True
 
     def push_due(self) -> bool:
         """A failed push is waiting and its back-off has expired."""
@@ -435,6 +486,7 @@ class Gateway:
 
         def syncer() -> None:
             while not done.is_set():
+                self.pull_config_once()       # when enrolled and due (cheap otherwise)
                 if sync_wanted.wait(0.2):
                     sync_wanted.clear()
                     self.sync_once()
