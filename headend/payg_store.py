@@ -72,6 +72,8 @@ CREATE TABLE IF NOT EXISTS payg_token (
     token_id TEXT PRIMARY KEY, reference TEXT NOT NULL UNIQUE, meter_id TEXT NOT NULL, counter BIGINT NOT NULL,
     account_id TEXT NOT NULL, amount_minor BIGINT NOT NULL, currency TEXT NOT NULL, issued_at_ms BIGINT NOT NULL,
     expires_at_ms BIGINT NOT NULL, applied_at_ms BIGINT, UNIQUE (meter_id, counter));
+CREATE TABLE IF NOT EXISTS payg_meter (
+    meter_id TEXT PRIMARY KEY, account_id TEXT NOT NULL, bound_at_ms BIGINT NOT NULL);
 CREATE TABLE IF NOT EXISTS payg_event (
     seq {SERIAL}, at_ms BIGINT NOT NULL, kind TEXT NOT NULL, account_id TEXT NOT NULL,
     payload TEXT NOT NULL);
@@ -272,6 +274,20 @@ class PaygStore:
                        "currency = excluded.currency, active = excluded.active, "
                        "max_balance_minor = excluded.max_balance_minor",
                        (account_id, currency, int(active), max_balance_minor))
+
+    def bind_meter(self, meter_id: str, account_id: str, now: datetime) -> None:
+        """The PAYG meter `meter_id` supplies `account_id` (credit control refuses other accounts)."""
+        with self.transaction() as db:
+            row = db.execute("SELECT account_id FROM payg_meter WHERE meter_id = ?", (meter_id,)).fetchone()
+            if row is not None and row[0] != account_id:
+                raise ValidationError(f"meter {meter_id} is bound to account {row[0]}, not {account_id}")
+            if row is None:
+                db.execute("INSERT INTO payg_meter VALUES (?, ?, ?)", (meter_id, account_id, to_ms(now)))
+
+    def meter_account(self, meter_id: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT account_id FROM payg_meter WHERE meter_id = ?", (meter_id,)).fetchone()
+        return row[0] if row else None
 
     def account(self, account_id: str) -> V.AccountState | None:
         with self._lock:

@@ -1,0 +1,187 @@
+"""PAYG over gRPC: the `CreditControl` (gateways, RFC 4006) and `Vending` (vendors) servicers over `PaygStore` and the credit-control core; conversion only, every decision is the cores'.
+
+Credit control runs on the gateways' mutual-TLS server, next to the sync service: the calling
+gateway is the one of the client certificate (`gatewayauth.peer_of`), `gateway_id` must name it,
+and the request's meter must be provisioned to it in the registry and bound to the request's
+account in `payg_meter` — so a gateway may only credit-control its own meters. Each request runs
+in ONE store transaction: the balance read, the postings, the session update, the tokens marked
+applied and the over-usage CRM events.
+
+Token delivery: every answer carries the signed tokens issued for the meter and not yet reported
+applied (re-signed identically, `payg_store.issue_token` is idempotent); the gateway applies each
+once and reports it in its next request.
+
+Vending has no gateway identity: its methods are exempted from the gateway interceptor
+(`VENDING_METHODS`); the card's signature over the head-end's challenge authenticates the sale.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import grpc
+
+from meterlink.clock import Clock, to_ms
+from meterlink.errors import ValidationError
+from meterlink.v1 import payg_pb2, payg_pb2_grpc
+
+from . import creditcontrol as CC
+from . import ledger as L
+from . import payg_store as S
+from . import vendors as V
+from .gatewayauth import NO_CLIENT_CERTIFICATE, REFUSAL_METADATA, Refusal, authorise, peer_of
+
+log = logging.getLogger("meterlink.headend.payg")
+
+VENDING_METHODS = ("/meterlink.v1.Vending/Challenge", "/meterlink.v1.Vending/Authorise",
+                   "/meterlink.v1.Vending/Reverse")
+METER_NOT_BOUND = "METER_NOT_BOUND"
+
+_FUA_TO_PB = {None: payg_pb2.FINAL_UNIT_ACTION_NONE, CC.FinalUnitAction.TERMINATE: payg_pb2.FINAL_UNIT_ACTION_TERMINATE,
+              CC.FinalUnitAction.REDIRECT: payg_pb2.FINAL_UNIT_ACTION_REDIRECT,
+              CC.FinalUnitAction.RESTRICT_ACCESS: payg_pb2.FINAL_UNIT_ACTION_RESTRICT_ACCESS}
+
+
+def request_from_proto(pb: payg_pb2.CreditControlRequest, rtype: CC.RequestType) -> CC.CreditControlRequest:
+    u = pb.used
+    return CC.CreditControlRequest(
+        pb.session_id, rtype, pb.request_number, pb.account_id, pb.meter_id, pb.currency,
+        u.used_minor, u.used_wh, from_emergency_minor=u.from_emergency_minor, to_debt_minor=u.to_debt_minor,
+        repaid_debt_minor=u.repaid_debt_minor, repaid_emergency_minor=u.repaid_emergency_minor,
+        recovered_arrears_minor=u.recovered_arrears_minor,
+        tokens=tuple((t.reference, t.amount_minor) for t in u.top_ups))
+
+
+def answer_to_proto(answer: CC.CreditControlAnswer, tokens: list[str], balance_minor: int) -> payg_pb2.CreditControlAnswer:
+    pb = payg_pb2.CreditControlAnswer(session_id=answer.session_id, request_number=answer.request_number,
+                                      result_code=int(answer.result_code),
+                                      final_unit_action=_FUA_TO_PB[answer.final_unit_action],
+                                      detail=answer.detail, tokens=tokens, balance_minor=balance_minor)
+    g = answer.grant
+    if g is not None:
+        pb.granted.CopyFrom(payg_pb2.GrantedUnits(
+            amount_minor=g.amount_minor, wh=g.wh or 0, has_wh=g.wh is not None, validity_time_s=g.validity_time,
+            issued_at_ms=to_ms(g.issued_at), expires_at_ms=to_ms(g.expires_at)))
+    return pb
+
+
+class CreditControlService(payg_pb2_grpc.CreditControlServicer):
+    """RFC 4006 credit control for the gateways' PAYG meters."""
+
+    def __init__(self, store: S.PaygStore, clock: Clock, policy: CC.GrantPolicy, *, token_key=None,
+                 registry=None) -> None:
+        self.store, self.clock, self.token_key, self.registry = store, clock, token_key, registry
+        self.cc = CC.CreditControl(store, CC.InMemorySessionStore(), policy, store.vat,
+                                   account_active=self._active, tokens=S.StoreTokenReservations(store))
+
+    def _active(self, account_id: str) -> bool:
+        acct = self.store.account(account_id)
+        return acct is not None and acct.active
+
+    def _refuse(self, context, refusal: Refusal):
+        log.warning("credit control refused %s: %s", refusal.reason, refusal.message)
+        context.set_trailing_metadata(((REFUSAL_METADATA, refusal.reason),))
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{refusal.reason}: {refusal.message}")
+
+    def _check(self, request, context) -> None:
+        if self.registry is not None:
+            peer = peer_of(context)
+            if peer is None:
+                self._refuse(context, Refusal(NO_CLIENT_CERTIFICATE, "no verified gateway client certificate"))
+            refusal = authorise(self.registry.get(peer.name), peer, request.gateway_id, [request.meter_id])
+            if refusal is not None:
+                self._refuse(context, refusal)
+        bound = self.store.meter_account(request.meter_id)
+        if bound != request.account_id:
+            self._refuse(context, Refusal(METER_NOT_BOUND, f"meter {request.meter_id} is "
+                                          + (f"bound to account {bound}" if bound else "not a PAYG meter")
+                                          + f", not account {request.account_id}"))
+
+    def _handle(self, request, context, rtype: CC.RequestType) -> payg_pb2.CreditControlAnswer:
+        self._check(request, context)
+        req = request_from_proto(request, rtype)
+        now = self.clock.now()
+        now = now.replace(microsecond=now.microsecond // 1000 * 1000)     # the ledger keeps milliseconds
+        with self.store.transaction():
+            out = self.cc.handle(req, now)
+            if out.session is not None and req.tokens:
+                S.mark_tokens_applied(self.store, [r for r, _ in req.tokens], now)
+            for ev in out.events:
+                S.record_over_usage(self.store, ev)
+            reported = {r for r, _ in req.tokens}
+            tokens = []
+            if self.token_key is not None:
+                for token_id, reference, amount in S.unapplied_tokens(self.store, req.meter_id):
+                    if token_id not in reported:
+                        tokens.append(S.issue_token(self.store, reference, req.meter_id, req.account_id, amount,
+                                                    req.currency, self.token_key, now).encode())
+            balance = -self.store.balance(L.prepaid(req.account_id), req.currency)
+        return answer_to_proto(out.answer, tokens, balance)
+
+    def Reserve(self, request, context):
+        return self._handle(request, context, CC.RequestType.INITIAL_REQUEST)
+
+    def Update(self, request, context):
+        return self._handle(request, context, CC.RequestType.UPDATE_REQUEST)
+
+    def Terminate(self, request, context):
+        return self._handle(request, context, CC.RequestType.TERMINATION_REQUEST)
+
+
+class VendingService(payg_pb2_grpc.VendingServicer):
+    """Sale authorisation for vendors: one store transaction per sale (see `PaygStore.authorise`)."""
+
+    def __init__(self, store: S.PaygStore, clock: Clock, *, token_key=None) -> None:
+        self.store, self.clock, self.token_key = store, clock, token_key
+
+    def Challenge(self, request, context):
+        return payg_pb2.ChallengeReply(challenge=self.store.issue_challenge(self.clock.now()))
+
+    def Authorise(self, request, context):
+        now = self.clock.now()
+        sale = V.SaleRequest(request.sale_id, request.vendor_id, request.card_id, request.account_id,
+                             request.amount_minor, request.currency, request.challenge, request.card_signature)
+        result = self.store.authorise(sale, now)
+        if not result.authorised:
+            return payg_pb2.AuthoriseReply(authorised=False, reason=result.reason.value, detail=result.detail)
+        token = ""
+        if request.meter_id and self.token_key is not None:
+            try:
+                token = S.token_for_sale(self.store, request.vendor_id, request.sale_id, request.meter_id,
+                                         self.token_key, now).encode()
+            except ValidationError as exc:
+                log.warning("sale %s/%s authorised, token not issued: %s", request.vendor_id, request.sale_id, exc)
+        return payg_pb2.AuthoriseReply(authorised=True, commission_minor=result.sale.commission_minor,
+                                       vat_on_commission_minor=result.sale.vat_on_commission_minor, token=token)
+
+    def Reverse(self, request, context):
+        result = self.store.reverse(request.vendor_id, request.sale_id, request.reversal_id, self.clock.now(),
+                                    request.reason)
+        if isinstance(result, V.Refusal):
+            return payg_pb2.ReverseReply(reversed=False, reason=result.reason.value, detail=result.detail)
+        return payg_pb2.ReverseReply(reversed=True)
+
+
+@dataclass
+class PaygServices:
+    credit_control: CreditControlService
+    vending: VendingService
+
+
+def add_to_server(server: grpc.Server, store: S.PaygStore, clock: Clock, policy: CC.GrantPolicy | None = None, *,
+                  token_key=None, registry=None, auth=None) -> PaygServices:
+    """Register both PAYG services on `server` (before it starts). `registry`: check each credit-control
+    call's gateway and meter (mutual TLS); `auth`: the server's `GatewayAuthInterceptor`, whose
+    exemptions get the Vending methods (vendors hold no gateway certificate)."""
+    cc = CreditControlService(store, clock, policy or CC.GrantPolicy(), token_key=token_key, registry=registry)
+    vending = VendingService(store, clock, token_key=token_key)
+    payg_pb2_grpc.add_CreditControlServicer_to_server(cc, server)
+    payg_pb2_grpc.add_VendingServicer_to_server(vending, server)
+    if auth is not None:
+        auth.exempt = frozenset(auth.exempt) | frozenset(VENDING_METHODS)
+    return PaygServices(cc, vending)
+
+
+__all__ = ["CreditControlService", "PaygServices", "VENDING_METHODS", "VendingService", "add_to_server",
+           "answer_to_proto", "request_from_proto"]
