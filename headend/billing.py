@@ -262,10 +262,15 @@ class AccountBill:
                                               # stored aggregates; the store marks the rows)
 
 
-def standing_dates(bindings: Bindings, account_id: str, start: date, end: date, zone: ZoneInfo) -> list[date]:
-    """Local dates in [start, end) on which the account holds a supply for any part of the day."""
+def standing_dates(bindings: Bindings, account_id: str, start: date, end: date, zone: ZoneInfo,
+                   supplies: Sequence | None = None) -> list[date]:
+    """Local dates in [start, end) on which the account holds a supply for any part of the day.
+
+    `supplies`: the account's supplies when the caller has them indexed (a bill run over many accounts
+    would otherwise scan every supply per account)."""
     t0, t1 = local_midnight(start, zone), local_midnight(end, zone)
-    supplies = bindings.supplied_between(account_id, t0, t1)
+    if supplies is None:
+        supplies = bindings.supplied_between(account_id, t0, t1)
     out = []
     d = start
     while d < end:
@@ -315,7 +320,7 @@ def _nonzero(agg) -> bool:
 def item_from_pending(account_id: str, period: str, *, bindings: Bindings, market: Market, tariff: Tariff,
                       vat: VatTable, aggregates: Iterable, usage: Mapping[tuple[str, str, str], int],
                       promotions: Sequence[Promotion] = (), adjustments: Sequence[Adjustment] = (),
-                      standing: bool = True) -> BillableItem | None:
+                      standing: bool = True, supplies: Sequence | None = None) -> BillableItem | None:
     """The billable item of one account for `period` from its PENDING (unbilled) day-band aggregates dated
     before the period's end and its pending usage totals ((meter, obis, local month) -> Wh); None when there
     is nothing to bill. Standing charges for the supply days of the period are added here. Pure: the
@@ -328,9 +333,12 @@ def item_from_pending(account_id: str, period: str, *, bindings: Bindings, marke
         raise ValidationError(f"unknown account {account_id}")
     aggs = {a.key: a for a in aggregates if a.local_date < end and _nonzero(a)}
     window_start = min([start, *(k[1] for k in aggs)])
-    days = standing_dates(bindings, account_id, start, end, zone) if standing else []
+    days = standing_dates(bindings, account_id, start, end, zone, supplies) if standing else []
     if days:
-        aggs = merge_aggregates(aggs, *(standing_charges(tariff, account_id, d, d + timedelta(days=1)) for d in days))
+        aggs = merge_aggregates(aggs, standing_charges(tariff, account_id, days[0], days[-1] + timedelta(days=1)))
+        if len(days) != (days[-1] - days[0]).days + 1:          # supply days with holes: only those days
+            keep = set(days)
+            aggs = {k: a for k, a in aggs.items() if a.kind != "standing" or a.local_date in keep}
     adjs = [a for a in adjustments if a.account_id == account_id and a.period == period]
     if not aggs and not adjs:
         return None

@@ -44,6 +44,7 @@ from .vee import HOLD_FLAGS, MeterExchange, VeeConfig, VeeException, derive_inte
 
 # pg_advisory_xact_lock key held by `process` and the bill run (a fixed signed 63-bit number)
 RATING_LOCK_KEY = 0x6D6C_7261_7469_6E67 >> 1
+BILL_CHUNK = 500           # accounts whose stored aggregates a bill run loads at once
 AGG_COLS = "account_id, local_date, band, kind, wh, amount_dec, unit_price, days"
 _NOT_HELD = " AND ".join(f"(',' || flags || ',') NOT LIKE '%,{f},%'" for f in sorted(HOLD_FLAGS))
 
@@ -421,13 +422,17 @@ class BillingStore:
         return DayBandAggregate(a, d if isinstance(d, date) else date.fromisoformat(d), band, int(wh),
                                 Decimal(amount), kind, Decimal(price), int(days))
 
-    def pending_aggregates(self, account: str | None = None,
-                           before: date | None = None) -> dict[str, dict[AggKey, DayBandAggregate]]:
-        """Stored day-band aggregates of not yet billed usage, per account (local dates < `before`)."""
+    def pending_aggregates(self, account: str | None = None, before: date | None = None,
+                           among: Sequence[str] | None = None) -> dict[str, dict[AggKey, DayBandAggregate]]:
+        """Stored day-band aggregates of not yet billed usage, per account (local dates < `before`;
+        only the accounts `among`, when given)."""
         sql, args = f"SELECT {AGG_COLS} FROM day_band_aggregate WHERE 1=1", []
         if account is not None:
             sql += " AND account_id=?"
             args.append(account)
+        if among is not None:
+            sql += f" AND account_id IN ({','.join('?' * len(among))})"
+            args.extend(among)
         if before is not None:
             sql += " AND local_date<?"
             args.append(self.db.day(before))
@@ -437,13 +442,16 @@ class BillingStore:
             out.setdefault(agg.account_id, {})[agg.key] = agg
         return out
 
-    def pending_usage(self, account: str | None = None,
-                      through: str | None = None) -> dict[str, dict[tuple[str, str, str], int]]:
+    def pending_usage(self, account: str | None = None, through: str | None = None,
+                      among: Sequence[str] | None = None) -> dict[str, dict[tuple[str, str, str], int]]:
         """Pending Wh per account and (meter, obis, local month <= `through`)."""
         sql, args = "SELECT account_id, meter_id, obis, usage_period, wh FROM pending_usage WHERE 1=1", []
         if account is not None:
             sql += " AND account_id=?"
             args.append(account)
+        if among is not None:
+            sql += f" AND account_id IN ({','.join('?' * len(among))})"
+            args.extend(among)
         if through is not None:
             sql += " AND usage_period<=?"
             args.append(through)
@@ -760,13 +768,20 @@ def run_billing(store: BillingStore, period: str, *, markets: Mapping[str, Marke
             if state is None or state[2] or state[1] != tariff_digest(tariff):
                 store.rerate_pending(account_id, tariff, ZoneInfo(market.timezone))
             todo.append((account_id, market, tariff))
-        aggs = store.pending_aggregates(before=end)
-        usage = store.pending_usage(through=period)
+        supplies: dict[str, list] = {}
+        for sup in bindings.supplies:
+            supplies.setdefault(sup.account_id, []).append(sup)
         bills = []
-        for account_id, market, tariff in todo:
+        aggs = usage = {}
+        for n, (account_id, market, tariff) in enumerate(todo):
+            if n % BILL_CHUNK == 0:                   # the stored aggregates of the next chunk of accounts
+                chunk = [t[0] for t in todo[n:n + BILL_CHUNK]]
+                aggs = store.pending_aggregates(before=end, among=chunk)
+                usage = store.pending_usage(through=period, among=chunk)
             item = item_from_pending(account_id, period, bindings=bindings, market=market, tariff=tariff, vat=vat,
                                      aggregates=aggs.get(account_id, {}).values(), usage=usage.get(account_id, {}),
-                                     promotions=(promotions or {}).get(account_id, ()), adjustments=adjustments)
+                                     promotions=(promotions or {}).get(account_id, ()), adjustments=adjustments,
+                                     supplies=supplies.get(account_id, []))
             if item is not None:
                 bills.append(AccountBill(item, None))       # None: summed, rows marked by consume_pending
         run = BillRun(period, tuple(bills), tuple(skipped))

@@ -290,3 +290,23 @@ def test_random_months_billed_from_stored_aggregates_equal_billing_from_scratch(
 @given(months())
 def test_many_random_months_billed_from_stored_aggregates_equal_billing_from_scratch(month):
     check_store_month(month)
+
+
+def test_a_bill_run_loading_aggregates_in_chunks_bills_each_account_its_own_usage(db, monkeypatch):
+    import meterlink.headend.billing_store as billing_store
+    monkeypatch.setattr(billing_store, "BILL_CHUNK", 2)
+    repo, store = db
+    accounts = ("A1", "A2", "A3", "A4", "A5")
+    b = gb_bindings(accounts=accounts)
+    for i, a in enumerate(accounts):
+        b = replace(b, service_points={**b.service_points, f"SP{a}": replace(b.service_points["SP1"], id=f"SP{a}")},
+                    meters={**b.meters, f"M{a}": replace(b.meters["M1"], id=f"M{a}")})
+        b = b.install(f"M{a}", f"SP{a}", utc(2026, 10, 1)).move_in(f"SP{a}", a, utc(2026, 10, 1))
+    store.import_bindings(b, MARKETS, VAT)
+    seq = 1
+    for i, a in enumerate(accounts):
+        seq = ingest(repo, hourly_readings(f"M{a}", utc(2026, 11, 1), 24 * 3, wh_per_hour=100 * (i + 1)), first_seq=seq)
+    process_readings(repo, store, MARKETS, NOW, tariffs=TARIFFS)
+    run = run_billing(store, "2026-11", markets=MARKETS, tariffs=TARIFFS, vat=VAT, issue_date=date(2026, 12, 2), now=NOW)
+    assert {i.account_id: [(u.meter_id, u.wh) for u in i.usage] for i in run.items} == \
+        {a: [(f"M{a}", 72 * 100 * (i + 1))] for i, a in enumerate(accounts)}
