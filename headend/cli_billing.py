@@ -312,7 +312,8 @@ def register(sub) -> None:
         _common(p)
     b.set_defaults(func=cmd_bindings)
 
-    pr = sub.add_parser("process", help="derive intervals (VEE) from the stored readings, bind them, queue exceptions",
+    pr = sub.add_parser("process", help="derive intervals (VEE) from the readings that arrived since the last run, "
+                        "bind them, rate them into the pending day-band aggregates, queue exceptions",
                         epilog="example: meterlink-headend process --database sqlite:///var/headend.db")
     _common(pr)
     pr.set_defaults(func=cmd_process)
@@ -327,7 +328,7 @@ def register(sub) -> None:
     q.set_defaults(func=cmd_quote)
 
     bl = sub.add_parser("bill", help="process readings, then one billable item + invoice (JSON, UBL) per account "
-                        "for a period", epilog="example: meterlink-headend bill --period 2026-11 --clock sim:2026-12-02T06:00:00Z")
+                        "for a period, summed from the pending day-band aggregates", epilog="example: meterlink-headend bill --period 2026-11 --clock sim:2026-12-02T06:00:00Z")
     bl.add_argument("--period", required=True, help="local month YYYY-MM")
     bl.add_argument("--issue-date", help="invoice issue date (default: today by --clock)")
     bl.add_argument("--no-process", action="store_true", help="bill what is already processed")
