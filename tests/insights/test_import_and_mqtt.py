@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
-import socket
-import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -118,45 +115,13 @@ def test_mqtt_payloads_are_parsed_and_checked_against_the_topic():
         parse_message("meterlink/ingest/MTR-9", b"\xff")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory):
-    """The machine's Mosquitto on 1883 when it runs, else a private one on a free port."""
-    try:
-        socket.create_connection(("127.0.0.1", 1883), timeout=0.5).close()
-        yield 1883
-        return
-    except OSError:
-        pass
-    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not Path(exe).exists():
-        pytest.skip("no MQTT broker running and no mosquitto binary installed")
-    port = _free_port()
-    conf = tmp_path_factory.mktemp("mosq") / "m.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
-    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    yield port
-    proc.terminate()
-    proc.wait(timeout=5)
-
-
-def test_readings_published_by_a_third_party_device_reach_the_store_exactly_once(broker, repo, tmp_path):
+def test_readings_published_by_a_third_party_device_reach_the_store_exactly_once(mqtt_broker, repo, tmp_path):
+    host, broker = mqtt_broker
     prefix = f"meterlink/test-{tmp_path.name}"
-    ing = MqttIngest(repo, SimClock(datetime(2026, 11, 25, tzinfo=UTC)), port=broker, prefix=prefix,
+    ing = MqttIngest(repo, SimClock(datetime(2026, 11, 25, tzinfo=UTC)), host, port=broker, prefix=prefix,
                      client_id=f"ingest-{tmp_path.name}").start()
     pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"device-{tmp_path.name}")
-    pub.connect("127.0.0.1", broker)
+    pub.connect(host, broker)
     pub.loop_start()
     try:
         msgs = [(f"{prefix}/PV-1", {"obis": "1.8.0", "timestamp": f"2026-11-25T10:{m:02d}:00Z",
