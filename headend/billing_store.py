@@ -506,6 +506,9 @@ class BillingStore:
         self.add_pending(account, aggs, usage)
         self._rated_with(account, tariff)
 
+    def unbilled_rows(self, account: str) -> int:
+        return int(self.db.q("SELECT COUNT(*) FROM interval_usage WHERE account_id=? AND wh<>billed_wh", (account,))[0][0])
+
     def _rated_with(self, account: str, tariff: Tariff) -> None:
         self.db.x("INSERT INTO rating_state VALUES (?,?,?,0) ON CONFLICT (account_id) DO UPDATE SET "
                   "tariff_id=excluded.tariff_id, digest=excluded.digest, stale=0",
@@ -721,6 +724,9 @@ def _rate_changes(store: BillingStore, bindings: Bindings, markets: Mapping[str,
             continue
         tariff, zone = found
         state = states.get(account)
+        if state is None and store.unbilled_rows(account) == sum(1 for old, _ in pairs if old is None):
+            store._rated_with(account, tariff)       # never rated and all its unbilled rows are new here:
+            state = states[account] = (tariff.id, tariff_digest(tariff), False)   # the deltas are the scratch
         if state is None or state[2] or state[1] != tariff_digest(tariff):
             store.rerate_pending(account, tariff, zone)          # rows already saved: from scratch
             states[account] = (tariff.id, tariff_digest(tariff), False)

@@ -67,7 +67,9 @@ def test_stored_aggregates_equal_rating_the_rows_from_scratch_and_the_bill_equal
     store.import_bindings(gb_bindings().move_in("SP1", "A1", utc(2026, 10, 1)), MARKETS, VAT)
     readings = hourly_readings("M1", utc(2026, 10, 31, 20), 24 * 31, wh_per_hour=417, skip=set(range(30, 90)))
     seq = ingest(repo, readings)
-    process_readings(repo, store, MARKETS, NOW, tariffs=TARIFFS)
+    first = process_readings(repo, store, MARKETS, NOW, tariffs=TARIFFS)
+    assert first.accounts_rerated == 0                   # a new account: its deltas are rating from scratch
+    assert store.pending_aggregates()["A1"] == scratch_aggregates(store, TARIFFS["gb-economy7"], "A1")[0]
     # late readings replace the estimates over the gap: only the delta is rated
     late = hourly_readings("M1", utc(2026, 10, 31, 20), 24 * 31, wh_per_hour=417)[30:90]
     late = [replace(r, value=r.value + (i * 37) % 400) for i, r in enumerate(late)]   # not the straight line
