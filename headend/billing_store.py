@@ -423,7 +423,8 @@ class BillingStore:
                                 Decimal(amount), kind, Decimal(price), int(days))
 
     def pending_aggregates(self, account: str | None = None, before: date | None = None,
-                           among: Sequence[str] | None = None) -> dict[str, dict[AggKey, DayBandAggregate]]:
+                           among: Sequence[str] | None = None,
+                           since: date | None = None) -> dict[str, dict[AggKey, DayBandAggregate]]:
         """Stored day-band aggregates of not yet billed usage, per account (local dates < `before`;
         only the accounts `among`, when given)."""
         sql, args = f"SELECT {AGG_COLS} FROM day_band_aggregate WHERE 1=1", []
@@ -436,6 +437,9 @@ class BillingStore:
         if before is not None:
             sql += " AND local_date<?"
             args.append(self.db.day(before))
+        if since is not None:
+            sql += " AND local_date>=?"
+            args.append(self.db.day(since))
         out: dict[str, dict[AggKey, DayBandAggregate]] = {}
         for r in self.db.q(sql, args):
             agg = self._agg(r)
@@ -475,8 +479,8 @@ class BillingStore:
         differs from the stored one: the caller re-rates the account)."""
         if aggs:
             dates = sorted({k[1] for k in aggs})
-            have = self.pending_aggregates(account)
-            have = {k: v for k, v in have.get(account, {}).items() if dates[0] <= k[1] <= dates[-1]}
+            have = self.pending_aggregates(account, before=dates[-1] + timedelta(days=1), since=dates[0])
+            have = have.get(account, {})
             upsert, delete = [], []
             for key, delta in aggs.items():
                 old = have.get(key)
