@@ -312,3 +312,26 @@ def test_a_bill_run_loading_aggregates_in_chunks_bills_each_account_its_own_usag
     run = run_billing(store, "2026-11", markets=MARKETS, tariffs=TARIFFS, vat=VAT, issue_date=date(2026, 12, 2), now=NOW)
     assert {i.account_id: [(u.meter_id, u.wh) for u in i.usage] for i in run.items} == \
         {a: [(f"M{a}", 72 * 100 * (i + 1))] for i, a in enumerate(accounts)}
+
+
+def test_held_usage_stays_out_of_the_aggregates_until_released_then_is_billed_once(db):
+    repo, store = db
+    store.import_bindings(gb_bindings().move_in("SP1", "A1", utc(2026, 10, 1)), MARKETS, VAT)
+    readings = hourly_readings("M1", utc(2026, 11, 1), 24)
+    readings[10] = replace(readings[10], value=readings[10].value - 2_000)          # register decrease: held
+    ingest(repo, readings)
+    process_readings(repo, store, MARKETS, NOW, tariffs=TARIFFS)
+    held = sum(r.wh for r in store.rows().values() if r.held)
+    assert held != 0
+    pending = sum(wh for wh in store.pending_usage()["A1"].values())
+    assert pending == sum(r.wh for r in store.rows().values() if not r.held)
+    for e in store.exceptions(status="open"):
+        store.resolve_exception(e.id, "release", "meter tested, reads accepted", NOW)
+    process_readings(repo, store, MARKETS, NOW, tariffs=TARIFFS)
+    assert sum(store.pending_usage()["A1"].values()) == pending + held
+    aggs, _ = scratch_aggregates(store, TARIFFS["gb-economy7"], "A1")
+    assert store.pending_aggregates()["A1"] == aggs
+    run = run_billing(store, "2026-11", markets=MARKETS, tariffs=TARIFFS, vat=VAT, issue_date=date(2026, 12, 2), now=NOW)
+    assert sum(u.wh for u in run.items[0].usage) == pending + held
+    rep = reconcile_period(repo, store, "2026-11", markets=MARKETS, default_market="GB", strict=True)
+    assert rep.ok and rep.lines[0].billed_wh == pending + held, rep.format()
