@@ -65,14 +65,19 @@ class GatewayConfig:
     headend_pki_dir: str | None = None      # [headend] pki_dir: enrolled identity -> mutual TLS (gateway/enrol.py)
     headend_server_name: str | None = None  # [headend] server_name: name checked in the head-end certificate
     metrics_listen: str | None = None       # [metrics] listen: HOST:PORT of the Prometheus /metrics endpoint
+    serial_every: int = 96                  # [gateway] serial_every: read the serial number every Nth poll
     config_pull_s: float = 3600.0           # [headend] config_pull_s: pull signed config deltas this often (enrolled)
+    payg: tuple = ()                        # [[payg]]: PAYG meters (gateway/payg_sync.py PaygConfig)
 
 
 def load_config(path: str) -> GatewayConfig:
     root = load_section(path)
-    root.check_known({"gateway", "headend", "bus", "mqtt", "p1", "metrics"})
+    root.check_known({"gateway", "headend", "bus", "mqtt", "p1", "metrics", "payg"})
     gw = root.section("gateway")
-    gw.check_known({"id", "database", "poll_interval_s", "push_batch"})
+    gw.check_known({"id", "database", "poll_interval_s", "push_batch", "serial_every"})
+    serial_every = gw.get("serial_every", int, 96)
+    if serial_every <= 0:
+        raise gw.error("serial_every", "must be a positive number of polls")
     interval = gw.get("poll_interval_s", int, 900)
     if interval <= 0:
         raise gw.error("poll_interval_s", "must be a positive number of seconds")
@@ -159,7 +164,12 @@ def load_config(path: str) -> GatewayConfig:
                            push_batch=gw.get("push_batch", int, 5000), buses=tuple(buses), path=path,
                            mqtt=mqtt, p1=p1, headend_pki_dir=he.get("pki_dir", str, None),
                            headend_server_name=he.get("server_name", str, None), metrics_listen=metrics_listen,
-                           config_pull_s=float(config_pull_s))
+                           config_pull_s=float(config_pull_s), serial_every=serial_every)
+    if "payg" in root.data:                 # [[payg]] PAYG meters (docs/payg.md)
+        from dataclasses import replace as _replace
+
+        from .payg_sync import load_payg_sections
+        config = _replace(config, payg=load_payg_sections(root, set(seen)))
     _check_bus_plans(config, root)
     return config
 
@@ -171,7 +181,8 @@ def _check_bus_plans(config: GatewayConfig, root) -> None:
     except ImportError:  # provided by the read-plan work (issue 3); skipped until it exists
         return
     for bus in config.buses:
-        check_bus(bus, config.poll_interval_s, path=config.path)
+        # the daemon's worst sweep: billing + instantaneous in one merged plan, plus the serial number
+        check_bus(bus, config.poll_interval_s, path=config.path, split_priorities=False, with_serial=True)
 
 
 def _load_p1(root, seen: dict[str, str], ports: set[str]) -> tuple[P1Config, ...]:

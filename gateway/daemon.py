@@ -132,7 +132,11 @@ class Gateway:
         self.workers: list[sched.BusWorker] = []
         self._stats_lock = threading.Lock()
         self._sync_lock = threading.Lock()
-        self._plans: dict[tuple[str, int], list] = {}
+        self._plans: dict[tuple[str, object], list] = {}
+        self._max_block: dict[str, int] = {}      # per meter: block limit learnt from exception 3
+        self.serial_every = int(getattr(config, "serial_every", None) or 96)
+        self._serial_age: dict[str, int] = {}     # per meter: billing reads since the serial was last read
+        self._serial_wanted: set[str] = set()     # meters whose next read checks the serial (error, flags)
         self._refused: dict[str, frozenset[int]] = {}
         self.mqtt = publisher
         if self.mqtt is None and config.mqtt is not None:
@@ -140,6 +144,8 @@ class Gateway:
             self.mqtt = MqttPublisher(config.id, config.mqtt.host, config.mqtt.port,
                                       topic_prefix=config.mqtt.topic_prefix,
                                       queue_size=config.mqtt.queue_size).start()
+        from .payg_sync import hook_for_gateway   # [[payg]] meters: credit control + relay (docs/payg.md)
+        self.payg = hook_for_gateway(self)
 
     def enable_metrics(self):
         """Count into a GatewayMetrics (created here unless set) and expose the parts' own counters
@@ -192,6 +198,8 @@ class Gateway:
                 self.memos.get(meter.id), readings, max_power_w=limit or 0, resolution_wh=resolution,
                 serial=serial, clock_trusted=trusted)
             self.stats.flagged += sum(1 for r in flagged if r.quality)
+        if any(r.quality for r in flagged):
+            self._serial_wanted.add(meter.id)     # implausible values: was the meter exchanged?
         return flagged
 
     def commit(self, polls: list[list]) -> list:
@@ -232,31 +240,72 @@ class Gateway:
             self.stats.read_errors += 1
         self._note(message)
 
-    def _blocks(self, master, meter, priority: int) -> list:
-        key = (meter.id, priority)
+    def _blocks(self, master, meter, priority: int, merged: bool = False) -> list:
+        """The meter's read plan for a job: billing or instantaneous quantities, or (merged) all of
+        them in one plan; within the block limit the meter really accepts (learnt from exception 3)."""
+        key = (meter.id, "merged" if merged else priority)
         if key not in self._plans:
             billing = {q.obis for q in meter.profile.quantities
                        if getattr(q, "billing", q.obis in BILLING_OBIS)}
-            others = {q.obis for q in meter.profile.quantities} - billing
-            only = billing if priority == sched.Priority.BILLING else others
+            every = {q.obis for q in meter.profile.quantities}
+            only = every if merged else billing if priority == sched.Priority.BILLING else every - billing
             self._plans[key] = plan_reads(meter.profile, max_gap=default_max_gap(master, meter.profile),
                                           skip=self._refused.get(meter.id, frozenset()),
-                                          only=frozenset(only)) if only else []
+                                          only=frozenset(only), max_block=self._max_block.get(meter.id)) if only else []
         return self._plans[key]
 
+    def _serial_due(self, meter_id: str) -> bool:
+        """Read the serial number on the first poll, every `serial_every`th poll after it, and on the
+        next poll after a failed read or a plausibility flag (a meter exchange is suspected)."""
+        since = self._serial_age.get(meter_id)
+        return since is None or meter_id in self._serial_wanted or since + 1 >= self.serial_every
+
     def _read_job(self, master, meter, job: sched.Job) -> tuple[list, int | None]:
-        """Execute one scheduled read (billing or instantaneous blocks of one meter)."""
+        """Execute one scheduled read (billing, instantaneous, or both merged into one plan, of one meter)."""
         if job.priority == sched.Priority.INSTANT and self.journal.billing_only:
             return [], None           # disk nearly full: billing registers only
-        blocks = self._blocks(master, meter, job.priority)
-        result = read_meter(master, meter.unit, meter.profile, meter.id, self.clock, blocks=blocks,
-                            refused=self._refused.get(meter.id, frozenset()),
-                            with_serial=job.priority == sched.Priority.BILLING)
+        merged = job.merged and not self.journal.billing_only
+        blocks = self._blocks(master, meter, job.priority, merged)
+        with_serial = job.priority == sched.Priority.BILLING and self._serial_due(meter.id)
+        try:
+            result = read_meter(master, meter.unit, meter.profile, meter.id, self.clock, blocks=blocks,
+                                refused=self._refused.get(meter.id, frozenset()), with_serial=with_serial)
+        except (DeviceError, ProtocolError):
+            self._serial_wanted.add(meter.id)     # after any error: check the serial on the next read
+            raise
+        serial = result.serial
+        if not with_serial and job.priority == sched.Priority.BILLING and self._register_fell(meter.id, result.readings):
+            # a cumulative register went down: an exchanged meter or a fault? its serial number decides, now
+            with_serial = True
+            serial = read_meter(master, meter.unit, meter.profile, meter.id, self.clock, blocks=[],
+                                refused=result.refused, with_serial=True).serial
+        if with_serial:
+            self._serial_age[meter.id] = 0
+            self._serial_wanted.discard(meter.id)
+        elif job.priority == sched.Priority.BILLING:
+            self._serial_age[meter.id] = self._serial_age.get(meter.id, 0) + 1
+        replan = False
         if result.newly_refused:  # remember what this meter refuses: re-plan without it
             self._refused[meter.id] = result.refused
-            for p in (sched.Priority.BILLING, sched.Priority.INSTANT):
-                self._plans.pop((meter.id, p), None)
-        return result.readings, result.serial
+            replan = True
+        if result.max_block is not None and result.max_block < self._max_block.get(meter.id, meter.profile.max_block):
+            self._max_block[meter.id] = result.max_block   # firmware accepts shorter reads than its profile says
+            replan = True
+        if replan:
+            for k in [k for k in self._plans if k[0] == meter.id]:
+                del self._plans[k]
+        readings = result.readings
+        if merged:   # the billing registers' block is read first; journal them first too
+            billing = {q.obis for q in meter.profile.quantities if getattr(q, "billing", q.obis in BILLING_OBIS)}
+            readings = sorted(readings, key=lambda r: r.obis not in billing)
+        return readings, serial
+
+    def _register_fell(self, meter_id: str, readings: list) -> bool:
+        """Any cumulative register below what this meter said last (the memo the journal writer keeps)."""
+        memo = self.memos.get(meter_id)
+        if memo is None:
+            return False
+        return any(r.obis in memo.registers and r.value < memo.registers[r.obis].value for r in readings)
 
     def switch_relay(self, meter_id: str, closed: bool):
         """Queue a relay command on the meter's bus (ahead of every read); returns a Future.
@@ -278,7 +327,8 @@ class Gateway:
             instant = any(not getattr(q, "billing", q.obis in BILLING_OBIS) for q in m.profile.quantities)
             meters.append((m.id, billing, instant))
         return sched.BusSchedule(meters, interval, first, stagger_s=getattr(bus, "stagger_s", 0.0),
-                                 backoff=backoff, rng=self.rng, catch_up_before=catch_up_before)
+                                 backoff=backoff, rng=self.rng, catch_up_before=catch_up_before,
+                                 merge=True)   # billing + instantaneous due together: one merged plan
 
     def poll_once(self) -> int:
         """Read every configured meter once; each meter's readings are journaled in one commit."""
@@ -443,6 +493,8 @@ class Gateway:
             if self.metrics is not None:
                 self.metrics.readings.labels(bus=bus_of[meter.id]).inc(len(outcome.readings[0]))
             polls.put((meter, outcome.readings, clock_trusted(self.clock)))
+            if self.payg is not None:            # PAYG: charge 1.8.0, decide, relay (this bus thread)
+                self.payg.on_poll(meter, outcome.readings[0])
 
         def writer() -> None:
             while True:
@@ -513,6 +565,8 @@ class Gateway:
         watchdog = None
         if notifier is not None and watchdog_s:
             watchdog = Watchdog(notifier, progress, watchdog_s, monotonic, status_text).start()
+        if self.payg is not None:                # PAYG: re-evaluate credit before the first poll
+            self.payg.boot()
         writer_thread.start()
         if self.pusher is not None:
             sync_thread.start()

@@ -256,9 +256,11 @@ def check_bus(bus, poll_interval_s: float, *, path: str | None = None, with_seri
     """`check_bus_plan` for a configured bus (duck-typed: .port .baud .parity .stopbits and
     .meters with .id .profile); None for Modbus TCP, where there is no serial wire to model.
 
-    The defaults model what the gateway daemon sends per interval today: a billing read with the
-    serial number and a separate instantaneous read per meter. Pass `split_priorities=False,
-    with_serial=False` for the fully merged plan (one read per meter-block).
+    The defaults model billing and instantaneous values read as separate jobs, each sweep with the
+    serial number (the daemon before merged reads; 4 requests per SDM630). The daemon now merges
+    both reads when they fall due together and reads the serial every `serial_every`th poll, so
+    the configuration check passes `split_priorities=False` (with the serial: its worst sweep);
+    `split_priorities=False, with_serial=False` is its usual sweep (2 requests per SDM630).
     """
     if str(bus.port).startswith("tcp://"):
         return None

@@ -63,6 +63,7 @@ class Job:
     token: Any = None            # relay: opaque handle of the command (the shell's Future)
     closed: bool | None = None   # relay: True connects, False disconnects
     attempt: int = 1
+    merged: bool = False         # BILLING job that also reads the instantaneous values (one merged plan)
 
     def sort_key(self) -> tuple:
         return (self.priority, self.retry, self.due, self.order)
@@ -111,13 +112,17 @@ class BusSchedule:
     def __init__(self, meters: Iterable[tuple[str, bool, bool]], interval_s: int, first: datetime, *,
                  stagger_s: float = 0.0, backoff: BackoffPolicy | None = None,
                  rng: random.Random | None = None, relay_attempts: int = 5,
-                 catch_up_before: datetime | None = None) -> None:
+                 catch_up_before: datetime | None = None, merge: bool = False) -> None:
         """`meters`: (meter id, has billing quantities, has instantaneous quantities) in bus order.
 
         Grid instants that pass while a meter is busy or backing off are skipped (counted in
         `missed`): polling them late would only repeat the same values. The exception is a backlog
         the caller asked for: instants before `catch_up_before` (e.g. an explicit first poll in the
         past when the daemon starts) are each polled once, at once.
+
+        `merge`: a meter whose billing and instantaneous reads fall due together gets ONE job
+        (BILLING priority, `merged=True`) so the shell reads both in one merged plan (fewer
+        requests); relay commands still go first. Reads due apart keep their own priorities.
         """
         meters = list(meters)
         if interval_s <= 0:
@@ -127,6 +132,7 @@ class BusSchedule:
         self.rng = rng if rng is not None else random.Random(0)
         self.relay_attempts = relay_attempts
         self.catch_up_before = catch_up_before
+        self.merge = merge
         offsets = stagger_offsets([m for m, _, _ in meters], stagger_s)
         self.slots: dict[str, MeterSlot] = {}
         for i, (mid, billing, instant) in enumerate(meters):
@@ -156,10 +162,13 @@ class BusSchedule:
             s.next_poll = nxt
             s.retry_at = None
             jobs = []
-            if s.has_billing:
-                jobs.append(Job(Priority.BILLING, s.meter_id, due, s.order, retry))
-            if s.has_instant:
-                jobs.append(Job(Priority.INSTANT, s.meter_id, due, s.order, retry))
+            if self.merge and s.has_billing and s.has_instant:
+                jobs.append(Job(Priority.BILLING, s.meter_id, due, s.order, retry, merged=True))
+            else:
+                if s.has_billing:
+                    jobs.append(Job(Priority.BILLING, s.meter_id, due, s.order, retry))
+                if s.has_instant:
+                    jobs.append(Job(Priority.INSTANT, s.meter_id, due, s.order, retry))
             if jobs:
                 s.busy = True
                 self.pending.extend(jobs)
