@@ -93,3 +93,21 @@ def test_the_bus_model_prices_the_merged_plan_the_daemon_now_sends():
     split = check_bus(bus, 900)
     assert merged.requests == 20 and split.requests == 40
     assert merged.wire_time_s < split.wire_time_s
+
+
+def test_a_meter_that_accepts_shorter_reads_than_its_profile_is_replanned_once_with_the_learnt_limit(tmp_path):
+    import dataclasses
+    clock, meters, server, gw = setup(tmp_path, serial_every=96)
+    strict = dataclasses.replace(load_profile("eastron_sdm630"), max_block=20)     # firmware below its datasheet
+    meters[1] = MeterModel.starting_at(strict, clock, unit=1, seed=1, import_wh=10_000)
+    server.meters[1] = meters[1]
+    try:
+        first = sweep(gw, server, START)               # 24-register block refused (exception 3), split
+        later = [sweep(gw, server, START + i * INTERVAL) for i in (1, 2)]
+        assert gw._max_block["E-1"] <= 20
+        assert later[0] == later[1] < first            # re-planned within the limit: no refused requests
+        assert gw.stats.read_errors == 0
+        assert gw.stats.readings == 3 * len(strict.quantities)
+    finally:
+        gw.close()
+        server.stop()
