@@ -292,6 +292,7 @@ class PaygMeter:
         self.blacklist: T.Blacklist | None = None
         self.journal: list[tuple[C.CreditEvent, str | None]] = []   # (event, relay command id)
         self.unpublished: list[CrmRecord] = []
+        self.defer_decisions = False              # True until boot: grants/tokens applied, relay untouched
         self._load()
 
     # ---------------------------------------------------------------- persistence
@@ -381,6 +382,7 @@ class PaygMeter:
             self._charge(import_wh, now)
         elif import_wh is not None:
             self.last_import_wh = import_wh
+        self.defer_decisions = False
         log.info("meter %s boot: relay reads %s, credit %d, available %d", self.meter_id, read_back,
                  self.state.credit_balance, self.state.available_credit)
         return self._enforce(C.reevaluate(self.state, self.friendly, now, relay_read_back=read_back))
@@ -396,6 +398,12 @@ class PaygMeter:
         self.state, events = C.charge(self.state, delta, self.price, now)
         self.last_import_wh = import_wh
         self._emit(events)
+
+    def charge_reading(self, import_wh: int) -> None:
+        """Charge a new 1.8.0 value without deciding yet (the shell may ask for a grant first, so an
+        exhausted window is refilled before any relay moves); call `evaluate` after."""
+        self._charge(import_wh, self.clock.now())
+        self._save()
 
     def on_reading(self, import_wh: int) -> C.Decision:
         """A new 1.8.0 import register value (Wh): charge the consumption since the last one, then decide."""
@@ -430,6 +438,9 @@ class PaygMeter:
     def _then_decide(self, new_state: C.AccountState, events) -> list[C.CreditEvent]:
         self.state = new_state
         self._emit(events)
+        if self.defer_decisions:
+            self._save()
+            return list(events)
         decision = self.evaluate()
         return list(events) + list(decision.events)
 

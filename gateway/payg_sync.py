@@ -162,4 +162,229 @@ class CreditSession:
         return applied
 
 
-__all__ = ["CreditSession", "SyncResult", "usage_to_proto"]
+
+
+# --------------------------------------------------------------------------- daemon wiring ([[payg]])
+
+@dataclass(frozen=True)
+class PaygConfig:
+    """One ``[[payg]]`` table of gateway.toml (see docs/payg.md)."""
+
+    meter_id: str
+    account: str
+    currency: str = "GBP"
+    price_minor_per_kwh: str = "0"            # gross (VAT included) unit price the gateway charges
+    market: str | None = None                 # TOML with [prepayment] and [friendly_credit]
+    token_public_key: str | None = None       # head-end token key: 64 hex digits (raw Ed25519)
+    state_dir: str = "var/payg"
+    sync_s: float = 900.0                     # credit-control exchange at most this often (clock seconds)
+    timeout_s: float = 5.0
+
+
+def load_payg_sections(root, meter_ids: set[str]) -> tuple[PaygConfig, ...]:
+    """Parse ``[[payg]]`` tables (called by gateway/config.py); paths are relative to the config file."""
+    from decimal import InvalidOperation, Decimal
+
+    base = Path(root.path).parent
+    out, seen = [], set()
+    for sec in root.sections("payg"):
+        sec.check_known({"meter_id", "account", "currency", "price_minor_per_kwh", "market", "token_public_key",
+                         "state_dir", "sync_s", "timeout_s"})
+        meter = sec.get("meter_id", str)
+        if meter not in meter_ids:
+            raise sec.error("meter_id", f"meter {meter!r} is not configured on any [[bus]]")
+        if meter in seen:
+            raise sec.error("meter_id", f"meter {meter!r} has two [[payg]] tables")
+        seen.add(meter)
+        price = str(sec.get("price_minor_per_kwh", (str, int), "0"))
+        try:
+            if Decimal(price) < 0:
+                raise InvalidOperation
+        except InvalidOperation:
+            raise sec.error("price_minor_per_kwh", f"{price!r} is not a non-negative decimal") from None
+        market = sec.get("market", str, None)
+        if market is not None and not Path(market).is_absolute():
+            market = str(base / market)
+        state_dir = sec.get("state_dir", str, "var/payg")
+        sync_s = float(sec.get("sync_s", (int, float), 900))
+        if sync_s <= 0:
+            raise sec.error("sync_s", "must be a positive number of seconds")
+        out.append(PaygConfig(meter, sec.get("account", str), sec.get("currency", str, "GBP"), price, market,
+                              sec.get("token_public_key", str, None), state_dir, sync_s,
+                              float(sec.get("timeout_s", (int, float), 5.0))))
+    return tuple(out)
+
+
+def load_market(path: str | None, currency: str):
+    """(PrepaymentConfig, FriendlyConfig | None) from a market TOML: [prepayment] keys are the
+    `credit.PrepaymentConfig` fields; [friendly_credit] as in docs/payg.md."""
+    import dataclasses
+
+    from meterlink.config import load_section
+
+    from .friendly import friendly_config_from_mapping
+    if path is None:
+        return C.PrepaymentConfig(currency=currency), None
+    root = load_section(path)
+    root.check_known({"prepayment", "friendly_credit"})
+    pre = root.section("prepayment", required=False)
+    pre.check_known({f.name for f in dataclasses.fields(C.PrepaymentConfig)})
+    cfg = C.PrepaymentConfig(**{"currency": currency, **pre.data})
+    friendly = None
+    if "friendly_credit" in root.data:
+        friendly = friendly_config_from_mapping(root.data["friendly_credit"], source=f"{path}: friendly_credit")
+    return cfg, friendly
+
+
+class PaygDaemonHook:
+    """Runs the PAYG meters of a `Gateway` inside its bus threads.
+
+    Everything PAYG of one meter runs on the thread of the bus that meter is on, after that bus's
+    reads: the relay coil is written through that bus's Modbus master (no second thread touches
+    the port; a queued `Gateway.switch_relay` would wait on the very thread that must execute it),
+    and the credit-control exchange (bounded by `timeout_s`, at most every `sync_s`, sooner when
+    the window is exhausted or the grant expired) happens there too. Credit, relay and card events
+    are appended to the hash-chained journal as ``credit.*`` / ``relay.*`` events.
+    """
+
+    def __init__(self, gateway, configs: tuple[PaygConfig, ...], *, channel: grpc.Channel | None = None,
+                 publish=None) -> None:
+        from decimal import Decimal
+
+        from .payg import RelaySwitch
+        self.gateway, self.clock = gateway, gateway.clock
+        self.meters: dict[str, PaygMeter] = {}
+        self.sessions: dict[str, CreditSession] = {}
+        self.configs = {c.meter_id: c for c in configs}
+        self.next_sync: dict[str, object] = {}
+        self._journaled: dict[str, int] = {}
+        where = {m.id: (bus, master, m) for bus, master in zip(gateway.config.buses, gateway.masters)
+                 for m in bus.meters}
+        for c in configs:
+            bus, master, meter = where[c.meter_id]
+            if meter.profile.relay_coil is None:
+                raise ValueError(f"PAYG meter {c.meter_id}: profile {meter.profile.name} has no relay coil")
+            cfg, friendly = load_market(c.market, c.currency)
+            key = bytes.fromhex(c.token_public_key) if c.token_public_key else bytes(32)
+            state_dir = Path(c.state_dir)
+            pm = PaygMeter(c.meter_id, RelaySwitch(master, meter.unit, meter.profile.relay_coil, meter_id=c.meter_id),
+                           self.clock, cfg=cfg, friendly=friendly, price=Decimal(c.price_minor_per_kwh),
+                           head_end_key=key, state_path=state_dir / f"{c.meter_id}.json", publish=publish,
+                           gateway_id=gateway.config.id)
+            self.meters[c.meter_id] = pm
+            self.sessions[c.meter_id] = CreditSession(pm, channel, gateway_id=gateway.config.id, account=c.account,
+                                                      currency=c.currency,
+                                                      state_path=state_dir / f"{c.meter_id}.cc.json",
+                                                      timeout=c.timeout_s)
+            self._journaled[c.meter_id] = 0
+        self.where = where
+
+    def boot(self) -> None:
+        """Before the first poll: read each PAYG meter's relay and register, re-evaluate, then switch."""
+        from .payg import read_import_wh
+        for mid, pm in self.meters.items():
+            bus, master, meter = self.where[mid]
+            try:
+                pm.defer_decisions = True         # the grant and tokens first, then ONE decision
+                self.exchange(mid)
+                pm.boot(read_import_wh(master, meter.unit, meter.profile))
+            except Exception as exc:  # noqa: BLE001 - a meter that cannot boot decides at its next reading
+                pm.defer_decisions = False
+                log.error("PAYG meter %s: boot failed: %s", mid, exc)
+            self._journal(mid)
+
+    def on_poll(self, meter, readings) -> None:
+        """Bus thread, after a successful read of `meter`: charge the 1.8.0 register, maybe sync."""
+        pm = self.meters.get(meter.id)
+        if pm is None:
+            return
+        for r in readings:
+            if getattr(r, "obis", None) == "1.8.0" and getattr(r, "unit", "Wh") == "Wh":
+                try:
+                    pm.charge_reading(int(r.value))
+                except Exception as exc:  # noqa: BLE001 - PAYG must never stop the bus
+                    log.error("PAYG meter %s: reading %s not charged: %s", meter.id, r.value, exc)
+                break
+        due = self.next_sync.get(meter.id)
+        st = pm.state
+        urgent = st.exhausted or st.grant_expiry_reported or st.in_flight is not None
+        now = self.clock.now()
+        if due is None or now >= due or (urgent and now >= self._retry_at(meter.id)):
+            self.exchange(meter.id)           # a grant first: an exhausted window is refilled before deciding
+        try:
+            pm.evaluate()
+        except Exception as exc:  # noqa: BLE001
+            log.error("PAYG meter %s: evaluation failed: %s", meter.id, exc)
+        self._journal(meter.id)
+
+    def _retry_at(self, mid: str):
+        return getattr(self, "_retry", {}).get(mid, self.clock.now())
+
+    def exchange(self, mid: str) -> SyncResult:
+        from datetime import timedelta
+        res = self.sessions[mid].sync()
+        if res.outcome == "no_grant" and not self.sessions[mid].open:
+            res = self.sessions[mid].sync() if res.tokens_applied else res   # report the tokens at once
+        c = self.configs[mid]
+        now = self.clock.now()
+        self.next_sync[mid] = now + timedelta(seconds=c.sync_s)
+        if not hasattr(self, "_retry"):
+            self._retry = {}
+        # offline or refused: urgent retries at most every sync_s / 10
+        self._retry[mid] = now + timedelta(seconds=c.sync_s / 10 if res.outcome in ("offline", "refused")
+                                           else 0)
+        return res
+
+    def _journal(self, mid: str) -> None:
+        from meterlink.chain import Event
+        pm = self.meters[mid]
+        new = pm.journal[self._journaled[mid]:]
+        if not new:
+            return
+        events = []
+        for e, cid in new:
+            payload = {"kind": e.kind, **{k: v for k, v in _jsonable_event(e).items()}}
+            if cid:
+                payload["command_id"] = cid
+            name = ("relay.open" if isinstance(e, C.Disconnected) else "relay.close" if isinstance(e, C.Reconnected)
+                    else "card.topup" if isinstance(e, C.TopUpApplied) and e.reference.startswith("card:")
+                    else f"credit.{_snake(e.kind)}")
+            events.append(Event(name, mid, e.at, json.dumps(payload, sort_keys=True,
+                                                            separators=(",", ":")).encode()))
+        try:
+            self.gateway.journal.append(events)
+            self._journaled[mid] = len(pm.journal)
+        except Exception as exc:  # noqa: BLE001 - retried with the next reading
+            log.error("PAYG meter %s: %d event(s) not journaled yet: %s", mid, len(events), exc)
+
+
+def _snake(name: str) -> str:
+    return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
+
+
+def _jsonable_event(e) -> dict:
+    import dataclasses
+    from .payg import _jsonable
+    return {f.name: _jsonable(getattr(e, f.name)) for f in dataclasses.fields(e)}
+
+
+__all__ = ["CreditSession", "PaygConfig", "PaygDaemonHook", "SyncResult", "load_market", "load_payg_sections",
+           "usage_to_proto"]
+
+
+def hook_for_gateway(gateway) -> PaygDaemonHook | None:
+    """The PAYG hook a `Gateway` with ``[[payg]]`` tables needs (None without): credit control over
+    the head-end channel (mutual TLS when enrolled), CRM events over MQTT when ``[mqtt]`` is set."""
+    configs = getattr(gateway.config, "payg", ())
+    if not configs:
+        return None
+    from .enrol import headend_channel
+    cfg = gateway.config
+    channel = headend_channel(cfg) if cfg.headend else None
+    if channel is None and cfg.headend:
+        channel = grpc.insecure_channel(cfg.headend)
+    publish = None
+    if cfg.mqtt is not None:
+        from .payg import MqttPublisher
+        publish = MqttPublisher(cfg.mqtt.host, cfg.mqtt.port, client_id=f"{cfg.id}-payg")
+    return PaygDaemonHook(gateway, configs, channel=channel, publish=publish)

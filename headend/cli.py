@@ -41,6 +41,11 @@ def cmd_serve(args) -> int:
     if getattr(args, "metrics_listen", None):   # Prometheus /metrics: records, duplicates, refusals, latency
         from meterlink.metrics import HeadendMetrics
         metrics = HeadendMetrics.create()
+    if getattr(args, "payg", False):               # PAYG credit control + vending on the same server
+        from . import service as _service
+        from .payg_service import policy_from_args, serve_hook
+        _service.SERVER_HOOKS.append(serve_hook(args.database or cfg.database, clock,
+                                                token_key_path=args.payg_token_key, policy=policy_from_args(args)))
     secure = start_secure(args, args.listen or cfg.listen, repo, clock, metrics=metrics)   # mTLS when [pki] is configured
     if secure is not None:
         server, port = secure.server, secure.port
@@ -355,6 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--database", help="sqlite:///PATH or postgresql://USER@HOST:PORT/DBNAME, overrides the "
                        "config (PostgreSQL: run `migrate` first)")
     serve.add_argument("--clock", default="system", help="system | sim:ISO | scaled:ISO,SPEED[,ANCHOR_UNIX]")
+    serve.add_argument("--payg", action="store_true",
+                       help="also serve PAYG credit control (gateways) and vending (docs/payg.md)")
+    serve.add_argument("--payg-token-key", help="Ed25519 PEM signing the top-up tokens delivered in answers")
+    serve.add_argument("--payg-grant-validity-s", type=int, help="grant validity time in seconds (default 6 h)")
+    serve.add_argument("--payg-min-grant", type=int, help="smallest grant, minor units (default 100)")
+    serve.add_argument("--payg-max-grant", type=int, help="largest grant, minor units (default 5000)")
+    serve.add_argument("--payg-burn-rate", help="initial burn rate, minor units per hour (default 20)")
     serve.add_argument("--pki-dir", help="serve mutual TLS with the head-end CA in this directory (or [pki] dir)")
     serve.add_argument("--enrol-listen", help="HOST:PORT of the server-TLS enrolment port, overrides [pki]")
     serve.add_argument("--metrics-listen", help="HOST:PORT of a Prometheus /metrics endpoint, e.g. 127.0.0.1:9109 "

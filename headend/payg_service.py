@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 
 import grpc
 
@@ -41,6 +42,11 @@ METER_NOT_BOUND = "METER_NOT_BOUND"
 _FUA_TO_PB = {None: payg_pb2.FINAL_UNIT_ACTION_NONE, CC.FinalUnitAction.TERMINATE: payg_pb2.FINAL_UNIT_ACTION_TERMINATE,
               CC.FinalUnitAction.REDIRECT: payg_pb2.FINAL_UNIT_ACTION_REDIRECT,
               CC.FinalUnitAction.RESTRICT_ACCESS: payg_pb2.FINAL_UNIT_ACTION_RESTRICT_ACCESS}
+
+
+def _ms(now):
+    """The ledger keeps milliseconds."""
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
 def request_from_proto(pb: payg_pb2.CreditControlRequest, rtype: CC.RequestType) -> CC.CreditControlRequest:
@@ -101,8 +107,7 @@ class CreditControlService(payg_pb2_grpc.CreditControlServicer):
     def _handle(self, request, context, rtype: CC.RequestType) -> payg_pb2.CreditControlAnswer:
         self._check(request, context)
         req = request_from_proto(request, rtype)
-        now = self.clock.now()
-        now = now.replace(microsecond=now.microsecond // 1000 * 1000)     # the ledger keeps milliseconds
+        now = _ms(self.clock.now())
         with self.store.transaction():
             out = self.cc.handle(req, now)
             if out.session is not None and req.tokens:
@@ -139,7 +144,7 @@ class VendingService(payg_pb2_grpc.VendingServicer):
         return payg_pb2.ChallengeReply(challenge=self.store.issue_challenge(self.clock.now()))
 
     def Authorise(self, request, context):
-        now = self.clock.now()
+        now = _ms(self.clock.now())
         sale = V.SaleRequest(request.sale_id, request.vendor_id, request.card_id, request.account_id,
                              request.amount_minor, request.currency, request.challenge, request.card_signature)
         result = self.store.authorise(sale, now)
@@ -156,7 +161,7 @@ class VendingService(payg_pb2_grpc.VendingServicer):
                                        vat_on_commission_minor=result.sale.vat_on_commission_minor, token=token)
 
     def Reverse(self, request, context):
-        result = self.store.reverse(request.vendor_id, request.sale_id, request.reversal_id, self.clock.now(),
+        result = self.store.reverse(request.vendor_id, request.sale_id, request.reversal_id, _ms(self.clock.now()),
                                     request.reason)
         if isinstance(result, V.Refusal):
             return payg_pb2.ReverseReply(reversed=False, reason=result.reason.value, detail=result.detail)
@@ -183,5 +188,45 @@ def add_to_server(server: grpc.Server, store: S.PaygStore, clock: Clock, policy:
     return PaygServices(cc, vending)
 
 
+def serve_hook(database: str, clock: Clock, *, token_key_path: str | None = None,
+               policy: CC.GrantPolicy | None = None):
+    """A `service.SERVER_HOOKS` entry for `meterlink-headend serve --payg`: registers both PAYG
+    services on every server `make_server` builds, guarded by the gateway interceptor's registry
+    when the server has one (mutual TLS)."""
+    from pathlib import Path
+
+    from cryptography.hazmat.primitives import serialization
+
+    from meterlink.errors import ConfigError
+
+    from .gatewayauth import GatewayAuthInterceptor
+
+    key = None
+    if token_key_path:
+        try:
+            key = serialization.load_pem_private_key(Path(token_key_path).read_bytes(), None)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"PAYG token signing key: {exc}", path=token_key_path) from None
+    store = S.PaygStore(database)
+
+    def hook(server: grpc.Server, interceptors=()) -> None:
+        auth = next((i for i in interceptors if isinstance(i, GatewayAuthInterceptor)), None)
+        server.payg_services = add_to_server(server, store, clock, policy, token_key=key,
+                                             registry=auth.registry if auth is not None else None, auth=auth)
+    hook.store = store
+    return hook
+
+
+def policy_from_args(args) -> CC.GrantPolicy:
+    """The grant policy from `serve --payg-*` options (defaults: `GrantPolicy()`)."""
+    d = CC.GrantPolicy()
+    return CC.GrantPolicy(
+        validity=timedelta(seconds=args.payg_grant_validity_s) if args.payg_grant_validity_s else d.validity,
+        min_grant_minor=args.payg_min_grant if args.payg_min_grant is not None else d.min_grant_minor,
+        max_grant_minor=args.payg_max_grant if args.payg_max_grant is not None else d.max_grant_minor,
+        initial_burn_rate_minor_per_h=(args.payg_burn_rate if args.payg_burn_rate is not None
+                                       else d.initial_burn_rate_minor_per_h))
+
+
 __all__ = ["CreditControlService", "PaygServices", "VENDING_METHODS", "VendingService", "add_to_server",
-           "answer_to_proto", "request_from_proto"]
+           "answer_to_proto", "policy_from_args", "request_from_proto", "serve_hook"]

@@ -124,9 +124,14 @@ class GatewaySyncService(sync_pb2_grpc.GatewaySyncServicer):
                 readings = [StoredRecord(gw, r.seq, r.prev_hash, r.body) for r in verdict.new
                             if isinstance(r.body, Reading)]
                 try:
-                    if readings:
-                        self.repo.ingest(gw, readings, now_ms)
-                    acked = self.chain.commit(gw, head_seq, verdict.new, now_ms, verdict.new_hashes)
+                    store_both = getattr(self.chain, "commit_with_readings", None)
+                    if store_both is not None:   # one transaction when both share a SQLite file
+                        acked = store_both(self.repo, gw, head_seq, verdict.new, now_ms, verdict.new_hashes,
+                                           readings)
+                    else:
+                        if readings:
+                            self.repo.ingest(gw, readings, now_ms)
+                        acked = self.chain.commit(gw, head_seq, verdict.new, now_ms, verdict.new_hashes)
                 except HeadMoved:
                     continue      # another replica/request advanced the head: verify again
                 except MeterlinkError as exc:
@@ -150,6 +155,11 @@ class GatewaySyncService(sync_pb2_grpc.GatewaySyncServicer):
         return sync_pb2.PushAck(acked_seq=head_seq, refused=int(verdict.refusal), detail=verdict.detail)
 
 
+# Callables (server, interceptors) -> None run by `make_server` before the server starts, e.g. the
+# PAYG services of `meterlink-headend serve --payg` (headend/payg_service.py serve_hook).
+SERVER_HOOKS: list = []
+
+
 def make_server(repo: ReadingRepository, clock: Clock, listen: str, workers: int = 8,
                 chain: SqliteChainStore | None = None, metrics=None,
                 credentials: grpc.ServerCredentials | None = None,
@@ -165,6 +175,8 @@ def make_server(repo: ReadingRepository, clock: Clock, listen: str, workers: int
     service = GatewaySyncService(repo, clock, chain, metrics, public_key)
     server.sync_service = service  # for callers that need the chain store (tests, CLI)
     sync_pb2_grpc.add_GatewaySyncServicer_to_server(service, server)
+    for hook in SERVER_HOOKS:      # further services on the same server (PAYG credit control, ...)
+        hook(server, tuple(interceptors))
     port = server.add_secure_port(listen, credentials) if credentials else server.add_insecure_port(listen)
     if port == 0:
         raise MeterlinkError(f"cannot listen on {listen}")
