@@ -7,11 +7,12 @@ Usage:
 
 Core: every call goes through the real shell path (PaygStore on a SQLite file in WAL mode, one
 BEGIN IMMEDIATE transaction per request, Ed25519 card verification for sales).
-gRPC: a server process (this file with --serve) exposes the same two calls as unary gRPC methods
-with JSON bodies over TLS (self-signed cert made here); the client process sends at a fixed
-open-loop rate (default 1000/s) and reports p50/p99, then runs closed-loop with several threads to
-find the maximum sustained rate. The JSON-over-gRPC methods are a benchmark harness, not the
-product's API (which has no PAYG proto yet).
+gRPC: a server process (this file with --serve) runs the real head-end mutual-TLS server (gateway
+interceptor + registry) with the product's PAYG services (proto/meterlink/v1/payg.proto,
+headend/payg_service.py); the client process enrols as a gateway (one gateway, 200 provisioned
+meters bound to 200 accounts), sends CreditControl Reserve/Update and Vending Authorise at a fixed
+open-loop rate (default 1000/s) and reports p50/p99 and the result codes, then runs closed-loop
+with several threads to find the maximum sustained rate.
 """
 
 from __future__ import annotations
@@ -132,101 +133,120 @@ def bench_core(n: int) -> None:
     report("gateway token verify + apply (pure core)", samples)
 
 
-# --------------------------------------------------------------------------- gRPC over TLS
-
-SERVICE = "meterlink.bench.payg.v1.Payg"
-
-
-def make_cert(directory: Path) -> tuple[bytes, bytes]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.now(UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(minutes=5))
-            .not_valid_after(now + timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-            .sign(key, hashes.SHA256()))
-    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    (directory / "cert.pem").write_bytes(cert_pem)
-    (directory / "key.pem").write_bytes(key_pem)
-    return cert_pem, key_pem
-
+# --------------------------------------------------------------------------- gRPC over mutual TLS
 
 def serve(directory: str) -> int:
-    import grpc
+    """Server process: the real head-end mutual-TLS server (sync + config + PAYG services, gateway
+    interceptor and registry), seeded like `Service`; one gateway provisioned with every meter."""
+    from meterlink import pki
+    from meterlink.clock import SystemClock
+    from meterlink.headend import payg_service
+    from meterlink.headend.enrolment import make_secure_servers
+    from meterlink.headend.registry import open_registry
+    from meterlink.headend.store import open_repository
     d = Path(directory)
-    svc = Service(f"sqlite:///{d}/headend.db")
-    start = time.monotonic()
-
-    def now() -> datetime:     # simulated instant advancing with real time (bench only)
-        return T0 + timedelta(seconds=round(time.monotonic() - start, 3))
-
-    def cc(req, ctx):
-        return {"ok": svc.credit_control(req["account"], now())}
-
-    def challenge(req, ctx):
-        return {"challenge": svc.store.issue_challenge(now()).hex()}
-
-    def authorise(req, ctx):
-        r = V.SaleRequest(req["sale_id"], req["vendor_id"], req["card_id"], req["account_id"], req["amount_minor"],
-                          req["currency"], bytes.fromhex(req["challenge"]), bytes.fromhex(req["signature"]))
-        return {"ok": svc.authorise(r, now())}
-
-    ser, de = (lambda o: json.dumps(o).encode()), (lambda b: json.loads(b))
-    handlers = {name: grpc.unary_unary_rpc_method_handler(fn, request_deserializer=de, response_serializer=ser)
-                for name, fn in (("CreditControl", cc), ("Challenge", challenge), ("Authorise", authorise))}
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    creds = grpc.ssl_server_credentials([((d / "key.pem").read_bytes(), (d / "cert.pem").read_bytes())])
-    port = server.add_secure_port("127.0.0.1:0", creds)
-    server.start()
-    print(port, flush=True)
+    clock = SystemClock()
+    db = f"sqlite:///{d}/headend.db"
+    svc = Service(db)
+    now = clock.now().replace(microsecond=0)
+    for i in range(ACCOUNTS):
+        svc.store.bind_meter(f"M-ACC{i:04d}", f"ACC{i:04d}", now)
+    repo, registry = open_repository(db), open_registry(db)
+    keys = pki.ensure_headend_pki(d / "pki", ["localhost", "127.0.0.1"], now)
+    servers = make_secure_servers(repo, clock, keys, registry, "127.0.0.1:0", "127.0.0.1:0")
+    payg_service.add_to_server(servers.server, svc.store, clock,
+                               CC.GrantPolicy(max_grant_minor=500, min_grant_minor=50), registry=registry,
+                               auth=servers.auth)
+    servers.start()
+    code = registry.add("gw-bench", now)
+    registry.provision("gw-bench", [f"M-ACC{i:04d}" for i in range(ACCOUNTS)], [], now)
+    print(json.dumps({"port": servers.port, "enrol_port": servers.enrol_port, "code": code,
+                      "ca": keys.ca_fingerprint}), flush=True)
     sys.stdin.read()               # runs until the client closes our stdin
-    server.stop(0)
+    servers.stop(0)
     return 0
 
 
 def bench_grpc(rate: int, seconds: float) -> None:
     import grpc
+
+    from meterlink.gateway.enrol import enroll, secure_channel
+    from meterlink.v1 import payg_pb2, payg_pb2_grpc
     with tempfile.TemporaryDirectory() as tmp:
-        cert, _ = make_cert(Path(tmp))
         proc = subprocess.Popen([sys.executable, __file__, "--serve", tmp], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, text=True)
         try:
-            port = int(proc.stdout.readline())
-            channel = grpc.secure_channel(f"localhost:{port}", grpc.ssl_channel_credentials(root_certificates=cert))
-            ser, de = (lambda o: json.dumps(o).encode()), (lambda b: json.loads(b))
-            call = {m: channel.unary_unary(f"/{SERVICE}/{m}", request_serializer=ser, response_deserializer=de)
-                    for m in ("CreditControl", "Challenge", "Authorise")}
+            info = json.loads(proc.stdout.readline())
+            identity = enroll(f"127.0.0.1:{info['enrol_port']}", info["code"], Path(tmp) / "gw",
+                              ca_fingerprint=info["ca"])
+            channel = secure_channel(f"127.0.0.1:{info['port']}", identity)
             grpc.channel_ready_future(channel).result(timeout=10)
+            cc = payg_pb2_grpc.CreditControlStub(channel)
+            vend = payg_pb2_grpc.VendingStub(channel)
             card = Ed25519PrivateKey.from_private_bytes(CARD_SEED)
-            for i in range(200):                                    # warm up TLS, threads, SQLite
-                call["CreditControl"]({"account": f"ACC{i % ACCOUNTS:04d}"})
+            numbers: dict[str, int] = {}
+            nlock = threading.Lock()
+            codes: dict[int, int] = {}
 
-            def sale_body(i: int, tag: str) -> dict:
-                ch = bytes.fromhex(call["Challenge"]({})["challenge"])
+            def cc_request(i: int):
+                acc = f"ACC{i % ACCOUNTS:04d}"
+                with nlock:
+                    n = numbers.get(acc, 0)
+                    numbers[acc] = n + 1
+                used = payg_pb2.UsedUnits(used_minor=40, used_wh=1600) if n else None
+                req = payg_pb2.CreditControlRequest(gateway_id="gw-bench", session_id=f"S-{acc}", request_number=n,
+                                                    account_id=acc, meter_id=f"M-{acc}", currency="GBP", used=used)
+                return cc.Reserve if n == 0 else cc.Update, req
+
+            class CC_call:
+                """`fn(body)` / `fn.future(body)` over the right RPC for the session's next request."""
+                def __call__(self, i):
+                    m, req = cc_request(i)
+                    return m(req, timeout=30)
+
+                def future(self, i):
+                    m, req = cc_request(i)
+                    f = m.future(req, timeout=30)
+                    f.add_done_callback(lambda f: codes.__setitem__(f.result().result_code,
+                                                                     codes.get(f.result().result_code, 0) + 1))
+                    return f
+
+            class Auth_call:
+                def __call__(self, body):
+                    return vend.Authorise(body, timeout=30)
+
+                def future(self, body):
+                    f = vend.Authorise.future(body, timeout=30)
+                    f.add_done_callback(lambda f: codes.__setitem__(
+                        "authorised" if f.result().authorised else f.result().reason,
+                        codes.get("authorised" if f.result().authorised else f.result().reason, 0) + 1))
+                    return f
+
+            def sale_body(i: int, tag: str):
+                ch = vend.Challenge(payg_pb2.ChallengeRequest(vendor_id="SHOP1"), timeout=10).challenge
                 r = sale_request(ch, i, card, tag)
-                return {"sale_id": r.sale_id, "vendor_id": r.vendor_id, "card_id": r.card_id,
-                        "account_id": r.account_id, "amount_minor": r.amount_minor, "currency": r.currency,
-                        "challenge": r.challenge.hex(), "signature": r.signature.hex()}
+                return payg_pb2.AuthoriseRequest(vendor_id=r.vendor_id, sale_id=r.sale_id, card_id=r.card_id,
+                                                 account_id=r.account_id, amount_minor=r.amount_minor,
+                                                 currency=r.currency, challenge=r.challenge,
+                                                 card_signature=r.signature)
 
+            ccall, acall = CC_call(), Auth_call()
+            for i in range(2 * ACCOUNTS):                           # warm up: every session reserved
+                ccall(i)
             for r in (rate, rate // 4):                               # the goal rate, and a quarter of it
                 n = int(r * seconds)
-                lat = open_loop(call["CreditControl"], [{"account": f"ACC{i % ACCOUNTS:04d}"} for i in range(n)], r)
-                report(f"gRPC/TLS credit control @ {r}/s open loop", lat[0], f"achieved {lat[1]:.0f}/s")
+                codes.clear()
+                lat = open_loop(ccall, list(range(n)), r)
+                report(f"gRPC/mTLS credit control @ {r}/s open loop", lat[0],
+                       f"achieved {lat[1]:.0f}/s results {dict(codes)}")
                 bodies = [sale_body(i, f"o{r}-") for i in range(n)]     # challenges fetched beforehand
-                lat = open_loop(call["Authorise"], bodies, r)
-                report(f"gRPC/TLS top-up authorisation @ {r}/s open loop", lat[0], f"achieved {lat[1]:.0f}/s")
+                codes.clear()
+                lat = open_loop(acall, bodies, r)
+                report(f"gRPC/mTLS top-up authorisation @ {r}/s open loop", lat[0],
+                       f"achieved {lat[1]:.0f}/s results {dict(codes)}")
             for threads in (4, 16):
-                done = closed_loop(call["CreditControl"], lambda i: {"account": f"ACC{i % ACCOUNTS:04d}"}, threads,
-                                   seconds)
-                print(f"gRPC/TLS credit control closed loop {threads:2d} threads: {done:7.0f} req/s sustained",
+                done = closed_loop(ccall, lambda i: i, threads, seconds)
+                print(f"gRPC/mTLS credit control closed loop {threads:2d} threads: {done:7.0f} req/s sustained",
                       flush=True)
             channel.close()
         finally:
