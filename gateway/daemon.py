@@ -445,6 +445,20 @@ class Gateway:
                 self.metrics.disk_alarm.set(0)
             log.warning("journal %s: disk pressure gone; polling every register again", self.config.database)
 
+    @staticmethod
+    def _watch_p1(worker, liveness) -> None:
+        """A P1 port is busy while it waits for a telegram (at most its `wait_s`), idle between polls."""
+        name = f"p1 {worker.reader.port}"
+        poll = worker.poll_once
+
+        def watched():
+            liveness(name, True)
+            got = poll()              # an exception leaves the port busy: the watchdog sees it
+            liveness(name, False)
+            return got
+        worker.poll_once = watched
+        liveness(name, False)
+
     def _note(self, message: str) -> None:
         log.warning(message)
         with self._stats_lock:
@@ -468,6 +482,16 @@ class Gateway:
 
         def liveness(name: str, busy: bool) -> None:
             (progress.busy if busy else progress.idle)(name, monotonic())
+
+        def journaled() -> None:
+            if notifier is not None and not ready_sent.is_set():
+                ready_sent.set()          # journal writes work and polling runs
+                notifier.ready(status_text())
+
+        def accept_p1(p1, got) -> list:
+            out = self.accept_p1(p1, got)
+            journaled()
+            return out
         # an explicit first poll in the past: every boundary since is polled once, at once (as before)
         catch_up_before = self.clock.now() if first is not None else None
         first = first or next_boundary(self.clock.now() - timedelta(milliseconds=1), interval)
@@ -519,9 +543,7 @@ class Gateway:
                     self._note(f"journal {self.config.database}: commit of {len(batch)} poll(s) failed: {exc}")
                     continue        # left busy: a journal that never commits again stops the watchdog
                 liveness("journal writer", False)
-                if notifier is not None and not ready_sent.is_set():
-                    ready_sent.set()          # journal writes work and polling runs
-                    notifier.ready(status_text())
+                journaled()
                 with self._stats_lock:
                     self.stats.readings += sum(len(p) for p in flagged)
                 sync_wanted.set()
@@ -557,8 +579,9 @@ class Gateway:
                 stop=stop, until=until, on_round=round_done, progress=liveness))
             liveness(self.workers[-1].name, False)
         for p1, reader in zip(getattr(self.config, "p1", ()), self.p1_readers):   # DSMR P1 ports
-            self.workers.append(P1Worker(p1, reader, self.clock, sleeper, interval, first, self.accept_p1,
+            self.workers.append(P1Worker(p1, reader, self.clock, sleeper, interval, first, accept_p1,
                                          self._p1_error, stop=stop, until=until, on_round=round_done))
+            self._watch_p1(self.workers[-1], liveness)
         sync_thread = threading.Thread(target=syncer, name="sync", daemon=True)
         writer_thread = threading.Thread(target=writer, name="journal writer", daemon=True)
         liveness("journal writer", False)
