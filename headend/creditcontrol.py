@@ -501,6 +501,57 @@ class InMemorySessionStore:
         return iter([s for s in self._sessions.values() if s.account_id == account_id and not s.terminated])
 
 
+_EPOCH = datetime(1970, 1, 1).replace(tzinfo=__import__("datetime").timezone.utc)
+
+
+def _ms(t: datetime) -> int:
+    """Exact: microseconds since the Unix epoch (the name says what the wire uses; we keep µs)."""
+    return (t - _EPOCH) // timedelta(microseconds=1)
+
+
+def _instant(us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=us)
+
+
+def _tuplify(v):
+    return tuple(_tuplify(x) for x in v) if isinstance(v, list) else v
+
+
+def _grant_json(g: Grant | None):
+    if g is None:
+        return None
+    return [g.amount_minor, g.wh, g.validity_time, _ms(g.issued_at), _ms(g.expires_at),
+            None if g.final_unit_action is None else int(g.final_unit_action)]
+
+
+def _grant_from(d) -> Grant | None:
+    if d is None:
+        return None
+    return Grant(d[0], d[1], d[2], _instant(d[3]), _instant(d[4]), None if d[5] is None else FinalUnitAction(d[5]))
+
+
+def session_to_json(s: Session) -> dict:
+    """A `Session` as JSON-able data (instants as integer microseconds since the epoch), for SQL session stores."""
+    return {"session_id": s.session_id, "account_id": s.account_id, "meter_id": s.meter_id, "currency": s.currency,
+            "opened_at": _ms(s.opened_at), "last": s.last_request_number, "terminated": s.terminated,
+            "grant": _grant_json(s.grant), "used": [s.used_minor_total, s.used_wh_total, s.over_usage_minor_total],
+            "usage": [[_ms(u.since), _ms(u.at), u.used_minor, u.used_wh] for u in s.usage],
+            "answers": [[n, list(fp), [int(a.request_type), a.request_number, int(a.result_code), _grant_json(a.grant),
+                                       None if a.final_unit_action is None else int(a.final_unit_action), a.detail]]
+                        for n, fp, a in s.answers]}
+
+
+def session_from_json(d: dict) -> Session:
+    answers = tuple((n, _tuplify(fp), CreditControlAnswer(d["session_id"], RequestType(a[0]), a[1], ResultCode(a[2]),
+                                                         _grant_from(a[3]),
+                                                         None if a[4] is None else FinalUnitAction(a[4]), a[5]))
+                    for n, fp, a in d["answers"])
+    return Session(d["session_id"], d["account_id"], d["meter_id"], d["currency"], _instant(d["opened_at"]),
+                   d["last"], d["terminated"], _grant_from(d["grant"]), *d["used"],
+                   usage=tuple(UsageReport(_instant(a), _instant(b), m, w) for a, b, m, w in d["usage"]),
+                   answers=answers)
+
+
 class CreditControl:
     """Thin orchestration of `decide` over a `LedgerStore` and a `SessionStore`.
 
@@ -583,5 +634,5 @@ def over_usage_report(events: Iterable[OverUsage], start: datetime, end: datetim
 __all__ = [
     "CreditControl", "CreditControlAnswer", "CreditControlRequest", "FinalUnitAction", "Grant", "GrantPolicy",
     "InMemorySessionStore", "Outcome", "OverUsage", "OverUsageRow", "RequestType", "ResultCode", "Session",
-    "SessionStore", "TokenReservations", "UsageReport", "burn_rate", "decide", "initial", "over_usage_report", "size_grant",
+    "SessionStore", "TokenReservations", "UsageReport", "session_from_json", "session_to_json", "burn_rate", "decide", "initial", "over_usage_report", "size_grant",
 ]

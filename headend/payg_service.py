@@ -78,7 +78,7 @@ class CreditControlService(payg_pb2_grpc.CreditControlServicer):
     def __init__(self, store: S.PaygStore, clock: Clock, policy: CC.GrantPolicy, *, token_key=None,
                  registry=None) -> None:
         self.store, self.clock, self.token_key, self.registry = store, clock, token_key, registry
-        self.cc = CC.CreditControl(store, CC.InMemorySessionStore(), policy, store.vat,
+        self.cc = CC.CreditControl(store, S.SqlSessionStore(store), policy, store.vat,
                                    account_active=self._active, tokens=S.StoreTokenReservations(store))
 
     def _active(self, account_id: str) -> bool:

@@ -72,6 +72,9 @@ CREATE TABLE IF NOT EXISTS payg_token (
     token_id TEXT PRIMARY KEY, reference TEXT NOT NULL UNIQUE, meter_id TEXT NOT NULL, counter BIGINT NOT NULL,
     account_id TEXT NOT NULL, amount_minor BIGINT NOT NULL, currency TEXT NOT NULL, issued_at_ms BIGINT NOT NULL,
     expires_at_ms BIGINT NOT NULL, applied_at_ms BIGINT, UNIQUE (meter_id, counter));
+CREATE TABLE IF NOT EXISTS payg_cc_session (
+    session_id TEXT PRIMARY KEY, account_id TEXT NOT NULL, open BIGINT NOT NULL, data TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS payg_cc_session_account ON payg_cc_session(account_id, open);
 CREATE TABLE IF NOT EXISTS payg_meter (
     meter_id TEXT PRIMARY KEY, account_id TEXT NOT NULL, bound_at_ms BIGINT NOT NULL);
 CREATE TABLE IF NOT EXISTS payg_event (
@@ -560,6 +563,37 @@ def unapplied_tokens(store: PaygStore, meter_id: str) -> list[tuple[str, str, in
         return [tuple(r) for r in store._db.execute(
             "SELECT token_id, reference, amount_minor FROM payg_token WHERE meter_id = ? AND applied_at_ms IS NULL "
             "ORDER BY counter", (meter_id,)).fetchall()]
+
+
+class SqlSessionStore:
+    """`creditcontrol.SessionStore` in the `payg_cc_session` table (SQLite or PostgreSQL): sessions,
+    their open grants and stored answers survive a head-end restart. Run `CreditControl.handle`
+    inside `store.transaction()` so the session write commits with the postings."""
+
+    def __init__(self, store: PaygStore) -> None:
+        self.store = store
+
+    def get(self, session_id: str):
+        from .creditcontrol import session_from_json
+        with self.store._lock:
+            row = self.store._db.execute("SELECT data FROM payg_cc_session WHERE session_id = ?",
+                                         (session_id,)).fetchone()
+        return session_from_json(json.loads(row[0])) if row else None
+
+    def put(self, session) -> None:
+        from .creditcontrol import session_to_json
+        data = json.dumps(session_to_json(session), separators=(",", ":"))
+        with self.store.transaction() as db:
+            db.execute("INSERT INTO payg_cc_session VALUES (?, ?, ?, ?) ON CONFLICT(session_id) DO UPDATE SET "
+                       "open = excluded.open, data = excluded.data",
+                       (session.session_id, session.account_id, int(not session.terminated), data))
+
+    def open_sessions(self, account_id: str):
+        from .creditcontrol import session_from_json
+        with self.store._lock:
+            rows = self.store._db.execute("SELECT data FROM payg_cc_session WHERE account_id = ? AND open = 1",
+                                          (account_id,)).fetchall()
+        return iter([session_from_json(json.loads(r[0])) for r in rows])
 
 
 class StoreTokenReservations:

@@ -40,7 +40,7 @@ class Pair:
 
     def __init__(self, store: S.PaygStore, policy: CC.GrantPolicy) -> None:
         self.store = store
-        self.cc = CC.CreditControl(store, CC.InMemorySessionStore(), policy, store.vat,
+        self.cc = CC.CreditControl(store, S.SqlSessionStore(store), policy, store.vat,
                                    tokens=S.StoreTokenReservations(store))
         self.gw = C.AccountState(account="M1", cfg=C.PrepaymentConfig(max_credit_balance=1_000_000))
         self.window = T.ReplayWindow()
@@ -144,6 +144,9 @@ def test_several_grants_topups_and_a_three_day_offline_stretch_agree_to_the_cent
     assert p.gw.emergency_credit_used > 0 or p.gw.accumulated_debt > 0
     p.now += timedelta(hours=1)
     p.exchange(answer_back=False)                         # back online: booked, answer lost
+    # the head-end restarts: sessions (grants, stored answers) are in the database
+    p.cc = CC.CreditControl(store, S.SqlSessionStore(store), _policy(), store.vat,
+                            tokens=S.StoreTokenReservations(store))
     p.exchange()                                          # retransmission: same answer, booked once
     p.now += timedelta(minutes=5)
     p.exchange()                                          # reports what the grant repaid
