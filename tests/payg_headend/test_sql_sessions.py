@@ -1,0 +1,92 @@
+"""Credit-control sessions, token reservations and meter binding in the PAYG store, on SQLite and
+PostgreSQL (a fresh database per test on 127.0.0.1:5432; skipped with the reason without a server)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from meterlink.errors import ValidationError
+from meterlink.headend import creditcontrol as CC
+from meterlink.headend import ledger as L
+from meterlink.headend import payg_store as S
+
+T0 = datetime(2026, 3, 9, 12, tzinfo=timezone.utc)
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+POLICY = CC.GrantPolicy(validity=timedelta(hours=6), min_grant_minor=100, max_grant_minor=600,
+                        initial_burn_rate_minor_per_h=Decimal(40))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        st = S.PaygStore(f"sqlite:///{tmp_path}/headend.db")
+        yield st
+        st.close()
+        return
+    import psycopg
+    name = f"payg_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3) as con:
+            con.execute(f"CREATE DATABASE {name}")
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432 ({str(exc).strip()[:80]})")
+    st = S.PaygStore(f"postgresql://postgres@127.0.0.1:5432/{name}")
+    yield st
+    st.close()
+    with psycopg.connect(PG_ADMIN, autocommit=True) as con:
+        con.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def control(store) -> CC.CreditControl:
+    return CC.CreditControl(store, S.SqlSessionStore(store), POLICY, store.vat,
+                            tokens=S.StoreTokenReservations(store))
+
+
+def handle(cc, store, req, now):
+    with store.transaction():
+        return cc.handle(req, now)
+
+
+def test_sessions_survive_a_restart_and_a_retransmission_is_booked_once(store):
+    store.append([L.top_up("seed", T0, "ACC1", "SHOP1", 5_000, "GBP", store.vat)])
+    cc = control(store)
+    assert handle(cc, store, CC.initial("S1", "ACC1", "M1", "GBP"), T0).answer.grant.amount_minor == 300
+    upd = CC.CreditControlRequest("S1", CC.RequestType.UPDATE_REQUEST, 1, "ACC1", "M1", "GBP", 120, 4000,
+                                  from_emergency_minor=20, tokens=())
+    first = handle(cc, store, upd, T0 + timedelta(hours=1))
+    restarted = control(store)                        # a new process over the same database
+    again = handle(restarted, store, upd, T0 + timedelta(hours=1, minutes=1))
+    assert again.replayed and again.answer == first.answer and again.transactions == ()
+    ledger = list(store.transactions())
+    assert L.customer_credit(ledger, "ACC1", "GBP") == 5_000 - 100
+    assert L.balance(ledger, L.emergency_credit_account("ACC1"), "GBP") == 20
+    assert [s.session_id for s in restarted.sessions.open_sessions("ACC1")] == ["S1"]
+
+
+def test_an_issued_token_reserves_its_money_until_a_report_says_it_was_applied(store):
+    key = Ed25519PrivateKey.generate()
+    store.append([L.top_up("sale:SHOP1:1", T0, "ACC1", "SHOP1", 250, "GBP", store.vat)])
+    token = S.issue_token(store, "sale:SHOP1:1", "M1", "ACC1", 250, "GBP", key, T0)
+    cc = control(store)
+    refused = handle(cc, store, CC.initial("S1", "ACC1", "M1", "GBP"), T0)
+    assert refused.answer.result_code == CC.ResultCode.CREDIT_LIMIT_REACHED      # not granted twice
+    reported = CC.CreditControlRequest("S2", CC.RequestType.INITIAL_REQUEST, 0, "ACC1", "M1", "GBP",
+                                       tokens=((token.token_id, 250),))
+    ok = handle(cc, store, reported, T0)
+    assert ok.answer.grant.amount_minor == 250
+    assert S.StoreTokenReservations(store).confirmed_minor("M1", ((token.token_id, 250),)) == 250
+    assert S.StoreTokenReservations(store).confirmed_minor("M2", ((token.token_id, 250),)) == 0
+    assert S.StoreTokenReservations(store).confirmed_minor("M1", ((token.token_id, 999),)) == 0
+
+
+def test_a_meter_is_bound_to_one_account(store):
+    store.bind_meter("M1", "ACC1", T0)
+    store.bind_meter("M1", "ACC1", T0)                    # idempotent
+    with pytest.raises(ValidationError, match="meter M1 is bound to account ACC1"):
+        store.bind_meter("M1", "ACC2", T0)
+    assert store.meter_account("M1") == "ACC1" and store.meter_account("M9") is None
