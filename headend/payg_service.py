@@ -78,6 +78,7 @@ class CreditControlService(payg_pb2_grpc.CreditControlServicer):
     def __init__(self, store: S.PaygStore, clock: Clock, policy: CC.GrantPolicy, *, token_key=None,
                  registry=None) -> None:
         self.store, self.clock, self.token_key, self.registry = store, clock, token_key, registry
+        self._peers: dict = {}
         self.cc = CC.CreditControl(store, S.SqlSessionStore(store), policy, store.vat,
                                    account_active=self._active, tokens=S.StoreTokenReservations(store))
 
@@ -90,9 +91,24 @@ class CreditControlService(payg_pb2_grpc.CreditControlServicer):
         context.set_trailing_metadata(((REFUSAL_METADATA, refusal.reason),))
         context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{refusal.reason}: {refusal.message}")
 
+    def _peer(self, context):
+        """`gatewayauth.peer_of`, memoised per client certificate (parsing it costs ~0.2 ms)."""
+        pems = (context.auth_context() or {}).get("x509_pem_cert") or []
+        if not pems:
+            return None
+        pem = pems[0]
+        peer = self._peers.get(pem)
+        if peer is None:
+            peer = peer_of(context)
+            if peer is not None:
+                if len(self._peers) >= 4096:
+                    self._peers.clear()
+                self._peers[pem] = peer
+        return peer
+
     def _check(self, request, context) -> None:
         if self.registry is not None:
-            peer = peer_of(context)
+            peer = self._peer(context)
             if peer is None:
                 self._refuse(context, Refusal(NO_CLIENT_CERTIFICATE, "no verified gateway client certificate"))
             refusal = authorise(self.registry.get(peer.name), peer, request.gateway_id, [request.meter_id])
