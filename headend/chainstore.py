@@ -16,6 +16,7 @@ Tables:
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -23,6 +24,15 @@ from pathlib import Path
 from meterlink.chain import GENESIS, ChainRecord, Event, Tombstone, hash_of
 from meterlink.clock import to_ms
 from meterlink.errors import ConfigError, MeterlinkError
+from meterlink.readings import Reading
+
+from .repo_sqlite import chain_rows, tune
+from .store import StoredRecord
+
+
+def stored_readings(gateway_id: str, new: list[ChainRecord]) -> list[StoredRecord]:
+    """The readings among verified chain records, as repository records (events/tombstones stay here)."""
+    return [StoredRecord(gateway_id, r.seq, r.prev_hash, r.body) for r in new if isinstance(r.body, Reading)]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS gateway_chain_head (
@@ -50,6 +60,7 @@ class SqliteChainStore:
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        tune(self._db)
         self._db.executescript(SCHEMA)
         self._lock = threading.RLock()
 
@@ -77,12 +88,60 @@ class SqliteChainStore:
         """
         if not new:
             return expected_head
+        write = self._writer(gateway_id, expected_head, new, received_at_ms, hashes)
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                write(db)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return new[-1].seq
+
+    def commit_with_readings(self, repo, gateway_id: str, expected_head: int, new: list[ChainRecord],
+                             received_at_ms: int, hashes: list[bytes] | None = None) -> int:
+        """Store a verified batch: its readings with `repo.ingest`, then `commit` -> new head seq.
+
+        When `repo` is the SQLite repository on this same file, both go in ONE transaction (the
+        repository's, one fsync per batch instead of two); HeadMoved then rolls the readings back too.
+        Otherwise two transactions, readings first: a crash between them leaves the head behind the
+        readings, the re-sent batch finds them as duplicates and the head advances then.
+        """
+        if not new:
+            return expected_head
+        ingest_rows_then = getattr(repo, "ingest_rows_then", None)
+        if ingest_rows_then is not None and self._same_file(repo):
+            ingest_rows_then(gateway_id, chain_rows(gateway_id, new, received_at_ms),
+                             self._writer(gateway_id, expected_head, new, received_at_ms, hashes))
+            return new[-1].seq
+        readings = stored_readings(gateway_id, new)
+        if readings:
+            repo.ingest(gateway_id, readings, received_at_ms)
+        return self.commit(gateway_id, expected_head, new, received_at_ms, hashes)
+
+    def _same_file(self, repo) -> bool:
+        other = getattr(repo, "path", None)
+        if not isinstance(other, str) or ":memory:" in (other, self.path) or other == "":
+            return False
+        try:
+            return os.path.samefile(other, self.path)
+        except OSError:
+            return False
+
+    def _writer(self, gateway_id: str, expected_head: int, new: list[ChainRecord], received_at_ms: int,
+                hashes: list[bytes] | None):
+        """The statements of `commit` as a function of a connection already inside a write transaction."""
         if hashes is None:
             hashes = [hash_of(r) for r in new]
-        hashes = [(gateway_id, r.seq, h) for r, h in zip(new, hashes)]
+        seqs = [r.seq for r in new]
+        rows = list(zip([gateway_id] * len(new), seqs, hashes))
         others = []
         for r in new:
             b = r.body
+            if type(b) is Reading:
+                continue
             if isinstance(b, Event):
                 others.append((gateway_id, r.seq, r.prev_hash, b.kind, b.meter_id, to_ms(b.at), b.payload, "",
                                None, received_at_ms))
@@ -90,26 +149,18 @@ class SqliteChainStore:
                 # a pruned run first_seq..seq: meter_id empty, at_ms = first_seq of the run
                 others.append((gateway_id, r.seq, r.prev_hash, "tombstone", "", b.first_seq, b"", "",
                                b.record_hash, received_at_ms))
-        with self._lock:
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                row = db.execute("SELECT head_seq FROM gateway_chain_head WHERE gateway_id=?",
-                                 (gateway_id,)).fetchone()
-                if (row[0] if row else 0) != expected_head:
-                    raise HeadMoved(f"gateway {gateway_id}: head moved from {expected_head} to {row[0] if row else 0}")
-                db.executemany("INSERT INTO gateway_chain_hash VALUES (?,?,?)", hashes)
-                if others:
-                    db.executemany("INSERT INTO gateway_event VALUES (?,?,?,?,?,?,?,?,?,?)", others)
-                db.execute("INSERT INTO gateway_chain_head VALUES (?,?,?,?) ON CONFLICT(gateway_id) DO UPDATE SET "
-                           "head_seq=excluded.head_seq, head_hash=excluded.head_hash, "
-                           "updated_at_ms=excluded.updated_at_ms", (gateway_id, new[-1].seq, hashes[-1][2],
-                                                                    received_at_ms))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-        return new[-1].seq
+
+        def write(db: sqlite3.Connection) -> None:
+            row = db.execute("SELECT head_seq FROM gateway_chain_head WHERE gateway_id=?", (gateway_id,)).fetchone()
+            if (row[0] if row else 0) != expected_head:
+                raise HeadMoved(f"gateway {gateway_id}: head moved from {expected_head} to {row[0] if row else 0}")
+            db.executemany("INSERT INTO gateway_chain_hash VALUES (?,?,?)", rows)
+            if others:
+                db.executemany("INSERT INTO gateway_event VALUES (?,?,?,?,?,?,?,?,?,?)", others)
+            db.execute("INSERT INTO gateway_chain_head VALUES (?,?,?,?) ON CONFLICT(gateway_id) DO UPDATE SET "
+                       "head_seq=excluded.head_seq, head_hash=excluded.head_hash, "
+                       "updated_at_ms=excluded.updated_at_ms", (gateway_id, seqs[-1], hashes[-1], received_at_ms))
+        return write
 
     def events(self, gateway_id: str) -> list[tuple[int, str, str, int, bytes, str]]:
         """(seq, kind, meter_id, at_ms, payload, obis) of the gateway's events and tombstones, by seq."""

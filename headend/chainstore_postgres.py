@@ -15,7 +15,7 @@ from meterlink.chain import GENESIS, ChainRecord, Event, Tombstone, hash_of
 from meterlink.clock import to_ms
 from meterlink.errors import ConfigError
 
-from .chainstore import HeadMoved
+from .chainstore import HeadMoved, stored_readings
 from .repo_postgres import _Pool, redact
 
 SCHEMA = """
@@ -97,6 +97,19 @@ class PostgresChainStore:
                 cur.execute("UPDATE gateway_chain_head SET head_seq = %s, head_hash = %s, updated_at_ms = %s "
                             "WHERE gateway_id = %s", (new[-1].seq, hashes[-1][2], received_at_ms, gateway_id))
         return new[-1].seq
+
+    def commit_with_readings(self, repo, gateway_id: str, expected_head: int, new: list[ChainRecord],
+                             received_at_ms: int, hashes: list[bytes] | None = None) -> int:
+        """Store a verified batch: its readings with `repo.ingest`, then `commit` -> new head seq.
+
+        Two transactions, readings first (the repository's idempotent ingest, then the head under its
+        row lock): a crash between them leaves the head behind the readings; the re-sent batch finds
+        them as duplicates and the head advances then. Same method as `SqliteChainStore`.
+        """
+        readings = stored_readings(gateway_id, new)
+        if readings:
+            repo.ingest(gateway_id, readings, received_at_ms)
+        return self.commit(gateway_id, expected_head, new, received_at_ms, hashes)
 
     def events(self, gateway_id: str) -> list[tuple[int, str, str, int, bytes, str]]:
         """(seq, kind, meter_id, at_ms, payload, obis) of the gateway's events and tombstones, by seq."""

@@ -18,6 +18,7 @@ COPY of the new records, and the ack update + commit.
 from __future__ import annotations
 
 import re
+import struct
 import threading
 from contextlib import contextmanager
 from datetime import datetime
@@ -52,6 +53,42 @@ ADVANCE_ACK = (
     " WHERE s.gateway_id = %s RETURNING s.acked_seq")
 ISLANDS = ("SELECT MIN(seq), MAX(seq) FROM (SELECT seq, seq - ROW_NUMBER() OVER (ORDER BY seq) AS grp "
            "FROM gateway_record WHERE gateway_id = %s AND seq > %s) AS t GROUP BY grp ORDER BY 1")
+
+
+# Binary COPY (https://www.postgresql.org/docs/current/sql-copy.html, "Binary Format") of gateway_record
+# rows, encoded with one struct per (text lengths) shape instead of psycopg's per-value dumpers.
+_COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
+_COPY_TRAILER = struct.pack(">h", -1)
+_ROW_STRUCTS: dict[tuple[int, int, int, int, int], struct.Struct] = {}
+
+
+def copy_data(gateway_id: str, records: list[StoredRecord], received_at_ms: int) -> bytes | None:
+    """The complete binary COPY stream for `records`, or None when a value does not fit the fast path
+    (e.g. a NULL or non-bytes prev_hash, an integer outside its column's range): the caller then uses
+    psycopg's row-by-row COPY, which sends or refuses it exactly as before."""
+    try:
+        gw = gateway_id.encode()
+        parts, ms_of, structs = [_COPY_SIGNATURE], {}, _ROW_STRUCTS
+        append = parts.append
+        for r in records:
+            rd = r.reading
+            t = rd.taken_at
+            ms = ms_of.get(id(t))
+            if ms is None:
+                ms = ms_of[id(t)] = epoch_ms(t)
+            m, o, u, prev = rd.meter_id.encode(), rd.obis.encode(), rd.unit.encode(), r.prev_hash
+            if type(prev) is not bytes or type(r.seq) is not int or type(rd.value) is not int:
+                return None
+            key = (len(gw), len(prev), len(m), len(o), len(u))
+            st = structs.get(key)
+            if st is None:
+                st = structs[key] = struct.Struct(f">hi{key[0]}siqi{key[1]}si{key[2]}si{key[3]}siqiqi{key[4]}siiiq")
+            append(st.pack(10, key[0], gw, 8, r.seq, key[1], prev, key[2], m, key[3], o, 8, ms, 8, rd.value,
+                           key[4], u, 4, int(rd.quality), 8, received_at_ms))
+        append(_COPY_TRAILER)
+        return b"".join(parts)
+    except (struct.error, UnicodeEncodeError, AttributeError, TypeError, OverflowError):
+        return None
 
 
 def redact(url: str) -> str:
@@ -184,18 +221,23 @@ class PostgresReadingRepository:
                 held_cur = conn.execute(HELD_IN_RANGE, (gateway_id, min(seqs), max(seqs)))
             acked = lock.fetchone()[0]
             held = {row[0] for row in held_cur}
-            accepted = 0
-            cur = conn.cursor()
-            with cur.copy(COPY_RECORDS) as copy:
-                copy.set_types(COPY_TYPES)
-                for r in records:
-                    if r.seq in held:
-                        continue
+            fresh = []
+            for r in records:
+                if r.seq not in held:
                     held.add(r.seq)                       # a seq repeated inside the batch goes in once
-                    rd = r.reading
-                    copy.write_row((gateway_id, r.seq, r.prev_hash, rd.meter_id, rd.obis, epoch_ms(rd.taken_at),
-                                    rd.value, rd.unit, int(rd.quality), received_at_ms))
-                    accepted += 1
+                    fresh.append(r)
+            accepted = len(fresh)
+            cur = conn.cursor()
+            data = copy_data(gateway_id, fresh, received_at_ms)
+            with cur.copy(COPY_RECORDS) as copy:
+                if data is not None:
+                    copy.write(data)                      # the whole batch, pre-encoded, in one buffer
+                else:                                     # a value the fast encoder refuses: row by row,
+                    copy.set_types(COPY_TYPES)            # psycopg then sends (or rejects) it exactly
+                    for r in fresh:
+                        rd = r.reading
+                        copy.write_row((gateway_id, r.seq, r.prev_hash, rd.meter_id, rd.obis,
+                                        epoch_ms(rd.taken_at), rd.value, rd.unit, int(rd.quality), received_at_ms))
             while True:
                 new = cur.execute(ADVANCE_ACK, (ACK_WINDOW, gateway_id)).fetchone()[0]
                 if new - acked < ACK_WINDOW:

@@ -121,14 +121,13 @@ class GatewaySyncService(sync_pb2_grpc.GatewaySyncServicer):
                 if not verdict.accepted:
                     return self._refused(gw, verdict, head_seq)
                 now_ms = to_ms(self.clock.now())
-                readings = [StoredRecord(gw, r.seq, r.prev_hash, r.body) for r in verdict.new
-                            if isinstance(r.body, Reading)]
                 try:
                     store_both = getattr(self.chain, "commit_with_readings", None)
                     if store_both is not None:   # one transaction when both share a SQLite file
-                        acked = store_both(self.repo, gw, head_seq, verdict.new, now_ms, verdict.new_hashes,
-                                           readings)
+                        acked = store_both(self.repo, gw, head_seq, verdict.new, now_ms, verdict.new_hashes)
                     else:
+                        readings = [StoredRecord(gw, r.seq, r.prev_hash, r.body) for r in verdict.new
+                                    if isinstance(r.body, Reading)]
                         if readings:
                             self.repo.ingest(gw, readings, now_ms)
                         acked = self.chain.commit(gw, head_seq, verdict.new, now_ms, verdict.new_hashes)

@@ -99,6 +99,7 @@ def test_a_crash_between_the_reading_commit_and_the_chain_commit_is_healed_by_th
             raise SystemError("power cut between the two transactions")
         return real_commit(*args, **kwargs)
     headend.chain.commit = crash_once
+    headend.chain.commit_with_readings = None     # the two-transaction path (PostgreSQL, or separate files)
     pusher = Pusher(GW, headend.addr, journal, batch=10, key=key)
     try:
         pusher.drain()
@@ -108,5 +109,34 @@ def test_a_crash_between_the_reading_commit_and_the_chain_commit_is_healed_by_th
     assert len(headend.repo.readings("M1")) == 20
     assert pusher.drain() == 20                            # re-sent: the readings count as duplicates once
     assert journal.unacked_count() == 0
+    assert len(headend.repo.readings("M1")) == 30
+    assert [r.seq for r in assert_chain_verifies(headend.path, GW)] == list(range(1, 31))
+
+
+def test_a_crash_in_the_chain_part_of_the_one_transaction_store_leaves_no_readings(tmp_path, headend, key):
+    # repository and chain store share the SQLite file: readings and chain head are one transaction
+    journal = Journal(tmp_path / "gw.db")
+    journal.append(readings(30))
+    real_writer = headend.chain._writer
+    calls = []
+
+    def crash_once(*args, **kwargs):
+        write = real_writer(*args, **kwargs)
+
+        def maybe_crash(db):
+            calls.append(1)
+            if len(calls) == 2:
+                raise SystemError("power cut inside the batch's transaction")
+            write(db)
+        return maybe_crash
+    headend.chain._writer = crash_once
+    pusher = Pusher(GW, headend.addr, journal, batch=10, key=key)
+    try:
+        pusher.drain()
+    except DeviceError:
+        pass
+    assert journal.acked_seq() == 10
+    assert len(headend.repo.readings("M1")) == 10         # the second batch stored nothing at all
+    assert pusher.drain() == 20
     assert len(headend.repo.readings("M1")) == 30
     assert [r.seq for r in assert_chain_verifies(headend.path, GW)] == list(range(1, 31))
