@@ -111,3 +111,18 @@ def test_a_meter_that_accepts_shorter_reads_than_its_profile_is_replanned_once_w
     finally:
         gw.close()
         server.stop()
+
+
+def test_the_scheduler_merges_a_meters_reads_due_together_but_relay_commands_still_go_first():
+    from meterlink.gateway.scheduler import BusSchedule, Priority
+    core = BusSchedule([("A", True, True), ("B", True, False), ("C", False, True)], 900, START, merge=True)
+    core.submit_relay("C", False, START)
+    jobs = [core.next_job(START) for _ in range(4)]
+    assert [(j.priority, j.meter_id, j.merged) for j in jobs] == [
+        (Priority.RELAY, "C", False),
+        (Priority.BILLING, "A", True),            # billing + instantaneous in one job
+        (Priority.BILLING, "B", False),           # only billing quantities: nothing to merge
+        (Priority.INSTANT, "C", False)]           # only instantaneous: keeps its lower priority
+    split = BusSchedule([("A", True, True)], 900, START)
+    assert [j.priority for j in (split.next_job(START), split.next_job(START))] == [Priority.BILLING,
+                                                                                  Priority.INSTANT]
