@@ -257,6 +257,7 @@ class PaygDaemonHook:
         self.sessions: dict[str, CreditSession] = {}
         self.configs = {c.meter_id: c for c in configs}
         self.next_sync: dict[str, object] = {}
+        self._retry: dict[str, object] = {}        # earliest urgent retry after a failed exchange
         self._journaled: dict[str, int] = {}
         where = {m.id: (bus, master, m) for bus, master in zip(gateway.config.buses, gateway.masters)
                  for m in bus.meters}
@@ -318,7 +319,7 @@ class PaygDaemonHook:
         self._journal(meter.id)
 
     def _retry_at(self, mid: str):
-        return getattr(self, "_retry", {}).get(mid, self.clock.now())
+        return self._retry.get(mid, self.clock.now())
 
     def exchange(self, mid: str) -> SyncResult:
         from datetime import timedelta
@@ -328,8 +329,6 @@ class PaygDaemonHook:
         c = self.configs[mid]
         now = self.clock.now()
         self.next_sync[mid] = now + timedelta(seconds=c.sync_s)
-        if not hasattr(self, "_retry"):
-            self._retry = {}
         # offline or refused: urgent retries at most every sync_s / 10
         self._retry[mid] = now + timedelta(seconds=c.sync_s / 10 if res.outcome in ("offline", "refused")
                                            else 0)
