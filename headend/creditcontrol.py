@@ -478,8 +478,8 @@ class SessionStore(Protocol):
 class TokenReservations(Protocol):
     """Top-up tokens as credit-control sees them (implemented over the `payg_token` table)."""
 
-    def outstanding_minor(self, account_id: str, exclude: tuple[str, ...] = ()) -> int:
-        """Tokens issued for the account and not yet reported applied (a reservation)."""
+    def outstanding_minor(self, account_id: str, exclude: tuple[str, ...] = (), now: datetime | None = None) -> int:
+        """Tokens issued for the account, unexpired at `now` and not yet reported applied (a reservation)."""
 
     def confirmed_minor(self, meter_id: str, tokens: tuple[tuple[str, int], ...]) -> int:
         """How much of the reported (reference, amount) the head-end knows as issued for this meter."""
@@ -574,7 +574,7 @@ class CreditControl:
         credit = -self.ledger.balance(L.prepaid(account), currency)
         others = sum(s.reserved_minor for s in self.sessions.open_sessions(account) if s.session_id != request.session_id)
         refs = tuple(r for r, _ in request.tokens)
-        outstanding = self.tokens.outstanding_minor(account, exclude=refs) if self.tokens else 0
+        outstanding = self.tokens.outstanding_minor(account, exclude=refs, now=now) if self.tokens else 0
         confirmed = self.tokens.confirmed_minor(request.meter_id, request.tokens) if self.tokens else None
         outcome = decide(session, request, credit_minor=credit, reserved_by_others_minor=others, policy=self.policy,
                          vat=self.vat, now=now, account_active=self.account_active(account),

@@ -604,10 +604,13 @@ class StoreTokenReservations:
     def __init__(self, store: PaygStore) -> None:
         self.store = store
 
-    def outstanding_minor(self, account_id: str, exclude: tuple[str, ...] = ()) -> int:
+    def outstanding_minor(self, account_id: str, exclude: tuple[str, ...] = (), now: datetime | None = None) -> int:
+        """Unexpired (at `now`) issued tokens not reported applied; an expired token frees its money."""
+        horizon = to_ms(now) if now is not None else -1
         with self.store._lock:
             rows = self.store._db.execute("SELECT token_id, amount_minor FROM payg_token WHERE account_id = ? "
-                                          "AND applied_at_ms IS NULL", (account_id,)).fetchall()
+                                          "AND applied_at_ms IS NULL AND expires_at_ms > ?",
+                                          (account_id, horizon)).fetchall()
         return sum(a for t, a in rows if t not in exclude)
 
     def confirmed_minor(self, meter_id: str, tokens: tuple[tuple[str, int], ...]) -> int:

@@ -84,6 +84,17 @@ def test_an_issued_token_reserves_its_money_until_a_report_says_it_was_applied(s
     assert S.StoreTokenReservations(store).confirmed_minor("M1", ((token.token_id, 999),)) == 0
 
 
+def test_an_expired_unapplied_token_frees_its_reservation(store):
+    key = Ed25519PrivateKey.generate()
+    store.append([L.top_up("sale:SHOP1:1", T0, "ACC1", "SHOP1", 250, "GBP", store.vat)])
+    token = S.issue_token(store, "sale:SHOP1:1", "M1", "ACC1", 250, "GBP", key, T0, ttl=timedelta(days=1))
+    res = S.StoreTokenReservations(store)
+    assert res.outstanding_minor("ACC1", now=token.expires_at - timedelta(milliseconds=1)) == 250
+    assert res.outstanding_minor("ACC1", now=token.expires_at) == 0
+    late = handle(control(store), store, CC.initial("S1", "ACC1", "M1", "GBP"), token.expires_at)
+    assert late.answer.grant.amount_minor == 250
+
+
 def test_a_meter_is_bound_to_one_account(store):
     store.bind_meter("M1", "ACC1", T0)
     store.bind_meter("M1", "ACC1", T0)                    # idempotent
