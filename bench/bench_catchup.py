@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -121,9 +122,12 @@ def main() -> int:
                                    chain=chain, credentials=creds, metrics=metrics)
         server.start()                                          # the head-end comes up
         address = f"localhost:{port}" if creds else f"127.0.0.1:{port}"
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         out = subprocess.run([sys.executable, __file__, "--drain", "--dir", str(tmp), "--address", address,
                               "--batch", str(args.batch)] + (["--no-tls"] if args.no_tls else []),
                              capture_output=True, text=True)
+        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+        child = resource.getrusage(resource.RUSAGE_CHILDREN)    # the draining gateway (the only child)
         server.stop(grace=None).wait()
         if out.returncode != 0:
             print(out.stderr, file=sys.stderr)
@@ -138,6 +142,10 @@ def main() -> int:
               f"unacked after: {res['unacked']}; head-end head seq {held:,}")
         busy = metrics.registry.get_sample_value("meterlink_headend_ingest_seconds_sum") or 0.0
         print(f"head-end busy verifying and committing: {busy:.2f} s of the {res['seconds']:.2f} s")
+        he_cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+        gw_cpu = child.ru_utime + child.ru_stime
+        print(f"CPU: head-end {he_cpu:.2f} s ({res['sent'] / he_cpu:,.0f} records per head-end CPU-second), "
+              f"gateway {gw_cpu:.2f} s; load average {os.getloadavg()[0]:.1f} (2 cores, shared)")
         print(f"gateway (draining process) peak RSS: {res['peak_rss_kib'] / 1024:.0f} MiB")
         print(f"goal <= 10 s: {'met' if res['seconds'] <= 10 and res['unacked'] == 0 else 'NOT met'}")
         return 0 if res["unacked"] == 0 and held == n else 1

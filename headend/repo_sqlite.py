@@ -217,7 +217,7 @@ class SqliteReadingRepository:
                         before = db.total_changes
                         db.executemany(INSERT_RECORD, job.rows)
                         accepted = db.total_changes - before
-                        acked = self._advance_ack(job.gateway_id)
+                        acked = self._advance_ack(job.gateway_id, job.rows)
                         job.result = IngestResult(acked, accepted, len(job.rows) - accepted)
                         if job.then is not None:
                             job.then(db)
@@ -241,14 +241,21 @@ class SqliteReadingRepository:
             for job in jobs:
                 job.done = True
 
-    def _advance_ack(self, gateway_id: str) -> int:
+    def _advance_ack(self, gateway_id: str, rows: list[tuple] = ()) -> int:
         """Move the ack over the run of consecutive seqs held right after it (inside the write lock).
 
         Costs one index probe when the next seq is missing (a gateway with a gap does not slow down)
-        and O(rows passed) otherwise, in steps of at most ACK_WINDOW rows.
+        and O(rows passed) otherwise, in steps of at most ACK_WINDOW rows. `rows`: the batch just
+        inserted; every one of its seqs is held now, so when they are the consecutive run
+        first..last with first <= ack + 1 the ack moves to last without counting them (the usual case).
         """
         acked = start = self._acked(gateway_id)
         db = self._db
+        if rows:
+            first, last = rows[0][1], rows[-1][1]
+            if first <= acked + 1 < last + 1 and last - first + 1 == len(rows) and \
+                    [r[1] for r in rows] == list(range(first, last + 1)):
+                acked = last
         while db.execute(NEXT_HELD, (gateway_id, acked + 1)).fetchone():
             run = db.execute(RUN_AFTER_ACK, (gateway_id, acked, acked + ACK_WINDOW, acked)).fetchone()[0]
             acked += run
