@@ -238,6 +238,11 @@ class PostgresReadingRepository:
                         rd = r.reading
                         copy.write_row((gateway_id, r.seq, r.prev_hash, rd.meter_id, rd.obis,
                                         epoch_ms(rd.taken_at), rd.value, rd.unit, int(rd.quality), received_at_ms))
+            first, last = seqs[0], seqs[-1]
+            if first <= acked + 1 <= last and last - first + 1 == len(seqs) and seqs == list(range(first, last + 1)):
+                # every seq of the batch is held now and they run on from the ack: no need to count them
+                cur.execute("UPDATE gateway_sync SET acked_seq = %s WHERE gateway_id = %s", (last, gateway_id))
+                acked = last
             while True:
                 new = cur.execute(ADVANCE_ACK, (ACK_WINDOW, gateway_id)).fetchone()[0]
                 if new - acked < ACK_WINDOW:
