@@ -572,7 +572,11 @@ class CreditControl:
         account = session.account_id if session else request.account_id
         currency = session.currency if session else request.currency
         credit = -self.ledger.balance(L.prepaid(account), currency)
-        others = sum(s.reserved_minor for s in self.sessions.open_sessions(account) if s.session_id != request.session_id)
+        if hasattr(self.sessions, "reserved_by_others"):
+            others = self.sessions.reserved_by_others(account, request.session_id)
+        else:
+            others = sum(s.reserved_minor for s in self.sessions.open_sessions(account)
+                         if s.session_id != request.session_id)
         refs = tuple(r for r, _ in request.tokens)
         outstanding = self.tokens.outstanding_minor(account, exclude=refs, now=now) if self.tokens else 0
         confirmed = self.tokens.confirmed_minor(request.meter_id, request.tokens) if self.tokens else None

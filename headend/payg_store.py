@@ -73,7 +73,8 @@ CREATE TABLE IF NOT EXISTS payg_token (
     account_id TEXT NOT NULL, amount_minor BIGINT NOT NULL, currency TEXT NOT NULL, issued_at_ms BIGINT NOT NULL,
     expires_at_ms BIGINT NOT NULL, applied_at_ms BIGINT, UNIQUE (meter_id, counter));
 CREATE TABLE IF NOT EXISTS payg_cc_session (
-    session_id TEXT PRIMARY KEY, account_id TEXT NOT NULL, open BIGINT NOT NULL, data TEXT NOT NULL);
+    session_id TEXT PRIMARY KEY, account_id TEXT NOT NULL, open BIGINT NOT NULL, reserved_minor BIGINT NOT NULL,
+    version BIGINT NOT NULL, data TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS payg_cc_session_account ON payg_cc_session(account_id, open);
 CREATE TABLE IF NOT EXISTS payg_meter (
     meter_id TEXT PRIMARY KEY, account_id TEXT NOT NULL, bound_at_ms BIGINT NOT NULL);
@@ -568,25 +569,47 @@ def unapplied_tokens(store: PaygStore, meter_id: str) -> list[tuple[str, str, in
 class SqlSessionStore:
     """`creditcontrol.SessionStore` in the `payg_cc_session` table (SQLite or PostgreSQL): sessions,
     their open grants and stored answers survive a head-end restart. Run `CreditControl.handle`
-    inside `store.transaction()` so the session write commits with the postings."""
+    inside `store.transaction()` so the session write commits with the postings.
+
+    Parsed sessions are cached per process and revalidated by the row's random `version` on every
+    read (one indexed lookup), so several head-end processes on one PostgreSQL database stay correct."""
 
     def __init__(self, store: PaygStore) -> None:
         self.store = store
+        self._cache: dict[str, tuple[int, object]] = {}
 
     def get(self, session_id: str):
         from .creditcontrol import session_from_json
         with self.store._lock:
-            row = self.store._db.execute("SELECT data FROM payg_cc_session WHERE session_id = ?",
+            row = self.store._db.execute("SELECT version FROM payg_cc_session WHERE session_id = ?",
                                          (session_id,)).fetchone()
-        return session_from_json(json.loads(row[0])) if row else None
+            if row is None:
+                return None
+            cached = self._cache.get(session_id)
+            if cached is not None and cached[0] == row[0]:
+                return cached[1]
+            row = self.store._db.execute("SELECT version, data FROM payg_cc_session WHERE session_id = ?",
+                                         (session_id,)).fetchone()
+        session = session_from_json(json.loads(row[1]))
+        self._remember(session_id, row[0], session)
+        return session
+
+    def _remember(self, session_id: str, version: int, session) -> None:
+        if len(self._cache) >= 100_000:
+            self._cache.clear()
+        self._cache[session_id] = (version, session)
 
     def put(self, session) -> None:
         from .creditcontrol import session_to_json
         data = json.dumps(session_to_json(session), separators=(",", ":"))
         with self.store.transaction() as db:
-            db.execute("INSERT INTO payg_cc_session VALUES (?, ?, ?, ?) ON CONFLICT(session_id) DO UPDATE SET "
-                       "open = excluded.open, data = excluded.data",
-                       (session.session_id, session.account_id, int(not session.terminated), data))
+            version = secrets.randbits(62)    # random, not a counter: a rolled-back write can never alias
+            db.execute("INSERT INTO payg_cc_session VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(session_id) DO UPDATE SET "
+                       "open = excluded.open, reserved_minor = excluded.reserved_minor, version = excluded.version, "
+                       "data = excluded.data",
+                       (session.session_id, session.account_id, int(not session.terminated), session.reserved_minor,
+                        version, data))
+        self._remember(session.session_id, version, session)
 
     def open_sessions(self, account_id: str):
         from .creditcontrol import session_from_json
@@ -594,6 +617,14 @@ class SqlSessionStore:
             rows = self.store._db.execute("SELECT data FROM payg_cc_session WHERE account_id = ? AND open = 1",
                                           (account_id,)).fetchall()
         return iter([session_from_json(json.loads(r[0])) for r in rows])
+
+    def reserved_by_others(self, account_id: str, session_id: str) -> int:
+        """Σ open grants of the account's other sessions (what `CreditControl` needs, without parsing them)."""
+        with self.store._lock:
+            row = self.store._db.execute("SELECT COALESCE(SUM(reserved_minor), 0) FROM payg_cc_session "
+                                         "WHERE account_id = ? AND open = 1 AND session_id <> ?",
+                                         (account_id, session_id)).fetchone()
+        return int(row[0])
 
 
 class StoreTokenReservations:
