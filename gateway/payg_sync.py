@@ -129,12 +129,11 @@ class CreditSession:
             self.balance_minor = ans.balance_minor
             return SyncResult("no_grant", code, detail=ans.detail, tokens_applied=self._apply_tokens(ans))
         n = self.number
-        self.number, self.open = n + 1, not terminate
-        if terminate:
-            self.generation, self.number, self.open = self.generation + 1, 0, False
-        self._save()
         self.balance_minor = ans.balance_minor
         granted = 0
+        # the meter first (its state file drops the in-flight report), then the request number: a
+        # crash in between re-sends the old number with another report, which the head-end refuses
+        # (5004) instead of booking the answered report twice under the next number
         if code == SUCCESS and ans.HasField("granted"):
             g = ans.granted
             granted = g.amount_minor
@@ -142,8 +141,15 @@ class CreditSession:
                 session_id=ans.session_id, request_number=n, valid_until=from_ms(g.expires_at_ms),
                 amount_minor=g.amount_minor, wh=0, currency=self.currency,
                 final_unit_action=_FUA.get(ans.final_unit_action, "terminate")))
+            if self.meter.state.in_flight is not None:
+                # the grant was refused (expired on arrival, currency): the report WAS booked
+                self.meter.acknowledge()
         else:
             self.meter.acknowledge()
+        self.number, self.open = n + 1, not terminate
+        if terminate:
+            self.generation, self.number, self.open = self.generation + 1, 0, False
+        self._save()
         applied = self._apply_tokens(ans)
         return SyncResult("granted" if granted else "no_grant", code, granted, applied, ans.detail)
 
@@ -160,8 +166,6 @@ class CreditSession:
             events = self.meter.enter_token(text)
             applied += sum(1 for e in events if isinstance(e, C.TopUpApplied))
         return applied
-
-
 
 
 # --------------------------------------------------------------------------- daemon wiring ([[payg]])

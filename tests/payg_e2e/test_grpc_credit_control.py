@@ -179,3 +179,30 @@ def test_offline_the_gateway_keeps_its_report_and_the_next_exchange_books_it_onc
     finally:
         good.close()
         dead.close()
+
+
+def test_a_grant_that_expired_on_the_way_still_acknowledges_the_booked_report(payg_headend, sim_meter, tmp_path):
+    hd = payg_headend
+    meter, master, profile = sim_meter
+    identity = hd.enrolled(tmp_path, "gw-a", meters=["MTR-1"])
+    hd.store.bind_meter("MTR-1", "ACC1", hd.clock.now())
+    hd.store.append([L.top_up("seed", hd.clock.now(), "ACC1", "SHOP1", 5_000, "GBP", hd.store.vat)])
+    from meterlink.clock import SimClock
+    gw_clock = SimClock(hd.clock.now())
+    pm = P.PaygMeter("MTR-1", P.RelaySwitch(master, 1, profile.relay_coil, meter_id="MTR-1"), gw_clock,
+                     cfg=C.PrepaymentConfig(), friendly=None, price=PRICE,
+                     head_end_key=T.public_bytes(hd.token_key), state_path=tmp_path / "MTR-1.json")
+    pm.boot(10_000)
+    channel = secure_channel(hd.address, identity)
+    try:
+        cs = CreditSession(pm, channel, gateway_id="gw-a", account="ACC1", state_path=tmp_path / "cc.json")
+        assert cs.sync().granted_minor == 300
+        pm.on_reading(12_000)                                 # 60 from the window
+        gw_clock.advance(timedelta(days=2))                   # the gateway's clock is far ahead: grants arrive expired
+        res = cs.sync()
+        assert res.outcome == "granted" and pm.state.in_flight is None
+        assert any(isinstance(e, C.GrantRefused) and e.reason == "expired" for e, _ in pm.journal)
+        cs.sync()                                             # the next report is empty: nothing booked twice
+        assert L.customer_credit(list(hd.store.transactions()), "ACC1", "GBP") == 5_000 - 60
+    finally:
+        channel.close()
