@@ -312,7 +312,10 @@ class PaygDaemonHook:
                 break
         due = self.next_sync.get(meter.id)
         st = pm.state
-        urgent = st.exhausted or st.grant_expiry_reported or st.in_flight is not None
+        # the window is used up (emergency credit aside: a new grant comes before it) or the grant
+        # expired, or a report waits for its answer
+        urgent = ((st.credit_balance <= 0 and st.granted_wh <= 0) or st.exhausted or st.grant_expiry_reported
+                  or st.in_flight is not None)
         now = self.clock.now()
         if due is None or now >= due or (urgent and now >= self._retry_at(meter.id)):
             self.exchange(meter.id)           # a grant first: an exhausted window is refilled before deciding
