@@ -82,7 +82,15 @@ class RtuPtyServer:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=2)
+        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            # still sleeping on a slow reply: the thread closes the descriptors itself when it ends,
+            # so it can never write to a descriptor number the process has reused meanwhile
+            self._closing_left_to_thread = True
+            return
+        self._close()
+
+    def _close(self) -> None:
         for fd in (self._master, self._slave):
             try:
                 os.close(fd)
@@ -90,6 +98,17 @@ class RtuPtyServer:
                 pass
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            if self._stop.is_set() and threading.current_thread() is self._thread and self._stop_waited():
+                self._close()
+
+    def _stop_waited(self) -> bool:
+        """True when stop() has returned without closing (it gave up waiting for this thread)."""
+        return self._stop.is_set() and getattr(self, "_closing_left_to_thread", False)
+
+    def _serve(self) -> None:
         buf = b""
         while not self._stop.is_set():
             ready, _, _ = select.select([self._master], [], [], 0.05)
@@ -134,6 +153,8 @@ class RtuPtyServer:
                      + meter.profile.response_delay_ms / 1000)
         if wait:
             time.sleep(wait)
+        if self._stop.is_set():
+            return                     # stopping: the client is gone, answer nothing
         os.write(self._master, f.garbage_before + out + f.garbage_after)
 
 
