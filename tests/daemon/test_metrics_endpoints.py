@@ -25,7 +25,7 @@ def scrape(url: str) -> dict[str, float]:
     return out
 
 
-def wait_for_line(path, pattern: str, timeout: float = 15) -> re.Match:
+def wait_for_line(path, pattern: str, timeout: float = 30) -> re.Match:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         m = re.search(pattern, path.read_text() if path.exists() else "")
@@ -35,7 +35,7 @@ def wait_for_line(path, pattern: str, timeout: float = 15) -> re.Match:
     raise AssertionError(f"{pattern!r} not in {path}:\n{path.read_text() if path.exists() else ''}")
 
 
-def wait_until(check, timeout: float = 15):
+def wait_until(check, timeout: float = 30):
     deadline = time.monotonic() + timeout
     while True:
         got = check()

@@ -13,7 +13,7 @@ from meterlink.sim.meter import Faults
 
 from .conftest import BIN, bus_toml, start_gateway, stop, write_config
 
-WATCHDOG_USEC = "1000000"      # WatchdogSec=1: ping every 0.5 s, a bus busy for > 1 s is stuck
+WATCHDOG_USEC = "2000000"      # WatchdogSec=2: ping every 1 s, a bus busy for > 2 s is stuck
 
 
 def _journaled(db) -> int:
@@ -33,9 +33,9 @@ def test_ready_after_the_first_journaled_poll_then_watchdog_pings_at_half_the_pe
         assert ready is not None, (tmp_path / "gw.log").read_text()
         assert _journaled(tmp_path / "gw.db") > 0           # READY only once journal writes work
         assert "STATUS=polling 3 meter(s) on 2 bus(es)" in ready
-        later = notify_socket.collect(2.0)
+        later = notify_socket.collect(3.0)
         pings = [m for m in later if m == "WATCHDOG=1"]
-        assert 2 <= len(pings) <= 5, later                  # every 0.5 s (one may be late on a loaded machine)
+        assert 2 <= len(pings) <= 4, later                  # every 1 s (one may be late on a loaded machine)
         assert any(m.startswith("STATUS=polling 3 meter(s)") for m in later)
     finally:
         assert stop(proc) == 0
@@ -55,10 +55,10 @@ def test_a_bus_whose_read_hangs_stops_the_watchdog_pings_while_the_other_bus_sti
     try:
         assert notify_socket.wait_for(lambda m: m.startswith("READY=1"), 15) is not None, \
             (tmp_path / "gw.log").read_text()
-        stalled = notify_socket.wait_for(lambda m: m.startswith("STATUS=stalled"), 5)
+        stalled = notify_socket.wait_for(lambda m: m.startswith("STATUS=stalled"), 10)
         assert stalled is not None and stalled_bus_named(stalled, stuck.client_path), stalled
         before = _journaled(tmp_path / "gw.db")
-        after_stall = notify_socket.collect(2.5)
+        after_stall = notify_socket.collect(3.0)
         assert "WATCHDOG=1" not in after_stall, after_stall  # systemd kills the daemon after WatchdogSec
         assert _journaled(tmp_path / "gw.db") > before       # the healthy bus still polls meanwhile
     finally:
