@@ -66,6 +66,7 @@ class GatewayConfig:
     headend_server_name: str | None = None  # [headend] server_name: name checked in the head-end certificate
     metrics_listen: str | None = None       # [metrics] listen: HOST:PORT of the Prometheus /metrics endpoint
     serial_every: int = 96                  # [gateway] serial_every: read the serial number every Nth poll
+    stall_after_s: float | None = None      # [gateway] stall_after_s: a bus busy this long is stuck (default WatchdogSec)
     config_pull_s: float = 3600.0           # [headend] config_pull_s: pull signed config deltas this often (enrolled)
     payg: tuple = ()                        # [[payg]]: PAYG meters (gateway/payg_sync.py PaygConfig)
 
@@ -74,7 +75,10 @@ def load_config(path: str) -> GatewayConfig:
     root = load_section(path)
     root.check_known({"gateway", "headend", "bus", "mqtt", "p1", "metrics", "payg"})
     gw = root.section("gateway")
-    gw.check_known({"id", "database", "poll_interval_s", "push_batch", "serial_every"})
+    gw.check_known({"id", "database", "poll_interval_s", "push_batch", "serial_every", "stall_after_s"})
+    stall_after_s = gw.get("stall_after_s", (int, float), None)
+    if stall_after_s is not None and stall_after_s <= 0:
+        raise gw.error("stall_after_s", "must be a positive number of seconds")
     serial_every = gw.get("serial_every", int, 96)
     if serial_every <= 0:
         raise gw.error("serial_every", "must be a positive number of polls")
@@ -164,7 +168,8 @@ def load_config(path: str) -> GatewayConfig:
                            push_batch=gw.get("push_batch", int, 5000), buses=tuple(buses), path=path,
                            mqtt=mqtt, p1=p1, headend_pki_dir=he.get("pki_dir", str, None),
                            headend_server_name=he.get("server_name", str, None), metrics_listen=metrics_listen,
-                           config_pull_s=float(config_pull_s), serial_every=serial_every)
+                           config_pull_s=float(config_pull_s), serial_every=serial_every,
+                           stall_after_s=None if stall_after_s is None else float(stall_after_s))
     if "payg" in root.data:                 # [[payg]] PAYG meters (docs/payg.md)
         from dataclasses import replace as _replace
 

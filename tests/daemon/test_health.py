@@ -48,3 +48,16 @@ def test_watchdog_pings_only_while_healthy_and_reports_the_stalled_component_onc
     assert out.sent == ["STATUS=polling 2 meter(s)", "WATCHDOG=1",
                         "STATUS=stalled: /dev/ttyUSB0 (watchdog pings stopped)",
                         "STATUS=polling 2 meter(s)", "WATCHDOG=1"]
+
+
+def test_stall_after_s_is_read_from_the_gateway_section(tmp_path):
+    import pytest
+
+    from meterlink.errors import ConfigError
+    from meterlink.gateway.config import load_config
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text('[gateway]\nid = "g"\nstall_after_s = 45\n')
+    assert load_config(str(cfg)).stall_after_s == 45.0
+    cfg.write_text('[gateway]\nid = "g"\nstall_after_s = 0\n')
+    with pytest.raises(ConfigError, match="stall_after_s"):
+        load_config(str(cfg))
