@@ -532,6 +532,24 @@ def _cmd_status(args) -> int:
     return 0
 
 
+CUSTOMER_REQUESTS = ("accept-emergency-credit", "confirm-reconnect")
+
+
+def request_path(state_dir: str | Path, meter_id: str, request: str) -> Path:
+    """The marker file a customer request leaves for the running daemon (picked up at the next poll)."""
+    if request not in CUSTOMER_REQUESTS:
+        raise ValidationError(f"unknown customer request {request!r} (known: {', '.join(CUSTOMER_REQUESTS)})")
+    return Path(state_dir) / f"{meter_id}.{request}"
+
+
+def _cmd_request(args) -> int:
+    path = request_path(args.state_dir, args.meter, args.payg_command)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("")
+    print(f"meter {args.meter}: {args.payg_command} requested; the daemon applies it at the next poll ({path})")
+    return 0
+
+
 def add_parsers(sub) -> None:
     payg = sub.add_parser("payg", help="pay-as-you-go meters held by this gateway",
                           epilog="example: meterlink-gateway payg status --state var/payg/MTR-0001.json")
@@ -541,7 +559,15 @@ def add_parsers(sub) -> None:
     st.add_argument("--state", required=True, help="the meter's PAYG state file")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=_cmd_status)
+    for name, what in (("accept-emergency-credit", "the customer activates the offered emergency credit"),
+                       ("confirm-reconnect", "the customer confirms re-arming the supply (reconnect = customer_confirms)")):
+        rq = psub.add_parser(name, help=what + " (the running daemon applies it at the next poll)",
+                             epilog=f"example: meterlink-gateway payg {name} --meter MTR-0001 --state-dir var/payg")
+        rq.add_argument("--meter", required=True)
+        rq.add_argument("--state-dir", default="var/payg", help="the [[payg]] state_dir (default var/payg)")
+        rq.set_defaults(func=_cmd_request)
 
 
 __all__ = ["CRM_KINDS", "CRM_TOPIC_PREFIX", "CrmRecord", "MqttPublisher", "PaygMeter", "RelayOutcome", "RelaySwitch",
-           "add_parsers", "crm_record", "price_from_tariff", "read_import_wh", "status", "state_from_json", "state_to_json"]
+           "add_parsers", "crm_record", "price_from_tariff", "read_import_wh", "request_path", "status",
+           "state_from_json", "state_to_json"]

@@ -303,6 +303,7 @@ class PaygDaemonHook:
         pm = self.meters.get(meter.id)
         if pm is None:
             return
+        self._customer_requests(meter.id)
         for r in readings:
             if getattr(r, "obis", None) == "1.8.0" and getattr(r, "unit", "Wh") == "Wh":
                 try:
@@ -324,6 +325,19 @@ class PaygDaemonHook:
         except Exception as exc:  # noqa: BLE001
             log.error("PAYG meter %s: evaluation failed: %s", meter.id, exc)
         self._journal(meter.id)
+
+    def _customer_requests(self, mid: str) -> None:
+        """Apply requests left by `meterlink-gateway payg accept-emergency-credit|confirm-reconnect`."""
+        from .payg import request_path
+        pm = self.meters[mid]
+        for name, apply in (("accept-emergency-credit", pm.accept_emergency_credit),
+                            ("confirm-reconnect", pm.confirm_reconnect)):
+            marker = request_path(self.configs[mid].state_dir, mid, name)
+            if marker.exists():
+                try:
+                    apply()
+                finally:
+                    marker.unlink(missing_ok=True)
 
     def _retry_at(self, mid: str):
         return self._retry.get(mid, self.clock.now())
