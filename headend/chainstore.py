@@ -1,10 +1,12 @@
 """Per-gateway chain state at the head-end (head, record hashes, events, tombstones, trusted keys); SQL only, no rules.
 
 Lives beside the reading repository (same SQLite file, its own tables, created if missing) so the
-reading contract (headend/store.py) stays as it is: readings go to the repository's idempotent
-`ingest`, then `commit` records the batch's hashes, its non-reading records and the new head in
-one transaction. A crash between the two leaves the head where it was; the gateway re-sends, the
-repository counts the readings as duplicates and the head advances then (exactly once either way).
+reading contract (headend/store.py) stays as it is. `commit_with_readings` stores a verified batch:
+on the repository's own file, its readings and then the batch's hashes, non-reading records and new
+head in ONE transaction (the repository's group commit; one fsync per batch). Otherwise readings go
+to the repository's idempotent `ingest`, then `commit` writes the rest in a second transaction; a
+crash between the two leaves the head where it was; the gateway re-sends, the repository counts
+the readings as duplicates and the head advances then (exactly once either way).
 
 Tables:
   gateway_chain_head (gateway_id PK, head_seq, head_hash, updated_at_ms)   -- the ack

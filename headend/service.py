@@ -1,8 +1,8 @@
 """The head-end's gRPC service: decode pushed batches, verify the chain (headend/verify.py), hand them to the stores; no SQL here.
 
-Push: decode -> verify against the gateway's stored chain head and registered key -> readings to the
-repository's idempotent `ingest` (one transaction) -> hashes/events/head to the chain store (one
-transaction) -> ack the new head seq. A refused batch stores nothing; the ack then carries the reason
+Push: decode -> verify against the gateway's stored chain head and registered key -> readings and
+hashes/events/head stored by `chain.commit_with_readings` (one transaction when both share a SQLite
+file, else the repository's idempotent `ingest` then the chain store's commit) -> ack the new head seq. A refused batch stores nothing; the ack then carries the reason
 code and the unchanged head, and the refusal is logged and counted by reason.
 """
 
