@@ -7,6 +7,9 @@ account in `payg_meter` — so a gateway may only credit-control its own meters.
 in ONE store transaction: the balance read, the postings, the session update, the tokens marked
 applied and the over-usage CRM events.
 
+Offline card top-ups the gateway reports (``card:{card}:{nonce}`` in `used.top_ups`) are booked
+once in the same transaction (`_reconcile_cards`), before the report is measured.
+
 Token delivery: every answer carries the signed tokens issued for the meter and not yet reported
 applied (re-signed identically, `payg_store.issue_token` is idempotent); the gateway applies each
 once and reports it in its next request.
@@ -23,7 +26,7 @@ from datetime import timedelta
 
 import grpc
 
-from meterlink.clock import Clock, to_ms
+from meterlink.clock import Clock, from_ms, to_ms
 from meterlink.errors import ValidationError
 from meterlink.v1 import payg_pb2, payg_pb2_grpc
 
@@ -125,6 +128,7 @@ class CreditControlService(payg_pb2_grpc.CreditControlServicer):
         req = request_from_proto(request, rtype)
         now = _ms(self.clock.now())
         with self.store.transaction():
+            self._reconcile_cards(request, req, now)
             out = self.cc.handle(req, now)
             if out.session is not None and req.tokens:
                 S.mark_tokens_applied(self.store, [r for r, _ in req.tokens], now)
@@ -139,6 +143,27 @@ class CreditControlService(payg_pb2_grpc.CreditControlServicer):
                                                     req.currency, self.token_key, now).encode())
             balance = -self.store.balance(L.prepaid(req.account_id), req.currency)
         return answer_to_proto(out.answer, tokens, balance)
+
+    def _reconcile_cards(self, pb, req: CC.CreditControlRequest, now) -> None:
+        """Offline card top-ups reported in `used.top_ups` (``card:{card}:{nonce}``) are booked once
+        (`payg_store.reconcile_offline_card_topups`, which also catches a card blacklisted after the
+        gateway's last list) before the report is measured, so their money counts in the window. Only
+        cards registered to the request's account are booked; others stay unconfirmed (over-usage)."""
+        topups = []
+        for ref, amount in req.tokens:
+            parts = ref.split(":")
+            if len(parts) != 3 or parts[0] != "card" or amount <= 0:
+                continue
+            card = self.store._card(parts[1]).get(parts[1])
+            if card is None or card.account_id != req.account_id:
+                log.warning("meter %s: card top-up %s is not for a card of account %s: not booked",
+                            req.meter_id, ref, req.account_id)
+                continue
+            at = _ms(from_ms(pb.gateway_at_ms)) if pb.gateway_at_ms else now
+            topups.append(S.OfflineCardTopUp(ref, parts[1], req.account_id, amount, req.currency, min(at, now),
+                                             pb.gateway_id))
+        if topups:
+            S.reconcile_offline_card_topups(self.store, topups)
 
     def Reserve(self, request, context):
         return self._handle(request, context, CC.RequestType.INITIAL_REQUEST)

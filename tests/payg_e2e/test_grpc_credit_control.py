@@ -206,3 +206,39 @@ def test_a_grant_that_expired_on_the_way_still_acknowledges_the_booked_report(pa
         assert L.customer_credit(list(hd.store.transactions()), "ACC1", "GBP") == 5_000 - 60
     finally:
         channel.close()
+
+
+def test_an_offline_card_topup_reported_in_an_update_is_booked_once_and_counts_in_the_window(
+        payg_headend, sim_meter, tmp_path):
+    hd = payg_headend
+    meter, master, profile = sim_meter
+    identity = hd.enrolled(tmp_path, "gw-a", meters=["MTR-1"])
+    hd.store.bind_meter("MTR-1", "ACC1", hd.clock.now())
+    hd.store.append([L.top_up("seed", hd.clock.now(), "ACC1", "SHOP1", 1_000, "GBP", hd.store.vat)])
+    card = Ed25519PrivateKey.generate()
+    hd.store.register_card("CARD1", "ACC1", T.public_bytes(card), hd.clock.now())
+    pm = gateway_meter(hd, master, profile, tmp_path)
+    pm.boot(10_000)
+    lists_at = hd.clock.now()
+    pm.set_card_lists(T.CardList(1, lists_at, (T.CardEntry("CARD1", "MTR-1", T.public_bytes(card)),)).signed(hd.token_key),
+                      T.Blacklist(1, lists_at).signed(hd.token_key))
+    channel = secure_channel(hd.address, identity)
+    try:
+        cs = CreditSession(pm, channel, gateway_id="gw-a", account="ACC1", state_path=tmp_path / "cc.json")
+        assert cs.sync().granted_minor == 300
+        # offline, the customer tops up 5.00 with the card at the gateway
+        nonce = b"k" * 16
+        topup = T.CardTopUp("CARD1", T.CardChallenge("MTR-1", nonce, 500, "GBP", hd.clock.now())).signed(card)
+        events = pm.card_topup(topup, nonce)
+        assert any(isinstance(e, C.TopUpApplied) for e in events) and pm.state.credit_balance == 800
+        hd.clock.advance(timedelta(minutes=30))
+        pm.on_reading(14_000)                                  # 4 kWh x 30 = 120
+        res = cs.sync()                                        # the report carries the card top-up
+        assert res.outcome == "granted"
+        cs.sync()                                              # and again: booked once
+        ledger = list(hd.store.transactions())
+        assert sum(1 for t in ledger if t.business_key == f"card-topup:{topup.reference}") == 1
+        assert L.customer_credit(ledger, "ACC1", "GBP") == 1_000 + 500 - 120
+        assert not any(t.kind == "over-usage-debt" for t in ledger)
+    finally:
+        channel.close()
