@@ -70,9 +70,42 @@ class PostgresChainStore:
         """
         if not new:
             return expected_head
+        write = self._writer(gateway_id, expected_head, new, received_at_ms, hashes)
+        with self._pool.connection() as conn:
+            with conn.transaction():
+                write(conn)
+        return new[-1].seq
+
+    def commit_with_readings(self, repo, gateway_id: str, expected_head: int, new: list[ChainRecord],
+                             received_at_ms: int, hashes: list[bytes] | None = None) -> int:
+        """Store a verified batch: its readings with `repo.ingest`, then `commit` -> new head seq.
+
+        When `repo` is the PostgreSQL repository on this same URL, both go in ONE transaction (the
+        repository's: its gateway_sync row lock first, then the head row lock); HeadMoved then rolls
+        the readings back too. Otherwise two transactions, readings first: a crash between them leaves
+        the head behind the readings; the re-sent batch finds them as duplicates and the head advances
+        then. Same method as `SqliteChainStore`.
+        """
+        if not new:
+            return expected_head
+        readings = stored_readings(gateway_id, new)
+        ingest_then = getattr(repo, "ingest_then", None)
+        if ingest_then is not None and getattr(repo, "url", None) == self.url:
+            # same database: one transaction; the gateway_sync row lock (taken first by the repository),
+            # then the head row lock, in that order on every path, so replicas cannot deadlock
+            ingest_then(gateway_id, readings, received_at_ms,
+                        self._writer(gateway_id, expected_head, new, received_at_ms, hashes))
+            return new[-1].seq
+        if readings:
+            repo.ingest(gateway_id, readings, received_at_ms)
+        return self.commit(gateway_id, expected_head, new, received_at_ms, hashes)
+
+    def _writer(self, gateway_id: str, expected_head: int, new: list[ChainRecord], received_at_ms: int,
+                hashes: list[bytes] | None):
+        """The statements of `commit` as a function of a connection already inside a transaction."""
         if hashes is None:
             hashes = [hash_of(r) for r in new]
-        hashes = [(gateway_id, r.seq, h) for r, h in zip(new, hashes)]
+        rows = [(gateway_id, r.seq, h) for r, h in zip(new, hashes)]
         others = []
         for r in new:
             b = r.body
@@ -82,34 +115,21 @@ class PostgresChainStore:
             elif isinstance(b, Tombstone):
                 others.append((gateway_id, r.seq, r.prev_hash, "tombstone", "", b.first_seq, b"", "",
                                b.record_hash, received_at_ms))
-        with self._pool.connection() as conn:
-            with conn.transaction():
-                head = conn.execute(LOCK_HEAD, (gateway_id, GENESIS)).fetchone()[0]
-                if head != expected_head:
-                    raise HeadMoved(f"gateway {gateway_id}: head moved from {expected_head} to {head}")
-                cur = conn.cursor()
-                with cur.copy("COPY gateway_chain_hash (gateway_id, seq, hash) FROM STDIN (FORMAT BINARY)") as copy:
-                    copy.set_types(["text", "int8", "bytea"])
-                    for row in hashes:
-                        copy.write_row(row)
-                if others:
-                    cur.executemany("INSERT INTO gateway_event VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)", others)
-                cur.execute("UPDATE gateway_chain_head SET head_seq = %s, head_hash = %s, updated_at_ms = %s "
-                            "WHERE gateway_id = %s", (new[-1].seq, hashes[-1][2], received_at_ms, gateway_id))
-        return new[-1].seq
 
-    def commit_with_readings(self, repo, gateway_id: str, expected_head: int, new: list[ChainRecord],
-                             received_at_ms: int, hashes: list[bytes] | None = None) -> int:
-        """Store a verified batch: its readings with `repo.ingest`, then `commit` -> new head seq.
-
-        Two transactions, readings first (the repository's idempotent ingest, then the head under its
-        row lock): a crash between them leaves the head behind the readings; the re-sent batch finds
-        them as duplicates and the head advances then. Same method as `SqliteChainStore`.
-        """
-        readings = stored_readings(gateway_id, new)
-        if readings:
-            repo.ingest(gateway_id, readings, received_at_ms)
-        return self.commit(gateway_id, expected_head, new, received_at_ms, hashes)
+        def write(conn) -> None:
+            head = conn.execute(LOCK_HEAD, (gateway_id, GENESIS)).fetchone()[0]
+            if head != expected_head:
+                raise HeadMoved(f"gateway {gateway_id}: head moved from {expected_head} to {head}")
+            cur = conn.cursor()
+            with cur.copy("COPY gateway_chain_hash (gateway_id, seq, hash) FROM STDIN (FORMAT BINARY)") as copy:
+                copy.set_types(["text", "int8", "bytea"])
+                for row in rows:
+                    copy.write_row(row)
+            if others:
+                cur.executemany("INSERT INTO gateway_event VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)", others)
+            cur.execute("UPDATE gateway_chain_head SET head_seq = %s, head_hash = %s, updated_at_ms = %s "
+                        "WHERE gateway_id = %s", (new[-1].seq, hashes[-1], received_at_ms, gateway_id))
+        return write
 
     def events(self, gateway_id: str) -> list[tuple[int, str, str, int, bytes, str]]:
         """(seq, kind, meter_id, at_ms, payload, obis) of the gateway's events and tombstones, by seq."""

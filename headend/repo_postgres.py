@@ -211,9 +211,21 @@ class PostgresReadingRepository:
         of a gateway's records holds that gateway's lock; should one not, the primary key still
         refuses the duplicate and the whole batch rolls back (nothing is stored twice).
         """
+        return self.ingest_then(gateway_id, records, received_at_ms, None)
+
+    def ingest_then(self, gateway_id: str, records: list[StoredRecord], received_at_ms: int, then) -> IngestResult:
+        """`ingest`, and `then(connection)` (if given) inside the same transaction, after the readings
+        and the ack, before COMMIT; if it raises, the batch stores nothing. The chain store
+        (`PostgresChainStore.commit_with_readings`) writes the batch's hashes and head this way."""
         check_batch(gateway_id, records)
         if not records:
-            return IngestResult(self.acked_seq(gateway_id), 0, 0)
+            if then is None:
+                return IngestResult(self.acked_seq(gateway_id), 0, 0)
+            with self._pool.connection() as conn, conn.transaction():
+                row = conn.execute("SELECT acked_seq FROM gateway_sync WHERE gateway_id = %s",
+                                   (gateway_id,)).fetchone()
+                then(conn)
+            return IngestResult(row[0] if row else 0, 0, 0)
         seqs = [r.seq for r in records]
         with self._pool.connection() as conn, conn.transaction():
             with conn.pipeline():
@@ -248,6 +260,8 @@ class PostgresReadingRepository:
                 if new - acked < ACK_WINDOW:
                     break
                 acked = new
+            if then is not None:
+                then(conn)
         return IngestResult(new, accepted, len(records) - accepted)
 
     def gaps(self, gateway_id: str) -> list[tuple[int, int]]:
