@@ -102,7 +102,8 @@ class CreditSession:
         req = payg_pb2.CreditControlRequest(
             gateway_id=self.gateway_id, session_id=self.session_id, request_number=self.number,
             account_id=self.account, meter_id=self.meter.meter_id, currency=self.currency,
-            used=usage_to_proto(usage), gateway_at_ms=to_ms(self.meter.clock.now()))
+            used=usage_to_proto(usage), gateway_at_ms=to_ms(self.meter.clock.now()),
+            card_lists_digest=T.card_lists_digest(self.meter.card_list, self.meter.blacklist))
         call = self.stub.Reserve if not self.open else (self.stub.Terminate if terminate else self.stub.Update)
         try:
             ans = call(req, timeout=self.timeout)
@@ -153,7 +154,18 @@ class CreditSession:
         applied = self._apply_tokens(ans)
         return SyncResult("granted" if granted else "no_grant", code, granted, applied, ans.detail)
 
+    def _apply_card_lists(self, ans) -> None:
+        if not (ans.card_list and ans.blacklist):
+            return
+        from .payg import _blacklist_from_json, _card_list_from_json
+        try:
+            self.meter.set_card_lists(_card_list_from_json(json.loads(ans.card_list)),
+                                      _blacklist_from_json(json.loads(ans.blacklist)))
+        except Exception as exc:  # noqa: BLE001 - keep the last verified lists
+            log.error("meter %s: card lists from the head-end not installed: %s", self.meter.meter_id, exc)
+
     def _apply_tokens(self, ans) -> int:
+        self._apply_card_lists(ans)
         applied = 0
         for text in ans.tokens:
             try:

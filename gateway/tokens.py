@@ -234,6 +234,16 @@ class Blacklist:
         return replace(self, signature=sign_ed25519(head_end_key, self.signing_bytes()))
 
 
+def card_lists_digest(cards: "CardList | None", blacklist: "Blacklist | None") -> bytes:
+    """SHA-256 of what a card list and blacklist say (not their versions or signatures); b"" for none."""
+    import hashlib
+    if cards is None or blacklist is None:
+        return b""
+    content = json.dumps({"cards": sorted([c.card_id, c.meter, c.public_key.hex()] for c in cards.cards),
+                          "blacklisted": sorted(blacklist.card_ids)}, separators=(",", ":"), sort_keys=True)
+    return hashlib.sha256(content.encode()).digest()
+
+
 @dataclass(frozen=True)
 class CardChallenge:
     """What the card signs: the gateway's fresh nonce, the meter, the amount and the time."""

@@ -142,7 +142,31 @@ class CreditControlService(payg_pb2_grpc.CreditControlServicer):
                         tokens.append(S.issue_token(self.store, reference, req.meter_id, req.account_id, amount,
                                                     req.currency, self.token_key, now).encode())
             balance = -self.store.balance(L.prepaid(req.account_id), req.currency)
-        return answer_to_proto(out.answer, tokens, balance)
+            lists = self._card_lists(req, bytes(request.card_lists_digest), now)
+        pb = answer_to_proto(out.answer, tokens, balance)
+        if lists is not None:
+            pb.card_list, pb.blacklist = lists
+        return pb
+
+    def _card_lists(self, req: CC.CreditControlRequest, digest: bytes, now) -> tuple[str, str] | None:
+        """The account's cards for the meter and the blacklisted ones among them now, signed — only
+        when they differ from what the gateway holds (`digest`); None without a signing key."""
+        if self.token_key is None:
+            return None
+        from meterlink.gateway import payg as GP
+        from meterlink.gateway import tokens as T
+        cards = sorted((c for c in self.store.cards().values() if c.account_id == req.account_id and c.active),
+                       key=lambda c: c.card_id)
+        entries = tuple(T.CardEntry(c.card_id, req.meter_id, c.public_key) for c in cards)
+        black = frozenset(c.card_id for c in cards if V.blacklisted(self.store.blacklist(c.card_id), c.card_id, now))
+        version = to_ms(now)
+        card_list = T.CardList(version, now, entries)
+        blacklist = T.Blacklist(version, now, black)
+        if T.card_lists_digest(card_list, blacklist) == digest:
+            return None
+        import json
+        return (json.dumps(GP._card_list_to_json(card_list.signed(self.token_key))),
+                json.dumps(GP._blacklist_to_json(blacklist.signed(self.token_key))))
 
     def _reconcile_cards(self, pb, req: CC.CreditControlRequest, now) -> None:
         """Offline card top-ups reported in `used.top_ups` (``card:{card}:{nonce}``) are booked once

@@ -242,3 +242,39 @@ def test_an_offline_card_topup_reported_in_an_update_is_booked_once_and_counts_i
         assert not any(t.kind == "over-usage-debt" for t in ledger)
     finally:
         channel.close()
+
+
+def test_signed_card_lists_ride_on_answers_and_a_card_blacklisted_since_is_refused_offline(
+        payg_headend, sim_meter, tmp_path):
+    hd = payg_headend
+    meter, master, profile = sim_meter
+    identity = hd.enrolled(tmp_path, "gw-a", meters=["MTR-1"])
+    hd.store.bind_meter("MTR-1", "ACC1", hd.clock.now())
+    hd.store.append([L.top_up("seed", hd.clock.now(), "ACC1", "SHOP1", 1_000, "GBP", hd.store.vat)])
+    card = Ed25519PrivateKey.generate()
+    hd.store.register_card("CARD1", "ACC1", T.public_bytes(card), hd.clock.now())
+    pm = gateway_meter(hd, master, profile, tmp_path)
+    pm.boot(10_000)
+    channel = secure_channel(hd.address, identity)
+    stub = payg_pb2_grpc.CreditControlStub(channel)
+    try:
+        cs = CreditSession(pm, channel, gateway_id="gw-a", account="ACC1", state_path=tmp_path / "cc.json")
+        cs.sync()
+        assert pm.card_list is not None and pm.card_list.find("CARD1") and pm.blacklist.card_ids == frozenset()
+        # the gateway already holds the head-end's lists: an answer does not repeat them
+        same = stub.Update(payg_pb2.CreditControlRequest(
+            gateway_id="gw-a", session_id=cs.session_id, request_number=cs.number, account_id="ACC1",
+            meter_id="MTR-1", currency="GBP", card_lists_digest=T.card_lists_digest(pm.card_list, pm.blacklist)),
+            timeout=5)
+        assert same.result_code == 2001 and not same.card_list and not same.blacklist
+        cs.number += 1
+        hd.store.blacklist_card("CARD1", hd.clock.now(), "stolen")
+        hd.clock.advance(timedelta(milliseconds=1))
+        cs.sync()                                              # the new blacklist arrives with the answer
+        assert pm.blacklist.card_ids == frozenset({"CARD1"})
+        nonce = b"z" * 16                                      # offline now: the gateway refuses the card itself
+        topup = T.CardTopUp("CARD1", T.CardChallenge("MTR-1", nonce, 500, "GBP", hd.clock.now())).signed(card)
+        events = pm.card_topup(topup, nonce)
+        assert [e.reason for e in events if isinstance(e, C.TopUpRefused)] == ["blacklisted"]
+    finally:
+        channel.close()

@@ -47,7 +47,7 @@ class UsedUnits(_message.Message):
     def __init__(self, used_minor: _Optional[int] = ..., used_wh: _Optional[int] = ..., from_emergency_minor: _Optional[int] = ..., to_debt_minor: _Optional[int] = ..., repaid_debt_minor: _Optional[int] = ..., repaid_emergency_minor: _Optional[int] = ..., recovered_arrears_minor: _Optional[int] = ..., top_ups: _Optional[_Iterable[_Union[AppliedTopUp, _Mapping]]] = ...) -> None: ...
 
 class CreditControlRequest(_message.Message):
-    __slots__ = ("gateway_id", "session_id", "request_number", "account_id", "meter_id", "currency", "used", "gateway_at_ms")
+    __slots__ = ("gateway_id", "session_id", "request_number", "account_id", "meter_id", "currency", "used", "gateway_at_ms", "card_lists_digest")
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_NUMBER_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,7 @@ class CreditControlRequest(_message.Message):
     CURRENCY_FIELD_NUMBER: _ClassVar[int]
     USED_FIELD_NUMBER: _ClassVar[int]
     GATEWAY_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    CARD_LISTS_DIGEST_FIELD_NUMBER: _ClassVar[int]
     gateway_id: str
     session_id: str
     request_number: int
@@ -64,7 +65,8 @@ class CreditControlRequest(_message.Message):
     currency: str
     used: UsedUnits
     gateway_at_ms: int
-    def __init__(self, gateway_id: _Optional[str] = ..., session_id: _Optional[str] = ..., request_number: _Optional[int] = ..., account_id: _Optional[str] = ..., meter_id: _Optional[str] = ..., currency: _Optional[str] = ..., used: _Optional[_Union[UsedUnits, _Mapping]] = ..., gateway_at_ms: _Optional[int] = ...) -> None: ...
+    card_lists_digest: bytes
+    def __init__(self, gateway_id: _Optional[str] = ..., session_id: _Optional[str] = ..., request_number: _Optional[int] = ..., account_id: _Optional[str] = ..., meter_id: _Optional[str] = ..., currency: _Optional[str] = ..., used: _Optional[_Union[UsedUnits, _Mapping]] = ..., gateway_at_ms: _Optional[int] = ..., card_lists_digest: _Optional[bytes] = ...) -> None: ...
 
 class GrantedUnits(_message.Message):
     __slots__ = ("amount_minor", "wh", "has_wh", "validity_time_s", "issued_at_ms", "expires_at_ms")
@@ -83,7 +85,7 @@ class GrantedUnits(_message.Message):
     def __init__(self, amount_minor: _Optional[int] = ..., wh: _Optional[int] = ..., has_wh: _Optional[bool] = ..., validity_time_s: _Optional[int] = ..., issued_at_ms: _Optional[int] = ..., expires_at_ms: _Optional[int] = ...) -> None: ...
 
 class CreditControlAnswer(_message.Message):
-    __slots__ = ("session_id", "request_number", "result_code", "granted", "final_unit_action", "detail", "tokens", "balance_minor")
+    __slots__ = ("session_id", "request_number", "result_code", "granted", "final_unit_action", "detail", "tokens", "balance_minor", "card_list", "blacklist")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_NUMBER_FIELD_NUMBER: _ClassVar[int]
     RESULT_CODE_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +94,8 @@ class CreditControlAnswer(_message.Message):
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     BALANCE_MINOR_FIELD_NUMBER: _ClassVar[int]
+    CARD_LIST_FIELD_NUMBER: _ClassVar[int]
+    BLACKLIST_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     request_number: int
     result_code: int
@@ -100,7 +104,9 @@ class CreditControlAnswer(_message.Message):
     detail: str
     tokens: _containers.RepeatedScalarFieldContainer[str]
     balance_minor: int
-    def __init__(self, session_id: _Optional[str] = ..., request_number: _Optional[int] = ..., result_code: _Optional[int] = ..., granted: _Optional[_Union[GrantedUnits, _Mapping]] = ..., final_unit_action: _Optional[_Union[FinalUnitAction, str]] = ..., detail: _Optional[str] = ..., tokens: _Optional[_Iterable[str]] = ..., balance_minor: _Optional[int] = ...) -> None: ...
+    card_list: str
+    blacklist: str
+    def __init__(self, session_id: _Optional[str] = ..., request_number: _Optional[int] = ..., result_code: _Optional[int] = ..., granted: _Optional[_Union[GrantedUnits, _Mapping]] = ..., final_unit_action: _Optional[_Union[FinalUnitAction, str]] = ..., detail: _Optional[str] = ..., tokens: _Optional[_Iterable[str]] = ..., balance_minor: _Optional[int] = ..., card_list: _Optional[str] = ..., blacklist: _Optional[str] = ...) -> None: ...
 
 class ChallengeRequest(_message.Message):
     __slots__ = ("vendor_id",)
