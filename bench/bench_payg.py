@@ -185,6 +185,7 @@ def bench_grpc(rate: int, seconds: float) -> None:
             vend = payg_pb2_grpc.VendingStub(channel)
             card = Ed25519PrivateKey.from_private_bytes(CARD_SEED)
             numbers: dict[str, int] = {}
+            digests: dict[str, bytes] = {}
             nlock = threading.Lock()
             codes: dict[int, int] = {}
 
@@ -195,14 +196,24 @@ def bench_grpc(rate: int, seconds: float) -> None:
                     numbers[acc] = n + 1
                 used = payg_pb2.UsedUnits(used_minor=40, used_wh=1600) if n else None
                 req = payg_pb2.CreditControlRequest(gateway_id="gw-bench", session_id=f"S-{acc}", request_number=n,
-                                                    account_id=acc, meter_id=f"M-{acc}", currency="GBP", used=used)
+                                                    account_id=acc, meter_id=f"M-{acc}", currency="GBP", used=used,
+                                                    card_lists_digest=digests.get(acc, b""))
                 return cc.Reserve if n == 0 else cc.Update, req
+
+            def keep_lists(acc: str, answer) -> None:
+                """As a gateway does: remember the card lists delivered, so later answers omit them."""
+                if answer.card_list and answer.blacklist:
+                    from meterlink.gateway.payg import _blacklist_from_json, _card_list_from_json
+                    digests[acc] = T.card_lists_digest(_card_list_from_json(json.loads(answer.card_list)),
+                                                       _blacklist_from_json(json.loads(answer.blacklist)))
 
             class CC_call:
                 """`fn(body)` / `fn.future(body)` over the right RPC for the session's next request."""
                 def __call__(self, i):
                     m, req = cc_request(i)
-                    return m(req, timeout=30)
+                    answer = m(req, timeout=30)
+                    keep_lists(req.account_id, answer)
+                    return answer
 
                 def future(self, i):
                     m, req = cc_request(i)

@@ -155,8 +155,7 @@ class CreditControlService(payg_pb2_grpc.CreditControlServicer):
             return None
         from meterlink.gateway import payg as GP
         from meterlink.gateway import tokens as T
-        cards = sorted((c for c in self.store.cards().values() if c.account_id == req.account_id and c.active),
-                       key=lambda c: c.card_id)
+        cards = [c for c in self.store.account_cards(req.account_id) if c.active]
         entries = tuple(T.CardEntry(c.card_id, req.meter_id, c.public_key) for c in cards)
         black = frozenset(c.card_id for c in cards if V.blacklisted(self.store.blacklist(c.card_id), c.card_id, now))
         version = to_ms(now)

@@ -320,6 +320,13 @@ class PaygStore:
             rows = self._db.execute("SELECT card_id, account_id, public_key, active FROM payg_card").fetchall()
         return {r[0]: V.Card(r[0], r[1], bytes.fromhex(r[2]), bool(r[3])) for r in rows}
 
+    def account_cards(self, account_id: str) -> list[V.Card]:
+        """The account's registered cards, by card id."""
+        with self._lock:
+            rows = self._db.execute("SELECT card_id, account_id, public_key, active FROM payg_card WHERE account_id = ? "
+                                    "ORDER BY card_id", (account_id,)).fetchall()
+        return [V.Card(r[0], r[1], bytes.fromhex(r[2]), bool(r[3])) for r in rows]
+
     def _card(self, card_id: str) -> dict[str, V.Card]:
         row = self._db.execute("SELECT card_id, account_id, public_key, active FROM payg_card WHERE card_id = ?",
                                (card_id,)).fetchone()
