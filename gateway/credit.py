@@ -615,6 +615,10 @@ def apply_grant(state: AccountState, grant: Grant, at: datetime) -> tuple[Accoun
     def refuse(reason: str) -> tuple[AccountState, Events]:
         events.append(GrantRefused(account=state.account, at=at, session_id=grant.session_id,
                                    request_number=grant.request_number, reason=reason))
+        if reason != "replay" and state.in_flight is not None:
+            # the grant is unusable but it ANSWERS the in-flight report, which the head-end booked:
+            # acknowledge it (old window given back), or the next request would report it again
+            return _flags(_replace_window(state, 0), at, events), events
         return state, events
 
     _amount(grant.amount_minor, f"grant {grant.session_id}/{grant.request_number} amount")

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from meterlink.gateway import credit as C
@@ -170,6 +170,7 @@ steps = st.lists(st.one_of(
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(steps)
+@example([("type_in",), ("consume", 16), ("lost_answer",)] + [("consume", 0)] * 8 + [("type_in",)])  # grant expired on arrival
 def test_any_sequence_of_usage_topups_and_lost_exchanges_agrees_to_the_cent(tmp_path, seq):
     store = S.PaygStore("sqlite://")
     try:

@@ -330,3 +330,14 @@ def test_the_credit_window_and_the_reported_usage_account_for_every_minor_unit(s
         assert t.used_minor == charged == t.from_credit + t.from_emergency + t.to_debt
         assert s.accumulated_debt == t.to_debt - t.repaid_debt
         assert s.emergency_credit_used == t.from_emergency - t.repaid_emergency
+
+
+def test_a_grant_arriving_expired_still_acknowledges_the_report_it_answers():
+    s, _ = C.apply_grant(acct(), grant(0, 1000), T0)
+    s, _ = C.charge(s, 10_000, "30", T0 + timedelta(minutes=1))
+    s, report = C.begin_report(s)
+    s, ev = C.apply_grant(s, grant(1, 800, valid=T0 + timedelta(minutes=2)), T0 + timedelta(minutes=3))
+    assert [e.reason for e in ev if isinstance(e, C.GrantRefused)] == ["expired"]
+    assert s.in_flight is None and s.credit_balance == 0       # booked at the head-end: not reported twice
+    s, again = C.begin_report(s)
+    assert again.used_minor == 0
