@@ -370,7 +370,8 @@ class PaygDaemonHook:
     def _journal(self, mid: str) -> None:
         from meterlink.chain import Event
         pm = self.meters[mid]
-        new = pm.journal[self._journaled[mid]:]
+        end = len(pm.journal)
+        new = pm.journal[self._journaled[mid]:end]
         if not new:
             return
         events = []
@@ -385,7 +386,9 @@ class PaygDaemonHook:
                                                             separators=(",", ":")).encode()))
         try:
             self.gateway.journal.append(events)
-            self._journaled[mid] = len(pm.journal)
+            # journaled (hash chain, on flash): drop them from memory so the list never grows without bound
+            del pm.journal[:end]
+            self._journaled[mid] = 0
         except Exception as exc:  # noqa: BLE001 - retried with the next reading
             log.error("PAYG meter %s: %d event(s) not journaled yet: %s", mid, len(events), exc)
 

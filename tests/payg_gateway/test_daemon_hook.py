@@ -74,6 +74,8 @@ def test_emergency_credit_is_used_only_after_acceptance_and_its_exhaustion_opens
         assert all(p["command_id"].startswith("H-1-") for p in opens)
         assert "relay.close" in names
         assert not (tmp_path / "payg" / "H-1.accept-emergency-credit").exists()
+        assert pm.journal == []          # on flash in the hash chain, so no longer held in memory
     finally:
         gw.close()
         server.stop()
+
