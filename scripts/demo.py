@@ -44,26 +44,26 @@ def main() -> int:
     out = args.out
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    # the gateway's Ed25519 chain-signing key is made on the device (beside its journal); the head-end is
-    # told its public key before anything runs, so the first signed batch verifies
-    (out / "key.toml").write_text(f'[gateway]\nid = "gw-demo-1"\ndatabase = "{out / "gateway.db"}"\n'
-                                  'poll_interval_s = 900\n')
-    subprocess.run([str(BIN / "meterlink-gateway"), "signing-key", "--config", str(out / "key.toml"),
-                    "--out", str(out / "gw-demo-1.pub")], check=True, stdout=subprocess.DEVNULL)
-    subprocess.run([str(BIN / "meterlink-headend"), "trust-gateway", "gw-demo-1", "--public-key",
-                    str(out / "gw-demo-1.pub"), "--database", f"sqlite:///{out / 'headend.db'}",
-                    "--config", os.devnull], check=True, stdout=subprocess.DEVNULL)
+    # the operator registers the gateway and the meters it may speak for; the head-end's CA is made
+    # here (one-time enrolment code, CA fingerprint for the gateway to pin)
+    added = json.loads(subprocess.run(
+        [str(BIN / "meterlink-headend"), "gateways", "add", "gw-demo-1", "--meter", "MTR-RTU-01", "--meter",
+         "MTR-RTU-02", "--meter", "MTR-TCP-01", "--json", "--database", f"sqlite:///{out / 'headend.db'}",
+         "--pki-dir", str(out / "headend-pki"), "--config", os.devnull],
+        check=True, capture_output=True, text=True).stdout)
     start_at = parse_instant("2026-11-24T00:00:00Z")
     until = start_at + timedelta(hours=args.hours)
-    anchor = time.time() + 4.0  # every process starts before simulated midnight
+    anchor = time.time() + 6.0  # every process starts (and the gateway enrols) before simulated midnight
     clock = f"scaled:{start_at.isoformat()},{args.speed},{anchor}"
     procs: list[subprocess.Popen] = []
     t0 = time.monotonic()
     try:
         he, he_addr = start([str(BIN / "meterlink-headend"), "serve", "--listen", "127.0.0.1:0",
                              "--database", f"sqlite:///{out / 'headend.db'}", "--clock", clock,
+                             "--pki-dir", str(out / "headend-pki"), "--enrol-listen", "127.0.0.1:0",
                              "--config", os.devnull], out / "headend.log")
         procs.append(he)
+        enrol_port = he.stdout.readline().split()[1]          # "enrol PORT ca-sha256 FP"
         rtu, pty = start([str(BIN / "meterlink-sim"), "modbus-rtu", "--profile", "eastron_sdm630",
                           "--unit", "1", "--unit", "2", "--seed", "11", "--import-wh", "1520000",
                           "--clock", clock], out / "sim-rtu.log")
@@ -80,6 +80,7 @@ poll_interval_s = 900
 
 [headend]
 address = "{he_addr}"
+pki_dir = "{out / 'gateway-pki'}"
 
 [[bus]]
 port = "{pty}"
@@ -103,7 +104,11 @@ id = "MTR-TCP-01"
 unit = 1
 profile = "eastron_sdm630"
 """)
-        print(f"head-end {he_addr} | RTU bus {pty} (units 1, 2) | TCP meter {tcp_addr}")
+        # on the device: keys made there, CSR -> client certificate from the head-end's CA (pinned)
+        subprocess.run([str(BIN / "meterlink-gateway"), "enroll", "--config", str(out / "gateway.toml"),
+                        "--headend", f"127.0.0.1:{enrol_port}", "--code", added["code"],
+                        "--ca-fingerprint", added["ca_fingerprint"]], check=True, stdout=subprocess.DEVNULL)
+        print(f"head-end {he_addr} (mutual TLS; gw-demo-1 enrolled) | RTU bus {pty} (units 1, 2) | TCP meter {tcp_addr}")
         print(f"simulating {args.hours} h of 15-minute polls from {start_at:%Y-%m-%d %H:%M} UTC "
               f"at {args.speed:g}x ...", flush=True)
         gw = subprocess.run([str(BIN / "meterlink-gateway"), "run", "--config", str(out / "gateway.toml"),
