@@ -1,8 +1,9 @@
 """The meterlink demo: real processes, real wires, simulated time.
 
 Starts the head-end, two simulated SDM630 meters on a Modbus RTU pseudo-terminal bus and one on
-Modbus TCP, and the gateway; all four share one scaled clock (24 simulated hours in about half a
-minute), then reads the head-end back and prints one line per meter.
+Modbus TCP, and the gateway (registered, enrolled, pushing over mutual TLS); all four share one
+scaled clock (yesterday's 24 simulated hours, or --start DAY's, in about half a minute). Then reads
+the head-end back, prints one line per meter, and bills, reconciles, exports and draws the month.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from meterlink.clock import parse_instant
@@ -37,6 +38,7 @@ def start(cmd: list[str], log: Path) -> tuple[subprocess.Popen, str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--hours", type=int, default=24, help="simulated hours (default 24)")
+    ap.add_argument("--start", help="simulated start date YYYY-MM-DD (default: yesterday, UTC)")
     ap.add_argument("--speed", type=float, default=3000, help="simulated seconds per real second")
     ap.add_argument("--out", type=Path, default=ROOT / "demo-out", help="working directory (recreated)")
     args = ap.parse_args()
@@ -51,7 +53,13 @@ def main() -> int:
          "MTR-RTU-02", "--meter", "MTR-TCP-01", "--json", "--database", f"sqlite:///{out / 'headend.db'}",
          "--pki-dir", str(out / "headend-pki"), "--config", os.devnull],
         check=True, capture_output=True, text=True).stdout)
-    start_at = parse_instant("2026-11-24T00:00:00Z")
+    # yesterday (UTC) by default: the head-end's CA dates certificates by the simulated clock, so the
+    # simulated days must lie in the real past (and within the certificates' 825 days) for TLS to accept them
+    today = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    start_at = parse_instant(f"{args.start}T00:00:00Z") if args.start else today - timedelta(days=1)
+    earliest = max(today - timedelta(days=700), parse_instant("2026-01-01T00:00:00Z"))   # demo bindings start
+    if not earliest <= start_at <= today - timedelta(days=1):
+        ap.error(f"--start {args.start}: pick a day between {earliest:%Y-%m-%d} and yesterday")
     until = start_at + timedelta(hours=args.hours)
     anchor = time.time() + 6.0  # every process starts (and the gateway enrols) before simulated midnight
     clock = f"scaled:{start_at.isoformat()},{args.speed},{anchor}"
@@ -155,9 +163,10 @@ def billing(out: Path, start_at) -> bool:
     """Bind the demo meters to their accounts, bill the month, prove it, export it, draw one customer's report."""
     db = ["--database", f"sqlite:///{out / 'headend.db'}", "--config", os.devnull]
     period = f"{start_at:%Y-%m}"
+    next_month = (start_at.replace(day=1) + timedelta(days=32)).replace(day=1)   # bills are issued after the month
     steps = [
         ("bindings", ["bindings", "load"]),                        # the bundled demo customers and bindings
-        ("bill", ["bill", "--period", period, "--clock", "sim:2026-12-01T06:00:00Z"]),
+        ("bill", ["bill", "--period", period, "--clock", f"sim:{next_month:%Y-%m-%d}T06:00:00Z"]),
         ("reconcile", ["reconcile", "--period", period]),
         ("export", ["export", "--to", str(out / "export"), "--format", "ubl"]),
         ("report", ["report", "--account", "A-GB-001", "--period", period, "--out", str(out / "report-A-GB-001.html")]),
