@@ -28,6 +28,14 @@ emergency credit, arrears recovered, and the tokens applied — so the head-end 
 them once (`headend/creditcontrol.py`) and both sides hold the same debt and emergency-credit
 figures to the cent.
 
+Low-balance warnings and the emergency-credit offer compare the CUSTOMER'S balance, not the
+window: every answer carries the head-end's prepaid balance after booking the report it answers
+(`Grant.balance_minor`, `acknowledge(..., balance_minor=)`), kept as `reported_balance`; the
+gateway lowers it locally by what left the window since that report point and raises it by the
+offline card top-ups not yet reported (the head-end books those at the next sync):
+``balance_remaining = max(credit_balance, reported_balance + card top-ups − window spending since)``
+(the window is part of the balance, so never less than it; no report yet: the window alone).
+
 Window identity (checked by a property test): at any instant
   credit_balance == last grant + Σ tokens since its report point − window spending since then
 where window spending = consumption from credit + debt/emergency repayments + arrears recovered.
@@ -155,6 +163,7 @@ class Grant:
     wh: int = 0
     currency: str = "GBP"
     final_unit_action: str = "terminate"          # "terminate" | "restrict_access"
+    balance_minor: int | None = None              # the customer's prepaid balance after the report (head-end)
 
 
 # --------------------------------------------------------------------------- events
@@ -190,13 +199,15 @@ class OverUsage(CreditEvent):
 
 @dataclass(frozen=True, kw_only=True)
 class LowBalance(CreditEvent):
-    credit_balance: int
+    credit_balance: int                           # the window
     threshold: int
+    balance_minor: int = 0                        # the customer's remaining balance compared with threshold
 
 
 @dataclass(frozen=True, kw_only=True)
 class EmergencyCreditOffered(CreditEvent):
     amount_minor: int
+    balance_minor: int = 0                        # the customer's remaining balance when offered
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -327,6 +338,19 @@ class AccountState:
     friendly_warning_until: datetime | None = None  # end of the friendly span already warned about
     unreported: Usage = Usage()                   # since the last report point (not yet sent)
     in_flight: Usage | None = None                # the report sent and not yet answered
+    reported_balance: int | None = None           # head-end prepaid balance after the last answered report
+
+    @property
+    def balance_remaining(self) -> int:
+        """The customer's balance as the gateway knows it: the head-end's last reported balance,
+        minus window spending since that report point, plus offline card top-ups not yet
+        booked there; never less than the window (which is part of it); the window alone before
+        any report."""
+        if self.reported_balance is None:
+            return self.credit_balance
+        pending = (self.in_flight or Usage()).plus(self.unreported)
+        cards = sum(a for r, a in pending.tokens if r.startswith("card:"))
+        return max(self.credit_balance, self.reported_balance + cards - pending.window_spend)
 
     @property
     def emergency_credit_available(self) -> int:
@@ -413,17 +437,19 @@ def _advance(state: AccountState, at: datetime) -> tuple[AccountState, Events]:
 def _flags(state: AccountState, at: datetime, events: Events) -> AccountState:
     """Raise LowBalance / EmergencyCreditOffered / EmergencyCreditExhausted once per crossing."""
     cfg, acct = state.cfg, state.account
-    if state.credit_balance < cfg.low_credit_threshold:
+    balance = state.balance_remaining
+    if balance < cfg.low_credit_threshold:
         if not state.low_balance_warned:
             events.append(LowBalance(account=acct, at=at, credit_balance=state.credit_balance,
-                                     threshold=cfg.low_credit_threshold))
+                                     threshold=cfg.low_credit_threshold, balance_minor=balance))
             state = replace(state, low_balance_warned=True)
     elif state.low_balance_warned:
         state = replace(state, low_balance_warned=False)
-    below_ec = state.credit_balance < cfg.emergency_credit_threshold
+    below_ec = balance < cfg.emergency_credit_threshold
     if (below_ec and cfg.emergency_credit_limit > 0 and not state.emergency_credit_offered
             and not state.emergency_credit_accepted):
-        events.append(EmergencyCreditOffered(account=acct, at=at, amount_minor=cfg.emergency_credit_limit))
+        events.append(EmergencyCreditOffered(account=acct, at=at, amount_minor=cfg.emergency_credit_limit,
+                                             balance_minor=balance))
         state = replace(state, emergency_credit_offered=True)
     if state.emergency_credit_accepted and state.emergency_credit_available == 0:
         if not state.emergency_exhausted_reported:
@@ -596,11 +622,31 @@ def _replace_window(state: AccountState, amount: int) -> AccountState:
     return replace(state, credit_balance=window, in_flight=None)
 
 
-def acknowledge(state: AccountState, at: datetime) -> tuple[AccountState, Events]:
+def _with_balance(state: AccountState, balance_minor: int | None) -> AccountState:
+    """Take the head-end's reported balance (after the report just answered; in_flight is cleared)."""
+    if balance_minor is None:
+        return state
+    return replace(state, reported_balance=_amount(balance_minor, "reported balance"))
+
+
+def set_reported_balance(state: AccountState, balance_minor: int) -> AccountState:
+    """An answer that booked nothing (no session opened, nothing reported) still says the
+    customer's balance; flags follow at the next transition."""
+    if state.in_flight is not None:
+        raise ValidationError(f"account {state.account}: a reported balance while a report is in flight "
+                              f"must come with apply_grant/acknowledge")
+    return _with_balance(state, balance_minor)
+
+
+def acknowledge(state: AccountState, at: datetime, *,
+                balance_minor: int | None = None) -> tuple[AccountState, Events]:
     """The head-end answered the in-flight report WITHOUT a grant (credit limit reached,
-    termination): the old window is given back, only what was applied since stays."""
+    termination): the old window is given back, only what was applied since stays.
+    `balance_minor`: the customer's prepaid balance the answer reported (None: keep the last)."""
     state, events = _advance(state, at)
     state = _replace_window(state, 0)
+    if balance_minor is not None:
+        state = replace(state, reported_balance=_amount(balance_minor, "reported balance"))
     return _flags(state, state.at, events), events
 
 
@@ -618,7 +664,7 @@ def apply_grant(state: AccountState, grant: Grant, at: datetime) -> tuple[Accoun
         if reason != "replay" and state.in_flight is not None:
             # the grant is unusable but it ANSWERS the in-flight report, which the head-end booked:
             # acknowledge it (old window given back), or the next request would report it again
-            return _flags(_replace_window(state, 0), at, events), events
+            return _flags(_with_balance(_replace_window(state, 0), grant.balance_minor), at, events), events
         return state, events
 
     _amount(grant.amount_minor, f"grant {grant.session_id}/{grant.request_number} amount")
@@ -631,7 +677,7 @@ def apply_grant(state: AccountState, grant: Grant, at: datetime) -> tuple[Accoun
         return refuse("expired")
     if grant.session_id == state.grant_session and grant.request_number <= state.grant_number:
         return refuse("replay")
-    state = _replace_window(state, grant.amount_minor)
+    state = _with_balance(_replace_window(state, grant.amount_minor), grant.balance_minor)
     to_debt, to_ec, to_credit = _repay(state, state.credit_balance)
     state = replace(state, accumulated_debt=state.accumulated_debt - to_debt,
                     emergency_credit_used=state.emergency_credit_used - to_ec,

@@ -128,6 +128,7 @@ class CreditSession:
             # nothing was booked and no session opened (no credit for a first grant)
             self.meter.abandon_report()
             self.balance_minor = ans.balance_minor
+            self.meter.set_reported_balance(ans.balance_minor)
             return SyncResult("no_grant", code, detail=ans.detail, tokens_applied=self._apply_tokens(ans))
         n = self.number
         self.balance_minor = ans.balance_minor
@@ -141,12 +142,13 @@ class CreditSession:
             self.meter.apply_grant(C.Grant(
                 session_id=ans.session_id, request_number=n, valid_until=from_ms(g.expires_at_ms),
                 amount_minor=g.amount_minor, wh=0, currency=self.currency,
-                final_unit_action=_FUA.get(ans.final_unit_action, "terminate")))
+                final_unit_action=_FUA.get(ans.final_unit_action, "terminate"),
+                balance_minor=ans.balance_minor))
             if self.meter.state.in_flight is not None:
                 # the grant was refused (expired on arrival, currency): the report WAS booked
-                self.meter.acknowledge()
+                self.meter.acknowledge(ans.balance_minor)
         else:
-            self.meter.acknowledge()
+            self.meter.acknowledge(ans.balance_minor)
         self.number, self.open = n + 1, not terminate
         if terminate:
             self.generation, self.number, self.open = self.generation + 1, 0, False
