@@ -45,9 +45,11 @@ def _crc_table() -> list[int]:
 _CRC_TABLE = _crc_table()
 
 
-def crc16(data: bytes) -> int:
-    """CRC-16/MODBUS (poly 0xA001 reflected, init 0xFFFF); transmitted low byte first."""
-    crc = 0xFFFF
+def crc16(data: bytes, init: int = 0xFFFF) -> int:
+    """CRC-16/MODBUS (poly 0xA001 reflected, init 0xFFFF); transmitted low byte first.
+
+    `init=0` gives CRC-16/ARC (same polynomial and table), the checksum of DSMR P1 telegrams."""
+    crc = init
     for b in data:
         crc = (crc >> 8) ^ _CRC_TABLE[(crc ^ b) & 0xFF]
     return crc

@@ -20,6 +20,7 @@ from typing import Callable, NamedTuple
 from zoneinfo import ZoneInfo
 
 from meterlink.errors import ProtocolError
+from meterlink.modbus import crc16
 from meterlink.readings import Reading
 
 UTC = timezone.utc
@@ -62,25 +63,10 @@ def version_settings(version: str) -> SerialSettings:
 
 # ---------------------------------------------------------------- CRC-16/ARC
 
-def _crc_table() -> tuple[int, ...]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
-        table.append(crc)
-    return tuple(table)
-
-
-_CRC_TABLE = _crc_table()
-
-
 def crc16_arc(data: bytes) -> int:
-    """CRC-16/ARC (poly 0x8005 reflected = 0xA001, init 0, no final xor), as DSMR 4/5 use it."""
-    crc = 0
-    for b in data:
-        crc = (crc >> 8) ^ _CRC_TABLE[(crc ^ b) & 0xFF]
-    return crc
+    """CRC-16/ARC (poly 0x8005 reflected = 0xA001, init 0, no final xor), as DSMR 4/5 use it:
+    the Modbus CRC's table with another initial value."""
+    return crc16(data, init=0)
 
 
 # ---------------------------------------------------------------- value parsers
