@@ -65,12 +65,11 @@ class _Db:
             except psycopg.OperationalError as exc:
                 raise ConfigError(f"cannot connect to {url.split('@')[-1]}: {str(exc).strip().splitlines()[0]}") from None
         elif scheme in ("sqlite", ""):
-            path = url[len("sqlite:///"):] if scheme else url
             if scheme and url == "sqlite://":
                 raise ConfigError("billing needs a database file (sqlite:///PATH), not an in-memory database")
+            from .store import sqlite_path
             self.dialect = "sqlite"
-            self.conn = sqlite3.connect(path.split("?", 1)[0], check_same_thread=False, isolation_level=None,
-                                        timeout=30)
+            self.conn = sqlite3.connect(sqlite_path(url), check_same_thread=False, isolation_level=None, timeout=30)
             self.conn.execute("PRAGMA foreign_keys=ON")
             self.conn.execute("PRAGMA synchronous=FULL")
         else:

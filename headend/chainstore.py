@@ -193,10 +193,5 @@ def open_chain_store(database_url: str):
     if url.split("://", 1)[0].lower() in ("postgresql", "postgres"):
         from .chainstore_postgres import PostgresChainStore
         return PostgresChainStore(url)
-    if url.startswith("sqlite:///"):
-        return SqliteChainStore(url[len("sqlite:///"):])
-    if url.startswith("sqlite://"):
-        return SqliteChainStore(url[len("sqlite://"):] or ":memory:")
-    if "://" in url:
-        raise ConfigError(f"database URL {url!r}: the chain store supports sqlite:///PATH and postgresql://")
-    return SqliteChainStore(url)
+    from .store import sqlite_path
+    return SqliteChainStore(sqlite_path(url))

@@ -17,6 +17,7 @@ from decimal import Decimal
 from meterlink.errors import ConfigError, ValidationError
 
 from .promotions import Offer
+from .store import is_postgres_url, sqlite_path
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS insight_feature (
@@ -51,15 +52,9 @@ CREATE TABLE IF NOT EXISTS promotion_export_cursor (
 
 
 def _path(url: str) -> str:
-    if url.startswith(("postgresql://", "postgres://")):
+    if is_postgres_url(url):
         raise ConfigError("insights/promotions store: only SQLite is implemented so far (got a PostgreSQL URL)")
-    if url.startswith("sqlite:///"):
-        return url[len("sqlite:///"):] or ":memory:"
-    if url in ("sqlite://", ":memory:"):
-        return ":memory:"
-    if "://" in url:
-        raise ConfigError(f"database URL {url!r}: expected sqlite:///PATH")
-    return url
+    return sqlite_path(url)
 
 
 def _json_default(v):

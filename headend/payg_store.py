@@ -29,6 +29,7 @@ from meterlink.clock import from_ms, to_ms
 from meterlink.errors import ConfigError, ValidationError
 
 from . import ledger as L
+from .store import is_postgres_url, sqlite_path
 from . import vendors as V
 
 SCHEMA = """
@@ -111,23 +112,6 @@ class _Conn:
         self.raw.close()
 
 
-def _is_postgres(url: str) -> bool:
-    return str(url).startswith(("postgresql://", "postgres://"))
-
-
-def sqlite_path(url: str) -> str:
-    """``sqlite:///rel``, ``sqlite:////abs``, ``sqlite://`` (memory) or a bare path -> a sqlite3 path."""
-    url = str(url)
-    if _is_postgres(url):
-        raise ConfigError(f"database URL {url!r} is PostgreSQL, not a SQLite path")
-    if url.startswith("sqlite://"):
-        rest = url[len("sqlite://"):]
-        if rest and not rest.startswith("/"):
-            raise ConfigError(f"database URL {url!r}: use sqlite:///relative/path or sqlite:////absolute/path")
-        return (rest[1:] if rest else ":memory:").split("?", 1)[0] or ":memory:"
-    return url
-
-
 @dataclass(frozen=True)
 class CrmEvent:
     """One row of the CRM export (`seq` is the export cursor)."""
@@ -148,7 +132,7 @@ class PaygStore:
         self.velocity_limits = tuple(velocity_limits)
         self._lock = threading.RLock()
         self._depth = 0
-        if _is_postgres(str(database)):
+        if is_postgres_url(database):
             import psycopg
             self.path = str(database)
             try:

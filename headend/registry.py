@@ -329,13 +329,8 @@ def open_registry(url: str | Path) -> GatewayRegistry:
         if not urlsplit(url).path.strip("/"):
             raise ConfigError(f"database URL {url!r}: no database name")
         return GatewayRegistry(psycopg.connect(url), "postgres", url)
-    if scheme == "sqlite":
-        rest = url[len("sqlite://"):]
-        path = rest[1:].split("?", 1)[0] if rest else ":memory:"
-    elif not scheme:
-        path = url
-    else:
-        raise ConfigError(f"database URL {url!r}: unsupported scheme {scheme!r}")
+    from .store import sqlite_path
+    path = sqlite_path(url)
     if path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)

@@ -96,6 +96,33 @@ def gaps_from_islands(acked: int, islands: list[tuple[int, int]]) -> list[tuple[
     return out
 
 
+def is_postgres_url(url: str | Path) -> bool:
+    return "://" in str(url) and str(url).split("://", 1)[0].lower() in ("postgresql", "postgres")
+
+
+def sqlite_path(url: str | Path) -> str:
+    """The SQLite file a database URL names: ``sqlite:///relative/path``, ``sqlite:////absolute/path``,
+    ``sqlite://`` (``:memory:``) or a bare path; every other form is a ConfigError naming the problem.
+    The one parser of SQLite URLs: every head-end store opens its tables through it."""
+    url = str(url)
+    if is_postgres_url(url):
+        raise ConfigError(f"database URL {url!r} is PostgreSQL, not a SQLite path")
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if not scheme:
+        return url
+    if scheme != "sqlite":
+        raise ConfigError(f"database URL {url!r}: unsupported scheme {scheme!r} "
+                          f"(supported: sqlite:///PATH, postgresql://USER@HOST:PORT/DBNAME)")
+    rest = url[len("sqlite://"):]
+    if rest and not rest.startswith("/"):
+        raise ConfigError(f"database URL {url!r}: SQLite URLs have three slashes before a path "
+                          f"(sqlite:///relative/path or sqlite:////absolute/path)")
+    path = (rest[1:] if rest else ":memory:").split("?", 1)[0]
+    if not path:
+        raise ConfigError(f"database URL {url!r}: no file path after sqlite:///")
+    return path
+
+
 def open_repository(url: str | Path, *, migrate: bool | None = None) -> ReadingRepository:
     """Open the database named by `url`.
 
@@ -122,17 +149,7 @@ def open_repository(url: str | Path, *, migrate: bool | None = None) -> ReadingR
         repo = PostgresReadingRepository(url)
         apply = migrate is True
     elif scheme == "sqlite" or not scheme:
-        if scheme:
-            rest = url[len("sqlite://"):]
-            if rest and not rest.startswith("/"):
-                raise ConfigError(f"database URL {url!r}: SQLite URLs have three slashes before a path "
-                                  f"(sqlite:///relative/path or sqlite:////absolute/path)")
-            path = rest[1:] if rest else ":memory:"
-            path = path.split("?", 1)[0]
-            if not path:
-                raise ConfigError(f"database URL {url!r}: no file path after sqlite:///")
-        else:
-            path = url
+        path = sqlite_path(url)
         from .repo_sqlite import SqliteReadingRepository
         repo = SqliteReadingRepository(path, migrate=False)
         apply = migrate is not False
