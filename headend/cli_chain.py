@@ -9,13 +9,7 @@ from meterlink.clock import clock_from_spec, to_ms
 from meterlink.errors import ConfigError
 
 from .chainstore import open_chain_store
-
-
-def _database(args) -> str:
-    if args.database:
-        return args.database
-    from .cli import load_config
-    return load_config(args.config).database
+from .cli import _database   # the one --database/--config resolution
 
 
 def read_public_key(path: str) -> bytes:

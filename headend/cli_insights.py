@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -21,15 +20,9 @@ from .store import open_repository
 from .tariff import bundled_tariffs, load_tariff
 from .usage import parked_wh, usage_by_account
 from .vat import load_markets, load_vat_table
+from .cli import _database as _db   # the one --database/--config resolution
 
 RAW = argparse.RawDescriptionHelpFormatter
-
-
-def _db(args) -> str:
-    if args.database:
-        return args.database
-    from .cli import load_config
-    return load_config(args.config).database
 
 
 def _bindings(args):

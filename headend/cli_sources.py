@@ -12,6 +12,7 @@ from meterlink.clock import clock_from_spec, to_ms
 
 from .importer import import_files
 from .store import open_repository
+from .cli import _database as _db   # the one --database/--config resolution
 
 IMPORT_EPILOG = """\
 columns (CSV header or JSONL keys): meter, obis, timestamp (ISO 8601 with offset), value, unit (Wh|kWh)
@@ -20,13 +21,6 @@ example: meterlink-headend import readings-2026-11.csv --database sqlite:///var/
 MQTT_EPILOG = """\
 topic <prefix>/<meter id>, payload {"obis": "1.8.0", "timestamp": "2026-11-25T10:15:00Z", "value": "123.456", "unit": "kWh"}
 example: meterlink-headend mqtt-ingest --broker 127.0.0.1:1883 --database sqlite:///var/headend.db"""
-
-
-def _db(args) -> str:
-    if args.database:
-        return args.database
-    from .cli import load_config
-    return load_config(args.config).database
 
 
 def cmd_import(args) -> int:

@@ -11,8 +11,8 @@ with ROUND_HALF_EVEN. No floats anywhere.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from datetime import date, datetime, time, timedelta
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Iterable, Mapping, Sequence
 from zoneinfo import ZoneInfo
@@ -127,12 +127,11 @@ def _percentile(sorted_values: Sequence[int], pct: int) -> int:
     return sorted_values[rank - 1]
 
 
-def local_window(start: date, end: date, zone: ZoneInfo) -> tuple[datetime, datetime]:
-    """UTC instants of local midnight at `start` and at `end` (exclusive)."""
-    from datetime import timezone
-    lo = datetime.combine(start, time(0), zone).astimezone(timezone.utc)
-    hi = datetime.combine(end, time(0), zone).astimezone(timezone.utc)
-    return lo, hi
+def local_window(start: date, end: date, zone: ZoneInfo | str) -> tuple[datetime, datetime]:
+    """UTC instants of local midnight at `start` and at `end` (exclusive), as billing bounds its periods."""
+    from .billing import local_midnight
+    tz = ZoneInfo(zone) if isinstance(zone, str) else zone
+    return local_midnight(start, tz), local_midnight(end, tz)
 
 
 def compute_features(account_id: str, intervals: Iterable[Interval], start: date, end: date,

@@ -20,8 +20,8 @@ shadow rating IS rating: the same function on the same intervals, only the tarif
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from datetime import date
+from dataclasses import dataclass
+from datetime import date, datetime
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -319,7 +319,7 @@ def outcomes(offers: Iterable[Offer], accepted: Mapping[tuple[str, str], int],
 PROMOTION_EXPENSE = "expense:promotions"
 
 
-def topup_bonuses(sales: Iterable, reversals: Mapping[str, "datetime"], accepted: Mapping[tuple[str, str], date],
+def topup_bonuses(sales: Iterable, reversals: Mapping[str, datetime], accepted: Mapping[tuple[str, str], date],
                   promos: Sequence[PromotionDef], rounding_mode: str = "half_up") -> list:
     """Ledger transactions crediting accepted `topup_bonus` promotions on PAYG sales (pure).
 

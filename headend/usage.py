@@ -7,21 +7,16 @@ be derived, then `vee.derive_intervals` (the market's interval length) and
 
 from __future__ import annotations
 
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import date, timedelta, timezone
 from typing import Iterable, Mapping
-from zoneinfo import ZoneInfo
 
 from .billing import bind_intervals
 from .binding import Bindings
+from .insights import local_window
 from .vat import Market
 from .vee import Interval, VeeConfig, derive_intervals
 
 UTC = timezone.utc
-
-
-def window_instants(start: date, end: date, zone: ZoneInfo | str) -> tuple[datetime, datetime]:
-    tz = ZoneInfo(zone) if isinstance(zone, str) else zone
-    return (datetime.combine(start, time(0), tz).astimezone(UTC), datetime.combine(end, time(0), tz).astimezone(UTC))
 
 
 def usage_by_account(repo, bindings: Bindings, markets: Mapping[str, Market], start: date, end: date,
@@ -38,7 +33,7 @@ def usage_by_account(repo, bindings: Bindings, markets: Mapping[str, Market], st
     out: dict[str, list[Interval]] = {acc: [] for acc in wanted if acc in bindings.accounts}
     for meter, market_id in sorted(meters.items()):
         market = markets[market_id]
-        lo, hi = window_instants(start, end, market.timezone)
+        lo, hi = local_window(start, end, market.timezone)
         cfg_kwargs = {}
         m = bindings.meters.get(meter)
         if m is not None:
@@ -57,7 +52,7 @@ def usage_by_account(repo, bindings: Bindings, markets: Mapping[str, Market], st
 def parked_wh(repo, bindings: Bindings, market: Market, start: date, end: date) -> tuple[int, int]:
     """(parked Wh, estimated Wh) of import intervals in the market's window [start, end) that no account is
     bound to: meters never installed, or installed at a service point nobody is supplied at."""
-    lo, hi = window_instants(start, end, market.timezone)
+    lo, hi = local_window(start, end, market.timezone)
     cfg = VeeConfig(interval=timedelta(minutes=market.interval_minutes))
     parked = estimated = 0
     for meter in repo.meters():
