@@ -22,7 +22,7 @@ import csv
 import io
 import json
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -200,7 +200,11 @@ def ingest_readings(repo, readings: list[Reading], received_at_ms: int) -> tuple
     new = dup = conflict = 0
     for source, records in by_source.items():
         meter, obis = source[len(IMPORT_PREFIX):].rsplit(":", 1)
-        held = {to_ms(x.taken_at): x.value for x in repo.readings(meter, obis)}
+        # only the stretch this batch covers: a batch never reads the meter's whole history
+        first = min(r.reading.taken_at for r in records)
+        last = max(r.reading.taken_at for r in records)
+        held = {to_ms(x.taken_at): x.value
+                for x in repo.readings(meter, obis, start=first, end=last + timedelta(milliseconds=1))}
         fresh = []
         seen: dict[int, int] = {}
         for rec in records:
