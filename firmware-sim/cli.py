@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
 
 from meterlink.clock import clock_from_spec
 from meterlink.errors import MeterlinkError
+from meterlink.stopping import stop_on_signals
 from meterlink.gateway.profiles import load_profile
 
 from . import dsmr
@@ -61,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "dsmr":
         return dsmr.serve(args)
+    stop = stop_on_signals()
     try:
         clock = clock_from_spec(args.clock)
         meters = make_meters(args, clock)
@@ -77,12 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"serving {len(meters)} simulated {next(iter(meters.values())).profile.model} meter(s), "
           f"units {sorted(meters)}; Ctrl-C stops", file=sys.stderr, flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        stop.wait()
-    except KeyboardInterrupt:
-        pass
+    stop.wait()
     server.stop()
     return 0
 

@@ -264,11 +264,13 @@ def garbage(n: int) -> bytes:
 
 def serve(args) -> int:
     """`meterlink-sim dsmr`: print the client path, then emit telegrams until SIGTERM/Ctrl-C."""
-    import signal
     import sys
 
     from meterlink.clock import clock_from_spec
     from meterlink.gateway.profiles import load_profile
+    from meterlink.stopping import stop_on_signals
+
+    stop = stop_on_signals()
 
     try:
         clock = clock_from_spec(args.clock)
@@ -281,12 +283,7 @@ def serve(args) -> int:
                          faults=P1Faults(args.bad_crc_every, args.truncate_every, garbage(args.garbage_bytes)))
     print(server.client_path, flush=True)
     print(f"emitting DSMR {args.version} telegrams every {interval:g} s; Ctrl-C stops", file=sys.stderr, flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     server.start()
-    try:
-        stop.wait()
-    except KeyboardInterrupt:
-        pass
+    stop.wait()
     server.stop()
     return 0

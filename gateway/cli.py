@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
-import threading
 
 from meterlink.clock import clock_from_spec, parse_instant
 from meterlink.errors import MeterlinkError, ValidationError
 from meterlink.readings import UNITS
+from meterlink.stopping import stop_on_signals
 
 from .config import load_config
 from .daemon import Gateway
@@ -97,8 +96,7 @@ def cmd_run(args) -> int:
         port = serve_metrics(gw.enable_metrics().registry, listen)
         print(f"gateway {config.id}: metrics on http://{listen.rpartition(':')[0]}:{port}/metrics",
               file=sys.stderr, flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop = stop_on_signals()
     print(f"gateway {config.id}: {sum(len(b.meters) for b in config.buses)} meter(s) on "
           f"{len(config.buses)} bus(es), every {config.poll_interval_s} s", file=sys.stderr, flush=True)
     try:

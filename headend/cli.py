@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
-import threading
 from dataclasses import dataclass
 
 from meterlink.clock import clock_from_spec
 from meterlink.config import load_section
 from meterlink.errors import MeterlinkError
+from meterlink.stopping import bound_shutdown, stop_on_signals
 
 from .service import make_server
 from .store import open_repository
@@ -46,6 +45,7 @@ def cmd_serve(args) -> int:
         from .payg_service import policy_from_args, serve_hook
         _service.SERVER_HOOKS.append(serve_hook(args.database or cfg.database, clock,
                                                 token_key_path=args.payg_token_key, policy=policy_from_args(args)))
+    stop = stop_on_signals()                       # before the address is printed: an early SIGTERM stops cleanly
     secure = start_secure(args, args.listen or cfg.listen, repo, clock, metrics=metrics)   # mTLS when [pki] is configured
     if secure is not None:
         server, port = secure.server, secure.port
@@ -62,16 +62,12 @@ def cmd_serve(args) -> int:
         print(f"metrics http://{mhost}:{serve_metrics(metrics.registry, args.metrics_listen)}/metrics", flush=True)
     logging.getLogger("meterlink.headend").info("head-end listening on %s:%d, database %s", host, port,
                                                 args.database or cfg.database)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     from meterlink.sdnotify import Notifier        # systemd Type=notify: ready once the ports listen
     notifier = Notifier()
     notifier.ready(f"listening on {host}:{port}")
-    try:
-        stop.wait()
-    except KeyboardInterrupt:
-        pass
+    stop.wait()
     notifier.stopping()
+    bound_shutdown(20)                             # a stop that hangs dumps every thread's stack and exits 1
     server.stop(grace=2).wait()
     if secure is not None:
         secure.enrol_server.stop(None)

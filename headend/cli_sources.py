@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import signal
 import sys
-import threading
 from pathlib import Path
 
 from meterlink.clock import clock_from_spec, to_ms
+from meterlink.stopping import bound_shutdown, stop_on_signals
 
 from .importer import import_files
 from .store import open_repository
@@ -53,14 +52,11 @@ def cmd_mqtt_ingest(args) -> int:
 
     host, _, port = args.broker.rpartition(":")
     repo = open_repository(_db(args))
+    stop = stop_on_signals()
     ing = MqttIngest(repo, clock_from_spec(args.clock), host or "127.0.0.1", int(port), prefix=args.prefix).start()
     print(f"subscribed to {args.prefix}/+ on {args.broker}", flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        stop.wait()
-    except KeyboardInterrupt:
-        pass
+    stop.wait()
+    bound_shutdown(60)                 # QoS 1: what is not yet committed is redelivered
     ing.stop()
     repo.close()
     s = ing.stats

@@ -25,15 +25,32 @@ def _headend(*args: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "meterlink-headend"), *args], capture_output=True, text=True, timeout=120, **kw)
 
 
-def _serve(url: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([str(BIN / "meterlink-headend"), "serve", "--listen", "127.0.0.1:0", "--database", url,
-                             "--config", "/dev/null", "--clock", f"sim:{T0.isoformat()}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _serve(url: str, log: Path) -> tuple[subprocess.Popen, str]:
+    """A `serve` process; its stderr goes to `log` (a pipe nobody reads could fill and block the server)."""
+    with open(log, "w") as err:
+        proc = subprocess.Popen([str(BIN / "meterlink-headend"), "serve", "--listen", "127.0.0.1:0", "--database", url,
+                                 "--config", "/dev/null", "--clock", f"sim:{T0.isoformat()}"],
+                                stdout=subprocess.PIPE, stderr=err, text=True)
     line = proc.stdout.readline().strip()
     if not line:
         proc.wait(timeout=30)
-        raise AssertionError(f"serve did not start: {proc.stderr.read()}")
+        raise AssertionError(f"serve did not start: {log.read_text()}")
     return proc, line
+
+
+def _stop(proc: subprocess.Popen, log: Path) -> None:
+    """SIGTERM must end serve by itself, with status 0: a hung stop dumps its threads' stacks into the log
+    (meterlink.stopping.bound_shutdown) and exits 1 within 20 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=45)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"serve did not stop on SIGTERM within 45 s; its stderr:\n{log.read_text()}") from None
+    finally:
+        proc.stdout.close()
+    assert proc.returncode == 0, f"serve exited {proc.returncode} on SIGTERM; its stderr:\n{log.read_text()}"
 
 
 def test_two_serve_processes_on_one_database_share_the_work(backend, repo_url, tmp_path):
@@ -51,7 +68,8 @@ def test_two_serve_processes_on_one_database_share_the_work(backend, repo_url, t
     assert trusted.returncode == 0, trusted.stderr
     journal = Journal(tmp_path / "gw.db")
     journal.append([Reading("MTR-C", "1.8.0", T0 + timedelta(minutes=15 * i), 1_000 + i, "Wh") for i in range(3_000)])
-    servers = [_serve(repo_url) for _ in range(2)]
+    logs = [tmp_path / f"serve{i}.log" for i in range(2)]
+    servers = [_serve(repo_url, log) for log in logs]
     pushers = [Pusher(GW, addr, journal, batch=250, key=key, timeout_s=60) for _, addr in servers]
     try:
         turn = 0
@@ -62,11 +80,8 @@ def test_two_serve_processes_on_one_database_share_the_work(backend, repo_url, t
     finally:
         for p in pushers:
             p.close()
-        for proc, _ in servers:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=30)
-            proc.stdout.close()
-            proc.stderr.close()
+        for (proc, _), log in zip(servers, logs):
+            _stop(proc, log)
     shown = _headend("readings", "--meter", "MTR-C", "--database", repo_url, "--json")
     assert shown.returncode == 0, shown.stderr
     import json
