@@ -14,8 +14,11 @@ errors naming both records. Every editing function returns a new `Bindings`.
 from __future__ import annotations
 
 import csv
+import gc
+from bisect import bisect_right
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -103,24 +106,33 @@ class Bindings:
     supplies: tuple[Supply, ...] = ()
 
     # ------------------------------------------------------------------ queries
+    @cached_property
+    def _index(self) -> "_Index":
+        """Per meter / service point / account, the records sorted by valid_from (built once per `Bindings`,
+        on first use; every editing function returns a new `Bindings`, so the index never goes stale)."""
+        enabled = gc.isenabled()
+        gc.disable()               # hundreds of thousands of small lists: the collector would dominate the build
+        try:
+            return _Index(self.installations, self.supplies)
+        finally:
+            if enabled:
+                gc.enable()
+
     def account_at(self, meter_id: str, t: datetime) -> str | None:
-        for inst in self.installations:
-            if inst.meter_id == meter_id and inst.covers(t):
-                for sup in self.supplies:
-                    if sup.service_point_id == inst.service_point_id and sup.covers(t):
-                        return sup.account_id
-                return None
-        return None
+        inst = _at(self._index.by_meter.get(meter_id), t)
+        if inst is None:
+            return None
+        sup = _at(self._index.by_service_point.get(inst.service_point_id), t)
+        return None if sup is None else sup.account_id
 
     def spans(self, meter_id: str) -> list[Span]:
         """The meter's timeline cut at every binding change, in order, including parked stretches."""
         cuts: set[datetime] = set()
-        insts = [i for i in self.installations if i.meter_id == meter_id]
+        insts = self._index.by_meter.get(meter_id, _EMPTY)[1]
         for inst in insts:
             cuts.update(t for t in (inst.valid_from, inst.valid_to) if t is not None)
-            for sup in self.supplies:
-                if sup.service_point_id == inst.service_point_id:
-                    cuts.update(t for t in (sup.valid_from, sup.valid_to) if t is not None)
+            for sup in self._index.by_service_point.get(inst.service_point_id, _EMPTY)[1]:
+                cuts.update(t for t in (sup.valid_from, sup.valid_to) if t is not None)
         points = sorted(cuts)
         out = []
         for a, b in zip(points, [*points[1:], None]):
@@ -133,8 +145,9 @@ class Bindings:
         return out
 
     def market_of_meter(self, meter_id: str, t: datetime | None = None) -> str | None:
-        for inst in self.installations:
-            if inst.meter_id == meter_id and (t is None or inst.covers(t)):
+        """The market of the service point the meter is installed at at `t` (None: its first installation)."""
+        for inst in self._index.by_meter.get(meter_id, _EMPTY)[1]:
+            if t is None or inst.covers(t):
                 sp = self.service_points.get(inst.service_point_id)
                 if sp:
                     return sp.market
@@ -145,11 +158,15 @@ class Bindings:
         return self.customers[acct.customer_id].market
 
     def meters_of_account(self, account_id: str) -> list[str]:
-        sps = {s.service_point_id for s in self.supplies if s.account_id == account_id}
-        return sorted({i.meter_id for i in self.installations if i.service_point_id in sps})
+        sps = {s.service_point_id for s in self._index.by_account.get(account_id, ())}
+        return sorted({i.meter_id for sp in sps for i in self._index.by_service_point_inst.get(sp, ())})
+
+    def supplies_of_account(self, account_id: str) -> tuple[Supply, ...]:
+        """The account's supplies, by valid_from."""
+        return self._index.by_account.get(account_id, ())
 
     def supplied_between(self, account_id: str, start: datetime, end: datetime) -> list[Supply]:
-        return [s for s in self.supplies if s.account_id == account_id and s.valid_from < end
+        return [s for s in self._index.by_account.get(account_id, ()) if s.valid_from < end
                 and (s.valid_to is None or s.valid_to > start)]
 
     # ------------------------------------------------------------------ validation
@@ -212,6 +229,49 @@ class Bindings:
     def move_out(self, service_point_id: str, at: datetime) -> "Bindings":
         return replace(self, supplies=_end(self.supplies, lambda s: s.service_point_id == service_point_id,
                                            _utc(at), f"service point {service_point_id}")).validate()
+
+
+_EMPTY: tuple = ((), ())
+
+
+class _Index:
+    """Records grouped by key and sorted by valid_from, with the valid_from list beside them for bisect."""
+
+    def __init__(self, installations: Sequence[Installation], supplies: Sequence[Supply]) -> None:
+        self.by_meter = _group(installations, lambda i: i.meter_id)
+        self.by_service_point = _group(supplies, lambda s: s.service_point_id)
+        self.by_service_point_inst: dict[str, list[Installation]] = {}
+        for i in installations:
+            self.by_service_point_inst.setdefault(i.service_point_id, []).append(i)
+        by_account: dict[str, list[Supply]] = {}
+        for s in sorted(supplies, key=lambda s: s.valid_from):
+            by_account.setdefault(s.account_id, []).append(s)
+        self.by_account = {a: tuple(ss) for a, ss in by_account.items()}
+
+
+def _group(records: Sequence, key) -> dict[str, tuple[list[datetime], list]]:
+    by: dict[str, list] = {}
+    for r in records:
+        by.setdefault(key(r), []).append(r)
+    out = {}
+    for k, rs in by.items():
+        rs.sort(key=lambda r: r.valid_from)
+        out[k] = ([r.valid_from for r in rs], rs)
+    return out
+
+
+def _at(entry: tuple[list[datetime], list] | None, t: datetime):
+    """The record of `entry` (non-overlapping, sorted) covering instant t, or None: a bisect, not a scan."""
+    if entry is None:
+        return None
+    starts, recs = entry
+    i = bisect_right(starts, t) - 1
+    if i < 0:
+        return None
+    if recs[i].covers(t):
+        return recs[i]
+    # validated records never overlap, so none before i covers t either; unvalidated ones may (scan the key's few)
+    return next((r for r in recs[:i] if r.covers(t)), None)
 
 
 def _utc(t: datetime | None) -> datetime | None:
