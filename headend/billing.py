@@ -26,8 +26,8 @@ from zoneinfo import ZoneInfo
 from meterlink.errors import ValidationError
 
 from .binding import Bindings
-from .rating import EXPORT_OBIS, IMPORT_OBIS, Promotion, RatedLine, lines_from_aggregates, rate_intervals, \
-    standing_charges, merge_aggregates
+from .rating import EXPORT_OBIS, IMPORT_OBIS, Promotion, RatedLine, has_tiers, lines_from_aggregates, \
+    rate_intervals, standing_charges, merge_aggregates
 from .tariff import Tariff
 from .vat import Market, VatResult, VatTable, apply_vat
 from .vee import HOLD_FLAGS, Interval
@@ -217,6 +217,9 @@ class BillableItem:
     residue: Decimal                          # net_minor - exact_total: rounding residue to book
     rounding_mode: str
     rounding_stage: str
+    # local date ranges [from, to) whose standing charges this item carries (the period's supply days and
+    # any back-dated ones caught up); the caller records them (`standing_charged` of the next bill)
+    standing_charged: tuple[tuple[date, date], ...] = ()
 
     @property
     def net_minor(self) -> int:
@@ -281,6 +284,84 @@ def standing_dates(bindings: Bindings, account_id: str, start: date, end: date, 
     return out
 
 
+DateRange = tuple[date, date]                 # local dates [from, to)
+
+
+def _local_day_after(t: datetime, zone: ZoneInfo) -> date:
+    """The first local date that starts at or after instant t (t itself when it is a local midnight)."""
+    d = t.astimezone(zone).date()
+    return d if local_midnight(d, zone) == t else d + timedelta(days=1)
+
+
+def merge_ranges(ranges: Iterable[DateRange]) -> list[DateRange]:
+    """Sorted, merged (overlapping or adjacent joined) date ranges; empty ranges dropped."""
+    out: list[list[date]] = []
+    for a, b in sorted(r for r in ranges if r[0] < r[1]):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def subtract_ranges(ranges: Iterable[DateRange], minus: Iterable[DateRange]) -> list[DateRange]:
+    """The dates of `ranges` not in `minus`, as merged ranges."""
+    minus = merge_ranges(minus)
+    out = []
+    for a, b in merge_ranges(ranges):
+        for ma, mb in minus:
+            if mb <= a or ma >= b:
+                continue
+            if ma > a:
+                out.append((a, ma))
+            a = max(a, mb)
+            if a >= b:
+                break
+        if a < b:
+            out.append((a, b))
+    return out
+
+
+def supply_ranges(supplies: Iterable, zone: ZoneInfo, start: date, end: date) -> list[DateRange]:
+    """Local date ranges within [start, end) on which any of `supplies` covers some part of the day
+    (the days that owe a standing charge; same rule as `standing_dates`), merged."""
+    out = []
+    for s in supplies:
+        a = max(s.valid_from.astimezone(zone).date(), start)
+        b = end if s.valid_to is None else min(_local_day_after(s.valid_to, zone), end)
+        out.append((a, b))
+    return merge_ranges(out)
+
+
+def standing_due(account_id: str, period: str, zone: ZoneInfo, *, bindings: Bindings,
+                 charged: Sequence[DateRange] | None, since: date | None = None,
+                 supplies: Sequence | None = None) -> list[DateRange]:
+    """The local date ranges whose standing charge a bill for `period` carries.
+
+    `charged` None: the period's supply days (no memory of earlier bills). Otherwise every supply day from
+    `since` (the first period the system billed; default: this period's start) to the period's end that
+    is not in `charged` (the ranges earlier items carried): a supply back-dated over months already billed
+    owes those days, and they are caught up on this bill, dated in their own month."""
+    start, end = parse_period(period)
+    if supplies is None:
+        supplies = bindings.supplies_of_account(account_id)
+    if charged is None:
+        return supply_ranges(supplies, zone, start, end)
+    lo = min(since or start, start)
+    return subtract_ranges(supply_ranges(supplies, zone, lo, end), charged)
+
+
+def billed_daily_import(rows: Iterable[UsageRow], account_id: str, zone: ZoneInfo) -> dict[date, int]:
+    """Import (1.8.0) Wh per local date already billed to the account (the rows' billed_wh): what the blocks
+    of a period already counted when a catch-up delta arrives (`rating.tier_delta`)."""
+    out: dict[date, int] = {}
+    for r in rows:
+        if r.billed_wh and r.billed_account == account_id and r.obis == IMPORT_OBIS:
+            d = r.start.astimezone(zone).date()
+            out[d] = out.get(d, 0) + r.billed_wh
+    return out
+
+
 def _adjustment_line(adj: Adjustment, exponent: int, start: date, end: date) -> RatedLine:
     sign = -1 if adj.net_minor < 0 else 1
     return RatedLine(adj.description, "adjustment", Decimal(sign), Decimal(abs(adj.net_minor)).scaleb(-exponent),
@@ -289,11 +370,14 @@ def _adjustment_line(adj: Adjustment, exponent: int, start: date, end: date) -> 
 
 def bill_account(account_id: str, period: str, *, bindings: Bindings, market: Market, tariff: Tariff,
                  vat: VatTable, rows: Iterable[UsageRow], promotions: Sequence[Promotion] = (),
-                 adjustments: Sequence[Adjustment] = (), standing: bool = True) -> AccountBill | None:
+                 adjustments: Sequence[Adjustment] = (), standing: bool = True,
+                 standing_charged: Sequence[DateRange] | None = None,
+                 standing_since: date | None = None) -> AccountBill | None:
     """The billable item of one account for one period, or None when there is nothing to bill.
 
     `rows` may hold any rows; only this account's unbilled, non-held rows starting before the
-    period's end are billed.
+    period's end are billed. The account's billed rows in `rows` tell the blocks (tiers) what the
+    period already counted. `standing_charged`/`standing_since`: see `standing_due`.
     """
     zone = ZoneInfo(market.timezone)
     start, end = parse_period(period)
@@ -301,12 +385,15 @@ def bill_account(account_id: str, period: str, *, bindings: Bindings, market: Ma
     acct = bindings.accounts.get(account_id)
     if acct is None:
         raise ValidationError(f"unknown account {account_id}")
+    rows = list(rows)
     todo = [r for r in rows if r.account_id == account_id and not r.held and r.unbilled_wh != 0
             and r.start < t_end]
     aggs, usage = pending_contributions(((None, r) for r in todo), tariff, zone)
+    billed = billed_daily_import(rows, account_id, zone) if has_tiers(tariff) else None
     item = item_from_pending(account_id, period, bindings=bindings, market=market, tariff=tariff, vat=vat,
                              aggregates=aggs.values(), usage=usage, promotions=promotions,
-                             adjustments=adjustments, standing=standing)
+                             adjustments=adjustments, standing=standing, billed_import=billed,
+                             standing_charged=standing_charged, standing_since=standing_since)
     if item is None:
         return None
     billed = tuple(replace(r, billed_wh=r.wh, billed_account=account_id) for r in todo)
@@ -320,33 +407,38 @@ def _nonzero(agg) -> bool:
 def item_from_pending(account_id: str, period: str, *, bindings: Bindings, market: Market, tariff: Tariff,
                       vat: VatTable, aggregates: Iterable, usage: Mapping[tuple[str, str, str], int],
                       promotions: Sequence[Promotion] = (), adjustments: Sequence[Adjustment] = (),
-                      standing: bool = True, supplies: Sequence | None = None) -> BillableItem | None:
+                      standing: bool = True, supplies: Sequence | None = None,
+                      billed_import: Mapping[date, int] | None = None,
+                      standing_charged: Sequence[DateRange] | None = None,
+                      standing_since: date | None = None) -> BillableItem | None:
     """The billable item of one account for `period` from its PENDING (unbilled) day-band aggregates dated
     before the period's end and its pending usage totals ((meter, obis, local month) -> Wh); None when there
-    is nothing to bill. Standing charges for the supply days of the period are added here. Pure: the
-    monthly bill run's summation (`billing_store.run_billing` feeds it the stored aggregates,
-    `bill_account` the aggregates it rates from rows; both give the same item)."""
+    is nothing to bill. Standing charges are added here: the supply days of the period, and with
+    `standing_charged` (the ranges earlier items carried) the uncharged supply days since `standing_since`
+    too (`standing_due`). `billed_import`: import Wh per local date already billed (blocks count the
+    whole period, `rating.tier_delta`). Pure: the monthly bill run's summation
+    (`billing_store.run_billing` feeds it the stored aggregates, `bill_account` the aggregates it rates
+    from rows; both give the same item)."""
     zone = ZoneInfo(market.timezone)
     start, end = parse_period(period)
     acct = bindings.accounts.get(account_id)
     if acct is None:
         raise ValidationError(f"unknown account {account_id}")
     aggs = {a.key: a for a in aggregates if a.local_date < end and _nonzero(a)}
+    ranges = standing_due(account_id, period, zone, bindings=bindings, charged=standing_charged,
+                          since=standing_since, supplies=supplies) if standing else []
+    for a, b in ranges:
+        aggs = merge_aggregates(aggs, standing_charges(tariff, account_id, a, b))
     window_start = min([start, *(k[1] for k in aggs)])
-    days = standing_dates(bindings, account_id, start, end, zone, supplies) if standing else []
-    if days:
-        aggs = merge_aggregates(aggs, standing_charges(tariff, account_id, days[0], days[-1] + timedelta(days=1)))
-        if len(days) != (days[-1] - days[0]).days + 1:          # supply days with holes: only those days
-            keep = set(days)
-            aggs = {k: a for k, a in aggs.items() if a.kind != "standing" or a.local_date in keep}
     adjs = [a for a in adjustments if a.account_id == account_id and a.period == period]
     if not aggs and not adjs:
         return None
-    return item_from_aggregates(account_id, period, market=market, tariff=tariff, vat=vat, aggregates=aggs.values(),
+    item = item_from_aggregates(account_id, period, market=market, tariff=tariff, vat=vat, aggregates=aggs.values(),
                                 window_start=window_start, payment=acct.payment, promotions=promotions,
-                                adjustments=adjs,
+                                adjustments=adjs, billed_import=billed_import,
                                 usage=tuple(UsageTotal(m, o, p, wh) for (m, o, p), wh in sorted(usage.items())
                                             if wh and p <= period))
+    return replace(item, standing_charged=tuple(ranges))
 
 
 # --------------------------------------------------------------------------- incremental rating
@@ -423,7 +515,8 @@ def tariff_digest(tariff: Tariff) -> str:
 def item_from_aggregates(account_id: str, period: str, *, market: Market, tariff: Tariff, vat: VatTable,
                          aggregates: Iterable, window_start: date | None = None, payment: str = "postpaid",
                          promotions: Sequence[Promotion] = (), adjustments: Sequence[Adjustment] = (),
-                         usage: tuple[UsageTotal, ...] = ()) -> BillableItem:
+                         usage: tuple[UsageTotal, ...] = (),
+                         billed_import: Mapping[date, int] | None = None) -> BillableItem:
     """Day-band aggregates of one account -> its billable item: lines split at the period start, at every
     month before it (catch-up) and at VAT changes; VAT per market rule. The monthly bill run's summation."""
     start, end = parse_period(period)
@@ -436,7 +529,7 @@ def item_from_aggregates(account_id: str, period: str, *, market: Market, tariff
     splits = sorted(x for x in splits if window_start < x < end)
     quote = lines_from_aggregates(tariff, aggregates, window_start, end, account_id=account_id,
                                   rounding_mode=market.rounding_mode, rounding_stage=market.rounding_stage,
-                                  split_at=splits, promotions=promotions)
+                                  split_at=splits, promotions=promotions, billed_import=billed_import)
     lines = list(quote.lines) + [_adjustment_line(a, market.exponent, start, end) for a in adjustments]
     vat_result = apply_vat(market, vat, lines, default_start=start, default_end=end)
     item_lines = tuple(ItemLine(line, v.code, v.rate) for line, v in zip(lines, vat_result.lines))
@@ -460,8 +553,18 @@ class BillRun:
 def bill_run(period: str, *, bindings: Bindings, markets: Mapping[str, Market], tariffs: Mapping[str, Tariff],
              vat: VatTable, rows: Iterable[UsageRow], already_billed: Iterable[str] = (),
              promotions: Mapping[str, Sequence[Promotion]] | None = None,
-             adjustments: Sequence[Adjustment] = (), accounts: Iterable[str] | None = None) -> BillRun:
-    """One billable item per account for `period` (accounts already billed for it are skipped)."""
+             adjustments: Sequence[Adjustment] = (), accounts: Iterable[str] | None = None,
+             standing_charged: Mapping[str, Sequence[DateRange]] | None = None,
+             standing_since: date | None = None) -> BillRun:
+    """One billable item per account for `period` (accounts already billed for it are skipped).
+
+    `standing_charged`: account -> the local date ranges earlier items carried standing charges for
+    (`BillableItem.standing_charged`); given, uncharged supply days since `standing_since` (default: the
+    first day of the month of the earliest charged date of any account, i.e. the first billed period,
+    else this period) are caught up (`standing_due`)."""
+    if standing_charged is not None and standing_since is None:
+        first = min((r[0] for rs in standing_charged.values() for r in rs), default=None)
+        standing_since = None if first is None else first.replace(day=1)
     by_account: dict[str | None, list[UsageRow]] = {}
     for r in rows:
         by_account.setdefault(r.account_id, []).append(r)
@@ -479,7 +582,9 @@ def bill_run(period: str, *, bindings: Bindings, markets: Mapping[str, Market], 
                                   f"(known: {', '.join(sorted(tariffs))})")
         bill = bill_account(account_id, period, bindings=bindings, market=market, tariff=tariffs[tariff_id],
                             vat=vat, rows=by_account.get(account_id, ()),
-                            promotions=(promotions or {}).get(account_id, ()), adjustments=adjustments)
+                            promotions=(promotions or {}).get(account_id, ()), adjustments=adjustments,
+                            standing_charged=None if standing_charged is None else standing_charged.get(account_id, ()),
+                            standing_since=standing_since)
         if bill is not None:
             bills.append(bill)
     return BillRun(period, tuple(bills), tuple(skipped))
@@ -487,7 +592,8 @@ def bill_run(period: str, *, bindings: Bindings, markets: Mapping[str, Market], 
 
 __all__ = ["UsageRow", "bind_intervals", "merge_rows", "rebind", "check_rebinding", "bill_account", "bill_run",
            "BillableItem", "AccountBill", "BillRun", "Adjustment", "parse_period", "period_instants", "item_from_aggregates",
-           "item_from_pending", "pending_contribution", "pending_contributions", "split_by_account", "tariff_digest"]
+           "item_from_pending", "pending_contribution", "pending_contributions", "split_by_account", "tariff_digest",
+           "standing_due", "billed_daily_import", "merge_ranges", "subtract_ranges", "supply_ranges"]
 
 
 @dataclass(frozen=True)

@@ -30,13 +30,13 @@ from zoneinfo import ZoneInfo
 from meterlink.clock import from_ms, to_ms
 from meterlink.errors import ConfigError, ValidationError
 
-from .billing import (AccountBill, Adjustment, BillRun, RowKey, UsageRow, bind_intervals, check_rebinding,
-                      item_from_pending, local_midnight, merge_rows, parse_period, pending_contributions, rebind,
-                      split_by_account, tariff_digest)
+from .billing import (AccountBill, Adjustment, BillRun, DateRange, RowKey, UsageRow, bind_intervals, check_rebinding,
+                      item_from_pending, local_midnight, merge_ranges, merge_rows, parse_period, pending_contributions,
+                      rebind, split_by_account, tariff_digest)
 from .binding import Account, Bindings, Customer, Installation, Meter, ServicePoint, Supply
 from .exceptions import QueuedException, released_keys
 from .invoice import invoice_to_json, make_invoice
-from .rating import AggKey, DayBandAggregate
+from .rating import IMPORT_OBIS, AggKey, DayBandAggregate, has_tiers
 from .tariff import Tariff
 from .ubl import to_ubl
 from .vat import Market, VatTable
@@ -49,6 +49,21 @@ AGG_COLS = "account_id, local_date, band, kind, wh, amount_dec, unit_price, days
 _NOT_HELD = " AND ".join(f"(',' || flags || ',') NOT LIKE '%,{f},%'" for f in sorted(HOLD_FLAGS))
 
 ROW_COLS = "meter_id, obis, start_ms, end_ms, wh, estimated, flags, account_id, revision, billed_wh, billed_account"
+
+# Local date ranges [from, to) whose standing charges issued items carried, per account, kept merged.
+# Created when a store first opens a database without it (like the chain and PAYG stores' tables), and then
+# filled for accounts billed before it existed with [1970-01-01, end of their last billed period): the
+# conservative reading (never charge a day twice) of what the old bill runs charged.
+STANDING_DDL = {
+    "sqlite": ("CREATE TABLE standing_charged (account_id TEXT NOT NULL, from_date TEXT NOT NULL, "
+               "to_date TEXT NOT NULL, PRIMARY KEY (account_id, from_date))",
+               "INSERT INTO standing_charged SELECT account_id, '1970-01-01', date(MAX(period) || '-01', '+1 month') "
+               "FROM billable_item GROUP BY account_id"),
+    "postgres": ("CREATE TABLE standing_charged (account_id TEXT NOT NULL, from_date DATE NOT NULL, "
+                 "to_date DATE NOT NULL, PRIMARY KEY (account_id, from_date))",
+                 "INSERT INTO standing_charged SELECT account_id, DATE '1970-01-01', "
+                 "(to_date(MAX(period), 'YYYY-MM') + INTERVAL '1 month')::date FROM billable_item GROUP BY account_id"),
+}
 
 
 class _Db:
@@ -135,6 +150,10 @@ def _t(ms: int | None) -> datetime | None:
     return None if ms is None else from_ms(ms)
 
 
+def _date(d) -> date:
+    return d if isinstance(d, date) else date.fromisoformat(d)
+
+
 def _row(r: tuple) -> UsageRow:
     m, o, s, e, wh, est, flags, acct, rev, bwh, bacct = r
     return UsageRow(m, o, from_ms(s), from_ms(e), wh, bool(est), frozenset(f for f in flags.split(",") if f),
@@ -154,6 +173,17 @@ class BillingStore:
         open_repository(url, migrate=migrate).close()          # the schema is the repository's
         self.url = url
         self.db = _Db(url)
+        self._ensure_standing_table()
+
+    def _ensure_standing_table(self) -> None:
+        exists = "SELECT 1 FROM sqlite_master WHERE type='table' AND name='standing_charged'" \
+            if self.db.dialect == "sqlite" else "SELECT 1 WHERE to_regclass('standing_charged') IS NOT NULL"
+        if self.db.q(exists):
+            return
+        with self.db.tx(exclusive=True):
+            if not self.db.q(exists):                  # another replica may have created it meanwhile
+                for sql in STANDING_DDL[self.db.dialect]:
+                    self.db.x(sql)
 
     def close(self) -> None:
         self.db.close()
@@ -322,6 +352,43 @@ class BillingStore:
         return next(e for e in self.exceptions() if e.id == exception_id)
 
     # ------------------------------------------------------------------ items and invoices
+    def standing_ranges(self, among: Sequence[str] | None = None) -> dict[str, list[DateRange]]:
+        """Per account, the merged local date ranges whose standing charges issued items carried."""
+        sql, args = "SELECT account_id, from_date, to_date FROM standing_charged", []
+        if among is not None:
+            sql += f" WHERE account_id IN ({','.join('?' * len(among))})"
+            args.extend(among)
+        out: dict[str, list[DateRange]] = {}
+        for a, f, t in self.db.q(sql + " ORDER BY account_id, from_date", args):
+            out.setdefault(a, []).append((_date(f), _date(t)))
+        return out
+
+    def record_standing(self, account: str, ranges: Sequence[DateRange]) -> None:
+        """Add the ranges an item charged to the account's charged ranges (kept merged: usually one UPDATE)."""
+        if not ranges:
+            return
+        old = self.standing_ranges([account]).get(account, [])
+        merged = merge_ranges([*old, *ranges])
+        starts = {a for a, _ in merged}
+        self.db.many("DELETE FROM standing_charged WHERE account_id=? AND from_date=?",
+                     [(account, self.db.day(a)) for a, _ in old if a not in starts])
+        self.db.many("INSERT INTO standing_charged VALUES (?,?,?) ON CONFLICT (account_id, from_date) "
+                     "DO UPDATE SET to_date=excluded.to_date",
+                     [(account, self.db.day(a), self.db.day(b)) for a, b in merged if (a, b) not in old])
+
+    def first_billed_period(self) -> str | None:
+        return self.db.q("SELECT MIN(period) FROM billable_item")[0][0]
+
+    def billed_import(self, account: str, start: datetime, end: datetime, zone: ZoneInfo) -> dict[date, int]:
+        """Import Wh per local date already billed to the account for rows starting in [start, end)."""
+        out: dict[date, int] = {}
+        for s_ms, wh in self.db.q("SELECT start_ms, billed_wh FROM interval_usage WHERE account_id=? AND "
+                                  "billed_account=? AND obis=? AND billed_wh<>0 AND start_ms>=? AND start_ms<?",
+                                  (account, account, IMPORT_OBIS, to_ms(start), to_ms(end))):
+            d = from_ms(s_ms).astimezone(zone).date()
+            out[d] = out.get(d, 0) + int(wh)
+        return out
+
     def billed_accounts(self, period: str) -> set[str]:
         return {r[0] for r in self.db.q("SELECT account_id FROM billable_item WHERE period=?", (period,))}
 
@@ -396,6 +463,7 @@ class BillingStore:
                                  item.gross_minor, item.to_json(), to_ms(now)))[0][0]
                 self.db.many("INSERT INTO billed_usage VALUES (?,?,?,?,?)",
                              [(seq, u.meter_id, u.obis, u.usage_period, u.wh) for u in item.usage])
+                self.record_standing(item.account_id, item.standing_charged)
                 customer = bindings.customers[bindings.accounts[item.account_id].customer_id]
                 inv = make_invoice(item, customer, markets[item.market], issue_date)
                 self.db.x("INSERT INTO invoice (invoice_id, account_id, period, issue_date, currency, net_minor, "
@@ -752,12 +820,17 @@ def run_billing(store: BillingStore, period: str, *, markets: Mapping[str, Marke
 
     Accounts whose pending aggregates are stale or were rated with another tariff are rated again from
     their rows first. Billing an account drops its pending aggregates dated before the period's end and
-    marks those rows billed. `promotions`: account id -> accepted rating Promotions
+    marks those rows billed. Catch-up is priced as if it had arrived on time: blocks (tiers) count what the
+    rows of the same months already billed (`BillingStore.billed_import`), and supply days since the first
+    billed period that no item charged yet (a back-dated supply) get their standing charges
+    (`standing_charged`). `promotions`: account id -> accepted rating Promotions
     (cli_insights.accepted_rating_promotions).
     """
-    _, end = parse_period(period)
+    start, end = parse_period(period)
     with store.db.tx(exclusive=True):
         bindings = store.bindings()
+        first = store.first_billed_period()
+        since = min(parse_period(first)[0], start) if first else start
         done = store.billed_accounts(period)
         states = store.rating_states()
         todo, skipped = [], []
@@ -777,20 +850,27 @@ def run_billing(store: BillingStore, period: str, *, markets: Mapping[str, Marke
             if state is None or state[2] or state[1] != tariff_digest(tariff):
                 store.rerate_pending(account_id, tariff, ZoneInfo(market.timezone))
             todo.append((account_id, market, tariff))
-        supplies: dict[str, list] = {}
-        for sup in bindings.supplies:
-            supplies.setdefault(sup.account_id, []).append(sup)
         bills = []
-        aggs = usage = {}
+        aggs = usage = charged = {}
         for n, (account_id, market, tariff) in enumerate(todo):
             if n % BILL_CHUNK == 0:                   # the stored aggregates of the next chunk of accounts
                 chunk = [t[0] for t in todo[n:n + BILL_CHUNK]]
                 aggs = store.pending_aggregates(before=end, among=chunk)
                 usage = store.pending_usage(through=period, among=chunk)
+                charged = store.standing_ranges(among=chunk)
+            mine = aggs.get(account_id, {})
+            billed = None
+            if has_tiers(tariff):
+                energy = [a.local_date for a in mine.values() if a.kind == "energy"]
+                if energy:
+                    zone = ZoneInfo(market.timezone)
+                    billed = store.billed_import(account_id, local_midnight(min(energy).replace(day=1), zone),
+                                                 local_midnight(end, zone), zone)
             item = item_from_pending(account_id, period, bindings=bindings, market=market, tariff=tariff, vat=vat,
-                                     aggregates=aggs.get(account_id, {}).values(), usage=usage.get(account_id, {}),
+                                     aggregates=mine.values(), usage=usage.get(account_id, {}),
                                      promotions=(promotions or {}).get(account_id, ()), adjustments=adjustments,
-                                     supplies=supplies.get(account_id, []))
+                                     supplies=bindings.supplies_of_account(account_id), billed_import=billed,
+                                     standing_charged=charged.get(account_id, ()), standing_since=since)
             if item is not None:
                 bills.append(AccountBill(item, None))       # None: summed, rows marked by consume_pending
         run = BillRun(period, tuple(bills), tuple(skipped))

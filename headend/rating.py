@@ -266,6 +266,33 @@ def tier_usage(tariff: Tariff, daily_import_wh: Mapping[date, int]) -> dict[tupl
     return usage
 
 
+def tier_delta(tariff: Tariff, daily_import_wh: Mapping[date, int],
+               billed_import_wh: Mapping[date, int] | None = None) -> dict[tuple[date, str], int]:
+    """(local date, tier name) -> Wh that `daily_import_wh` adds to each block, on top of what was already
+    billed (`billed_import_wh`, per local date) in the same months: tier_usage(billed + new) minus
+    tier_usage(billed). Blocks thus always count the period's cumulative import, whatever arrived when
+    (a late delta is priced at the block the period's total reaches, not from 0), and the sum over every
+    bill of a period equals `tier_usage` of its final import. Negative where a correction lowers a block."""
+    if not billed_import_wh:
+        return tier_usage(tariff, daily_import_wh)
+    months = {d.replace(day=1) for d in daily_import_wh}
+    before = {d: wh for d, wh in billed_import_wh.items() if d.replace(day=1) in months}
+    after = dict(before)
+    for d, wh in daily_import_wh.items():
+        after[d] = after.get(d, 0) + wh
+    old, new = tier_usage(tariff, before), tier_usage(tariff, after)
+    out = {}
+    for key in sorted({*old, *new}):
+        wh = new.get(key, 0) - old.get(key, 0)
+        if wh:
+            out[key] = wh
+    return out
+
+
+def has_tiers(tariff: Tariff) -> bool:
+    return any(v.tiers for v in tariff.versions)
+
+
 # --------------------------------------------------------------------------- lines
 
 _KIND_ORDER = {"energy": 0, "tier": 1, "export": 2, "promotion": 3, "standing": 4}
@@ -298,11 +325,15 @@ def _apportion_total(exacts: Sequence[Decimal], total: int) -> list[int]:
 
 def lines_from_aggregates(tariff: Tariff, aggregates: Iterable[DayBandAggregate], start: date, end: date, *,
                           account_id: str = "", rounding_mode: str = "half_up", rounding_stage: str = "line",
-                          split_at: Sequence[date] = (), promotions: Sequence[Promotion] = ()) -> Quote:
+                          split_at: Sequence[date] = (), promotions: Sequence[Promotion] = (),
+                          billed_import: Mapping[date, int] | None = None) -> Quote:
     """Day-band aggregates (one account) in [start, end) -> a Quote with lines per band, tier, export and standing.
 
     Lines are grouped per (sub-period, kind, band, unit price); `split_at` cuts the window into
     sub-periods (e.g. at a VAT rate change); a tariff version change splits lines by price.
+    `billed_import`: import Wh per local date ALREADY BILLED (the aggregates then being the unbilled
+    rest, e.g. a catch-up): blocks count the billing period's whole import, and the tier lines are the
+    difference `tier_usage(billed + these)` - `tier_usage(billed)` (see `tier_delta`).
     """
     _check_dates(start, end)
     if rounding_stage not in ROUNDING_STAGES:
@@ -324,11 +355,11 @@ def lines_from_aggregates(tariff: Tariff, aggregates: Iterable[DayBandAggregate]
 
     # tiers: per billing period (month) over the sum of the window's import in that period
     tier_by_name = {t.name: t for v in tariff.versions for t in v.tiers}
-    for (d, name), wh in tier_usage(tariff, daily_import).items():
+    for (d, name), wh in tier_delta(tariff, daily_import, billed_import).items():
         adder = next(t.adder for t in tariff.version_for(d).tiers if t.name == name)
         if adder == 0:
             continue
-        ps, pe = _period_of(d, bounds)
+        ps, pe = _period_of(max(d, start), bounds)     # a change is never dated before the first unbilled day
         acc = groups.setdefault((ps, pe, "tier", name, adder), [0, _ZERO])
         acc[0] += wh
         acc[1] = _CTX.add(acc[1], _CTX.multiply(Decimal(wh), adder).scaleb(-3))

@@ -240,14 +240,17 @@ def check_store_month(month):
         for e in exchanges:
             store.add_exchange_read(e)
         ref: dict = {}                                   # the pure from-scratch pipeline, side by side
+        charged: dict = {}                               # its memory of the standing days items carried
 
         def ref_step(readings_now, b, period):
             fresh = bind_intervals(derive_intervals(readings_now, CFG, exchanges).intervals, b)
             ref.update(merge_rows(ref, fresh))
             ref.update(rebind(ref.values(), b))
-            run = bill_run(period, bindings=b, markets=MARKETS, tariffs=tariffs, vat=VAT, rows=ref.values())
+            run = bill_run(period, bindings=b, markets=MARKETS, tariffs=tariffs, vat=VAT, rows=ref.values(),
+                           standing_charged=charged)
             for bill in run.bills:
                 ref.update({r.key: r for r in bill.billed_rows})
+                charged[bill.item.account_id] = [*charged.get(bill.item.account_id, ()), *bill.item.standing_charged]
             return run
 
         seq, size = 1, -(-len(first) // batches)

@@ -87,15 +87,18 @@ def check_month(month):
     bindings = gb_bindings(accounts=("A1", "A2")).move_in("SP1", "A1", utc(2026, 11, move_in_day))
     stored = {}
     items = []
+    charged: dict = {}                     # standing days items carried: a back-dated supply catches up the rest
 
     def step(readings_now, b, period):
         fresh = bind_intervals(derive_intervals(readings_now, CFG, exchanges).intervals, b)
         stored.update(merge_rows(stored, fresh))
         stored.update(rebind(stored.values(), b))
-        run = bill_run(period, bindings=b, markets=MARKETS, tariffs=tariffs, vat=VAT, rows=stored.values())
+        run = bill_run(period, bindings=b, markets=MARKETS, tariffs=tariffs, vat=VAT, rows=stored.values(),
+                       standing_charged=charged)
         for bill in run.bills:
             stored.update({r.key: r for r in bill.billed_rows})
             items.append(bill.item)
+            charged[bill.item.account_id] = [*charged.get(bill.item.account_id, ()), *bill.item.standing_charged]
 
     step(first, bindings, "2026-11")
     if back_date and move_in_day > 1:
@@ -125,6 +128,17 @@ def check_month(month):
         aggs = rate_intervals({}, [r.as_interval(r.wh) for r in final_rows if r.account_id == acct], tariff, acct, zone)
         scratch += sum((a.amount_dec for a in aggs.values()), Decimal(0))
     assert billed_exact == scratch
+    # standing: every supply day of November and December is charged exactly once over both bills, the days
+    # of a supply back-dated over the billed November on the December bill
+    days: dict = {}
+    for item in items:
+        for il in item.lines:
+            if il.line.kind == "standing":
+                days[item.account_id] = days.get(item.account_id, 0) + il.line.quantity_kwh
+    expected_days = {"A1": 30 - move_in_day + 1 + 31}
+    if back_date and move_in_day > 1:
+        expected_days["A2"] = move_in_day - 1
+    assert days == expected_days
     for item in items:
         assert item.net_minor == sum(il.line.net_minor for il in item.lines)
         assert Decimal(item.net_minor) - item.exact_total == item.residue
