@@ -3,7 +3,8 @@
 `verify_delta` and `apply_delta` are pure; `ConfigPuller` is the shell (one gRPC call, one atomic
 file write). The state file (``config-state.json`` in the PKI state directory) holds the applied
 version and the resulting configuration: meters, tariffs (TOML text by name), blacklisted cards,
-credit grants. Forged (bad signature, other key, other gateway) and replayed or out-of-order
+credit grants, and PAYG pricing per account (``payg.tariff``: which tariff prices an account's
+consumption offline, the VAT rate and the VEE interval grid; read by gateway/pricing.py). Forged (bad signature, other key, other gateway) and replayed or out-of-order
 deltas raise `ConfigDeltaRefused` and leave the state untouched.
 """
 
@@ -45,15 +46,17 @@ class ConfigState:
     tariffs: dict = field(default_factory=dict)          # name -> TOML text
     blacklist: tuple[str, ...] = ()
     credit_grants: tuple[dict, ...] = ()
+    payg_tariffs: dict = field(default_factory=dict)     # account -> {"tariff", "vat_rate", "interval_minutes", "version"}
 
     def to_json(self) -> dict:
         return {"version": self.version, "meters": list(self.meters), "tariffs": dict(self.tariffs),
-                "blacklist": list(self.blacklist), "credit_grants": list(self.credit_grants)}
+                "blacklist": list(self.blacklist), "credit_grants": list(self.credit_grants),
+                "payg_tariffs": dict(self.payg_tariffs)}
 
     @classmethod
     def from_json(cls, doc: dict) -> "ConfigState":
         return cls(int(doc["version"]), tuple(doc["meters"]), dict(doc["tariffs"]), tuple(doc["blacklist"]),
-                   tuple(doc.get("credit_grants", ())))
+                   tuple(doc.get("credit_grants", ())), dict(doc.get("payg_tariffs", {})))
 
 
 def verify_delta(signed: config_pb2.SignedConfigDelta, headend_key: bytes, gateway: str,
@@ -92,6 +95,7 @@ def apply_delta(state: ConfigState, delta: Delta) -> ConfigState:
     """The configuration after `delta` (verified) -- unknown change kinds are refused, not skipped."""
     meters, tariffs = list(state.meters), dict(state.tariffs)
     blacklist, grants = list(state.blacklist), list(state.credit_grants)
+    payg = dict(state.payg_tariffs)
     for c in delta.changes:
         kind, body = c["kind"], c["body"]
         if kind == "meter.add":
@@ -108,11 +112,18 @@ def apply_delta(state: ConfigState, delta: Delta) -> ConfigState:
             blacklist = [b for b in blacklist if b != body["card"]]
         elif kind == "credit.grant":
             grants.append(dict(body, version=c["version"]))
+        elif kind == "payg.tariff":
+            if body.get("tariff") is None:
+                payg.pop(body["account"], None)
+            else:
+                payg[body["account"]] = {"tariff": body["tariff"], "vat_rate": str(body.get("vat_rate", "0")),
+                                         "interval_minutes": int(body.get("interval_minutes", 15)),
+                                         "version": c["version"]}
         else:
             raise ConfigDeltaRefused(f"configuration change {c['version']}: unknown kind {kind!r} "
                                      f"(this gateway is older than the head-end)")
     return replace(state, version=delta.version, meters=tuple(sorted(meters)), tariffs=tariffs,
-                   blacklist=tuple(sorted(blacklist)), credit_grants=tuple(grants))
+                   blacklist=tuple(sorted(blacklist)), credit_grants=tuple(grants), payg_tariffs=payg)
 
 
 def load_state(path: str | Path) -> ConfigState:

@@ -46,7 +46,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Callable, Literal, Union
+from typing import Callable, Literal, Protocol, Union
 from zoneinfo import ZoneInfo
 
 from meterlink.clock import utc
@@ -57,7 +57,15 @@ from .friendly import FriendlyConfig, friendly_period_end, in_friendly_period
 
 Relay = Literal["closed", "open"]
 PriceFn = Callable[[datetime], Decimal]
-Price = Union[Decimal, int, str, PriceFn]
+
+
+class IntervalPrice(Protocol):
+    """Prices consumption over an interval (a pulled tariff: `gateway.pricing.TariffPrice`)."""
+
+    def amount(self, wh: int, since: datetime | None, at: datetime) -> Decimal: ...
+
+
+Price = Union[Decimal, int, str, PriceFn, IntervalPrice]
 FINAL_UNIT_ACTIONS = ("terminate", "restrict_access")
 RECONNECT_MODES = ("automatic", "customer_confirms")
 RECOVERY_PERIODS = ("day", "week", "month")
@@ -481,12 +489,15 @@ def _unit_price(price: Price, at: datetime, account: str) -> Decimal:
 
 # --------------------------------------------------------------------------- transitions
 
-def charge(state: AccountState, wh: int, price: Price, at: datetime) -> tuple[AccountState, Events]:
-    """Price `wh` of consumption ending at `at` and draw it from the account.
+def charge(state: AccountState, wh: int, price: Price, at: datetime, *,
+           since: datetime | None = None) -> tuple[AccountState, Events]:
+    """Price `wh` of consumption over ``[since, at)`` and draw it from the account.
 
-    `price` is minor units per kWh (Decimal/str/int) or a tariff function `at -> Decimal`
-    evaluated at `at`. Draw order: Wh grant, credit balance, emergency credit (only once
-    accepted), then accumulated debt (raised as OverUsage).
+    `price` is minor units per kWh (Decimal/str/int), a function `at -> Decimal` evaluated at
+    `at`, or an interval price (an object with ``amount(wh, since, at) -> Decimal`` exact gross
+    minor units, e.g. `gateway.pricing.TariffPrice`, which apportions the Wh over the tariff's
+    bands as the head-end's rating does). Draw order: Wh grant, credit balance, emergency credit
+    (only once accepted), then accumulated debt (raised as OverUsage).
     """
     _amount(wh, "wh")
     if wh < 0:
@@ -494,8 +505,14 @@ def charge(state: AccountState, wh: int, price: Price, at: datetime) -> tuple[Ac
     state, events = _advance(state, at)
     at = state.at
     from_grant = min(wh, state.granted_wh)
-    unit = _unit_price(price, at, state.account)
-    exact = Decimal(wh - from_grant) * unit / 1000 + state.charge_residue
+    if hasattr(price, "amount"):
+        priced = to_decimal(price.amount(wh, since, at)) if wh else Decimal(0)
+        if priced < 0:
+            raise ValidationError(f"account {state.account}: negative price {priced} for {wh} Wh at {at.isoformat()}")
+        exact = (priced * (wh - from_grant) / wh if from_grant else priced) + state.charge_residue
+    else:
+        unit = _unit_price(price, at, state.account)
+        exact = Decimal(wh - from_grant) * unit / 1000 + state.charge_residue
     amount = max(0, round_minor(exact, state.cfg.rounding))
     take_credit = min(amount, state.credit_balance)
     rest = amount - take_credit

@@ -1,4 +1,4 @@
-"""Gateway PAYG shell: prices each meter reading with the pulled tariff, applies grants, tokens and card top-ups through the pure core, switches the meter's relay coil and publishes CRM events; all decisions are `credit`/`tokens`'.
+"""Gateway PAYG shell: prices each meter reading with the pulled tariff (flat configured price until one is pulled), applies grants, tokens and card top-ups through the pure core, switches the meter's relay coil and publishes CRM events; all decisions are `credit`/`tokens`'.
 
 One `PaygMeter` per PAYG meter. It owns:
 
@@ -287,6 +287,7 @@ class PaygMeter:
         self.state = C.AccountState(account=meter_id, cfg=cfg)
         self.window = T.ReplayWindow()
         self.last_import_wh: int | None = None
+        self.last_import_at: datetime | None = None   # instant of that reading: charges price [then, now)
         self.command_seq = 0
         self.card_list: T.CardList | None = None
         self.blacklist: T.Blacklist | None = None
@@ -305,6 +306,8 @@ class PaygMeter:
         self.window = T.ReplayWindow(data["window"]["floor"], frozenset(data["window"]["seen"]),
                                      data["window"]["size"])
         self.last_import_wh = data["last_import_wh"]
+        at = data.get("last_import_at")
+        self.last_import_at = parse_instant(at) if at else None
         self.command_seq = data["command_seq"]
         self.unpublished = [CrmRecord(r["topic"], r["payload"]) for r in data.get("unpublished", [])]
         if data.get("card_list"):
@@ -319,6 +322,7 @@ class PaygMeter:
             "meter": self.meter_id, "state": state_to_json(self.state),
             "window": {"floor": self.window.floor, "seen": sorted(self.window.seen), "size": self.window.size},
             "last_import_wh": self.last_import_wh, "command_seq": self.command_seq,
+            "last_import_at": _jsonable(self.last_import_at) if self.last_import_at else None,
             "unreported": [self.state.unreported.used_minor + (self.state.in_flight or C.Usage()).used_minor,
                            self.state.unreported.used_wh + (self.state.in_flight or C.Usage()).used_wh],
             "unpublished": [{"topic": r.topic, "payload": r.payload} for r in self.unpublished],
@@ -381,7 +385,7 @@ class PaygMeter:
         if import_wh is not None and self.last_import_wh is not None:
             self._charge(import_wh, now)
         elif import_wh is not None:
-            self.last_import_wh = import_wh
+            self.last_import_wh, self.last_import_at = import_wh, now
         self.defer_decisions = False
         log.info("meter %s boot: relay reads %s, credit %d, available %d", self.meter_id, read_back,
                  self.state.credit_balance, self.state.available_credit)
@@ -389,15 +393,21 @@ class PaygMeter:
 
     def _charge(self, import_wh: int, now: datetime) -> None:
         if self.last_import_wh is None:
-            self.last_import_wh = import_wh
+            self.last_import_wh, self.last_import_at = import_wh, now
             return
         delta = import_wh - self.last_import_wh
         if delta < 0:
             raise ValidationError(f"meter {self.meter_id}: import register went back from "
                                   f"{self.last_import_wh} to {import_wh} Wh (meter exchange or reset?)")
-        self.state, events = C.charge(self.state, delta, self.price, now)
-        self.last_import_wh = import_wh
+        self.state, events = C.charge(self.state, delta, self.price, now, since=self.last_import_at)
+        self.last_import_wh, self.last_import_at = import_wh, now
         self._emit(events)
+
+    def set_price(self, price: C.Price, description: str) -> None:
+        """Price consumption from the next reading on with `price` (the pulled tariff, or the
+        configured flat fallback); logs which one is in force."""
+        self.price = price
+        log.info("PAYG meter %s: pricing with %s", self.meter_id, description)
 
     def charge_reading(self, import_wh: int) -> None:
         """Charge a new 1.8.0 value without deciding yet (the shell may ask for a grant first, so an
@@ -478,15 +488,28 @@ class PaygMeter:
             self.card_list = card_list
         self._save()
 
-    def card_topup(self, topup: T.CardTopUp, expected_nonce: bytes | None) -> list[C.CreditEvent]:
-        """Offline card top-up against the last signed card list and blacklist."""
+    def card_topup(self, topup: T.CardTopUp, expected_nonce: bytes | None, *,
+                   decide: bool = True) -> list[C.CreditEvent]:
+        """Offline card top-up against the last signed card list and blacklist. `decide=False`
+        (a card terminal's thread): credit only, the relay is left to the next `evaluate`."""
         if self.card_list is None or self.blacklist is None:
             ev = C.TopUpRefused(account=self.meter_id, at=self.clock.now(), reference=topup.reference,
                                 amount_minor=topup.challenge.amount_minor, reason="card_list_unverified")
             self._emit([ev])
+            self._save()
             return [ev]
         state, events = T.card_topup(self.state, topup, expected_nonce, self.card_list, self.blacklist,
                                      self.head_end_key, self.clock.now())
+        for e in events:
+            if isinstance(e, C.TopUpRefused):
+                log.warning("meter %s: card top-up %s refused: %s", self.meter_id, e.reference, e.reason)
+            elif isinstance(e, C.TopUpApplied):
+                log.info("meter %s: card top-up %s of %d applied", self.meter_id, e.reference, e.amount_minor)
+        if not decide:
+            self.state = state
+            self._emit(events)
+            self._save()
+            return list(events)
         return self._then_decide(state, events)
 
     def accept_emergency_credit(self) -> list[C.CreditEvent]:
@@ -556,8 +579,53 @@ def _cmd_request(args) -> int:
     return 0
 
 
+def _cmd_card_challenge(args) -> int:
+    from .cardterminal import request
+    answer = request(args.socket, {"op": "challenge", "meter": args.meter, "amount_minor": args.amount})
+    if not answer.get("ok"):
+        raise ValidationError(f"card terminal: {answer.get('error')}")
+    print(json.dumps(answer, indent=None if args.json else 2, sort_keys=True))
+    return 0
+
+
+def _cmd_card_topup(args) -> int:
+    """Submit a card's signed answer (or, with --card-key, be a software card: challenge, sign, submit)."""
+    from meterlink import pki
+
+    from .cardterminal import challenge_from_json, request
+    if args.card_key:
+        if args.amount is None:
+            raise ValidationError("--card-key needs --amount (the top-up the card is asked to sign)")
+        path = Path(args.card_key)
+        try:
+            key = pki.load_private_key(path.read_bytes(), str(path))
+        except OSError as exc:
+            raise ValidationError(f"{path}: cannot read the card key: {exc.strerror}") from None
+        got = request(args.socket, {"op": "challenge", "meter": args.meter, "amount_minor": args.amount})
+        if not got.get("ok"):
+            raise ValidationError(f"card terminal: {got.get('error')}")
+        ch = challenge_from_json(got["challenge"])
+        nonce, signature = ch.nonce.hex(), T.sign_ed25519(key, ch.signing_bytes()).hex()
+    elif args.nonce and args.signature:
+        nonce, signature = args.nonce, args.signature
+    else:
+        raise ValidationError("give --nonce and --signature (from the card), or --card-key and --amount")
+    answer = request(args.socket, {"op": "topup", "meter": args.meter, "card_id": args.card, "nonce": nonce,
+                                   "signature": signature})
+    if not answer.get("ok"):
+        raise ValidationError(f"card terminal: {answer.get('error')}")
+    if args.json:
+        print(json.dumps(answer, sort_keys=True))
+    elif answer["applied"]:
+        print(f"meter {args.meter}: card top-up {answer['reference']} of {answer['amount_minor']} applied; "
+              f"credit {answer['credit_balance_minor']} (the supply is re-evaluated at the next poll)")
+    else:
+        print(f"meter {args.meter}: card top-up {answer['reference']} refused: {answer['reason']}")
+    return 0 if answer["applied"] else 3
+
+
 def add_parsers(sub) -> None:
-    payg = sub.add_parser("payg", help="pay-as-you-go meters held by this gateway",
+    payg = sub.add_parser("payg", help="pay-as-you-go meters held by this gateway (status, customer requests, card top-ups)",
                           epilog="example: meterlink-gateway payg status --state var/payg/MTR-0001.json")
     psub = payg.add_subparsers(dest="payg_command", required=True)
     st = psub.add_parser("status", help="credit, emergency credit, debt and relay of one PAYG meter",
@@ -572,6 +640,29 @@ def add_parsers(sub) -> None:
         rq.add_argument("--meter", required=True)
         rq.add_argument("--state-dir", default="var/payg", help="the [[payg]] state_dir (default var/payg)")
         rq.set_defaults(func=_cmd_request)
+    cc = psub.add_parser("card-challenge",
+                         help="ask the running daemon for a card challenge (what the card must sign) over its card_socket",
+                         epilog="example: meterlink-gateway payg card-challenge --socket /run/meterlink/cards.sock "
+                                "--meter MTR-0001 --amount 500")
+    cc.add_argument("--socket", required=True, help="the [[payg]] card_socket of the running daemon")
+    cc.add_argument("--meter", required=True)
+    cc.add_argument("--amount", type=int, required=True, help="top-up in minor units (e.g. 500 = 5.00)")
+    cc.add_argument("--json", action="store_true", help="one line of JSON")
+    cc.set_defaults(func=_cmd_card_challenge)
+    ct = psub.add_parser("card-topup",
+                         help="top up at the gateway with a card (offline too): the daemon checks the card's "
+                              "signature and its last signed blacklist; exit 0 applied, 3 refused",
+                         epilog="example: meterlink-gateway payg card-topup --socket /run/meterlink/cards.sock "
+                                "--meter MTR-0001 --card CARD-0042 --nonce 5f0c... --signature 9a1b...")
+    ct.add_argument("--socket", required=True, help="the [[payg]] card_socket of the running daemon")
+    ct.add_argument("--meter", required=True)
+    ct.add_argument("--card", required=True, help="card id")
+    ct.add_argument("--nonce", help="the challenge's nonce (hex, from card-challenge)")
+    ct.add_argument("--signature", help="the card's Ed25519 signature of the challenge message (hex)")
+    ct.add_argument("--card-key", help="software card: Ed25519 PEM key that signs a fresh challenge (tests, demos)")
+    ct.add_argument("--amount", type=int, help="with --card-key: top-up in minor units")
+    ct.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
+    ct.set_defaults(func=_cmd_card_topup)
 
 
 __all__ = ["CRM_KINDS", "CRM_TOPIC_PREFIX", "CrmRecord", "MqttPublisher", "PaygMeter", "RelayOutcome", "RelaySwitch",

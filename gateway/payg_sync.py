@@ -18,11 +18,14 @@ session whose CCR-Initial carries the unanswered usage (`credit.abandon_report`)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import tempfile
+import threading
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 import grpc
@@ -191,12 +194,13 @@ class PaygConfig:
     meter_id: str
     account: str
     currency: str = "GBP"
-    price_minor_per_kwh: str = "0"            # gross (VAT included) unit price the gateway charges
+    price_minor_per_kwh: str = "0"            # FALLBACK gross unit price until a tariff for the account is pulled
     market: str | None = None                 # TOML with [prepayment] and [friendly_credit]
     token_public_key: str | None = None       # head-end token key: 64 hex digits (raw Ed25519)
     state_dir: str = "var/payg"
     sync_s: float = 900.0                     # credit-control exchange at most this often (clock seconds)
     timeout_s: float = 5.0
+    card_socket: str | None = None            # Unix socket for a local card terminal (gateway/cardterminal.py)
 
 
 def load_payg_sections(root, meter_ids: set[str]) -> tuple[PaygConfig, ...]:
@@ -207,7 +211,7 @@ def load_payg_sections(root, meter_ids: set[str]) -> tuple[PaygConfig, ...]:
     out, seen = [], set()
     for sec in root.sections("payg"):
         sec.check_known({"meter_id", "account", "currency", "price_minor_per_kwh", "market", "token_public_key",
-                         "state_dir", "sync_s", "timeout_s"})
+                         "state_dir", "sync_s", "timeout_s", "card_socket"})
         meter = sec.get("meter_id", str)
         if meter not in meter_ids:
             raise sec.error("meter_id", f"meter {meter!r} is not configured on any [[bus]]")
@@ -227,9 +231,14 @@ def load_payg_sections(root, meter_ids: set[str]) -> tuple[PaygConfig, ...]:
         sync_s = float(sec.get("sync_s", (int, float), 900))
         if sync_s <= 0:
             raise sec.error("sync_s", "must be a positive number of seconds")
+        card_socket = sec.get("card_socket", str, None)
+        if card_socket is not None and not Path(card_socket).is_absolute():
+            card_socket = str(base / card_socket)
+        if card_socket is not None and len(os.fsencode(card_socket)) > 100:
+            raise sec.error("card_socket", f"{card_socket!r} is too long for a Unix socket path (100 bytes at most)")
         out.append(PaygConfig(meter, sec.get("account", str), sec.get("currency", str, "GBP"), price, market,
                               sec.get("token_public_key", str, None), state_dir, sync_s,
-                              float(sec.get("timeout_s", (int, float), 5.0))))
+                              float(sec.get("timeout_s", (int, float), 5.0)), card_socket))
     return tuple(out)
 
 
@@ -263,12 +272,19 @@ class PaygDaemonHook:
     and the credit-control exchange (bounded by `timeout_s`, at most every `sync_s`, sooner when
     the window is exhausted or the grant expired) happens there too. Credit, relay and card events
     are appended to the hash-chained journal as ``credit.*`` / ``relay.*`` events.
+
+    Pricing: each meter is priced with the tariff the head-end assigned to its account
+    (``payg.tariff`` in the pulled, signature-verified configuration state, gateway/pricing.py);
+    until one is pulled, with the ``price_minor_per_kwh`` of its ``[[payg]]`` table. The state file
+    is re-read when it changes (checked before each meter's charge); which price is in force is logged.
+
+    Card terminals (``card_socket``): `CardTerminalServer` threads hand card top-ups to
+    `card_topup`, which applies them under the meter's lock without touching the relay; the
+    supply is re-evaluated (and re-armed) on the meter's bus thread at its next poll.
     """
 
     def __init__(self, gateway, configs: tuple[PaygConfig, ...], *, channel: grpc.Channel | None = None,
                  publish=None) -> None:
-        from decimal import Decimal
-
         from .payg import RelaySwitch
         self.gateway, self.clock = gateway, gateway.clock
         self.meters: dict[str, PaygMeter] = {}
@@ -277,6 +293,15 @@ class PaygDaemonHook:
         self.next_sync: dict[str, object] = {}
         self._retry: dict[str, object] = {}        # earliest urgent retry after a failed exchange
         self._journaled: dict[str, int] = {}
+        self.locks: dict[str, threading.RLock] = {}
+        self.price_in_force: dict[str, str] = {}    # meter -> "tariff NAME@VERSION" | "flat"
+        self._flat: dict[str, Decimal] = {}
+        self._prices_lock = threading.Lock()
+        self._config_stamp: tuple | None = None
+        pki_dir = getattr(gateway.config, "headend_pki_dir", None)
+        from .configpull import STATE_FILE
+        self.config_state_path = Path(pki_dir) / STATE_FILE if pki_dir else None
+        self.card_servers: list = []
         where = {m.id: (bus, master, m) for bus, master in zip(gateway.config.buses, gateway.masters)
                  for m in bus.meters}
         for c in configs:
@@ -296,27 +321,117 @@ class PaygDaemonHook:
                                                       state_path=state_dir / f"{c.meter_id}.cc.json",
                                                       timeout=c.timeout_s)
             self._journaled[c.meter_id] = 0
+            self.locks[c.meter_id] = threading.RLock()
+            self._flat[c.meter_id] = Decimal(c.price_minor_per_kwh)
         self.where = where
+        self.refresh_prices(force=True)
+
+    # ---------------------------------------------------------------- pricing
+
+    def refresh_prices(self, force: bool = False) -> None:
+        """Price each meter with the pulled tariff of its account, else with its flat fallback;
+        re-read only when the configuration state file changed (or `force`)."""
+        from .configpull import ConfigState, load_state
+        from .pricing import price_for_account
+        with self._prices_lock:
+            state, stamp = ConfigState(), None
+            if self.config_state_path is not None:
+                try:
+                    st = self.config_state_path.stat()
+                    stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+                except FileNotFoundError:
+                    stamp = None
+            if not force and stamp == self._config_stamp:
+                return
+            if stamp is not None:
+                try:
+                    state = load_state(self.config_state_path)
+                except Exception as exc:  # noqa: BLE001 - keep the prices in force
+                    log.error("PAYG: configuration state %s unreadable, prices unchanged: %s",
+                              self.config_state_path, exc)
+                    return
+            self._config_stamp = stamp
+            for mid, c in self.configs.items():
+                try:
+                    tp = price_for_account(state, c.account, c.currency)
+                except Exception as exc:  # noqa: BLE001 - an unusable assignment keeps the old price
+                    log.error("PAYG meter %s: %s; keeping %s", mid, exc, self.price_in_force.get(mid))
+                    continue
+                key = "flat" if tp is None else (f"tariff {tp.tariff_name}@{tp.config_version}#" + hashlib.sha256(
+                    state.tariffs[tp.tariff_name].encode()).hexdigest()[:16])
+                if key == self.price_in_force.get(mid):
+                    continue
+                with self.locks[mid]:
+                    if tp is not None:
+                        self.meters[mid].set_price(tp, f"the pulled {tp.describe()}")
+                    else:
+                        self.meters[mid].set_price(
+                            self._flat[mid], f"the FALLBACK flat price_minor_per_kwh {c.price_minor_per_kwh} "
+                            f"(gateway.toml): no tariff pulled for account {c.account} yet")
+                        if self._flat[mid] == 0:
+                            log.warning("PAYG meter %s: the fallback price is 0: consumption is free until a "
+                                        "tariff is pulled", mid)
+                self.price_in_force[mid] = key
+
+    # ---------------------------------------------------------------- card terminals
+
+    def start_card_terminals(self) -> None:
+        """One `CardTerminalServer` per distinct ``card_socket`` (meters may share one)."""
+        from .cardterminal import CardDesk, CardTerminalServer
+        paths: dict[str, dict[str, str]] = {}
+        for c in self.configs.values():
+            if c.card_socket:
+                paths.setdefault(c.card_socket, {})[c.meter_id] = c.currency
+        for path, meters in paths.items():
+            if any(srv.path == Path(path) for srv in self.card_servers):
+                continue
+            desk = CardDesk(self.clock, meters, self.card_topup)
+            try:
+                self.card_servers.append(CardTerminalServer(path, desk).start())
+            except OSError as exc:
+                log.error("PAYG card terminal socket %s not opened: %s", path, exc)
+
+    def card_topup(self, mid: str, topup: T.CardTopUp, expected_nonce: bytes | None) -> list:
+        """A card top-up from a terminal (any thread): applied under the meter's lock, journaled at
+        once; the relay is left to the bus thread's next evaluation."""
+        pm = self.meters[mid]
+        with self.locks[mid]:
+            events = pm.card_topup(topup, expected_nonce, decide=False)
+            self._journal(mid)
+        return events
+
+    def close(self) -> None:
+        for srv in self.card_servers:
+            srv.stop()
+        self.card_servers = []
 
     def boot(self) -> None:
         """Before the first poll: read each PAYG meter's relay and register, re-evaluate, then switch."""
         from .payg import read_import_wh
+        self.refresh_prices()
         for mid, pm in self.meters.items():
             bus, master, meter = self.where[mid]
-            try:
-                pm.defer_decisions = True         # the grant and tokens first, then ONE decision
-                self.exchange(mid)
-                pm.boot(read_import_wh(master, meter.unit, meter.profile))
-            except Exception as exc:  # noqa: BLE001 - a meter that cannot boot decides at its next reading
-                pm.defer_decisions = False
-                log.error("PAYG meter %s: boot failed: %s", mid, exc)
-            self._journal(mid)
+            with self.locks[mid]:
+                try:
+                    pm.defer_decisions = True         # the grant and tokens first, then ONE decision
+                    self.exchange(mid)
+                    pm.boot(read_import_wh(master, meter.unit, meter.profile))
+                except Exception as exc:  # noqa: BLE001 - a meter that cannot boot decides at its next reading
+                    pm.defer_decisions = False
+                    log.error("PAYG meter %s: boot failed: %s", mid, exc)
+                self._journal(mid)
+        self.start_card_terminals()
 
     def on_poll(self, meter, readings) -> None:
         """Bus thread, after a successful read of `meter`: charge the 1.8.0 register, maybe sync."""
         pm = self.meters.get(meter.id)
         if pm is None:
             return
+        self.refresh_prices()
+        with self.locks[meter.id]:
+            self._on_poll(pm, meter, readings)
+
+    def _on_poll(self, pm: PaygMeter, meter, readings) -> None:
         self._customer_requests(meter.id)
         for r in readings:
             if getattr(r, "obis", None) == "1.8.0" and getattr(r, "unit", "Wh") == "Wh":

@@ -11,7 +11,10 @@ Ed25519 over ``SIGNATURE_DOMAIN + payload`` with the head-end's configuration ke
 
 Kinds published today: ``meter.add`` / ``meter.remove`` ({"meter"}), ``tariff.set``
 ({"name", "toml"}), ``blacklist.add`` / ``blacklist.remove`` ({"card"}), ``credit.grant``
-(free-form body for issue 6).
+(free-form body for issue 6), ``payg.tariff`` ({"account", "tariff", "vat_rate", "interval_minutes"}:
+which published tariff prices a PAYG account's consumption offline at the gateway, the VAT rate the
+PAYG ledger splits the gateway's gross charges with, and the market's VEE interval grid; "tariff":
+null withdraws it, so the gateway falls back to its configured flat price).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 from datetime import datetime
+from decimal import Decimal
 
 import grpc
 
@@ -31,7 +35,8 @@ from .registry import GatewayRegistry
 log = logging.getLogger("meterlink.headend.config")
 
 SIGNATURE_DOMAIN = b"meterlink.v1.config-delta\n"
-KINDS = ("meter.add", "meter.remove", "tariff.set", "blacklist.add", "blacklist.remove", "credit.grant")
+KINDS = ("meter.add", "meter.remove", "tariff.set", "blacklist.add", "blacklist.remove", "credit.grant",
+         "payg.tariff")
 
 
 def canonical(doc: dict) -> bytes:
@@ -54,6 +59,24 @@ def build_delta(registry: GatewayRegistry, gateway: str, since: int, now: dateti
 def publish_tariff(registry: GatewayRegistry, name: str, toml_text: str, now: datetime, target: str = "*") -> int:
     """Publish a tariff file (for offline rating on the gateways) -> its configuration version."""
     return registry.publish(target, "tariff.set", {"name": name, "toml": toml_text}, now)
+
+
+def publish_payg_tariff(registry: GatewayRegistry, account: str, tariff: str | None, now: datetime, *,
+                        vat_rate: Decimal | str = "0", interval_minutes: int = 15, target: str = "*") -> int:
+    """Tell the gateways which published tariff (`publish_tariff` name) prices PAYG `account` offline.
+
+    `vat_rate` must be the rate the PAYG ledger splits gross consumption charges with
+    (`ledger.PrepaidVat.rate`): the gateway charges ``net x (1 + vat_rate)``. `interval_minutes` is
+    the market's VEE grid (headend/vee.py): the gateway apportions each reading's consumption over
+    that grid exactly as the head-end does, so both price the same Wh in the same band. `tariff`
+    None withdraws the assignment."""
+    rate = Decimal(str(vat_rate))
+    if not Decimal(0) <= rate < 1:
+        raise ValueError(f"PAYG tariff for account {account}: VAT rate {rate} out of range [0, 1)")
+    if not isinstance(interval_minutes, int) or interval_minutes <= 0 or 1440 % interval_minutes:
+        raise ValueError(f"PAYG tariff for account {account}: interval_minutes {interval_minutes!r} must divide a day")
+    return registry.publish(target, "payg.tariff", {"account": account, "tariff": tariff, "vat_rate": str(rate),
+                                                    "interval_minutes": interval_minutes}, now)
 
 
 def publish_blacklist(registry: GatewayRegistry, cards: list[str], now: datetime, remove: bool = False,

@@ -60,3 +60,40 @@ class Run:
 @pytest.fixture
 def run():
     return Run
+
+
+@pytest.fixture
+def payg_gateway(tmp_path):
+    """A real `Gateway` (journal, Modbus TCP master to a firmware-sim SDM630 with a relay) with one
+    ``[[payg]]`` meter H-1 on a simulated clock (Tuesday noon), offline. Call it with the extra
+    ``[[payg]]`` lines; returns (gateway, hook, clock, simulated meter)."""
+    from contextlib import ExitStack
+
+    from meterlink.clock import SimClock
+    from meterlink.gateway.config import load_config
+    from meterlink.gateway.daemon import Gateway
+    from meterlink.gateway.profiles import load_profile
+    from meterlink.sim.meter import MeterModel
+    from meterlink.sim.server import TcpServer
+
+    stack = ExitStack()
+
+    def make(extra: str = "", market: str = ""):
+        clock = SimClock(datetime(2026, 3, 10, 12, tzinfo=UTC))
+        meter = MeterModel.starting_at(load_profile("eastron_sdm630"), clock, unit=1, seed=5, import_wh=10_000)
+        server = TcpServer({1: meter}).start()
+        stack.callback(server.stop)
+        (tmp_path / "market.toml").write_text(market or "[prepayment]\n")
+        cfg = tmp_path / "gateway.toml"
+        cfg.write_text(f'[gateway]\nid = "GW-H"\ndatabase = "{tmp_path / "gw.db"}"\npoll_interval_s = 900\n'
+                       f'\n[[bus]]\nport = "tcp://{server.address}"\n'
+                       f'\n[[bus.meter]]\nid = "H-1"\nunit = 1\nprofile = "eastron_sdm630"\n'
+                       f'\n[[payg]]\nmeter_id = "H-1"\naccount = "ACC1"\nprice_minor_per_kwh = "100"\n'
+                       f'market = "market.toml"\nstate_dir = "{tmp_path / "payg"}"\n{extra}')
+        gw = Gateway(load_config(str(cfg)), clock)
+        stack.callback(gw.close)
+        stack.callback(gw.payg.close)
+        return gw, gw.payg, clock, meter
+
+    yield make
+    stack.close()
