@@ -13,6 +13,14 @@ Byte layout (version 1, every integer big-endian, `str` = u16 length + UTF-8, `b
 A tombstone stands in for a run of records first_seq..seq whose bodies were pruned on the gateway
 before they were sent (disk nearly full, instantaneous readings only): its prev_hash is the run's
 first prev_hash and it carries the hash of the run's last record, so the chain through it verifies.
+
+On the wire (PushRequest.chain_records) a reading or event travels as exactly its canonical bytes, so
+the head-end hashes what it received; a tombstone, which has no canonical bytes, travels as
+
+    tombstone = "MLT1" | seq u64 | prev_hash 32 bytes | first_seq u64 | record_hash 32 bytes
+
+`decode_wire` is strict (every byte consumed, valid UTF-8, known kind): a record it accepts
+re-encodes to the very bytes received, so SHA-256 of the received bytes is the record's hash.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from meterlink.readings import BILLING_OBIS, Reading
 GENESIS = bytes(32)
 RECORD_MAGIC = b"MLR1"
 HEAD_MAGIC = b"MLH1"
+TOMBSTONE_MAGIC = b"MLT1"
 KIND_READING = 1
 KIND_EVENT = 2
 _I64 = (-(1 << 63), (1 << 63) - 1)
@@ -91,18 +100,34 @@ _MS = timedelta(milliseconds=1)
 _READING_STRUCTS: dict[tuple[int, int, int], struct.Struct] = {}
 
 
+def _reading_struct(lengths: tuple[int, int, int]) -> struct.Struct:
+    """The struct of a reading record with these string lengths (cached; the cache stays small whatever arrives)."""
+    st = _READING_STRUCTS.get(lengths)
+    if st is None:
+        st = struct.Struct(f">4sQ32sBH{lengths[0]}sH{lengths[1]}sqqH{lengths[2]}sI")
+        if len(_READING_STRUCTS) < 512:
+            _READING_STRUCTS[lengths] = st
+    return st
+
+
 def _reading_bytes(seq: int, prev_hash: bytes, r: Reading) -> bytes | None:
     """Fast path for the common case (ASCII ids, in-range values): one struct.pack; None -> use the general path."""
+    return reading_record_bytes(seq, prev_hash, r.meter_id, r.obis, (r.taken_at - _EPOCH) // _MS, r.value, r.unit,
+                                r.quality)
+
+
+def reading_record_bytes(seq: int, prev_hash: bytes, meter_id: str, obis: str, taken_at_ms: int, value: int,
+                         unit: str, quality: int) -> bytes | None:
+    """The canonical bytes of a reading record from its stored columns (ASCII strings, values in range,
+    seq >= 1, 32-byte prev_hash: one struct.pack); None -> build the Reading and use `canonical_bytes`."""
     try:
-        m, o, u = r.meter_id.encode("ascii"), r.obis.encode("ascii"), r.unit.encode("ascii")
+        m, o, u = meter_id.encode("ascii"), obis.encode("ascii"), unit.encode("ascii")
         lengths = (len(m), len(o), len(u))
-        st = _READING_STRUCTS.get(lengths)
-        if st is None:
-            st = _READING_STRUCTS.setdefault(lengths, struct.Struct(
-                f">4sQ32sBH{lengths[0]}sH{lengths[1]}sqqH{lengths[2]}sI"))
-        return st.pack(RECORD_MAGIC, seq, prev_hash, KIND_READING, lengths[0], m, lengths[1], o,
-                       (r.taken_at - _EPOCH) // _MS, r.value, lengths[2], u, r.quality)
-    except (UnicodeEncodeError, struct.error, TypeError):
+        if seq < 1 or len(prev_hash) != 32 or max(lengths) > 0xFFFF:
+            return None
+        return _reading_struct(lengths).pack(RECORD_MAGIC, seq, prev_hash, KIND_READING, lengths[0], m, lengths[1],
+                                             o, taken_at_ms, value, lengths[2], u, quality)
+    except (UnicodeEncodeError, struct.error, TypeError, AttributeError):
         return None
 
 
@@ -141,6 +166,124 @@ def record_hash(seq: int, prev_hash: bytes, body: Body) -> bytes:
     if isinstance(body, Tombstone):
         return body.record_hash
     return hashlib.sha256(canonical_bytes(seq, prev_hash, body)).digest()
+
+
+def wire_bytes(rec: ChainRecord) -> bytes:
+    """A record as it travels in PushRequest.chain_records: its canonical bytes, or a tombstone's wire layout."""
+    b = rec.body
+    if isinstance(b, Tombstone):
+        if len(rec.prev_hash) != 32 or len(b.record_hash) != 32:
+            raise EncodingError(f"tombstone seq {rec.seq}: hashes must be 32 bytes")
+        return TOMBSTONE_MAGIC + struct.pack(">Q32sQ32s", rec.seq, rec.prev_hash, b.first_seq, b.record_hash)
+    return canonical_bytes(rec.seq, rec.prev_hash, b)
+
+
+_TOMBSTONE = struct.Struct(">4sQ32sQ32s")
+_EVENT_HEAD = struct.Struct(">4sQ32sB")
+
+
+class _Cursor:
+    """Strict reader over one wire record (general path: events, non-ASCII readings)."""
+
+    __slots__ = ("b", "p")
+
+    def __init__(self, b: bytes, p: int) -> None:
+        self.b, self.p = b, p
+
+    def take(self, n: int) -> bytes:
+        if self.p + n > len(self.b):
+            raise EncodingError("record truncated")
+        out = self.b[self.p:self.p + n]
+        self.p += n
+        return out
+
+    def str(self) -> str:
+        return self.take(int.from_bytes(self.take(2), "big")).decode("utf-8")
+
+    def int(self, n: int, signed: bool) -> int:
+        return int.from_bytes(self.take(n), "big", signed=signed)
+
+
+def decode_wire(b: bytes, instants: dict | None = None) -> tuple[ChainRecord, bytes]:
+    """One wire record -> (record, its hash); EncodingError (naming the seq when known) if not well-formed.
+
+    Strict: canonical_bytes(decoded) == b for readings and events, so the hash is SHA-256 of `b`.
+    `instants` caches taken_at_ms -> datetime across a batch (a poll shares one instant).
+    """
+    seq = None
+    try:
+        st = None
+        if b[:4] == RECORD_MAGIC and len(b) > 47 and b[44] == KIND_READING:
+            try:
+                ml = (b[45] << 8) | b[46]
+                ol = (b[47 + ml] << 8) | b[48 + ml]
+                p = 65 + ml + ol
+                st = _reading_struct((ml, ol, (b[p] << 8) | b[p + 1]))
+            except IndexError:
+                st = None       # truncated: the general path says where
+            if st is not None and len(b) == st.size:     # else the general path says what is wrong
+                _, seq, prev, _, _, m, _, o, ms, value, _, u, quality = st.unpack(b)
+                at = instants.get(ms) if instants is not None else None
+                if at is None:
+                    at = _EPOCH + ms * _MS
+                    if instants is not None:
+                        instants[ms] = at
+                if seq < 1:
+                    raise EncodingError("seq 0")
+                return (ChainRecord(seq, prev, Reading(m.decode("utf-8"), o.decode("utf-8"), at, value,
+                                                       u.decode("utf-8"), quality)),
+                        hashlib.sha256(b).digest())
+        if b[:4] == TOMBSTONE_MAGIC:
+            if len(b) != _TOMBSTONE.size:
+                raise EncodingError(f"tombstone is {len(b)} bytes, not {_TOMBSTONE.size}")
+            _, seq, prev, first, h = _TOMBSTONE.unpack(b)
+            if not 1 <= first <= seq:
+                raise EncodingError(f"tombstone first_seq {first} outside 1..{seq}")
+            return ChainRecord(seq, prev, Tombstone(first, h)), h
+        if b[:4] != RECORD_MAGIC or len(b) < _EVENT_HEAD.size:
+            raise EncodingError("not a record (magic MLR1 or MLT1)")
+        _, seq, prev, kind = _EVENT_HEAD.unpack_from(b)
+        if seq < 1:
+            raise EncodingError("seq 0")
+        c = _Cursor(b, _EVENT_HEAD.size)
+        if kind == KIND_READING:
+            meter, obis = c.str(), c.str()
+            ms, value = c.int(8, True), c.int(8, True)
+            body: Reading | Event = Reading(meter, obis, _EPOCH + ms * _MS, value, c.str(), c.int(4, False))
+        elif kind == KIND_EVENT:
+            ekind, meter = c.str(), c.str()
+            ms = c.int(8, True)
+            body = Event(ekind, meter, _EPOCH + ms * _MS, c.take(c.int(4, False)))
+        else:
+            raise EncodingError(f"unknown record kind {kind}")
+        if c.p != len(b):
+            raise EncodingError(f"{len(b) - c.p} bytes after the record")
+        return ChainRecord(seq, prev, body), hashlib.sha256(b).digest()
+    except EncodingError as exc:
+        raise EncodingError(f"record {'seq ' + str(seq) if seq else 'on the wire'}: {exc}") from None
+    except (IndexError, ValueError, TypeError, OverflowError, struct.error) as exc:
+        # bytes that end early, invalid UTF-8, an instant outside the calendar, a unit Reading refuses
+        raise EncodingError(f"record {'seq ' + str(seq) if seq else 'on the wire'}: {exc}") from None
+
+
+def wire_meter_id(b: bytes) -> str | None:
+    """The meter id a wire record speaks for, read without decoding the rest (access checks); None for a
+    tombstone or bytes that are not a record (which `decode_wire` then refuses)."""
+    try:
+        if b[:4] != RECORD_MAGIC:
+            return None
+        p = 47
+        if b[44] == KIND_EVENT:        # the event's kind comes before its meter id
+            p += (b[45] << 8) | b[46]
+            p += 2
+        elif b[44] != KIND_READING:
+            return None
+        n = (b[p - 2] << 8) | b[p - 1]
+        if p + n > len(b):
+            return None
+        return b[p:p + n].decode("utf-8")
+    except (IndexError, UnicodeDecodeError):
+        return None
 
 
 def hash_of(rec: ChainRecord) -> bytes:

@@ -17,7 +17,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from meterlink.chain import GENESIS, ChainRecord, Event, Tombstone, hash_of, is_prunable, prune_run
+from meterlink.chain import (GENESIS, ChainRecord, Event, Tombstone, hash_of, is_prunable, prune_run,
+                             reading_record_bytes, wire_bytes)
 from meterlink.clock import from_ms, to_ms
 from meterlink.errors import ConfigError
 from meterlink.readings import BILLING_OBIS, Reading
@@ -99,6 +100,16 @@ def _record(row, instants: dict | None = None) -> JournalRecord:
 
 
 COLUMNS = "seq, prev_hash, hash, kind, meter_id, obis, taken_at_ms, value, unit, quality, payload"
+
+
+@dataclass(frozen=True)
+class WireBatch:
+    """Consecutive journal records ready to send: each as its wire bytes (meterlink.chain.wire_bytes)."""
+
+    records: list[bytes]
+    first_seq: int
+    last_seq: int
+    last_hash: bytes        # the journal's stored hash of the last record (the chain head to sign)
 
 
 @dataclass(frozen=True)
@@ -205,6 +216,29 @@ class Journal:
             cur = self._conn.execute(f"SELECT {COLUMNS} FROM journal WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit))
             instants: dict = {}
             return [_record(row, instants) for row in cur]
+
+    def wire_batch(self, after_seq: int, limit: int) -> WireBatch | None:
+        """Up to `limit` records with seq > `after_seq` as wire bytes, in order (one query); None when there are none.
+
+        Reading rows are encoded straight from their columns (no Reading objects); events and tombstones
+        go through `JournalRecord` -> `wire_bytes`. The bytes carry the journal's stored prev_hash, so a
+        record altered in the database still arrives as it is stored and the head-end refuses it.
+        """
+        with self._lock:
+            rows = self._conn.execute(f"SELECT {COLUMNS} FROM journal WHERE seq > ? ORDER BY seq LIMIT ?",
+                                      (after_seq, limit)).fetchall()
+        if not rows:
+            return None
+        out = []
+        append = out.append
+        for row in rows:
+            b = (reading_record_bytes(row[0], row[1], row[4], row[5], row[6], row[7], row[8], row[9])
+                 if row[3] == KIND_READING else None)
+            if b is None:
+                b = wire_bytes(_record(row).chain_record())
+            append(b)
+        last = rows[-1]
+        return WireBatch(out, rows[0][0], last[0], bytes(last[2]))
 
     def records(self, first: int = 1, last: int | None = None) -> list[JournalRecord]:
         """Every record still held with first <= seq <= last, in order."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import random
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,12 +19,12 @@ import grpc
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from meterlink.chain import Event, Tombstone, public_bytes, sign_head
+from meterlink.chain import Event, Tombstone, public_bytes, sign_head, wire_bytes
 from meterlink.clock import to_ms
 from meterlink.errors import ConfigError, DeviceError, MeterlinkError
 from meterlink.v1 import sync_pb2, sync_pb2_grpc
 
-from .journal import Journal, JournalRecord
+from .journal import Journal, JournalRecord, WireBatch
 
 log = logging.getLogger("meterlink.gateway.sync")
 
@@ -83,15 +85,32 @@ def record_to_proto(r: JournalRecord, ms: dict | None = None) -> sync_pb2.Record
         meter_id=b.meter_id, obis=b.obis, taken_at_ms=at, value=b.value, unit=b.unit, quality=b.quality))
 
 
-def to_proto(gateway_id: str, records: list[JournalRecord], key: Ed25519PrivateKey | None = None
-             ) -> sync_pb2.PushRequest:
-    """A push request; with `key`, signed over the stored hash of the last record (the chain head)."""
-    ms: dict = {}
-    req = sync_pb2.PushRequest(gateway_id=gateway_id, records=[record_to_proto(r, ms) for r in records])
+def to_proto(gateway_id: str, records: list[JournalRecord], key: Ed25519PrivateKey | None = None,
+             per_record: bool = False) -> sync_pb2.PushRequest:
+    """A push request; with `key`, signed over the stored hash of the last record (the chain head).
+
+    Records travel as their canonical bytes (`chain_records`), or with `per_record` as one Record
+    message each (the older form the head-end still accepts).
+    """
+    if per_record:
+        ms: dict = {}
+        req = sync_pb2.PushRequest(gateway_id=gateway_id, records=[record_to_proto(r, ms) for r in records])
+    else:
+        req = sync_pb2.PushRequest(gateway_id=gateway_id, chain_records=[wire_bytes(r.chain_record())
+                                                                          for r in records])
     if key is not None and records:
         last = records[-1]
         req.head_hash = last.hash
         req.head_signature = sign_head(key, gateway_id, last.seq, last.hash)
+    return req
+
+
+def batch_request(gateway_id: str, batch: WireBatch, key: Ed25519PrivateKey | None) -> sync_pb2.PushRequest:
+    """A push request for a batch read with `Journal.wire_batch`, signed like `to_proto`."""
+    req = sync_pb2.PushRequest(gateway_id=gateway_id, chain_records=batch.records)
+    if key is not None:
+        req.head_hash = batch.last_hash
+        req.head_signature = sign_head(key, gateway_id, batch.last_seq, batch.last_hash)
     return req
 
 
@@ -131,9 +150,11 @@ class Pusher:
     def __init__(self, gateway_id: str, address: str, journal: Journal, batch: int = 5000,
                  timeout_s: float = 10.0, key: Ed25519PrivateKey | None = None,
                  credentials: grpc.ChannelCredentials | None = None, metrics=None,
-                 server_name: str | None = None) -> None:
+                 server_name: str | None = None, window: int = 4) -> None:
         self.gateway_id, self.address, self.journal = gateway_id, address, journal
         self.batch, self.timeout_s = batch, timeout_s
+        self.window = max(1, window)      # batches in flight during a drain (sent, not yet acked)
+        self._streaming = True            # False once the head-end answered PushStream with UNIMPLEMENTED
         self.key = key
         self.metrics = metrics            # meterlink.metrics.GatewayMetrics or None
         self.last_refusal: Refused | None = None
@@ -197,9 +218,94 @@ class Pusher:
     def drain(self) -> int:
         """Push batches until nothing is unacked or the head-end stops advancing; returns records sent.
 
-        The first batch goes through `push_once`; after that the next batch is read and signed while
-        the head-end verifies and commits the one in flight (batches stay strictly one after another).
+        One PushStream call: a reader thread sends batch after batch (read from the journal and signed)
+        while up to `window` batches wait for their acks; each ack is applied (`mark_acked`, the highest
+        committed seq) as it arrives, in order. A refusal ends the drain with `Refused`. Memory stays
+        bounded by `window` batches. A head-end without PushStream is drained batch by batch with Push.
         """
+        if not self._streaming:
+            return self._drain_unary()
+        start = self.journal.acked_seq()
+        slots = threading.Semaphore(self.window)
+        stop = threading.Event()
+        in_flight: list[WireBatch] = []          # sent, not yet acked, in order (appended by the sender)
+        errors: list[BaseException] = []
+
+        def batches():
+            after = start
+            try:
+                while not stop.is_set():
+                    while not slots.acquire(timeout=0.2):
+                        if stop.is_set():
+                            return
+                    if stop.is_set():
+                        return
+                    batch = self.journal.wire_batch(after, self.batch)
+                    if batch is None:
+                        return
+                    request = batch_request(self.gateway_id, batch, self.key)
+                    in_flight.append(batch)
+                    after = batch.last_seq
+                    yield request
+            except Exception as exc:             # journal or encoding error: end the stream, report it
+                errors.append(exc)
+
+        call = self._stub.PushStream(batches())
+        progress = [time.monotonic()]
+        timed_out = threading.Event()
+
+        def watchdog() -> None:
+            # the stream has no overall deadline (a catch-up takes as long as it takes); instead each
+            # ack must come within timeout_s of the previous one while batches are in flight
+            while not stop.wait(0.2):
+                if in_flight and time.monotonic() - progress[0] > self.timeout_s:
+                    timed_out.set()
+                    call.cancel()
+                    return
+
+        threading.Thread(target=watchdog, name="push-watchdog", daemon=True).start()
+        total = 0
+        try:
+            for ack in call:
+                progress[0] = time.monotonic()
+                batch = in_flight.pop(0)
+                newly = self.journal.mark_acked(ack.acked_seq)
+                if self.metrics is not None and newly:
+                    self.metrics.pushed.inc(newly)
+                if ack.refused:
+                    stop.set()
+                    call.cancel()
+                    self._refused(ack)
+                total += len(batch.records)
+                if ack.acked_seq < batch.last_seq:
+                    stop.set()
+                    call.cancel()
+                    return total
+                slots.release()
+        except grpc.RpcError as exc:
+            stop.set()
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED and total == 0:
+                self._streaming = False          # an older head-end: Push batch by batch
+                return self._drain_unary()
+            if exc.code() == grpc.StatusCode.CANCELLED and errors:
+                raise errors[0]
+            if exc.code() == grpc.StatusCode.CANCELLED and timed_out.is_set():
+                raise DeviceError(f"push to head-end {self.address} failed: no ack within {self.timeout_s} s"
+                                  ) from None
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                self._channel.close()
+                self._connect()
+            raise DeviceError(f"push to head-end {self.address} failed: {exc.code().name}: "
+                              f"{exc.details()}") from None
+        finally:
+            stop.set()
+        if errors:
+            raise errors[0]
+        self.last_refusal = None
+        return total
+
+    def _drain_unary(self) -> int:
+        """`drain` over unary Push: the next batch is read and signed while the one in flight commits."""
         sent, complete = self.push_once()
         total = sent
         if sent == 0 or not complete:

@@ -15,6 +15,7 @@ from typing import Callable, Iterable
 import grpc
 
 from meterlink import pki
+from meterlink.chain import wire_meter_id
 from meterlink.v1 import enrol_pb2
 
 from .registry import GatewayRecord, GatewayRegistry
@@ -82,12 +83,17 @@ def peer_of(context: grpc.ServicerContext) -> Peer | None:
 
 
 def request_meters(request) -> list[str]:
-    """Meter ids a request carries records for (any `records[*].<body>.meter_id`), in first-seen order."""
+    """Meter ids a request carries records for (any `records[*].<body>.meter_id`, and the meter of each
+    canonical-bytes record in `chain_records`), in first-seen order."""
     seen: dict[str, None] = {}
     for rec in getattr(request, "records", ()):
         which = rec.WhichOneof("body") if hasattr(rec, "WhichOneof") else None
         body = getattr(rec, which) if which else None
         meter = getattr(body, "meter_id", None)
+        if meter:
+            seen.setdefault(meter, None)
+    for raw in getattr(request, "chain_records", ()):
+        meter = wire_meter_id(raw)
         if meter:
             seen.setdefault(meter, None)
     return list(seen)
@@ -114,6 +120,11 @@ class GatewayAuthInterceptor(grpc.ServerInterceptor):
         if refusal is not None:
             self._refuse(context, refusal)
         return peer
+
+    def _checked(self, requests, context):
+        for request in requests:
+            self.check(request, context)
+            yield request
 
     def _refuse(self, context, refusal: Refusal):
         self.refusals[refusal.reason] = self.refusals.get(refusal.reason, 0) + 1
@@ -143,20 +154,20 @@ class GatewayAuthInterceptor(grpc.ServerInterceptor):
                 self.check(request, context)
                 yield from inner_us(request, context)
             return grpc.unary_stream_rpc_method_handler(unary_stream, **kw)
-        # Client-streaming calls: the identity is checked before the first message is read;
-        # per-message meter checks are the servicer's business.
+        # Client-streaming calls: the identity is checked before the first message is read, and every
+        # message as it is read (its gateway_id and meters, like a unary request).
         if handler.stream_unary is not None:
             inner_su = handler.stream_unary
 
             def stream_unary(requests, context):
                 self.check(None, context)
-                return inner_su(requests, context)
+                return inner_su(self._checked(requests, context), context)
             return grpc.stream_unary_rpc_method_handler(stream_unary, **kw)
         inner_ss = handler.stream_stream
 
         def stream_stream(requests, context):
             self.check(None, context)
-            yield from inner_ss(requests, context)
+            yield from inner_ss(self._checked(requests, context), context)
         return grpc.stream_stream_rpc_method_handler(stream_stream, **kw)
 
 

@@ -2,22 +2,27 @@
 
 Push: decode -> verify against the gateway's stored chain head and registered key -> readings and
 hashes/events/head stored by `chain.commit_with_readings` (one transaction when both share a SQLite
-file, else the repository's idempotent `ingest` then the chain store's commit) -> ack the new head seq. A refused batch stores nothing; the ack then carries the reason
-code and the unchanged head, and the refusal is logged and counted by reason.
+file, else the repository's idempotent `ingest` then the chain store's commit) -> ack the new head seq.
+A refused batch stores nothing; the ack then carries the reason code and the unchanged head, and the
+refusal is logged and counted by reason.
+
+PushStream: the same for each batch of a stream, in the order sent, one ack each; the next batch is
+decoded (and its records hashed) on a second thread while the current one is verified and committed.
+The stream ends after a refused batch.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
+import time
 from concurrent import futures
 from typing import Callable
 
-import threading
-import time
-
 import grpc
 
-from meterlink.chain import ChainRecord, EncodingError, Event, Tombstone
+from meterlink.chain import ChainRecord, EncodingError, Event, Tombstone, decode_wire
 from meterlink.clock import Clock, from_ms, to_ms
 from meterlink.errors import MeterlinkError
 from meterlink.readings import Reading
@@ -61,10 +66,29 @@ def chain_records_from_proto(request: sync_pb2.PushRequest) -> list[ChainRecord]
     return out
 
 
+def decode_push(request: sync_pb2.PushRequest) -> tuple[list[ChainRecord], list[bytes] | None]:
+    """The records of a request and, for the canonical-bytes form, their hashes (SHA-256 of the bytes received).
+
+    EncodingError/ValueError name the record that cannot be decoded (the batch is then malformed).
+    """
+    wire = request.chain_records
+    if not wire:
+        return chain_records_from_proto(request), None
+    if len(request.records):
+        raise ValueError("the batch carries records in both forms (records and chain_records)")
+    records, hashes, instants = [], [], {}
+    append, append_hash = records.append, hashes.append
+    for b in wire:
+        rec, h = decode_wire(b, instants)
+        append(rec)
+        append_hash(h)
+    return records, hashes
+
+
 def records_from_proto(request: sync_pb2.PushRequest) -> list[StoredRecord]:
     """The readings of a request as repository records (events and tombstones are the chain store's)."""
     return [StoredRecord(request.gateway_id, r.seq, r.prev_hash, r.body)
-            for r in chain_records_from_proto(request) if isinstance(r.body, Reading)]
+            for r in decode_push(request)[0] if isinstance(r.body, Reading)]
 
 
 def chain_store_for(repo: ReadingRepository) -> SqliteChainStore:
@@ -99,15 +123,69 @@ class GatewaySyncService(sync_pb2_grpc.GatewaySyncServicer):
             return self._locks.setdefault(gateway_id, threading.Lock())
 
     def Push(self, request, context):
+        return self._push(request, context, self._decode(request))
+
+    def PushStream(self, requests, context):
+        """Each batch of the stream as `Push`, in order; the next one is decoded while this one commits."""
+        ahead: queue.Queue = queue.Queue(maxsize=2)
+        done = threading.Event()
+
+        def decode_ahead() -> None:
+            item = None
+            try:
+                for request in requests:
+                    item = (request, self._decode(request))
+                    while not done.is_set():
+                        try:
+                            ahead.put(item, timeout=0.2)
+                            break
+                        except queue.Full:
+                            continue
+                    if done.is_set():
+                        return
+                item = None
+            except BaseException as exc:     # the call was cancelled or the client went away
+                item = exc
+            while not done.is_set():
+                try:
+                    ahead.put(item, timeout=0.2)
+                    return
+                except queue.Full:
+                    continue
+
+        threading.Thread(target=decode_ahead, name="push-stream-decode", daemon=True).start()
+        try:
+            while True:
+                item = ahead.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    if isinstance(item, grpc.RpcError) or not context.is_active():
+                        return    # the gateway cancelled the call or went away
+                    raise item    # e.g. an access check that aborted the call: its status code stands
+                ack = self._push(item[0], context, item[1])
+                yield ack
+                if ack.refused:
+                    return        # later batches would only repeat the refusal (as a gap)
+        finally:
+            done.set()
+
+    def _decode(self, request):
+        """(records, hashes) of a request, or the Verdict refusing it as malformed."""
+        try:
+            return decode_push(request)
+        except (ValueError, TypeError, EncodingError) as exc:
+            return Verdict(Refusal.MALFORMED, f"gateway {request.gateway_id}: {exc}")
+
+    def _push(self, request, context, decoded):
         gw = request.gateway_id
         if not gw:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "gateway_id is empty")
         if self.metrics:
             self.metrics.batches.inc()
-        try:
-            records = chain_records_from_proto(request)
-        except (ValueError, TypeError, EncodingError) as exc:
-            return self._refused(gw, Verdict(Refusal.MALFORMED, f"gateway {gw}: {exc}"))
+        if isinstance(decoded, Verdict):
+            return self._refused(gw, decoded)
+        records, hashes = decoded
         t0 = time.monotonic()   # real elapsed time for the latency histogram (the clock may be simulated)
         with self._lock(gw):
             for _attempt in range(3):
@@ -115,7 +193,7 @@ class GatewaySyncService(sync_pb2_grpc.GatewaySyncServicer):
                 try:
                     verdict = verify_batch(gw, records, bytes(request.head_hash), bytes(request.head_signature),
                                            self.public_key(gw), head_seq, head_hash,
-                                           lambda seq: self.chain.record_hash(gw, seq))
+                                           lambda seq: self.chain.record_hash(gw, seq), hashes)
                 except EncodingError as exc:
                     verdict = Verdict(Refusal.MALFORMED, f"gateway {gw}: {exc}")
                 if not verdict.accepted:

@@ -47,7 +47,7 @@ def _refuse(reason: Refusal, gateway_id: str, detail: str) -> Verdict:
 
 def verify_batch(gateway_id: str, records: list[ChainRecord], head_hash: bytes, signature: bytes,
                  public_key: bytes | None, stored_seq: int, stored_hash: bytes,
-                 held_hash: Callable[[int], bytes | None]) -> Verdict:
+                 held_hash: Callable[[int], bytes | None], hashes: list[bytes] | None = None) -> Verdict:
     """Decide on one batch.
 
     `stored_seq`/`stored_hash` is the head-end's chain head for the gateway (0/GENESIS when none);
@@ -56,13 +56,16 @@ def verify_batch(gateway_id: str, records: list[ChainRecord], head_hash: bytes, 
     then continuity with what is held (gap, identical re-send, replay, altered link). A tombstone run
     that starts inside what is held (pruned after part of it was delivered) is trimmed to the part
     the head-end lacks.
+
+    `hashes`: each record's hash when the caller already has them (SHA-256 of the canonical bytes that
+    arrived on the wire, `meterlink.chain.decode_wire`); computed from the records otherwise.
     """
     if public_key is None:
         return _refuse(Refusal.UNKNOWN_GATEWAY, gateway_id, "no public key registered for this gateway")
     if not records:
         return Verdict(Refusal.NONE)
     seqs = [r.seq for r in records]
-    starts = [first_seq(r) for r in records]
+    starts = [r.body.first_seq if type(r.body) is Tombstone else r.seq for r in records]   # first_seq(r), inlined
     for i, r in enumerate(records):
         if starts[i] > seqs[i] or starts[i] < 1:
             return _refuse(Refusal.MALFORMED, gateway_id, f"seq {seqs[i]}: tombstone run starts at {starts[i]}")
@@ -71,7 +74,8 @@ def verify_batch(gateway_id: str, records: list[ChainRecord], head_hash: bytes, 
                 return _refuse(Refusal.REORDERED, gateway_id,
                                f"seq {seqs[i]} follows seq {seqs[i - 1]} in the batch")
             return _refuse(Refusal.GAP, gateway_id, f"seq {seqs[i - 1] + 1} missing before seq {starts[i]}")
-    hashes = [hash_of(r) for r in records]
+    if hashes is None or len(hashes) != len(records):
+        hashes = [hash_of(r) for r in records]
     for i in range(1, len(records)):
         if records[i].prev_hash != hashes[i - 1]:
             linked_elsewhere = any(r.prev_hash == hashes[i - 1] for r in records) or \

@@ -97,13 +97,15 @@ def test_two_records_swapped_in_the_gateway_database_are_refused_as_reordered(jo
     assert headend.refusals("REORDERED") == 1
 
 
-def test_records_reordered_on_the_wire_are_refused_as_reordered(journal, headend, stub, key):
+@pytest.mark.parametrize("form", ["chain_records", "records"])
+def test_records_reordered_on_the_wire_are_refused_as_reordered(journal, headend, stub, key, form):
     records = journal.append(readings(8))
-    req = to_proto(GW, records, key)
-    wire = list(req.records)
+    req = to_proto(GW, records, key, per_record=form == "records")
+    field = getattr(req, form)
+    wire = list(field)
     wire[2], wire[3] = wire[3], wire[2]
-    del req.records[:]
-    req.records.extend(wire)
+    del field[:]
+    field.extend(wire)
     ack = stub.Push(req, timeout=5)
     assert reason(ack) == "REFUSAL_REORDERED" and ack.acked_seq == 0
 

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17meterlink/v1/sync.proto\x12\x0cmeterlink.v1\"l\n\x07Reading\x12\x10\n\x08meter_id\x18\x01 \x01(\t\x12\x0c\n\x04obis\x18\x02 \x01(\t\x12\x13\n\x0btaken_at_ms\x18\x03 \x01(\x03\x12\r\n\x05value\x18\x04 \x01(\x03\x12\x0c\n\x04unit\x18\x05 \x01(\t\x12\x0f\n\x07quality\x18\x06 \x01(\r\"G\n\x05\x45vent\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x10\n\x08meter_id\x18\x02 \x01(\t\x12\r\n\x05\x61t_ms\x18\x03 \x01(\x03\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\"3\n\tTombstone\x12\x11\n\tfirst_seq\x18\x01 \x01(\x04\x12\x13\n\x0brecord_hash\x18\x02 \x01(\x0c\"\xae\x01\n\x06Record\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x11\n\tprev_hash\x18\x02 \x01(\x0c\x12(\n\x07reading\x18\n \x01(\x0b\x32\x15.meterlink.v1.ReadingH\x00\x12$\n\x05\x65vent\x18\x0b \x01(\x0b\x32\x13.meterlink.v1.EventH\x00\x12,\n\ttombstone\x18\x0c \x01(\x0b\x32\x17.meterlink.v1.TombstoneH\x00\x42\x06\n\x04\x62ody\"s\n\x0bPushRequest\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12%\n\x07records\x18\x02 \x03(\x0b\x32\x14.meterlink.v1.Record\x12\x16\n\x0ehead_signature\x18\x03 \x01(\x0c\x12\x11\n\thead_hash\x18\x04 \x01(\x0c\"z\n\x07PushAck\x12\x11\n\tacked_seq\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\x12\n\nduplicates\x18\x03 \x01(\r\x12&\n\x07refused\x18\x04 \x01(\x0e\x32\x15.meterlink.v1.Refusal\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t*\xbb\x01\n\x07Refusal\x12\x10\n\x0cREFUSAL_NONE\x10\x00\x12\x13\n\x0fREFUSAL_ALTERED\x10\x01\x12\x15\n\x11REFUSAL_REORDERED\x10\x02\x12\x0f\n\x0bREFUSAL_GAP\x10\x03\x12\x12\n\x0eREFUSAL_REPLAY\x10\x04\x12\x19\n\x15REFUSAL_BAD_SIGNATURE\x10\x05\x12\x1b\n\x17REFUSAL_UNKNOWN_GATEWAY\x10\x06\x12\x15\n\x11REFUSAL_MALFORMED\x10\x07\x32G\n\x0bGatewaySync\x12\x38\n\x04Push\x12\x19.meterlink.v1.PushRequest\x1a\x15.meterlink.v1.PushAckb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17meterlink/v1/sync.proto\x12\x0cmeterlink.v1\"l\n\x07Reading\x12\x10\n\x08meter_id\x18\x01 \x01(\t\x12\x0c\n\x04obis\x18\x02 \x01(\t\x12\x13\n\x0btaken_at_ms\x18\x03 \x01(\x03\x12\r\n\x05value\x18\x04 \x01(\x03\x12\x0c\n\x04unit\x18\x05 \x01(\t\x12\x0f\n\x07quality\x18\x06 \x01(\r\"G\n\x05\x45vent\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x10\n\x08meter_id\x18\x02 \x01(\t\x12\r\n\x05\x61t_ms\x18\x03 \x01(\x03\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\"3\n\tTombstone\x12\x11\n\tfirst_seq\x18\x01 \x01(\x04\x12\x13\n\x0brecord_hash\x18\x02 \x01(\x0c\"\xae\x01\n\x06Record\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x11\n\tprev_hash\x18\x02 \x01(\x0c\x12(\n\x07reading\x18\n \x01(\x0b\x32\x15.meterlink.v1.ReadingH\x00\x12$\n\x05\x65vent\x18\x0b \x01(\x0b\x32\x13.meterlink.v1.EventH\x00\x12,\n\ttombstone\x18\x0c \x01(\x0b\x32\x17.meterlink.v1.TombstoneH\x00\x42\x06\n\x04\x62ody\"\x8a\x01\n\x0bPushRequest\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12%\n\x07records\x18\x02 \x03(\x0b\x32\x14.meterlink.v1.Record\x12\x15\n\rchain_records\x18\x05 \x03(\x0c\x12\x16\n\x0ehead_signature\x18\x03 \x01(\x0c\x12\x11\n\thead_hash\x18\x04 \x01(\x0c\"z\n\x07PushAck\x12\x11\n\tacked_seq\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\x12\n\nduplicates\x18\x03 \x01(\r\x12&\n\x07refused\x18\x04 \x01(\x0e\x32\x15.meterlink.v1.Refusal\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t*\xbb\x01\n\x07Refusal\x12\x10\n\x0cREFUSAL_NONE\x10\x00\x12\x13\n\x0fREFUSAL_ALTERED\x10\x01\x12\x15\n\x11REFUSAL_REORDERED\x10\x02\x12\x0f\n\x0bREFUSAL_GAP\x10\x03\x12\x12\n\x0eREFUSAL_REPLAY\x10\x04\x12\x19\n\x15REFUSAL_BAD_SIGNATURE\x10\x05\x12\x1b\n\x17REFUSAL_UNKNOWN_GATEWAY\x10\x06\x12\x15\n\x11REFUSAL_MALFORMED\x10\x07\x32\x8b\x01\n\x0bGatewaySync\x12\x38\n\x04Push\x12\x19.meterlink.v1.PushRequest\x1a\x15.meterlink.v1.PushAck\x12\x42\n\nPushStream\x12\x19.meterlink.v1.PushRequest\x1a\x15.meterlink.v1.PushAck(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meterlink.v1.sync_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REFUSAL']._serialized_start=696
-  _globals['_REFUSAL']._serialized_end=883
+  _globals['_REFUSAL']._serialized_start=720
+  _globals['_REFUSAL']._serialized_end=907
   _globals['_READING']._serialized_start=41
   _globals['_READING']._serialized_end=149
   _globals['_EVENT']._serialized_start=151
@@ -41,10 +41,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOMBSTONE']._serialized_end=275
   _globals['_RECORD']._serialized_start=278
   _globals['_RECORD']._serialized_end=452
-  _globals['_PUSHREQUEST']._serialized_start=454
-  _globals['_PUSHREQUEST']._serialized_end=569
-  _globals['_PUSHACK']._serialized_start=571
-  _globals['_PUSHACK']._serialized_end=693
-  _globals['_GATEWAYSYNC']._serialized_start=885
-  _globals['_GATEWAYSYNC']._serialized_end=956
+  _globals['_PUSHREQUEST']._serialized_start=455
+  _globals['_PUSHREQUEST']._serialized_end=593
+  _globals['_PUSHACK']._serialized_start=595
+  _globals['_PUSHACK']._serialized_end=717
+  _globals['_GATEWAYSYNC']._serialized_start=910
+  _globals['_GATEWAYSYNC']._serialized_end=1049
 # @@protoc_insertion_point(module_scope)

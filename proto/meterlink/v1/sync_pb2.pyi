@@ -77,16 +77,18 @@ class Record(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., prev_hash: _Optional[bytes] = ..., reading: _Optional[_Union[Reading, _Mapping]] = ..., event: _Optional[_Union[Event, _Mapping]] = ..., tombstone: _Optional[_Union[Tombstone, _Mapping]] = ...) -> None: ...
 
 class PushRequest(_message.Message):
-    __slots__ = ("gateway_id", "records", "head_signature", "head_hash")
+    __slots__ = ("gateway_id", "records", "chain_records", "head_signature", "head_hash")
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
     RECORDS_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_RECORDS_FIELD_NUMBER: _ClassVar[int]
     HEAD_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     HEAD_HASH_FIELD_NUMBER: _ClassVar[int]
     gateway_id: str
     records: _containers.RepeatedCompositeFieldContainer[Record]
+    chain_records: _containers.RepeatedScalarFieldContainer[bytes]
     head_signature: bytes
     head_hash: bytes
-    def __init__(self, gateway_id: _Optional[str] = ..., records: _Optional[_Iterable[_Union[Record, _Mapping]]] = ..., head_signature: _Optional[bytes] = ..., head_hash: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, gateway_id: _Optional[str] = ..., records: _Optional[_Iterable[_Union[Record, _Mapping]]] = ..., chain_records: _Optional[_Iterable[bytes]] = ..., head_signature: _Optional[bytes] = ..., head_hash: _Optional[bytes] = ...) -> None: ...
 
 class PushAck(_message.Message):
     __slots__ = ("acked_seq", "accepted", "duplicates", "refused", "detail")

@@ -39,6 +39,11 @@ class GatewaySyncStub:
                 request_serializer=meterlink_dot_v1_dot_sync__pb2.PushRequest.SerializeToString,
                 response_deserializer=meterlink_dot_v1_dot_sync__pb2.PushAck.FromString,
                 _registered_method=True)
+        self.PushStream = channel.stream_stream(
+                '/meterlink.v1.GatewaySync/PushStream',
+                request_serializer=meterlink_dot_v1_dot_sync__pb2.PushRequest.SerializeToString,
+                response_deserializer=meterlink_dot_v1_dot_sync__pb2.PushAck.FromString,
+                _registered_method=True)
 
 
 class GatewaySyncServicer:
@@ -51,11 +56,25 @@ class GatewaySyncServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushStream(self, request_iterator, context):
+        """The same for a stream of batches (a catch-up): batches are verified and committed in the order sent,
+        one PushAck per batch, in order, so the gateway keeps several batches in flight. After a refused
+        batch the head-end answers its ack (with the reason) and ends the stream; later batches are not read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewaySyncServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Push': grpc.unary_unary_rpc_method_handler(
                     servicer.Push,
+                    request_deserializer=meterlink_dot_v1_dot_sync__pb2.PushRequest.FromString,
+                    response_serializer=meterlink_dot_v1_dot_sync__pb2.PushAck.SerializeToString,
+            ),
+            'PushStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.PushStream,
                     request_deserializer=meterlink_dot_v1_dot_sync__pb2.PushRequest.FromString,
                     response_serializer=meterlink_dot_v1_dot_sync__pb2.PushAck.SerializeToString,
             ),
@@ -85,6 +104,33 @@ class GatewaySync:
             request,
             target,
             '/meterlink.v1.GatewaySync/Push',
+            meterlink_dot_v1_dot_sync__pb2.PushRequest.SerializeToString,
+            meterlink_dot_v1_dot_sync__pb2.PushAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/meterlink.v1.GatewaySync/PushStream',
             meterlink_dot_v1_dot_sync__pb2.PushRequest.SerializeToString,
             meterlink_dot_v1_dot_sync__pb2.PushAck.FromString,
             options,
