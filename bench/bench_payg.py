@@ -1,18 +1,23 @@
 """PAYG latency: credit control (RFC 4006 update) and vendor top-up authorisation, in-process on the SQLite store and over loopback gRPC with TLS from a separate process.
 
 Usage:
-  .venv/bin/python bench/bench_payg.py                 # core + gRPC/TLS, ~20 s
+  .venv/bin/python bench/bench_payg.py                 # core + gRPC/TLS, ~45 s
   .venv/bin/python bench/bench_payg.py --core-only
   .venv/bin/python bench/bench_payg.py --rate 1000 --seconds 5
 
-Core: every call goes through the real shell path (PaygStore on a SQLite file in WAL mode, one
-BEGIN IMMEDIATE transaction per request, Ed25519 card verification for sales).
+Core: every call goes through the real shell path (PaygStore on a SQLite file in WAL mode with
+synchronous=FULL, group commit, Ed25519 card verification for sales); "servicer" is the gRPC
+servicer's own method called in-process (SQL sessions, token key, card lists), without gRPC.
 gRPC: a server process (this file with --serve) runs the real head-end mutual-TLS server (gateway
-interceptor + registry) with the product's PAYG services (proto/meterlink/v1/payg.proto,
-headend/payg_service.py); the client process enrols as a gateway (one gateway, 200 provisioned
-meters bound to 200 accounts), sends CreditControl Reserve/Update and Vending Authorise at a fixed
-open-loop rate (default 1000/s) and reports p50/p99 and the result codes, then runs closed-loop
-with several threads to find the maximum sustained rate.
+interceptor + registry) with the product's PAYG services as `serve --payg --payg-token-key` builds
+them (proto/meterlink/v1/payg.proto, headend/payg_service.py), plus a trivial `bench.Ping/Ping`
+method (the gRPC + TLS floor: no interceptor, no servicer work). The client process enrols as a
+gateway (one gateway, 200 provisioned meters bound to 200 accounts), sends Ping, CreditControl
+Reserve/Update and Vending Authorise at a fixed open-loop rate (default 1000/s: futures, latency =
+answer - scheduled send, so a late client or server is counted) and reports p50/p99, the result
+codes, the CPU time per request of the server and client processes and the load average; then
+closed loop with several threads for the maximum sustained rate. The server reports how many
+durable commits carried how many PAYG transactions (group commit).
 """
 
 from __future__ import annotations
@@ -135,9 +140,17 @@ def bench_core(n: int) -> None:
 
 # --------------------------------------------------------------------------- gRPC over mutual TLS
 
+TOKEN_KEY_SEED = bytes(range(32, 64))         # the head-end's token/card-list signing key (server process)
+PING = "/bench.Ping/Ping"
+
+
 def serve(directory: str) -> int:
-    """Server process: the real head-end mutual-TLS server (sync + config + PAYG services, gateway
-    interceptor and registry), seeded like `Service`; one gateway provisioned with every meter."""
+    """Server process: the real head-end mutual-TLS server (sync + config + PAYG services with a token
+    key, gateway interceptor and registry), seeded like `Service`; one gateway provisioned with every
+    meter; plus the trivial `bench.Ping/Ping`. Each line on stdin asks for one JSON line of stats
+    (process CPU seconds, durable commits, PAYG transactions committed); EOF stops it."""
+    import grpc
+
     from meterlink import pki
     from meterlink.clock import SystemClock
     from meterlink.headend import payg_service
@@ -154,23 +167,50 @@ def serve(directory: str) -> int:
     repo, registry = open_repository(db), open_registry(db)
     keys = pki.ensure_headend_pki(d / "pki", ["localhost", "127.0.0.1"], now)
     servers = make_secure_servers(repo, clock, keys, registry, "127.0.0.1:0", "127.0.0.1:0")
+    servers.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "bench.Ping", {"Ping": grpc.unary_unary_rpc_method_handler(lambda request, context: request)}),))
+    servers.auth.exempt = frozenset(servers.auth.exempt) | {PING}
     payg_service.add_to_server(servers.server, svc.store, clock,
                                CC.GrantPolicy(max_grant_minor=500, min_grant_minor=50), registry=registry,
-                               auth=servers.auth)
+                               auth=servers.auth, token_key=Ed25519PrivateKey.from_private_bytes(TOKEN_KEY_SEED))
     servers.start()
     code = registry.add("gw-bench", now)
     registry.provision("gw-bench", [f"M-ACC{i:04d}" for i in range(ACCOUNTS)], [], now)
     print(json.dumps({"port": servers.port, "enrol_port": servers.enrol_port, "code": code,
                       "ca": keys.ca_fingerprint}), flush=True)
-    sys.stdin.read()               # runs until the client closes our stdin
+    for _ in sys.stdin:            # runs until the client closes our stdin
+        print(json.dumps({"cpu": time.process_time(), "commits": svc.store.commits,
+                          "transactions": svc.store.committed_transactions}), flush=True)
     servers.stop(0)
     return 0
+
+
+class Phase:
+    """CPU time per request of both processes, group commits and the load average over one measurement."""
+
+    def __init__(self, proc) -> None:
+        self.proc = proc
+        self.server0, self.client0 = self.server(), time.process_time()
+
+    def server(self) -> dict:
+        self.proc.stdin.write("stats\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def figures(self, n: int) -> str:
+        s1, c1 = self.server(), time.process_time()
+        commits = s1["commits"] - self.server0["commits"]
+        txns = s1["transactions"] - self.server0["transactions"]
+        group = f", {txns} PAYG txns in {commits} commits" if commits else ""
+        return (f"cpu/req server {1e3 * (s1['cpu'] - self.server0['cpu']) / n:.3f} ms client "
+                f"{1e3 * (c1 - self.client0) / n:.3f} ms{group}, load {os.getloadavg()[0]:.1f}")
 
 
 def bench_grpc(rate: int, seconds: float) -> None:
     import grpc
 
     from meterlink.gateway.enrol import enroll, secure_channel
+    from meterlink.gateway.payg import _blacklist_from_json, _card_list_from_json
     from meterlink.v1 import payg_pb2, payg_pb2_grpc
     with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.Popen([sys.executable, __file__, "--serve", tmp], stdin=subprocess.PIPE,
@@ -183,11 +223,16 @@ def bench_grpc(rate: int, seconds: float) -> None:
             grpc.channel_ready_future(channel).result(timeout=10)
             cc = payg_pb2_grpc.CreditControlStub(channel)
             vend = payg_pb2_grpc.VendingStub(channel)
+            ping = channel.unary_unary(PING)
             card = Ed25519PrivateKey.from_private_bytes(CARD_SEED)
             numbers: dict[str, int] = {}
             digests: dict[str, bytes] = {}
             nlock = threading.Lock()
-            codes: dict[int, int] = {}
+            codes: dict = {}
+
+            def count(key) -> None:
+                with nlock:
+                    codes[key] = codes.get(key, 0) + 1
 
             def cc_request(i: int):
                 acc = f"ACC{i % ACCOUNTS:04d}"
@@ -203,7 +248,6 @@ def bench_grpc(rate: int, seconds: float) -> None:
             def keep_lists(acc: str, answer) -> None:
                 """As a gateway does: remember the card lists delivered, so later answers omit them."""
                 if answer.card_list and answer.blacklist:
-                    from meterlink.gateway.payg import _blacklist_from_json, _card_list_from_json
                     digests[acc] = T.card_lists_digest(_card_list_from_json(json.loads(answer.card_list)),
                                                        _blacklist_from_json(json.loads(answer.blacklist)))
 
@@ -218,8 +262,11 @@ def bench_grpc(rate: int, seconds: float) -> None:
                 def future(self, i):
                     m, req = cc_request(i)
                     f = m.future(req, timeout=30)
-                    f.add_done_callback(lambda f: codes.__setitem__(f.result().result_code,
-                                                                     codes.get(f.result().result_code, 0) + 1))
+
+                    def done(f, acc=req.account_id):
+                        count(f.result().result_code)
+                        keep_lists(acc, f.result())
+                    f.add_done_callback(done)
                     return f
 
             class Auth_call:
@@ -228,10 +275,15 @@ def bench_grpc(rate: int, seconds: float) -> None:
 
                 def future(self, body):
                     f = vend.Authorise.future(body, timeout=30)
-                    f.add_done_callback(lambda f: codes.__setitem__(
-                        "authorised" if f.result().authorised else f.result().reason,
-                        codes.get("authorised" if f.result().authorised else f.result().reason, 0) + 1))
+                    f.add_done_callback(lambda f: count("authorised" if f.result().authorised else f.result().reason))
                     return f
+
+            class Ping_call:
+                def __call__(self, body):
+                    return ping(body, timeout=30)
+
+                def future(self, body):
+                    return ping.future(body, timeout=30)
 
             def sale_body(i: int, tag: str):
                 ch = vend.Challenge(payg_pb2.ChallengeRequest(vendor_id="SHOP1"), timeout=10).challenge
@@ -241,24 +293,33 @@ def bench_grpc(rate: int, seconds: float) -> None:
                                                  currency=r.currency, challenge=r.challenge,
                                                  card_signature=r.signature)
 
-            ccall, acall = CC_call(), Auth_call()
+            ccall, acall, pcall = CC_call(), Auth_call(), Ping_call()
             for i in range(2 * ACCOUNTS):                           # warm up: every session reserved
                 ccall(i)
             for r in (rate, rate // 4):                               # the goal rate, and a quarter of it
                 n = int(r * seconds)
+                phase = Phase(proc)
+                lat = open_loop(pcall, [b"ping"] * n, r)
+                report(f"gRPC/mTLS trivial Ping @ {r}/s open loop", lat[0],
+                       f"achieved {lat[1]:.0f}/s; {phase.figures(n)}")
                 codes.clear()
+                phase = Phase(proc)
                 lat = open_loop(ccall, list(range(n)), r)
                 report(f"gRPC/mTLS credit control @ {r}/s open loop", lat[0],
-                       f"achieved {lat[1]:.0f}/s results {dict(codes)}")
+                       f"achieved {lat[1]:.0f}/s results {dict(codes)}; {phase.figures(n)}")
                 bodies = [sale_body(i, f"o{r}-") for i in range(n)]     # challenges fetched beforehand
                 codes.clear()
+                phase = Phase(proc)
                 lat = open_loop(acall, bodies, r)
                 report(f"gRPC/mTLS top-up authorisation @ {r}/s open loop", lat[0],
-                       f"achieved {lat[1]:.0f}/s results {dict(codes)}")
-            for threads in (4, 16):
-                done = closed_loop(ccall, lambda i: i, threads, seconds)
-                print(f"gRPC/mTLS credit control closed loop {threads:2d} threads: {done:7.0f} req/s sustained",
-                      flush=True)
+                       f"achieved {lat[1]:.0f}/s results {dict(codes)}; {phase.figures(n)}")
+            for name, fn, body in (("trivial Ping", pcall, lambda i: b"ping"), ("credit control", ccall, lambda i: i),
+                                   ("sales (Challenge + Authorise)", acall, lambda i: sale_body(i, "c-"))):
+                for threads in (4, 16):
+                    phase = Phase(proc)
+                    done, per_s = closed_loop(fn, body, threads, seconds)
+                    print(f"gRPC/mTLS {name} closed loop {threads:2d} threads: {per_s:7.0f} req/s sustained; "
+                          f"{phase.figures(done)}", flush=True)
             channel.close()
         finally:
             proc.stdin.close()
@@ -291,7 +352,8 @@ def open_loop(fn, bodies: list, rate: int) -> tuple[list[int], float]:
     return lat, len(bodies) / elapsed
 
 
-def closed_loop(fn, body, threads: int, seconds: float) -> float:
+def closed_loop(fn, body, threads: int, seconds: float) -> tuple[int, float]:
+    """(requests done, requests/s) with `threads` threads each sending the next as soon as answered."""
     stop = time.perf_counter() + seconds
     counts = [0] * threads
 
@@ -308,7 +370,7 @@ def closed_loop(fn, body, threads: int, seconds: float) -> float:
         t.start()
     for t in ts:
         t.join()
-    return sum(counts) / (time.perf_counter() - t0)
+    return sum(counts), sum(counts) / (time.perf_counter() - t0)
 
 
 def main() -> int:

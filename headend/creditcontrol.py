@@ -506,7 +506,8 @@ _EPOCH = datetime(1970, 1, 1).replace(tzinfo=__import__("datetime").timezone.utc
 
 def _ms(t: datetime) -> int:
     """Exact: microseconds since the Unix epoch (the name says what the wire uses; we keep µs)."""
-    return (t - _EPOCH) // timedelta(microseconds=1)
+    d = t - _EPOCH
+    return (d.days * 86_400 + d.seconds) * 1_000_000 + d.microseconds
 
 
 def _instant(us: int) -> datetime:

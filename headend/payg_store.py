@@ -7,6 +7,12 @@ IMMEDIATE``, the database-wide write lock; PostgreSQL: ``pg_advisory_xact_lock``
 blacklist, velocity and balance it reads cannot change before its postings are written: a card
 blacklisted at 12:00:00.000 is refused by any sale that starts after the blacklist commit.
 
+Durability: a write transaction returns only after a durable COMMIT (SQLite: WAL with
+``synchronous=FULL``, the WAL is fsynced at every commit, so an answer given survives a power
+loss, not only a process crash; PostgreSQL: its own synchronous commit). Concurrent transactions
+are group-committed (`PaygStore.transaction`): one COMMIT, one fsync, for all the requests queued
+behind one another, each in its own savepoint.
+
 The same SQL runs on SQLite (``sqlite:///PATH``) and PostgreSQL (``postgresql://USER@HOST/DB``,
 psycopg 3): statements are written with ``?`` placeholders and converted for psycopg.
 """
@@ -18,6 +24,7 @@ import secrets
 import sqlite3
 import zlib
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -123,6 +130,22 @@ class CrmEvent:
     payload: dict
 
 
+class StoreCommitError(ConfigError):
+    """The durable COMMIT of a group of PAYG transactions failed: none of them happened."""
+
+
+class _Batch:
+    """One group commit: its members wait on `done`; `error` is set when the COMMIT failed."""
+
+    __slots__ = ("done", "error", "size", "opened")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.size = 0
+        self.opened = time.monotonic()
+
+
 class PaygStore:
     """The head-end's PAYG tables; also the SQLite `LedgerStore` of the credit-control core."""
 
@@ -130,8 +153,13 @@ class PaygStore:
                  velocity_limits: Sequence[V.VelocityLimit] = V.DEFAULT_VELOCITY) -> None:
         self.vat = vat or L.PrepaidVat(Decimal("0.05"), "consumption")
         self.velocity_limits = tuple(velocity_limits)
-        self._lock = threading.RLock()
-        self._depth = 0
+        self._lock = threading.RLock()        # the connection: one user at a time
+        self._owner: int | None = None          # thread running a transaction body (nested calls join)
+        self._batch: _Batch | None = None       # the open group commit, if any
+        self._waiting = 0                       # threads queued for a transaction (guarded by _wlock)
+        self._wlock = threading.Lock()
+        self.commits = 0                        # durable COMMITs, and the transactions they carried
+        self.committed_transactions = 0
         if is_postgres_url(database):
             import psycopg
             self.path = str(database)
@@ -152,7 +180,7 @@ class PaygStore:
             self.path = path
             raw = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
             raw.execute("PRAGMA journal_mode=WAL" if path != ":memory:" else "PRAGMA journal_mode=MEMORY")
-            raw.execute("PRAGMA synchronous=NORMAL")
+            raw.execute("PRAGMA synchronous=FULL")      # WAL fsynced at every commit: durable before the answer
             raw.executescript(SCHEMA.replace("{SERIAL}", "INTEGER PRIMARY KEY AUTOINCREMENT"))
             self._db = _Conn(raw, postgres=False)
             self._integrity_errors = (sqlite3.IntegrityError,)
@@ -162,30 +190,120 @@ class PaygStore:
 
     @contextmanager
     def transaction(self) -> Iterator[_Conn]:
-        """One write transaction (nested calls join the outer one)."""
-        with self._lock:
-            if self._depth:
-                self._depth += 1
-                try:
-                    yield self._db
-                finally:
-                    self._depth -= 1
-                return
-            if self._db.postgres:
-                self._db.execute("BEGIN")
-                self._db.execute("SELECT pg_advisory_xact_lock(?)", (_PG_LOCK_KEY,))
-            else:
-                self._db.execute("BEGIN IMMEDIATE")
-            self._depth = 1
+        """One write transaction (nested calls join the outer one), durable when the block exits.
+
+        Group commit: concurrent transactions share one database transaction and one durable
+        COMMIT (one WAL fsync on SQLite), each in its own SAVEPOINT, so a failing block rolls back
+        only its own writes. Blocks run one at a time on the connection, in arrival order, each
+        seeing the writes of those before it. The block that ends while no other transaction is
+        queued (or when the group is full or `GROUP_COMMIT_WINDOW_S` old) commits the group;
+        every block returns (or raises) only after that COMMIT, so no caller ever answers from
+        writes that are not durable, and an exception from COMMIT reaches every caller of the
+        group."""
+        me = threading.get_ident()
+        if self._owner == me:
+            yield self._db
+            return
+        with self._wlock:
+            self._waiting += 1
+        self._lock.acquire()
+        with self._wlock:
+            self._waiting -= 1
+        failed: BaseException | None = None
+        try:
+            try:
+                if self._batch is None:
+                    self._begin()
+                batch = self._batch
+                self._db.execute("SAVEPOINT payg_request")
+            except BaseException as exc:
+                self._abort_batch(exc)
+                raise
+            self._owner = me
             try:
                 yield self._db
+            except BaseException as exc:
+                failed = exc
+            finally:
+                self._owner = None
+            try:
+                if failed is not None:
+                    self._db.execute("ROLLBACK TO payg_request")
+                self._db.execute("RELEASE payg_request")
+            except BaseException as exc:          # the connection failed: the whole group is lost
+                self._abort_batch(exc)
+                raise failed or exc
+            batch.size += 1
+            if (self._waiting == 0 or batch.size >= self.GROUP_COMMIT_MAX
+                    or time.monotonic() - batch.opened >= self.GROUP_COMMIT_WINDOW_S):
+                self._commit_batch()
+        finally:
+            self._lock.release()
+        self._await(batch)
+        if failed is not None:
+            raise failed
+        if batch.error is not None:
+            raise StoreCommitError(f"database {self.path}: commit failed: {batch.error}") from batch.error
+
+    GROUP_COMMIT_MAX = 32                # transactions per durable commit at most
+    GROUP_COMMIT_WINDOW_S = 0.002        # a group older than this commits even if more are queued
+
+    def _begin(self) -> None:
+        if self._db.postgres:
+            self._db.execute("BEGIN")
+            try:
+                self._db.execute("SELECT pg_advisory_xact_lock(?)", (_PG_LOCK_KEY,))
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            else:
-                self._db.execute("COMMIT")
-            finally:
-                self._depth = 0
+        else:
+            self._db.execute("BEGIN IMMEDIATE")
+        self._batch = _Batch()
+
+    def _commit_batch(self) -> None:
+        """COMMIT the open group (caller holds `_lock`) and wake its members."""
+        batch, self._batch = self._batch, None
+        if batch is None:
+            return
+        try:
+            self._db.execute("COMMIT")
+            self.commits += 1
+            self.committed_transactions += batch.size
+        except BaseException as exc:
+            batch.error = exc
+            try:
+                self._db.execute("ROLLBACK")
+            except Exception:
+                pass
+        finally:
+            batch.done.set()
+
+    def _abort_batch(self, exc: BaseException) -> None:
+        batch, self._batch = self._batch, None
+        if batch is None:
+            return
+        batch.error = exc
+        try:
+            self._db.execute("ROLLBACK")
+        except Exception:
+            pass
+        batch.done.set()
+
+    def _await(self, batch: "_Batch") -> None:
+        """Wait for the group's COMMIT; if its last member vanished, commit it ourselves."""
+        while not batch.done.wait(0.05):
+            with self._lock:
+                if self._batch is batch:
+                    self._commit_batch()
+
+    @contextmanager
+    def _read(self) -> Iterator[_Conn]:
+        """The connection for reads: inside a transaction its own (uncommitted) state; outside,
+        committed state only (an open group is committed first, never read dirty)."""
+        with self._lock:
+            if self._owner != threading.get_ident() and self._batch is not None:
+                self._commit_batch()
+            yield self._db
 
     # ------------------------------------------------------------------ LedgerStore
 
@@ -215,16 +333,16 @@ class PaygStore:
             return fresh
 
     def exists(self, business_key: str) -> bool:
-        with self._lock:
+        with self._read():
             return self._db.execute("SELECT 1 FROM payg_txn WHERE business_key = ?", (business_key,)).fetchone() \
                 is not None
 
     def get(self, business_key: str) -> L.Transaction | None:
-        with self._lock:
+        with self._read():
             return self._load(business_key)
 
     def balance(self, account: str, currency: str | None = None) -> int:
-        with self._lock:
+        with self._read():
             if currency is None:
                 row = self._db.execute("SELECT COALESCE(SUM(amount_minor), 0) FROM payg_posting WHERE account = ?",
                                        (account,)).fetchone()
@@ -235,7 +353,7 @@ class PaygStore:
 
     def transactions(self, start: datetime | None = None, end: datetime | None = None) -> Iterator[L.Transaction]:
         """All transactions (or those with start <= at < end), in instant order."""
-        with self._lock:
+        with self._read():
             lo = to_ms(start) if start else -(2 ** 62)
             hi = to_ms(end) if end else 2 ** 62
             rows = self._db.execute("SELECT t.business_key, t.at_ms, t.kind, t.memo, p.account, p.amount_minor, "
@@ -273,18 +391,24 @@ class PaygStore:
                 db.execute("INSERT INTO payg_meter VALUES (?, ?, ?)", (meter_id, account_id, to_ms(now)))
 
     def meter_account(self, meter_id: str) -> str | None:
-        with self._lock:
+        with self._read():
             row = self._db.execute("SELECT account_id FROM payg_meter WHERE meter_id = ?", (meter_id,)).fetchone()
         return row[0] if row else None
 
     def account(self, account_id: str) -> V.AccountState | None:
-        with self._lock:
+        with self._read():
             row = self._db.execute("SELECT currency, active, max_balance_minor FROM payg_account "
                                    "WHERE account_id = ?", (account_id,)).fetchone()
         if row is None:
             return None
         credit = -self.balance(L.prepaid(account_id), row[0])
         return V.AccountState(account_id, row[0], bool(row[1]), credit, row[2])
+
+    def account_active(self, account_id: str) -> bool:
+        """The account exists here and is active (one indexed read; `account` also sums its balance)."""
+        with self._read():
+            row = self._db.execute("SELECT active FROM payg_account WHERE account_id = ?", (account_id,)).fetchone()
+        return row is not None and bool(row[0])
 
     def register_card(self, card_id: str, account_id: str, public_key: bytes, now: datetime) -> V.Card:
         if len(public_key) != 32:
@@ -300,13 +424,13 @@ class PaygStore:
         return V.Card(card_id, account_id, public_key)
 
     def cards(self) -> dict[str, V.Card]:
-        with self._lock:
+        with self._read():
             rows = self._db.execute("SELECT card_id, account_id, public_key, active FROM payg_card").fetchall()
         return {r[0]: V.Card(r[0], r[1], bytes.fromhex(r[2]), bool(r[3])) for r in rows}
 
     def account_cards(self, account_id: str) -> list[V.Card]:
         """The account's registered cards, by card id."""
-        with self._lock:
+        with self._read():
             rows = self._db.execute("SELECT card_id, account_id, public_key, active FROM payg_card WHERE account_id = ? "
                                     "ORDER BY card_id", (account_id,)).fetchall()
         return [V.Card(r[0], r[1], bytes.fromhex(r[2]), bool(r[3])) for r in rows]
@@ -331,7 +455,7 @@ class PaygStore:
                               (to_ms(at), card_id)).rowcount
 
     def blacklist(self, card_id: str | None = None) -> list[V.BlacklistEntry]:
-        with self._lock:
+        with self._read():
             sql = "SELECT card_id, effective_at_ms, reason, lifted_at_ms FROM payg_blacklist"
             rows = self._db.execute(sql + (" WHERE card_id = ?" if card_id else ""),
                                     (card_id,) if card_id else ()).fetchall()
@@ -350,7 +474,7 @@ class PaygStore:
                         contract.contract_id))
 
     def vendors(self) -> dict[str, V.VendorContract]:
-        with self._lock:
+        with self._read():
             rows = self._db.execute("SELECT * FROM payg_vendor ORDER BY vendor_id").fetchall()
         return {r[0]: V.VendorContract(r[0], r[1], Decimal(r[2]), r[3], Decimal(r[4]), r[5], r[6]) for r in rows}
 
@@ -450,20 +574,20 @@ class PaygStore:
             return result
 
     def sales(self, vendor_id: str, start: datetime, end: datetime) -> list[V.Sale]:
-        with self._lock:
+        with self._read():
             rows = self._db.execute("SELECT * FROM payg_sale WHERE vendor_id = ? AND at_ms >= ? AND at_ms < ? "
                                     "ORDER BY at_ms", (vendor_id, to_ms(start), to_ms(end))).fetchall()
         return [_sale(r) for r in rows]
 
     def refusals(self, vendor_id: str, start: datetime, end: datetime) -> list[V.Refusal]:
-        with self._lock:
+        with self._read():
             rows = self._db.execute("SELECT vendor_id, sale_id, card_id, account_id, amount_minor, reason, detail, "
                                     "at_ms FROM payg_refusal WHERE vendor_id = ? AND at_ms >= ? AND at_ms < ? "
                                     "ORDER BY id", (vendor_id, to_ms(start), to_ms(end))).fetchall()
         return [V.Refusal(V.RefusalReason(r[5]), r[6], r[1], r[0], r[2], r[3], r[4], from_ms(r[7])) for r in rows]
 
     def reversals(self, vendor_id: str, start: datetime, end: datetime) -> list[V.Reversal]:
-        with self._lock:
+        with self._read():
             rows = self._db.execute("SELECT r.reversal_id, r.at_ms, r.reason, s.* FROM payg_reversal r JOIN payg_sale s "
                                     "ON s.vendor_id = r.vendor_id AND s.sale_id = r.sale_id WHERE r.vendor_id = ? "
                                     "AND r.at_ms >= ? AND r.at_ms < ? ORDER BY r.at_ms",
@@ -490,7 +614,7 @@ class PaygStore:
 
     def events(self, after_seq: int = 0, limit: int = 1000) -> list[CrmEvent]:
         """CRM events after the export cursor `after_seq`, oldest first."""
-        with self._lock:
+        with self._read():
             rows = self._db.execute("SELECT seq, at_ms, kind, account_id, payload FROM payg_event WHERE seq > ? "
                                     "ORDER BY seq LIMIT ?", (after_seq, limit)).fetchall()
         return [CrmEvent(r[0], from_ms(r[1]), r[2], r[3], json.loads(r[4])) for r in rows]
@@ -551,7 +675,7 @@ def mark_tokens_applied(store: PaygStore, token_ids: Sequence[str], at: datetime
 
 def unapplied_tokens(store: PaygStore, meter_id: str) -> list[tuple[str, str, int]]:
     """(token id, reference, amount) of the meter's tokens no gateway has reported applied yet."""
-    with store._lock:
+    with store._read():
         return [tuple(r) for r in store._db.execute(
             "SELECT token_id, reference, amount_minor FROM payg_token WHERE meter_id = ? AND applied_at_ms IS NULL "
             "ORDER BY counter", (meter_id,)).fetchall()]
@@ -571,7 +695,7 @@ class SqlSessionStore:
 
     def get(self, session_id: str):
         from .creditcontrol import session_from_json
-        with self.store._lock:
+        with self.store._read():
             row = self.store._db.execute("SELECT version FROM payg_cc_session WHERE session_id = ?",
                                          (session_id,)).fetchone()
             if row is None:
@@ -604,14 +728,14 @@ class SqlSessionStore:
 
     def open_sessions(self, account_id: str):
         from .creditcontrol import session_from_json
-        with self.store._lock:
+        with self.store._read():
             rows = self.store._db.execute("SELECT data FROM payg_cc_session WHERE account_id = ? AND open = 1",
                                           (account_id,)).fetchall()
         return iter([session_from_json(json.loads(r[0])) for r in rows])
 
     def reserved_by_others(self, account_id: str, session_id: str) -> int:
         """Σ open grants of the account's other sessions (what `CreditControl` needs, without parsing them)."""
-        with self.store._lock:
+        with self.store._read():
             row = self.store._db.execute("SELECT COALESCE(SUM(reserved_minor), 0) FROM payg_cc_session "
                                          "WHERE account_id = ? AND open = 1 AND session_id <> ?",
                                          (account_id, session_id)).fetchone()
@@ -629,7 +753,7 @@ class StoreTokenReservations:
     def outstanding_minor(self, account_id: str, exclude: tuple[str, ...] = (), now: datetime | None = None) -> int:
         """Unexpired (at `now`) issued tokens not reported applied; an expired token frees its money."""
         horizon = to_ms(now) if now is not None else -1
-        with self.store._lock:
+        with self.store._read():
             rows = self.store._db.execute("SELECT token_id, amount_minor FROM payg_token WHERE account_id = ? "
                                           "AND applied_at_ms IS NULL AND expires_at_ms > ?",
                                           (account_id, horizon)).fetchall()
@@ -638,7 +762,7 @@ class StoreTokenReservations:
     def confirmed_minor(self, meter_id: str, tokens: tuple[tuple[str, int], ...]) -> int:
         total = 0
         for ref, amount in tokens:
-            with self.store._lock:
+            with self.store._read():
                 row = self.store._db.execute("SELECT amount_minor FROM payg_token WHERE token_id = ? AND meter_id = ?",
                                              (ref, meter_id)).fetchone()
             if row is not None and row[0] == amount:

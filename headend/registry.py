@@ -244,6 +244,25 @@ class GatewayRegistry:
                                                "ORDER BY meter_id", (name,)).fetchall()]
         return self._record(row, meters)
 
+    def access_record(self, name: str, meter_ids: list[str]) -> GatewayRecord | None:
+        """`get` for a per-call access check (`gatewayauth.authorise`): a plain read that takes no
+        write lock (unlike `get`'s BEGIN IMMEDIATE), and whose `meters` are only those of
+        `meter_ids` provisioned to the gateway (not all of them). Two reads without a write lock, each
+        of the latest committed state."""
+        with self._lock:
+            cur = self._conn.cursor()
+            try:
+                row = cur.execute(self._sql(f"SELECT {_COLS} FROM pki_gateway WHERE name = ?"), (name,)).fetchone()
+                meters: list[str] = []
+                if row is not None and meter_ids:
+                    marks = ", ".join("?" * len(meter_ids))
+                    meters = [r[0] for r in cur.execute(self._sql(
+                        f"SELECT meter_id FROM pki_gateway_meter WHERE gateway = ? AND meter_id IN ({marks})"),
+                        (name, *meter_ids)).fetchall()]
+            finally:
+                self._conn.commit()
+        return None if row is None else self._record(row, meters)
+
     def list(self) -> list[GatewayRecord]:
         with self._tx() as tx:
             rows = tx.execute(f"SELECT {_COLS} FROM pki_gateway ORDER BY name").fetchall()

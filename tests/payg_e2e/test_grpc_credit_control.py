@@ -135,6 +135,33 @@ def test_a_gateway_may_only_credit_control_meters_provisioned_to_it_and_bound_to
         channel.close()
 
 
+def test_a_revoked_gateway_is_refused_credit_control_at_once_and_the_refusal_is_counted(payg_headend, tmp_path):
+    """Credit control is checked once per call by the servicer (not also by the interceptor), from
+    the registry as it is now: a revocation takes effect on the next call."""
+    hd = payg_headend
+    identity = hd.enrolled(tmp_path, "gw-a", meters=["MTR-1"])
+    hd.store.bind_meter("MTR-1", "ACC1", hd.clock.now())
+    hd.store.append([L.top_up("seed", hd.clock.now(), "ACC1", "SHOP1", 5_000, "GBP", hd.store.vat)])
+    assert "/meterlink.v1.CreditControl/Update" in hd.servers.auth.exempt
+    channel = secure_channel(hd.address, identity)
+    stub = payg_pb2_grpc.CreditControlStub(channel)
+    try:
+        first = stub.Reserve(payg_pb2.CreditControlRequest(gateway_id="gw-a", session_id="S1", account_id="ACC1",
+                                                           meter_id="MTR-1", currency="GBP"), timeout=5)
+        assert first.result_code == 2001
+        hd.registry.revoke("gw-a", hd.clock.now())
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Update(payg_pb2.CreditControlRequest(gateway_id="gw-a", session_id="S1", request_number=1,
+                                                      account_id="ACC1", meter_id="MTR-1", currency="GBP",
+                                                      used=payg_pb2.UsedUnits(used_minor=10)), timeout=5)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert refusal_of(err.value) == "ACCESS_REFUSAL_GATEWAY_REVOKED"
+        assert hd.servers.auth.refusals == {"ACCESS_REFUSAL_GATEWAY_REVOKED": 1}
+        assert [t.business_key for t in hd.store.transactions()] == ["seed"]     # the usage was not booked
+    finally:
+        channel.close()
+
+
 def test_a_blacklisted_card_is_refused_over_grpc_with_no_posting(payg_headend, tmp_path):
     hd = payg_headend
     identity = hd.enrolled(tmp_path, "gw-a", meters=["MTR-1"])
