@@ -195,6 +195,8 @@ class Charged(CreditEvent):
     from_credit: int
     from_emergency_credit: int
     to_accumulated_debt: int
+    since: datetime | None = None                 # start of the priced consumption (previous reading)
+    exact_minor: Decimal | None = None            # the exact gross price before rounding (residue carried)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -509,10 +511,11 @@ def charge(state: AccountState, wh: int, price: Price, at: datetime, *,
         priced = to_decimal(price.amount(wh, since, at)) if wh else Decimal(0)
         if priced < 0:
             raise ValidationError(f"account {state.account}: negative price {priced} for {wh} Wh at {at.isoformat()}")
-        exact = (priced * (wh - from_grant) / wh if from_grant else priced) + state.charge_residue
+        priced = priced * (wh - from_grant) / wh if from_grant else priced
     else:
         unit = _unit_price(price, at, state.account)
-        exact = Decimal(wh - from_grant) * unit / 1000 + state.charge_residue
+        priced = Decimal(wh - from_grant) * unit / 1000
+    exact = priced + state.charge_residue
     amount = max(0, round_minor(exact, state.cfg.rounding))
     take_credit = min(amount, state.credit_balance)
     rest = amount - take_credit
@@ -525,6 +528,7 @@ def charge(state: AccountState, wh: int, price: Price, at: datetime, *,
                     unreported=state.unreported.add(used_minor=amount, used_wh=wh, from_credit=take_credit,
                                                     from_emergency=take_ec, to_debt=to_debt))
     events.append(Charged(account=state.account, at=at, wh=wh, wh_from_grant=from_grant, amount_minor=amount,
+                          since=utc(since) if since is not None else None, exact_minor=priced,
                           from_credit=take_credit, from_emergency_credit=take_ec, to_accumulated_debt=to_debt))
     if to_debt:
         events.append(OverUsage(account=state.account, at=at, wh=wh - from_grant, amount_minor=to_debt,

@@ -1,0 +1,181 @@
+"""End to end with real processes on a scaled clock (600x): the running `meterlink-gateway run` prices
+its PAYG meter with the tariff the head-end published and assigned to the account (pulled over
+mutual TLS, verified), not with its flat fallback; and a card top-up made at the running daemon
+through its card socket (`meterlink-gateway payg card-topup`) is booked once by the head-end at
+the next sync."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from meterlink.chain import Event
+from meterlink.clock import SystemClock, parse_instant
+from meterlink.gateway import tokens as T
+from meterlink.gateway.journal import Journal
+from meterlink.headend import ledger as L
+from meterlink.headend import payg_store as S
+from meterlink.headend.configpub import publish_payg_tariff, publish_tariff
+from meterlink.headend.registry import open_registry
+from meterlink.money import round_minor
+
+BIN = Path(sys.executable).parent
+SPEED = 600
+LONDON = ZoneInfo("Europe/London")
+RATES = {"even": Decimal("20.00"), "odd": Decimal("40.00")}      # pence/kWh, alternating every local hour
+
+
+def hourly_tariff() -> str:
+    """Two bands that alternate every hour (so a short run crosses band boundaries)."""
+    def windows(parity: int) -> str:
+        return ", ".join(f'{{ days = ["all"], from = "{h:02d}:00", to = "{h + 1:02d}:00" }}'
+                         for h in range(24) if h % 2 == parity)
+    return ('[tariff]\nid = "hourly"\nname = "Alternating hours"\ncurrency = "GBP"\n'
+            'timezone = "Europe/London"\ncountry = "GB"\nsubdivision = "ENG"\n'
+            '\n[[version]]\nvalid_from = "2020-01-01"\nstanding_charge = "50.00"\n'
+            f'\n[[version.band]]\nname = "even"\nrate = "{RATES["even"]}"\nwindows = [{windows(0)}]\n'
+            f'\n[[version.band]]\nname = "odd"\nrate = "{RATES["odd"]}"\nwindows = [{windows(1)}]\n')
+
+
+def wait_until(predicate, timeout: float, step: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    return None
+
+
+def stop(proc: subprocess.Popen) -> int:
+    if proc.poll() is None:
+        proc.terminate()
+    return proc.wait(timeout=20)
+
+
+def test_the_running_gateway_prices_with_the_pulled_tariff_and_a_card_top_up_at_it_is_booked_on_sync(tmp_path):
+    db = tmp_path / "headend.db"
+    (tmp_path / "headend.toml").write_text(f'[headend]\nlisten = "127.0.0.1:0"\ndatabase = "sqlite:///{db}"\n')
+    token_key = Ed25519PrivateKey.generate()
+    (tmp_path / "token.pem").write_bytes(token_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    card = Ed25519PrivateKey.generate()
+    (tmp_path / "card.pem").write_bytes(card.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    procs: list[subprocess.Popen] = []
+    try:
+        serve = subprocess.Popen(
+            [str(BIN / "meterlink-headend"), "serve", "--config", str(tmp_path / "headend.toml"),
+             "--pki-dir", str(tmp_path / "he-pki"), "--enrol-listen", "127.0.0.1:0",
+             "--payg", "--payg-token-key", str(tmp_path / "token.pem"), "--payg-min-grant", "100",
+             "--payg-max-grant", "400", "--payg-burn-rate", "200", "--payg-grant-validity-s", str(30 * 86400)],
+            stdout=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+        procs.append(serve)
+        address = serve.stdout.readline().strip()
+        enrol = serve.stdout.readline().split()
+        assert address and enrol, "head-end did not start"
+
+        def headend(*args):
+            return subprocess.run([str(BIN / "meterlink-headend"), *args, "--config", str(tmp_path / "headend.toml"),
+                                   "--pki-dir", str(tmp_path / "he-pki")],
+                                  capture_output=True, text=True, check=True, cwd=tmp_path)
+        added = json.loads(headend("gateways", "add", "GW-T", "--json").stdout)
+        headend("gateways", "meters", "GW-T", "--add", "T-1")
+
+        store = S.PaygStore(f"sqlite:///{db}")
+        now = SystemClock().now().replace(microsecond=0)
+        store.put_account("ACC1", "GBP")
+        store.bind_meter("T-1", "ACC1", now)
+        store.append([L.top_up("seed", now, "ACC1", "SHOP1", 20_000, "GBP", store.vat)])
+        store.register_card("CARD1", "ACC1", T.public_bytes(card), now)
+        registry = open_registry(f"sqlite:///{db}")
+        publish_tariff(registry, "hourly", hourly_tariff(), now)
+        publish_payg_tariff(registry, "ACC1", "hourly", now, vat_rate=store.vat.rate, interval_minutes=30)
+        registry.close()
+
+        start = datetime.now(timezone.utc).replace(microsecond=0)
+        clock = f"scaled:{start.isoformat()},{SPEED},{time.time():.3f}"
+        sim = subprocess.Popen([str(BIN / "meterlink-sim"), "modbus-tcp", "--profile", "eastron_sdm630", "--unit", "1",
+                                "--seed", "1", "--import-wh", "10000", "--clock", clock, "--listen", "127.0.0.1:0"],
+                               stdout=subprocess.PIPE, text=True, env=env)
+        procs.append(sim)
+        sim_address = sim.stdout.readline().strip()
+        sock = tmp_path / "cards.sock"
+        cfg = tmp_path / "gateway.toml"
+        cfg.write_text(
+            f'[gateway]\nid = "GW-T"\ndatabase = "{tmp_path / "gw.db"}"\npoll_interval_s = 300\npush_batch = 500\n'
+            f'\n[headend]\naddress = "{address}"\npki_dir = "{tmp_path / "gw-pki"}"\n'
+            f'\n[[bus]]\nport = "tcp://{sim_address}"\ntimeout_s = 1.0\n'
+            f'\n[[bus.meter]]\nid = "T-1"\nunit = 1\nprofile = "eastron_sdm630"\n'
+            f'\n[[payg]]\nmeter_id = "T-1"\naccount = "ACC1"\nprice_minor_per_kwh = "999"\n'
+            f'token_public_key = "{T.public_bytes(token_key).hex()}"\nstate_dir = "{tmp_path / "payg"}"\n'
+            f'card_socket = "{sock}"\nsync_s = 600\ntimeout_s = 2\n')
+        out = subprocess.run([str(BIN / "meterlink-gateway"), "enroll", "--config", str(cfg), "--headend",
+                              f"127.0.0.1:{enrol[1]}", "--code", added["code"], "--ca-fingerprint", enrol[3]],
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        out = subprocess.run([str(BIN / "meterlink-gateway"), "pull-config", "--headend", address,
+                              "--state-dir", str(tmp_path / "gw-pki")], capture_output=True, text=True)
+        assert out.returncode == 0 and "hourly" in json.loads(out.stdout)["tariffs"], out.stderr
+        log = tmp_path / "gw.log"
+        gw = subprocess.Popen([str(BIN / "meterlink-gateway"), "-v", "run", "--config", str(cfg), "--clock", clock],
+                              stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env)
+        procs.append(gw)
+        assert wait_until(sock.exists, 20), log.read_text()[-3000:]
+        assert "pricing with the pulled tariff 'hourly'" in log.read_text()
+        assert "FALLBACK" not in log.read_text()
+
+        # a card top-up at the running daemon, once it holds the signed card list from an answer
+        def top_up():
+            r = subprocess.run([str(BIN / "meterlink-gateway"), "payg", "card-topup", "--socket", str(sock),
+                                "--meter", "T-1", "--card", "CARD1", "--card-key", str(tmp_path / "card.pem"),
+                                "--amount", "500", "--json"], capture_output=True, text=True)
+            return json.loads(r.stdout) if r.returncode == 0 else None
+        answer = wait_until(top_up, 20, 0.5)
+        assert answer and answer["applied"], log.read_text()[-3000:]
+        key = f"card-topup:{answer['reference']}"
+        assert wait_until(lambda: any(t.business_key == key for t in store.transactions()), 30), \
+            log.read_text()[-3000:]
+        time.sleep(max(0.0, 14 - (time.time() - float(clock.rsplit(",", 1)[1]))))   # >2 simulated hours in all
+        assert stop(gw) == 0
+        procs.remove(gw)
+
+        journal = Journal(tmp_path / "gw.db")
+        charges = [json.loads(r.body.payload) for r in journal.records()
+                   if isinstance(r.body, Event) and r.body.kind == "credit.charged"]
+        journal.close()
+        state = json.loads((tmp_path / "payg" / "T-1.json").read_text())["state"]
+        assert len(charges) >= 12 and all(c["since"] for c in charges)
+        bands_seen = set()
+        for c in charges:
+            since, at = parse_instant(c["since"]), parse_instant(c["at"])
+            assert at - since <= timedelta(minutes=10)
+            exact = Decimal(c["exact_minor"])
+            hours = {since.astimezone(LONDON).replace(minute=0, second=0, microsecond=0),
+                     (at - timedelta(microseconds=1)).astimezone(LONDON).replace(minute=0, second=0, microsecond=0)}
+            if len(hours) == 1 and c["wh"]:                # inside one local hour: exactly that band's gross price
+                band = "even" if hours.pop().hour % 2 == 0 else "odd"
+                assert exact == Decimal(c["wh"]) * RATES[band] * (1 + store.vat.rate) / 1000, c
+                bands_seen.add(band)
+        assert bands_seen == {"even", "odd"}
+        total = sum(c["amount_minor"] for c in charges)
+        assert total == round_minor(sum(Decimal(c["exact_minor"]) for c in charges), "half_up")
+        assert Decimal(state["charge_residue"]) == sum(Decimal(c["exact_minor"]) for c in charges) - total
+        ledger = list(store.transactions())
+        assert sum(1 for t in ledger if t.business_key == key) == 1
+        assert L.totals_by_currency(ledger) == {"GBP": 0}
+        store.close()
+    finally:
+        for p in procs:
+            stop(p)
