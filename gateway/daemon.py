@@ -168,6 +168,8 @@ class Gateway:
             unacked_records=self.journal.unacked_count())
 
     def close(self) -> None:
+        if getattr(self, "payg", None) is not None:   # PAYG card terminal sockets
+            self.payg.close()
         for m in self.masters:
             m.close()
         for r in self.p1_readers:
