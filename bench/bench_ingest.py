@@ -1,21 +1,30 @@
-"""Ingest throughput of the head-end STORE alone (repository.ingest: dedupe, insert, ack, durable commit), readings/s.
+"""Ingest throughput of the head-end, readings/s: the issue's measure (decode + verify + store + rate) and the store alone.
 
-Measures the storage layer only: records are built before the clock starts, and chain verification
-(headend/verify.py) and rating are not included (their own benchmarks cover them). Batches look like
-what a gateway pushes: consecutive seqs, a few meters x registers at 15-minute steps.
+Pipeline (issue #5: "verify + store + rate"): gateway-shaped push requests (chain records in their
+canonical bytes, Ed25519-signed head, serialised protobuf), built before the clock starts, are handed to
+the head-end's gRPC servicer in-process (headend/service.py `GatewaySyncService.Push`: parse, decode,
+verify the chain and signature, store readings + chain head in one transaction, ack) while serve's
+rating worker (headend/rating_worker.py, woken by the commits) rates them into the pending day-band
+aggregates (VEE intervals, bindings, tariff). The clock stops when every batch is acked AND the worker
+has rated everything: readings/s = readings / that time. Every meter is bound to an account on the
+gb-economy7 tariff; of the four registers per meter, 1.8.0 and 2.8.0 are rated (1.7.0, 32.7.0 are stored
+only). No gRPC transport/TLS (bench_catchup.py and bench_mtls.py measure those).
+
+Store only: repository.ingest (dedupe, insert, ack, durable commit) with records built before the
+clock starts; no verification, no chain store, no rating.
 
 Scenarios, on SQLite (a file, WAL, synchronous=FULL) and PostgreSQL (synchronous_commit on):
-  * one gateway pushing 500-record batches one after another (one durable commit per batch);
+  * one gateway pushing 500-record batches one after another (store only);
   * the same with 5000-record batches (the gateway's default push_batch);
   * 8 gateways pushing 500-record batches at once (the head-end's 8 gRPC workers): SQLite then
     commits concurrent batches as a group (one fsync), PostgreSQL uses 8 connections.
 
 Besides wall-clock readings/s it prints the CPU seconds spent (this process + the PostgreSQL backends,
-from /proc) and readings per CPU-second, and the load average: on a shared machine the wall figure
-moves with the neighbours, the CPU figure much less.
+from /proc), readings per CPU-second and CPU microseconds per reading, and the load average: on a
+shared machine the wall figure moves with the neighbours, the CPU figure much less.
 
 Usage: .venv/bin/python bench/bench_ingest.py [--readings N] [--backend sqlite|postgres|both]
-                                              [--database postgresql://...]
+                                              [--database postgresql://...] [--only pipeline|store]
 """
 
 from __future__ import annotations
@@ -32,6 +41,8 @@ from pathlib import Path
 
 from meterlink.headend.store import StoredRecord, open_repository
 from meterlink.readings import Reading
+
+UTC = timezone.utc
 
 ROOT = Path(__file__).resolve().parents[1]
 T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
@@ -119,6 +130,121 @@ def run(url: str, backend: str, total: int, batch: int, gateways: int, label: st
     return {"readings": n, "wall": wall, "rate": n / wall, "cpu": cpu + server, "per_cpu": n / (cpu + server)}
 
 
+# --------------------------------------------------------------------------- verify + store + rate
+
+def signed_requests(gateway: str, records: list[StoredRecord], size: int, key) -> list[bytes]:
+    """The gateway's push requests for `records`, serialised: chain records (canonical bytes) in batches of
+    `size`, each batch's head signed, exactly as gateway/sync.py sends them."""
+    from meterlink.chain import hash_of, link, sign_head, wire_bytes
+    from meterlink.v1 import sync_pb2
+    chained = link(r.reading for r in records)
+    out = []
+    for i in range(0, len(chained), size):
+        part = chained[i:i + size]
+        head = hash_of(part[-1])
+        req = sync_pb2.PushRequest(gateway_id=gateway, chain_records=[wire_bytes(r) for r in part],
+                                   head_hash=head, head_signature=sign_head(key, gateway, part[-1].seq, head))
+        out.append(req.SerializeToString())
+    return out
+
+
+def bench_bindings(meter_ids: list[str]):
+    """One customer, account (gb-economy7), service point and supply per meter, from before the data."""
+    from meterlink.headend.binding import Account, Bindings, Customer, Installation, Meter, ServicePoint, Supply
+    since = T0 - timedelta(days=60)
+    return Bindings(customers={f"C-{m}": Customer(f"C-{m}", "GB", m) for m in meter_ids},
+                    accounts={f"A-{m}": Account(f"A-{m}", f"C-{m}", "postpaid", "gb-economy7") for m in meter_ids},
+                    service_points={f"SP-{m}": ServicePoint(f"SP-{m}", "GB") for m in meter_ids},
+                    meters={m: Meter(m) for m in meter_ids},
+                    installations=tuple(Installation(m, f"SP-{m}", since) for m in meter_ids),
+                    supplies=tuple(Supply(f"SP-{m}", f"A-{m}", since) for m in meter_ids))
+
+
+class _Context:
+    """The servicer's view of a call: only `abort` is used (a refused or failed batch ends the benchmark)."""
+
+    def abort(self, code, detail):
+        raise RuntimeError(f"push aborted: {code}: {detail}")
+
+
+def run_pipeline(url: str, backend: str, total: int, batch: int, gateways: int, label: str) -> dict:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from meterlink.chain import public_bytes
+    from meterlink.clock import SimClock
+    from meterlink.headend.billing_store import BillingStore
+    from meterlink.headend.rating_worker import RatingWorker, load_reference
+    from meterlink.headend.service import GatewaySyncService
+    from meterlink.headend.vat import load_vat_table
+    from meterlink.v1 import sync_pb2
+
+    repo = open_repository(url, migrate=True)
+    per_gateway = total // gateways
+    key = Ed25519PrivateKey.generate()
+    pub = public_bytes(key)
+    names = [f"{label}-gw{g}" for g in range(gateways)]
+    records = {g: gateway_records(g, per_gateway) for g in names}
+    work = {g: signed_requests(g, recs, batch, key) for g, recs in records.items()}
+    meter_ids = sorted({r.reading.meter_id for recs in records.values() for r in recs})
+    markets, tariffs = load_reference()
+    store = BillingStore(url)
+    store.import_bindings(bench_bindings(meter_ids), markets, load_vat_table())
+    clock = SimClock(T0 + timedelta(days=40))
+    service = GatewaySyncService(repo, clock, public_key=lambda gw: pub)
+    worker = RatingWorker(url, markets, tariffs, clock, poll_s=3600, lock_retry_s=0.01)
+    repo.commit_hooks.append(worker.notify)
+    worker.start()
+    if not worker.wait_idle(600):                     # the start-up run (nothing to rate yet) before the clock
+        raise RuntimeError(f"rating worker did not settle: {worker.stats}")
+    base = (worker.stats.readings, worker.stats.rows_changed, worker.stats.busy_s)
+    if backend == "postgres":                         # open the pool's connections before the clock starts
+        warm = [threading.Thread(target=repo.acked_seq, args=("warm",)) for _ in range(gateways)]
+        for t in warm:
+            t.start()
+        for t in warm:
+            t.join()
+    server0 = _pg_backend_cpu(url) if backend == "postgres" else 0.0
+    barrier = threading.Barrier(gateways + 1)
+    errors: list = []
+    ctx = _Context()
+
+    def push(gateway: str, blobs: list[bytes]) -> None:
+        barrier.wait()
+        try:
+            for blob in blobs:
+                ack = service.Push(sync_pb2.PushRequest.FromString(blob), ctx)
+                assert not ack.refused and ack.accepted > 0, ack
+        except Exception as exc:              # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=push, args=item) for item in work.items()]
+    for t in threads:
+        t.start()
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    barrier.wait()
+    for t in threads:
+        t.join()
+    stored_at = time.perf_counter() - t0
+    rated = worker.wait_idle(3600)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    server = (_pg_backend_cpu(url) - server0) if backend == "postgres" else 0.0
+    stats = worker.stats
+    worker.stop()
+    if errors:
+        raise errors[0]
+    if not rated or stats.failures:
+        raise RuntimeError(f"rating did not finish cleanly: {stats}")
+    stored = sum(repo.acked_seq(g) for g in work)
+    usage = sum(wh for per in store.pending_usage().values() for wh in per.values())
+    store.close()
+    repo.close()
+    n = per_gateway * gateways
+    assert stored == n, f"acked {stored} of {n}"
+    return {"readings": n, "wall": wall, "rate": n / wall, "cpu": cpu + server, "per_cpu": n / (cpu + server),
+            "stored_s": stored_at, "runs": stats.runs - 1, "rated_readings": stats.readings - base[0],
+            "intervals": stats.rows_changed - base[1], "rating_s": stats.busy_s - base[2], "usage_wh": usage}
+
+
 def fsync_ms(directory: str, rounds: int = 20) -> float:
     """Median time of write(4 KiB) + fdatasync on `directory`'s disk: the floor under every durable commit."""
     path, times = os.path.join(directory, "fsync-probe"), []
@@ -136,14 +262,23 @@ def fsync_ms(directory: str, rounds: int = 20) -> float:
 
 
 def postgres_url(given: str | None) -> tuple[str | None, str]:
+    sys.path.insert(0, str(ROOT / "tests"))
     if given:
         return given, given
-    sys.path.insert(0, str(ROOT / "tests"))
     import pgserver
     if pgserver.PG_UNAVAILABLE:
         return None, pgserver.PG_UNAVAILABLE
     url = pgserver.pg_database_url()                # throwaway database, dropped at exit
     return url, url.rsplit("/", 1)[0] + "/<throwaway>"
+
+
+def fresh_url(given: str | None, base: str) -> str:
+    """The PostgreSQL URL for one pipeline scenario: --database as given, else a new empty schema of the
+    throwaway database (each scenario's rating then sees only its own gateways)."""
+    if given:
+        return given
+    import pgserver
+    return pgserver.fresh_schema_url()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,17 +287,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--readings", type=int, default=200_000, help="readings per scenario (default 200000)")
     ap.add_argument("--backend", choices=("sqlite", "postgres", "both"), default="both")
     ap.add_argument("--database", help="PostgreSQL URL to use (default: a throwaway database on 127.0.0.1:5432)")
+    ap.add_argument("--only", choices=("pipeline", "store"), help="run only verify+store+rate or only store")
     args = ap.parse_args(argv)
     print("command:", shlex.join([sys.executable.replace(str(ROOT) + "/", ""), "bench/bench_ingest.py",
                                   *(argv if argv is not None else sys.argv[1:])]))
-    print(f"store only (no chain verification, no rating); {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f} at start")
-    scenarios = [("1 gateway, 500/batch", 500, 1), ("1 gateway, 5000/batch", 5000, 1),
-                 ("8 gateways at once, 500/batch", 500, 8)]
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
+    pipeline = [("1 gateway, 5000/batch", 5000, 1), ("8 gateways at once, 500/batch", 500, 8)]
+    store_only = [("1 gateway, 500/batch", 500, 1), ("1 gateway, 5000/batch", 5000, 1),
+                  ("8 gateways at once, 500/batch", 500, 8)]
+    if args.only == "store":
+        pipeline = []
+    if args.only == "pipeline":
+        store_only = []
     backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
-    best: dict[str, float] = {}
-    header = (f"{'backend':9} {'scenario':32} {'readings':>9} {'wall s':>7} {'readings/s':>11} {'cpu s':>7} "
-              f"{'readings/cpu-s':>15}")
+    best: dict[tuple[str, str], float] = {}
     with tempfile.TemporaryDirectory(prefix="bench-ingest-", dir=ROOT / "var" if (ROOT / "var").is_dir() else None) as tmp:
         sync = fsync_ms(tmp)
         print(f"disk: write+fdatasync median {sync:.2f} ms -> one durable commit per 500-record batch caps a "
@@ -174,18 +312,36 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"postgres  skipped: {shown}")
                     continue
                 print(f"postgres  database {shown}")
-            print(header)
-            for i, (name, batch, gateways) in enumerate(scenarios):
+            if pipeline:
+                print(f"verify + store + rate (push requests -> GatewaySyncService.Push -> rating worker), {backend}:")
+                print(f"{'backend':9} {'scenario':32} {'readings':>9} {'wall s':>7} {'readings/s':>11} {'cpu s':>7} "
+                      f"{'readings/cpu-s':>15} {'cpu us/rdg':>10} {'acked at s':>10} {'rating runs':>11}")
+            for i, (name, batch, gateways) in enumerate(pipeline):
+                purl = f"sqlite:///{tmp}/pipeline-{i}.db" if backend == "sqlite" else fresh_url(args.database, url)
+                r = run_pipeline(purl, backend, args.readings, batch, gateways, f"p{i}-{int(time.time() * 1000) % 10**8}")
+                best[(backend, "pipeline")] = max(best.get((backend, "pipeline"), 0.0), r["rate"])
+                print(f"{backend:9} {name:32} {r['readings']:>9} {r['wall']:>7.2f} {r['rate']:>11,.0f} "
+                      f"{r['cpu']:>7.2f} {r['per_cpu']:>15,.0f} {r['cpu'] / r['readings'] * 1e6:>10.1f} "
+                      f"{r['stored_s']:>10.2f} {r['runs']:>11}", flush=True)
+                print(f"{'':9}   rated {r['rated_readings']:,} readings (1.8.0/2.8.0) into {r['intervals']:,} intervals, "
+                      f"{r['usage_wh']:,} Wh pending; worker busy {r['rating_s']:.2f} s", flush=True)
+            if store_only:
+                print(f"store only (repository.ingest; no verification, no chain store, no rating), {backend}:")
+                print(f"{'backend':9} {'scenario':32} {'readings':>9} {'wall s':>7} {'readings/s':>11} {'cpu s':>7} "
+                      f"{'readings/cpu-s':>15} {'cpu us/rdg':>10}")
+            for i, (name, batch, gateways) in enumerate(store_only):
                 if backend == "sqlite":
                     url = f"sqlite:///{tmp}/ingest-{i}.db"
                 r = run(url, backend, args.readings, batch, gateways, f"s{i}-{int(time.time() * 1000) % 10**8}")
-                best[backend] = max(best.get(backend, 0.0), r["rate"])
+                best[(backend, "store")] = max(best.get((backend, "store"), 0.0), r["rate"])
                 print(f"{backend:9} {name:32} {r['readings']:>9} {r['wall']:>7.2f} {r['rate']:>11,.0f} "
-                      f"{r['cpu']:>7.2f} {r['per_cpu']:>15,.0f}", flush=True)
+                      f"{r['cpu']:>7.2f} {r['per_cpu']:>15,.0f} {r['cpu'] / r['readings'] * 1e6:>10.1f}", flush=True)
     print(f"load average {os.getloadavg()[0]:.1f} at end")
-    for backend, rate in best.items():
+    for (backend, kind), rate in sorted(best.items()):
         goal = GOALS[backend]
-        print(f"goal {backend}: >= {goal:,} readings/s -> best {rate:,.0f}/s: {'met' if rate >= goal else 'NOT met'}")
+        what = "verify + store + rate (the issue's measure)" if kind == "pipeline" else "store only"
+        print(f"goal {backend}: >= {goal:,} readings/s, {what} -> best {rate:,.0f}/s: "
+              f"{'met' if rate >= goal else 'NOT met'}")
     return 0
 
 

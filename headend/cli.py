@@ -52,6 +52,8 @@ def cmd_serve(args) -> int:
     else:
         server, port = make_server(repo, clock, args.listen or cfg.listen, metrics=metrics)
         server.start()
+    from .rating_worker import start_for_serve     # rate readings as they arrive (--no-rating: off)
+    rating = start_for_serve(args, args.database or cfg.database, clock, repo)
     host = (args.listen or cfg.listen).rpartition(":")[0]
     print(f"{host}:{port}", flush=True)
     if secure is not None:
@@ -69,6 +71,8 @@ def cmd_serve(args) -> int:
     notifier.stopping()
     bound_shutdown(20)                             # a stop that hangs dumps every thread's stack and exits 1
     server.stop(grace=2).wait()
+    if rating is not None:
+        rating.stop()
     if secure is not None:
         secure.enrol_server.stop(None)
         secure.registry.close()
@@ -367,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--enrol-listen", help="HOST:PORT of the server-TLS enrolment port, overrides [pki]")
     serve.add_argument("--metrics-listen", help="HOST:PORT of a Prometheus /metrics endpoint, e.g. 127.0.0.1:9109 "
                                                 "(port 0 picks one; printed as 'metrics URL')")
+    from .rating_worker import add_serve_arguments
+    add_serve_arguments(serve)
     serve.set_defaults(func=cmd_serve)
     mg = sub.add_parser("migrate", help="apply pending schema migrations (versioned, checksummed, one transaction)",
                         epilog="example: meterlink-headend migrate --database postgresql://postgres@127.0.0.1:5432/meterlink")

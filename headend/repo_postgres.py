@@ -32,7 +32,7 @@ from meterlink.errors import ConfigError
 from meterlink.readings import Reading
 
 from .migrations import ADVISORY_LOCK_KEY, SCHEMA_MIGRATIONS_DDL, Migration, load_migrations, plan
-from .store import ACK_WINDOW, IngestResult, StoredRecord, check_batch, epoch_ms, gaps_from_islands
+from .store import ACK_WINDOW, IngestResult, StoredRecord, check_batch, epoch_ms, fire_hooks, gaps_from_islands
 
 # Creates the gateway's row or locks it; returns the ack before this batch.
 LOCK_GATEWAY = ("INSERT INTO gateway_sync AS s (gateway_id, acked_seq) VALUES (%s, 0) ON CONFLICT (gateway_id) "
@@ -151,6 +151,7 @@ class PostgresReadingRepository:
         self.url, self.display_url = url, redact(url)
         self._clock = clock or SystemClock()
         self._pool = _Pool(url, pool_size, self.display_url)
+        self.commit_hooks: list = []     # hook(gateway_id, result) after a commit that stored readings (store.fire_hooks)
         with self._pool.connection():
             pass                      # fail now, with the URL in the message, if the server is unreachable
         if migrate:
@@ -262,7 +263,10 @@ class PostgresReadingRepository:
                 acked = new
             if then is not None:
                 then(conn)
-        return IngestResult(new, accepted, len(records) - accepted)
+        result = IngestResult(new, accepted, len(records) - accepted)
+        if accepted and self.commit_hooks:
+            fire_hooks(self.commit_hooks, gateway_id, result)
+        return result
 
     def gaps(self, gateway_id: str) -> list[tuple[int, int]]:
         """Missing seq ranges [first, last] between the ack and the highest seq held."""

@@ -19,7 +19,7 @@ from meterlink.errors import MeterlinkError
 from meterlink.readings import Reading
 
 from .migrations import SCHEMA_MIGRATIONS_DDL, Migration, load_migrations, plan
-from .store import ACK_WINDOW, IngestResult, StoredRecord, check_batch, epoch_ms, gaps_from_islands
+from .store import ACK_WINDOW, IngestResult, StoredRecord, check_batch, epoch_ms, fire_hooks, gaps_from_islands
 
 # ON CONFLICT on the key only: "INSERT OR IGNORE" would also silently drop a row that breaks NOT NULL.
 INSERT_RECORD = "INSERT INTO gateway_record VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (gateway_id, seq) DO NOTHING"
@@ -114,6 +114,9 @@ class SqliteReadingRepository:
         self._lock = threading.RLock()
         self._pending_lock = threading.Lock()
         self._pending: list[_Job] = []
+        # called as hook(gateway_id, result) after a commit that stored readings (e.g. the rating worker's
+        # notify); must be cheap and never raise: the caller's ack waits for them
+        self.commit_hooks: list = []
         if migrate:
             self.migrate()
 
@@ -203,6 +206,8 @@ class SqliteReadingRepository:
                 self._commit_group(jobs)
         if job.error is not None:
             raise job.error
+        if job.result.accepted and self.commit_hooks:
+            fire_hooks(self.commit_hooks, gateway_id, job.result)
         return job.result
 
     def _commit_group(self, jobs: list[_Job]) -> None:

@@ -14,11 +14,14 @@ Contract, in words:
   * `gaps` lists the missing seq ranges between the ack and the highest seq held;
   * `readings` returns a meter's readings ordered by (taken_at, obis), optionally one register and a
     half-open [start, end) window; `meters` lists meter ids that have readings;
+  * after a commit that stored readings, `ingest` calls each of the repository's `commit_hooks`
+    (hook(gateway_id, IngestResult); `fire_hooks`): serve's rating worker is woken this way;
   * `migrate` applies pending schema migrations (headend/migrations.py); `schema_version` reports.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -84,6 +87,15 @@ def check_batch(gateway_id: str, records: list[StoredRecord]) -> None:
             raise ValidationError(f"gateway {gateway_id}: record seq {r.seq} belongs to gateway {r.gateway_id!r}")
         if not isinstance(r.seq, int) or r.seq < 1:
             raise ValidationError(f"gateway {gateway_id}: record seq {r.seq!r} is not a positive integer")
+
+
+def fire_hooks(hooks: list, gateway_id: str, result: IngestResult) -> None:
+    """Call each commit hook; one that raises is logged and the ingest still succeeds (it is committed)."""
+    for hook in hooks:
+        try:
+            hook(gateway_id, result)
+        except Exception:                  # noqa: BLE001 - a hook never fails a committed ingest
+            logging.getLogger("meterlink.headend").exception("commit hook %r failed", hook)
 
 
 def gaps_from_islands(acked: int, islands: list[tuple[int, int]]) -> list[tuple[int, int]]:
