@@ -146,3 +146,20 @@ def test_three_days_offline_priced_with_the_pulled_two_band_tariff_agree_with_th
         channel.close()
         master.close()
         server.stop()
+
+
+def test_a_payg_tariff_assignment_with_a_bad_vat_rate_or_grid_is_refused_at_the_headend(tmp_path):
+    import pytest
+
+    from meterlink.headend.registry import open_registry
+    registry = open_registry(f"sqlite:///{tmp_path / 'r.db'}")
+    now = from_ms(1_764_000_000_000)
+    try:
+        with pytest.raises(ValueError, match="VAT rate 1.5 out of range"):
+            publish_payg_tariff(registry, "ACC1", "gb-economy7", now, vat_rate="1.5")
+        with pytest.raises(ValueError, match="interval_minutes 7 must divide a day"):
+            publish_payg_tariff(registry, "ACC1", "gb-economy7", now, interval_minutes=7)
+        v = publish_payg_tariff(registry, "ACC1", None, now)          # a withdrawal is a change like any other
+        assert registry.changes_since("gw", 0)[1][-1].kind == "payg.tariff" and v >= 1
+    finally:
+        registry.close()

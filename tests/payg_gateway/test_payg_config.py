@@ -53,6 +53,7 @@ def test_a_config_without_payg_has_no_payg_meters(tmp_path):
     ('meter_id = "M-1"\naccount = "A"\nprice_minor_per_kwh = "-3"\n', "price_minor_per_kwh", "non-negative"),
     ('meter_id = "M-1"\naccount = "A"\nsync_s = 0\n', "sync_s", "positive"),
     ('meter_id = "M-1"\naccount = "A"\ncolour = "red"\n', "colour", "unknown key"),
+    ('meter_id = "M-1"\naccount = "A"\ncard_socket = "/run/' + "x" * 100 + '.sock"\n', "card_socket", "too long"),
 ])
 def test_a_bad_payg_table_is_refused_naming_the_key(tmp_path, table, key, message):
     with pytest.raises(ConfigError) as err:
@@ -65,3 +66,10 @@ def test_a_market_file_with_an_unknown_prepayment_key_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="emergency_credit"):
         load_market(str(tmp_path / "m.toml"), "GBP")
     assert load_market(None, "EUR")[0].currency == "EUR"
+
+
+def test_the_card_socket_is_optional_and_relative_to_the_config_file(tmp_path):
+    table = '\n[[payg]]\nmeter_id = "M-1"\naccount = "ACC1"\n'
+    assert load_config(str(write(tmp_path, table))).payg[0].card_socket is None
+    [p] = load_config(str(write(tmp_path, table + 'card_socket = "run/cards.sock"\n'))).payg
+    assert p.card_socket == str(tmp_path / "run" / "cards.sock")
