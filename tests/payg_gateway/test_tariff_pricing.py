@@ -152,25 +152,24 @@ def test_the_daemon_hook_prices_with_the_pulled_tariff_and_logs_the_fallback(tmp
     from meterlink.gateway.configpull import save_state
 
     caplog.set_level(logging.INFO, logger="meterlink.gateway.payg")
-    if True:
-        gw, hook, clock, _ = payg_gateway()
-        pm = hook.meters["H-1"]
-        assert pm.price == Decimal("100") and hook.price_in_force["H-1"] == "flat"
-        assert "FALLBACK flat price_minor_per_kwh 100" in caplog.text
-        hook.config_state_path = tmp_path / "config-state.json"
-        save_state(hook.config_state_path, state_with(("tariff.set", {"name": "gb-economy7", "toml": text("economy7")}),
-                                                      ASSIGN))
-        hook.refresh_prices()
-        assert isinstance(pm.price, TariffPrice) and hook.price_in_force["H-1"].startswith("tariff gb-economy7@2#")
-        assert "pricing with the pulled tariff 'gb-economy7'" in caplog.text
-        caplog.clear()
-        hook.refresh_prices()                                  # unchanged file: nothing re-read, nothing logged
-        assert caplog.text == ""
-        broken = json.loads(hook.config_state_path.read_text())
-        broken["tariffs"]["gb-economy7"] = "not toml ["
-        hook.config_state_path.write_text(json.dumps(broken))
-        hook.refresh_prices()                                  # unusable now: the tariff in force is kept
-        assert isinstance(pm.price, TariffPrice) and "keeping tariff gb-economy7@2#" in caplog.text
-        save_state(hook.config_state_path, state_with(("tariff.set", {"name": "x", "toml": text("economy7")})))
-        hook.refresh_prices()                                  # assignment gone: back to the flat fallback
-        assert pm.price == Decimal("100") and hook.price_in_force["H-1"] == "flat"
+    gw, hook, clock, _ = payg_gateway()
+    pm = hook.meters["H-1"]
+    assert pm.price == Decimal("100") and hook.price_in_force["H-1"] == "flat"
+    assert "FALLBACK flat price_minor_per_kwh 100" in caplog.text
+    hook.config_state_path = tmp_path / "config-state.json"
+    save_state(hook.config_state_path, state_with(("tariff.set", {"name": "gb-economy7", "toml": text("economy7")}),
+                                                  ASSIGN))
+    hook.refresh_prices()
+    assert isinstance(pm.price, TariffPrice) and hook.price_in_force["H-1"].startswith("tariff gb-economy7@2#")
+    assert "pricing with the pulled tariff 'gb-economy7'" in caplog.text
+    caplog.clear()
+    hook.refresh_prices()                                  # unchanged file: nothing re-read, nothing logged
+    assert caplog.text == ""
+    broken = json.loads(hook.config_state_path.read_text())
+    broken["tariffs"]["gb-economy7"] = "not toml ["
+    hook.config_state_path.write_text(json.dumps(broken))
+    hook.refresh_prices()                                  # unusable now: the tariff in force is kept
+    assert isinstance(pm.price, TariffPrice) and "keeping tariff gb-economy7@2#" in caplog.text
+    save_state(hook.config_state_path, state_with(("tariff.set", {"name": "x", "toml": text("economy7")})))
+    hook.refresh_prices()                                  # assignment gone: back to the flat fallback
+    assert pm.price == Decimal("100") and hook.price_in_force["H-1"] == "flat"
