@@ -10,6 +10,10 @@ at its start (None = parked), and how much of it has already been billed (`bille
     tariff and VAT of their own dates, as separate lines dated with their own sub-period;
 and then marks those rows billed. So every Wh is billed exactly once, to one account, and an
 issued item is never touched again (corrections arrive as delta lines on the next item).
+Catch-up is priced as if it had arrived on time: blocks (tiers) count the period's whole import
+(what its rows already billed + the delta, `rating.tier_delta`), and the standing charges of supply
+days no earlier item carried (a supply back-dated over billed months) are added, dated in their own
+month (`standing_due`, with the charged ranges the caller keeps from `BillableItem.standing_charged`).
 Rows once billed keep their account: `check_rebinding` refuses a binding edit that would move
 billed usage to another account (issue a credit first).
 """

@@ -1,4 +1,4 @@
-"""Persistence of bindings, interval usage, exceptions, billable items, invoices and export cursors (tables of migrations 0002/0003), and the thin steps that call the pure cores; SQL and orchestration only, no business rules.
+"""Persistence of bindings, interval usage, exceptions, billable items, invoices and export cursors (tables of migrations 0002/0003/0004, and `standing_charged` created on open), and the thin steps that call the pure cores; SQL and orchestration only, no business rules.
 
 Works on SQLite (``sqlite:///PATH``) and PostgreSQL (``postgresql://...``) through one small
 adapter: the SQL is written once with ``?`` placeholders (turned into ``%s`` for psycopg) and
