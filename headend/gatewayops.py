@@ -133,13 +133,55 @@ def cmd_gateways(args) -> int:
         elif args.gateways_command == "meters":
             meters = registry.provision(args.name, args.add or [], args.remove or [], now)
             print(f"gateway {args.name}: {', '.join(meters) or 'no meters'}")
+        elif args.gateways_command == "tariff":
+            version = publish_tariff_file(registry, args.name, Path(args.file), now, args.gateway or "*")
+            print(f"tariff {args.name} published to {args.gateway or 'every gateway'} as configuration version "
+                  f"{version}")
+        elif args.gateways_command == "payg-tariff":
+            if bool(args.tariff) == bool(args.withdraw):
+                raise RegistryError(f"PAYG account {args.account}: give exactly one of --tariff NAME or --withdraw")
+            version = assign_payg_tariff(registry, args.account, None if args.withdraw else args.tariff, now,
+                                         vat_rate=args.vat_rate, interval_minutes=args.interval_minutes,
+                                         target=args.gateway or "*")
+            what = "withdrawn" if args.withdraw else f"priced offline with tariff {args.tariff}"
+            print(f"PAYG account {args.account}: {what} on {args.gateway or 'every gateway'} "
+                  f"(configuration version {version})")
     finally:
         registry.close()
     return 0
 
 
+def publish_tariff_file(registry, name: str, path: Path, now, target: str = "*") -> int:
+    """Publish a tariff file for offline rating after checking it parses as a head-end tariff (the gateways
+    rate with the same code: a file the head-end cannot read would only fail later, on every gateway)."""
+    from .configpub import publish_tariff
+    from .tariff import load_tariff
+    if not path.exists():
+        raise ConfigError(f"tariff file {path} does not exist", path=str(path))
+    load_tariff(path)                               # TariffError names the file and the field
+    return publish_tariff(registry, name, path.read_text(), now, target)
+
+
+def assign_payg_tariff(registry, account: str, tariff: str | None, now, *, vat_rate: str, interval_minutes: int,
+                       target: str = "*") -> int:
+    """Tell gateways which published tariff prices PAYG `account` offline; refuses a tariff name that was
+    never published to `target` (the gateways would fall back to their flat price)."""
+    from .configpub import publish_payg_tariff
+    if tariff is not None:
+        _, changes = registry.changes_since(target, 0)     # '*': the changes every gateway receives
+        published = {c.body.get("name") for c in changes if c.kind == "tariff.set"}
+        if tariff not in published:
+            raise RegistryError(f"tariff {tariff} was never published to {'every gateway' if target == '*' else target}"
+                                f": publish it first with `meterlink-headend gateways tariff {tariff} --file FILE`")
+    try:
+        return publish_payg_tariff(registry, account, tariff, now, vat_rate=vat_rate,
+                                   interval_minutes=interval_minutes, target=target)
+    except ValueError as exc:
+        raise RegistryError(str(exc)) from None
+
+
 def add_gateways_parser(sub) -> None:
-    """Register `gateways add|code|list|revoke|meters` on the head-end CLI's subparsers."""
+    """Register `gateways add|code|list|revoke|meters|tariff|payg-tariff` on the head-end CLI's subparsers."""
     gw = sub.add_parser("gateways", help="enrol, list and revoke gateways; provision meters to them",
                         epilog="example: meterlink-headend gateways add gw-0001 --config headend.toml")
     gsub = gw.add_subparsers(dest="gateways_command", required=True)
@@ -174,4 +216,22 @@ def add_gateways_parser(sub) -> None:
     p.add_argument("name")
     p.add_argument("--add", action="append", help="meter id to provision (repeatable)")
     p.add_argument("--remove", action="append", help="meter id to withdraw (repeatable)")
+    common(p)
+    p = gsub.add_parser("tariff", help="publish a tariff file to the gateways for offline PAYG pricing "
+                        "(signed configuration delta)",
+                        epilog="example: meterlink-headend gateways tariff gb-economy7 --file tariffs/e7.toml")
+    p.add_argument("name", help="the name gateways know the tariff by")
+    p.add_argument("--file", required=True, help="tariff TOML (the head-end's tariff format; checked before publishing)")
+    p.add_argument("--gateway", help="publish to this gateway only (default: every gateway)")
+    common(p)
+    p = gsub.add_parser("payg-tariff", help="which published tariff prices a PAYG account offline on the gateways",
+                        epilog="example: meterlink-headend gateways payg-tariff ACC-0001 --tariff gb-economy7 "
+                               "--vat-rate 0.05 --interval-minutes 30")
+    p.add_argument("account")
+    p.add_argument("--tariff", help="a tariff name published with `gateways tariff`")
+    p.add_argument("--withdraw", action="store_true", help="withdraw the assignment (gateways fall back to their "
+                   "configured flat price)")
+    p.add_argument("--vat-rate", default="0", help="the rate the PAYG ledger splits gross charges with, e.g. 0.05")
+    p.add_argument("--interval-minutes", type=int, default=15, help="the market's interval grid (default 15)")
+    p.add_argument("--gateway", help="this gateway only (default: every gateway)")
     common(p)

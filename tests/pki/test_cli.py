@@ -111,3 +111,34 @@ def test_adding_a_gateway_with_another_gateways_meter_makes_no_code(tmp_path, ca
     assert rc == 2 and "meter MTR-1 is provisioned to gateway gw-a" in err and "code" not in out
     rc, out, _ = run(headend_main, ["gateways", "list", "--json", *base], capsys)
     assert [g["gateway"] for g in json.loads(out)] == ["gw-a"]
+
+
+def test_operator_publishes_a_tariff_and_a_payg_assignment_which_the_gateway_pulls(served, tmp_path, capsys):
+    cfg, addr, enrol_addr, fp = served
+    code = json.loads(run(headend_main, ["gateways", "add", "gw-0004", "--config", str(cfg), "--json"], capsys)[1])["code"]
+    state = tmp_path / "gw-pki"
+    assert run(gateway_main, ["enroll", "--headend", enrol_addr, "--code", code, "--ca-fingerprint", fp,
+                              "--state-dir", str(state)], capsys)[0] == 0
+    e7 = ROOT / "headend" / "data" / "tariff_gb_economy7.toml"
+    rc, _, err = run(headend_main, ["gateways", "payg-tariff", "ACC-1", "--tariff", "gb-e7", "--vat-rate", "0.05",
+                                    "--config", str(cfg)], capsys)
+    assert rc == 2 and "tariff gb-e7 was never published to every gateway" in err
+    broken = tmp_path / "broken.toml"
+    broken.write_text('[tariff]\nname = "x"\ncurrency = 7\n')
+    rc, _, err = run(headend_main, ["gateways", "tariff", "bad", "--file", str(broken), "--config", str(cfg)], capsys)
+    assert rc == 2 and "broken.toml" in err                                  # refused before any gateway sees it
+    rc, out, _ = run(headend_main, ["gateways", "tariff", "gb-e7", "--file", str(e7), "--config", str(cfg)], capsys)
+    assert rc == 0 and "tariff gb-e7 published to every gateway" in out
+    rc, out, _ = run(headend_main, ["gateways", "payg-tariff", "ACC-1", "--tariff", "gb-e7", "--vat-rate", "0.05",
+                                    "--interval-minutes", "30", "--config", str(cfg)], capsys)
+    assert rc == 0 and "priced offline with tariff gb-e7" in out
+    rc, _, err = run(headend_main, ["gateways", "payg-tariff", "ACC-2", "--tariff", "gb-e7", "--vat-rate", "1.5",
+                                    "--config", str(cfg)], capsys)
+    assert rc == 2 and "VAT rate 1.5 out of range" in err
+    rc, out, _ = run(gateway_main, ["pull-config", "--headend", addr, "--state-dir", str(state)], capsys)
+    assert rc == 0
+    from meterlink.gateway.configpull import load_state
+    pulled = load_state(state / "config-state.json")
+    assert pulled.tariffs == {"gb-e7": e7.read_text()}
+    assert {k: (v["tariff"], v["vat_rate"], v["interval_minutes"]) for k, v in pulled.payg_tariffs.items()} == \
+        {"ACC-1": ("gb-e7", "0.05", 30)}
