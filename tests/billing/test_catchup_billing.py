@@ -232,3 +232,41 @@ def test_a_database_billed_before_standing_was_recorded_is_not_charged_twice(tmp
         assert lines(a2, "standing") == [("standing", "standing", Decimal("27"), 270, date(2026, 10, 1), date(2026, 11, 1))]
     finally:
         p.close()
+
+
+# --------------------------------------------------------------------------- the date-range arithmetic
+
+from hypothesis import given, strategies as st                                      # noqa: E402
+from zoneinfo import ZoneInfo                                                       # noqa: E402
+
+from meterlink.headend.billing import merge_ranges, standing_dates, subtract_ranges, supply_ranges  # noqa: E402
+from meterlink.headend.binding import Supply                                        # noqa: E402
+
+D0 = date(2026, 10, 1)
+ranges_st = st.lists(st.tuples(st.integers(0, 60), st.integers(0, 15)).map(
+    lambda t: (D0 + timedelta(days=t[0]), D0 + timedelta(days=t[0] + t[1]))), max_size=6)
+
+
+def days_of(ranges):
+    return {a + timedelta(days=i) for a, b in ranges for i in range((b - a).days)}
+
+
+@given(ranges_st, ranges_st)
+def test_range_arithmetic_is_set_arithmetic_on_days(a, b):
+    assert days_of(merge_ranges(a)) == days_of(a)
+    assert days_of(subtract_ranges(a, b)) == days_of(a) - days_of(b)
+    merged = merge_ranges(a)
+    assert all(x[1] < y[0] for x, y in zip(merged, merged[1:]))           # disjoint, not even adjacent
+
+
+def test_supply_days_follow_local_midnights_across_the_dst_change():
+    dublin = ZoneInfo("Europe/Dublin")
+    # 24 Oct 23:00 UTC is local midnight of the 25th (IST); 26 Oct 00:00 UTC is local midnight of the 26th (GMT)
+    whole = Supply("SP1", "A1", utc(2026, 10, 24, 23), utc(2026, 10, 26, 0))
+    assert supply_ranges([whole], dublin, D0, date(2026, 11, 1)) == [(date(2026, 10, 25), date(2026, 10, 26))]
+    # a minute past local midnight reaches into the next day, which then owes its standing charge too
+    late = Supply("SP1", "A1", utc(2026, 10, 24, 23), utc(2026, 10, 26, 0, 1))
+    assert supply_ranges([late], dublin, D0, date(2026, 11, 1)) == [(date(2026, 10, 25), date(2026, 10, 27))]
+    b = gb_bindings(utc(2026, 9, 1), market="IE").move_in("SP1", "A1", utc(2026, 10, 24, 23), utc(2026, 10, 26, 0, 1))
+    assert days_of(supply_ranges(b.supplies_of_account("A1"), dublin, D0, date(2026, 11, 1))) == \
+        set(standing_dates(b, "A1", D0, date(2026, 11, 1), dublin))
