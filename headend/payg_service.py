@@ -24,6 +24,7 @@ once per call instead of twice (a parsed certificate per call and one plain regi
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -87,11 +88,15 @@ class CreditControlService(payg_pb2_grpc.CreditControlServicer):
                  registry=None, auth=None) -> None:
         self.store, self.clock, self.token_key, self.registry = store, clock, token_key, registry
         self.auth = auth            # the interceptor whose refusal counters/metrics our refusals join
+        self._bound = threading.local()
         self._peers: dict = {}
         self.cc = CC.CreditControl(store, S.SqlSessionStore(store), policy, store.vat,
                                    account_active=self._active, tokens=S.StoreTokenReservations(store))
 
     def _active(self, account_id: str) -> bool:
+        known = getattr(self._bound, "value", None)       # read with the meter binding, same transaction
+        if known is not None and known[0] == account_id:
+            return known[1]
         return self.store.account_active(account_id)
 
     def _refuse(self, context, refusal: Refusal):
@@ -130,7 +135,9 @@ class CreditControlService(payg_pb2_grpc.CreditControlServicer):
 
     def _check_bound(self, request, context) -> None:
         """The request's meter is the PAYG meter of its account (read inside the request's transaction)."""
-        bound = self.store.meter_account(request.meter_id)
+        binding = self.store.meter_binding(request.meter_id)
+        self._bound.value = binding
+        bound = binding[0] if binding else None
         if bound != request.account_id:
             self._refuse(context, Refusal(METER_NOT_BOUND, f"meter {request.meter_id} is "
                                           + (f"bound to account {bound}" if bound else "not a PAYG meter")
@@ -140,6 +147,7 @@ class CreditControlService(payg_pb2_grpc.CreditControlServicer):
         self._check(request, context)
         req = request_from_proto(request, rtype)
         now = _ms(self.clock.now())
+        self._bound.value = None
         with self.store.transaction():
             self._check_bound(request, context)
             self._reconcile_cards(request, req, now)
@@ -169,9 +177,9 @@ class CreditControlService(payg_pb2_grpc.CreditControlServicer):
             return None
         from meterlink.gateway import payg as GP
         from meterlink.gateway import tokens as T
-        cards = [c for c in self.store.account_cards(req.account_id) if c.active]
-        entries = tuple(T.CardEntry(c.card_id, req.meter_id, c.public_key) for c in cards)
-        black = frozenset(c.card_id for c in cards if V.blacklisted(self.store.blacklist(c.card_id), c.card_id, now))
+        cards = [(c, bl) for c, bl in self.store.account_cards_blacklist(req.account_id) if c.active]
+        entries = tuple(T.CardEntry(c.card_id, req.meter_id, c.public_key) for c, _ in cards)
+        black = frozenset(c.card_id for c, bl in cards if V.blacklisted(bl, c.card_id, now))
         version = to_ms(now)
         card_list = T.CardList(version, now, entries)
         blacklist = T.Blacklist(version, now, black)

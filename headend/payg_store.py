@@ -53,6 +53,7 @@ CREATE TABLE IF NOT EXISTS payg_account (
 CREATE TABLE IF NOT EXISTS payg_card (
     card_id TEXT PRIMARY KEY, account_id TEXT NOT NULL, public_key TEXT NOT NULL,
     active BIGINT NOT NULL DEFAULT 1, registered_at_ms BIGINT NOT NULL);
+CREATE INDEX IF NOT EXISTS payg_card_account ON payg_card(account_id);
 CREATE TABLE IF NOT EXISTS payg_blacklist (
     card_id TEXT NOT NULL, effective_at_ms BIGINT NOT NULL, reason TEXT NOT NULL DEFAULT '',
     lifted_at_ms BIGINT, PRIMARY KEY (card_id, effective_at_ms));
@@ -146,6 +147,27 @@ class _Batch:
         self.opened = time.monotonic()
 
 
+class _Reading:
+    """`PaygStore._read()`: holds the connection's lock for a read; outside a transaction, commits
+    an open group first (`_commit_batch` never raises: a failed COMMIT is reported to its members)."""
+
+    __slots__ = ("store",)
+
+    def __init__(self, store: "PaygStore") -> None:
+        self.store = store
+
+    def __enter__(self) -> _Conn:
+        st = self.store
+        st._lock.acquire()
+        if st._batch is not None and st._owner != threading.get_ident():
+            st._commit_batch()
+        return st._db
+
+    def __exit__(self, *exc) -> bool:
+        self.store._lock.release()
+        return False
+
+
 class PaygStore:
     """The head-end's PAYG tables; also the SQLite `LedgerStore` of the credit-control core."""
 
@@ -158,6 +180,7 @@ class PaygStore:
         self._batch: _Batch | None = None       # the open group commit, if any
         self._waiting = 0                       # threads queued for a transaction (guarded by _wlock)
         self._wlock = threading.Lock()
+        self._reading = _Reading(self)
         self.commits = 0                        # durable COMMITs, and the transactions they carried
         self.committed_transactions = 0
         if is_postgres_url(database):
@@ -193,8 +216,8 @@ class PaygStore:
         """One write transaction (nested calls join the outer one), durable when the block exits.
 
         Group commit: concurrent transactions share one database transaction and one durable
-        COMMIT (one WAL fsync on SQLite), each in its own SAVEPOINT, so a failing block rolls back
-        only its own writes. Blocks run one at a time on the connection, in arrival order, each
+        COMMIT (one WAL fsync on SQLite), each after the first in its own SAVEPOINT, so a failing
+        block rolls back only its own writes. Blocks run one at a time on the connection, in arrival order, each
         seeing the writes of those before it. The block that ends while no other transaction is
         queued (or when the group is full or `GROUP_COMMIT_WINDOW_S` old) commits the group;
         every block returns (or raises) only after that COMMIT, so no caller ever answers from
@@ -212,10 +235,12 @@ class PaygStore:
         failed: BaseException | None = None
         try:
             try:
-                if self._batch is None:
+                first = self._batch is None       # alone in the group: no savepoint needed
+                if first:
                     self._begin()
                 batch = self._batch
-                self._db.execute("SAVEPOINT payg_request")
+                if not first:
+                    self._db.execute("SAVEPOINT payg_request")
             except BaseException as exc:
                 self._abort_batch(exc)
                 raise
@@ -226,10 +251,14 @@ class PaygStore:
                 failed = exc
             finally:
                 self._owner = None
+            if first and failed is not None:      # nothing else in the group: roll it all back
+                self._rollback_batch()
+                raise failed
             try:
                 if failed is not None:
                     self._db.execute("ROLLBACK TO payg_request")
-                self._db.execute("RELEASE payg_request")
+                if not first:
+                    self._db.execute("RELEASE payg_request")
             except BaseException as exc:          # the connection failed: the whole group is lost
                 self._abort_batch(exc)
                 raise failed or exc
@@ -278,6 +307,15 @@ class PaygStore:
         finally:
             batch.done.set()
 
+    def _rollback_batch(self) -> None:
+        """Roll back a group whose only member failed (nobody waits for it)."""
+        batch, self._batch = self._batch, None
+        try:
+            self._db.execute("ROLLBACK")
+        except Exception:
+            pass
+        batch.done.set()
+
     def _abort_batch(self, exc: BaseException) -> None:
         batch, self._batch = self._batch, None
         if batch is None:
@@ -296,14 +334,10 @@ class PaygStore:
                 if self._batch is batch:
                     self._commit_batch()
 
-    @contextmanager
-    def _read(self) -> Iterator[_Conn]:
-        """The connection for reads: inside a transaction its own (uncommitted) state; outside,
-        committed state only (an open group is committed first, never read dirty)."""
-        with self._lock:
-            if self._owner != threading.get_ident() and self._batch is not None:
-                self._commit_batch()
-            yield self._db
+    def _read(self) -> "_Reading":
+        """The connection for reads (a context manager): inside a transaction its own uncommitted
+        state; outside, committed state only (an open group is committed first, never read dirty)."""
+        return self._reading
 
     # ------------------------------------------------------------------ LedgerStore
 
@@ -395,6 +429,13 @@ class PaygStore:
             row = self._db.execute("SELECT account_id FROM payg_meter WHERE meter_id = ?", (meter_id,)).fetchone()
         return row[0] if row else None
 
+    def meter_binding(self, meter_id: str) -> tuple[str, bool] | None:
+        """(account, whether that account is active) of the PAYG meter `meter_id`, in one read; None if unbound."""
+        with self._read():
+            row = self._db.execute("SELECT m.account_id, a.active FROM payg_meter m LEFT JOIN payg_account a "
+                                   "ON a.account_id = m.account_id WHERE m.meter_id = ?", (meter_id,)).fetchone()
+        return None if row is None else (row[0], bool(row[1]))
+
     def account(self, account_id: str) -> V.AccountState | None:
         with self._read():
             row = self._db.execute("SELECT currency, active, max_balance_minor FROM payg_account "
@@ -434,6 +475,20 @@ class PaygStore:
             rows = self._db.execute("SELECT card_id, account_id, public_key, active FROM payg_card WHERE account_id = ? "
                                     "ORDER BY card_id", (account_id,)).fetchall()
         return [V.Card(r[0], r[1], bytes.fromhex(r[2]), bool(r[3])) for r in rows]
+
+    def account_cards_blacklist(self, account_id: str) -> list[tuple[V.Card, tuple[V.BlacklistEntry, ...]]]:
+        """The account's registered cards, by card id, each with its blacklist entries (one read)."""
+        with self._read():
+            rows = self._db.execute("SELECT c.card_id, c.account_id, c.public_key, c.active, b.effective_at_ms, "
+                                    "b.reason, b.lifted_at_ms FROM payg_card c LEFT JOIN payg_blacklist b "
+                                    "ON b.card_id = c.card_id WHERE c.account_id = ? "
+                                    "ORDER BY c.card_id, b.effective_at_ms", (account_id,)).fetchall()
+        out: dict[str, tuple[V.Card, list[V.BlacklistEntry]]] = {}
+        for r in rows:
+            card, entries = out.setdefault(r[0], (V.Card(r[0], r[1], bytes.fromhex(r[2]), bool(r[3])), []))
+            if r[4] is not None:
+                entries.append(V.BlacklistEntry(r[0], from_ms(r[4]), r[5], from_ms(r[6]) if r[6] is not None else None))
+        return [(card, tuple(entries)) for card, entries in out.values()]
 
     def _card(self, card_id: str) -> dict[str, V.Card]:
         row = self._db.execute("SELECT card_id, account_id, public_key, active FROM payg_card WHERE card_id = ?",

@@ -103,15 +103,17 @@ def test_concurrent_transactions_share_one_commit_and_each_is_durable_when_its_c
     assert sorted(committed_kinds(store)) == sorted(f"e{k}" for k in range(N))
 
 
-def test_a_failing_block_in_a_group_rolls_back_only_its_own_writes(store):
+@pytest.mark.parametrize("position", [0, 1, 2])
+def test_a_failing_block_in_a_group_rolls_back_only_its_own_writes(store, position):
     def failing(db):
         event("bad")(db)
         raise RuntimeError("refused by the block")
 
-    bodies = [event("a"), failing, event("b")]
+    bodies = [event("a"), event("b")]
+    bodies.insert(position, failing)
     results, _ = queued_together(store, bodies)
-    assert results[0] == "a" and results[2] == "b"
-    assert isinstance(results[1], RuntimeError) and str(results[1]) == "refused by the block"
+    assert [r for r in results if isinstance(r, str)] == ["a", "b"]
+    assert isinstance(results[position], RuntimeError) and str(results[position]) == "refused by the block"
     assert sorted(committed_kinds(store)) == ["a", "b"]
 
 
@@ -174,3 +176,15 @@ def test_sqlite_commits_are_durable_with_a_wal_fsync_each(tmp_path):
         assert st._db.raw.execute("PRAGMA synchronous").fetchone()[0] == 2      # FULL
     finally:
         st.close()
+
+
+def test_a_lone_failing_transaction_is_rolled_back_whole_and_the_store_goes_on(store):
+    before = store.commits
+    with pytest.raises(RuntimeError, match="refused"):
+        with store.transaction() as db:
+            event("bad")(db)
+            raise RuntimeError("refused")
+    assert store.commits == before and committed_kinds(store) == []
+    with store.transaction() as db:
+        event("good")(db)
+    assert committed_kinds(store) == ["good"]
