@@ -19,12 +19,16 @@ Scenarios, on SQLite (a file, WAL, synchronous=FULL) and PostgreSQL (synchronous
   * 8 gateways pushing 500-record batches at once (the head-end's 8 gRPC workers): SQLite then
     commits concurrent batches as a group (one fsync), PostgreSQL uses 8 connections.
 
-Besides wall-clock readings/s it prints the CPU seconds spent (this process + the PostgreSQL backends,
-from /proc), readings per CPU-second and CPU microseconds per reading, and the load average: on a
+Rating runs where serve runs it by default, in the rating process (another core); --rating-in-thread
+rates in a thread of the benchmark process instead (serve --rating-in-thread).
+
+Besides wall-clock readings/s it prints the CPU seconds spent (this process + the rating process + the
+PostgreSQL backends, from /proc), readings per CPU-second and CPU microseconds per reading, and the load average: on a
 shared machine the wall figure moves with the neighbours, the CPU figure much less.
 
 Usage: .venv/bin/python bench/bench_ingest.py [--readings N] [--backend sqlite|postgres|both]
                                               [--database postgresql://...] [--only pipeline|store]
+                                              [--rating-in-thread]
 """
 
 from __future__ import annotations
@@ -73,6 +77,15 @@ def batches(records: list[StoredRecord], size: int) -> list[list[StoredRecord]]:
     return [records[i:i + size] for i in range(0, len(records), size)]
 
 
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process `pid` (same host), 0 if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / HZ
+    except (OSError, IndexError):
+        return 0.0
+
+
 def _pg_backend_cpu(url: str) -> float:
     """CPU seconds used so far by every backend connected to the benchmark database (same host)."""
     import psycopg
@@ -80,13 +93,7 @@ def _pg_backend_cpu(url: str) -> float:
     with psycopg.connect(url, autocommit=True) as conn:
         pids = [r[0] for r in conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
                                            "AND pid <> pg_backend_pid()")]
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / HZ
-        except (OSError, IndexError):
-            pass
-    return total
+    return total + sum(_proc_cpu(pid) for pid in pids)
 
 
 def run(url: str, backend: str, total: int, batch: int, gateways: int, label: str) -> dict:
@@ -167,7 +174,8 @@ class _Context:
         raise RuntimeError(f"push aborted: {code}: {detail}")
 
 
-def run_pipeline(url: str, backend: str, total: int, batch: int, gateways: int, label: str) -> dict:
+def run_pipeline(url: str, backend: str, total: int, batch: int, gateways: int, label: str,
+                 separate_process: bool = True) -> dict:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from meterlink.chain import public_bytes
@@ -191,7 +199,8 @@ def run_pipeline(url: str, backend: str, total: int, batch: int, gateways: int, 
     store.import_bindings(bench_bindings(meter_ids), markets, load_vat_table())
     clock = SimClock(T0 + timedelta(days=40))
     service = GatewaySyncService(repo, clock, public_key=lambda gw: pub)
-    worker = RatingWorker(url, markets, tariffs, clock, poll_s=3600, lock_retry_s=0.01)
+    worker = RatingWorker(url, markets, tariffs, clock, poll_s=3600, lock_retry_s=0.01,
+                          separate_process=separate_process)
     repo.commit_hooks.append(worker.notify)
     worker.start()
     if not worker.wait_idle(600):                     # the start-up run (nothing to rate yet) before the clock
@@ -203,7 +212,8 @@ def run_pipeline(url: str, backend: str, total: int, batch: int, gateways: int, 
             t.start()
         for t in warm:
             t.join()
-    server0 = _pg_backend_cpu(url) if backend == "postgres" else 0.0
+    rater_pid = worker._proc.pid if separate_process else None
+    server0 = (_pg_backend_cpu(url) if backend == "postgres" else 0.0) + (_proc_cpu(rater_pid) if rater_pid else 0.0)
     barrier = threading.Barrier(gateways + 1)
     errors: list = []
     ctx = _Context()
@@ -227,7 +237,8 @@ def run_pipeline(url: str, backend: str, total: int, batch: int, gateways: int, 
     stored_at = time.perf_counter() - t0
     rated = worker.wait_idle(3600)
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    server = (_pg_backend_cpu(url) - server0) if backend == "postgres" else 0.0
+    server = ((_pg_backend_cpu(url) if backend == "postgres" else 0.0)
+              + (_proc_cpu(rater_pid) if rater_pid else 0.0) - server0)
     stats = worker.stats
     worker.stop()
     if errors:
@@ -288,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", choices=("sqlite", "postgres", "both"), default="both")
     ap.add_argument("--database", help="PostgreSQL URL to use (default: a throwaway database on 127.0.0.1:5432)")
     ap.add_argument("--only", choices=("pipeline", "store"), help="run only verify+store+rate or only store")
+    ap.add_argument("--rating-in-thread", action="store_true",
+                    help="rate in a thread of this process (serve --rating-in-thread) instead of a rating process")
     args = ap.parse_args(argv)
     print("command:", shlex.join([sys.executable.replace(str(ROOT) + "/", ""), "bench/bench_ingest.py",
                                   *(argv if argv is not None else sys.argv[1:])]))
@@ -313,12 +326,14 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 print(f"postgres  database {shown}")
             if pipeline:
-                print(f"verify + store + rate (push requests -> GatewaySyncService.Push -> rating worker), {backend}:")
+                where = "a thread of this process" if args.rating_in_thread else "serve's rating process"
+                print(f"verify + store + rate (push requests -> GatewaySyncService.Push; rating in {where}), {backend}:")
                 print(f"{'backend':9} {'scenario':32} {'readings':>9} {'wall s':>7} {'readings/s':>11} {'cpu s':>7} "
                       f"{'readings/cpu-s':>15} {'cpu us/rdg':>10} {'acked at s':>10} {'rating runs':>11}")
             for i, (name, batch, gateways) in enumerate(pipeline):
                 purl = f"sqlite:///{tmp}/pipeline-{i}.db" if backend == "sqlite" else fresh_url(args.database, url)
-                r = run_pipeline(purl, backend, args.readings, batch, gateways, f"p{i}-{int(time.time() * 1000) % 10**8}")
+                r = run_pipeline(purl, backend, args.readings, batch, gateways, f"p{i}-{int(time.time() * 1000) % 10**8}",
+                                 separate_process=not args.rating_in_thread)
                 best[(backend, "pipeline")] = max(best.get((backend, "pipeline"), 0.0), r["rate"])
                 print(f"{backend:9} {name:32} {r['readings']:>9} {r['wall']:>7.2f} {r['rate']:>11,.0f} "
                       f"{r['cpu']:>7.2f} {r['per_cpu']:>15,.0f} {r['cpu'] / r['readings'] * 1e6:>10.1f} "

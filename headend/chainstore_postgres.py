@@ -10,13 +10,14 @@ The tables are created if missing (like the SQLite store), under an advisory loc
 from __future__ import annotations
 
 import hashlib
+import struct
 
 from meterlink.chain import GENESIS, ChainRecord, Event, Tombstone, hash_of
 from meterlink.clock import to_ms
 from meterlink.errors import ConfigError
 
 from .chainstore import HeadMoved, stored_readings
-from .repo_postgres import _Pool, redact
+from .repo_postgres import COPY_SIGNATURE, COPY_TRAILER, _Pool, redact
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS gateway_chain_head (
@@ -35,6 +36,26 @@ _DDL_LOCK = int.from_bytes(hashlib.sha256(b"meterlink.headend.chainstore").diges
 # Lock (creating if needed) the gateway's head row; returns the head seq before this commit.
 LOCK_HEAD = ("INSERT INTO gateway_chain_head AS h VALUES (%s, 0, %s, 0) ON CONFLICT (gateway_id) "
              "DO UPDATE SET head_seq = h.head_seq RETURNING head_seq")
+
+
+def hash_copy_data(gateway_id: str, rows: list[tuple[str, int, bytes]]) -> bytes | None:
+    """The binary COPY stream of (gateway_id, seq, hash) rows, or None when a value does not fit the fast
+    path (non-bytes hash, seq out of int8 range): the caller then lets psycopg encode row by row."""
+    try:
+        gw = gateway_id.encode()
+        parts = [COPY_SIGNATURE]
+        structs: dict[int, struct.Struct] = {}
+        for _, seq, h in rows:
+            if type(h) is not bytes or type(seq) is not int:
+                return None
+            st = structs.get(len(h))
+            if st is None:
+                st = structs[len(h)] = struct.Struct(f">hi{len(gw)}siqi{len(h)}s")
+            parts.append(st.pack(3, len(gw), gw, 8, seq, len(h), h))
+        parts.append(COPY_TRAILER)
+        return b"".join(parts)
+    except (struct.error, UnicodeEncodeError):
+        return None
 
 
 class PostgresChainStore:
@@ -88,14 +109,20 @@ class PostgresChainStore:
         """
         if not new:
             return expected_head
-        readings = stored_readings(gateway_id, new)
-        ingest_then = getattr(repo, "ingest_then", None)
-        if ingest_then is not None and getattr(repo, "url", None) == self.url:
+        if getattr(repo, "url", None) == self.url:
             # same database: one transaction; the gateway_sync row lock (taken first by the repository),
             # then the head row lock, in that order on every path, so replicas cannot deadlock
-            ingest_then(gateway_id, readings, received_at_ms,
-                        self._writer(gateway_id, expected_head, new, received_at_ms, hashes))
-            return new[-1].seq
+            ingest_chain_then = getattr(repo, "ingest_chain_then", None)
+            if ingest_chain_then is not None:        # readings straight from the chain records
+                ingest_chain_then(gateway_id, new, received_at_ms,
+                                  self._writer(gateway_id, expected_head, new, received_at_ms, hashes))
+                return new[-1].seq
+            ingest_then = getattr(repo, "ingest_then", None)
+            if ingest_then is not None:
+                ingest_then(gateway_id, stored_readings(gateway_id, new), received_at_ms,
+                            self._writer(gateway_id, expected_head, new, received_at_ms, hashes))
+                return new[-1].seq
+        readings = stored_readings(gateway_id, new)
         if readings:
             repo.ingest(gateway_id, readings, received_at_ms)
         return self.commit(gateway_id, expected_head, new, received_at_ms, hashes)
@@ -121,10 +148,14 @@ class PostgresChainStore:
             if head != expected_head:
                 raise HeadMoved(f"gateway {gateway_id}: head moved from {expected_head} to {head}")
             cur = conn.cursor()
+            data = hash_copy_data(gateway_id, rows)
             with cur.copy("COPY gateway_chain_hash (gateway_id, seq, hash) FROM STDIN (FORMAT BINARY)") as copy:
-                copy.set_types(["text", "int8", "bytea"])
-                for row in rows:
-                    copy.write_row(row)
+                if data is not None:
+                    copy.write(data)                  # pre-encoded in one buffer (repo_postgres.copy_data)
+                else:
+                    copy.set_types(["text", "int8", "bytea"])
+                    for row in rows:
+                        copy.write_row(row)
             if others:
                 cur.executemany("INSERT INTO gateway_event VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)", others)
             cur.execute("UPDATE gateway_chain_head SET head_seq = %s, head_hash = %s, updated_at_ms = %s "

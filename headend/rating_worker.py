@@ -13,7 +13,10 @@ How it runs:
     while the other replica was already running are still rated. `process` is incremental and
     idempotent (rows are merged with their stored state; an unchanged interval is not rated twice),
     and serialised runs always start from what the previous run left;
-  * a failing run is logged and retried with a growing pause (at most `max_backoff_s`).
+  * a failing run is logged and retried with a growing pause (at most `max_backoff_s`);
+  * where the runs happen: by default (serve) in a separate rating process (multiprocessing, spawn) that
+    holds the run lock and its own connections, so rating uses the machine's other core instead of
+    competing with the gRPC threads for serve's GIL; ``--rating-in-thread`` runs them in the thread.
 
 Reference data (markets, tariffs) is loaded once at start (``--markets``/``--tariff-dir`` of serve, the
 bundled files by default); bindings are read at each run (an edit takes effect at the next run).
@@ -99,24 +102,82 @@ def run_lock_for(url: str):
     return _FileRunLock(str(Path(path)))
 
 
-class RatingWorker:
-    """One background thread rating what arrived (see the module docstring)."""
+class _Rater:
+    """One run of `process` under the cross-replica run lock, on its own connections; used by the worker
+    thread itself or, with ``separate_process``, by the rating process (so the lock dies with the runner)."""
 
-    def __init__(self, url: str, markets: Mapping, tariffs: Mapping, clock: Clock, *, poll_s: float = 30.0,
-                 lock_retry_s: float = 0.05, max_backoff_s: float = 30.0) -> None:
+    def __init__(self, url: str, markets: Mapping, tariffs: Mapping) -> None:
         from .billing_store import BillingStore
         from .store import open_repository
+        self.markets, self.tariffs = markets, tariffs
+        # own connections: reading a meter's history never waits for (or holds up) the ingest path's lock
+        self.repo = open_repository(url, migrate=False)
+        try:
+            self.store = BillingStore(url, migrate=False)
+            self.lock = run_lock_for(url)
+        except BaseException:
+            self.repo.close()
+            raise
+
+    def run(self, now, stopping, retry_s: float):
+        """(ProcessResult, seconds) of one run, or None when `stopping()` turned true while waiting for the lock."""
+        from .billing_store import process_readings
+        while not self.lock.try_acquire():
+            if stopping():
+                return None
+            time.sleep(retry_s)
+        try:
+            t0 = time.monotonic()
+            res = process_readings(self.repo, self.store, self.markets, now, tariffs=self.tariffs)
+            return res, time.monotonic() - t0
+        finally:
+            self.lock.release()
+
+    def close(self) -> None:
+        for c in (self.lock, self.store, self.repo):
+            try:
+                c.close()
+            except Exception:                       # noqa: BLE001 - closing on the way out
+                pass
+
+
+def _rating_process_main(conn, url: str, markets: Mapping, tariffs: Mapping, retry_s: float) -> None:
+    """The rating process: one run per `now` received, the outcome sent back; exits on None or when the
+    serve process is gone (EOF on the pipe)."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # serve's Ctrl-C stops serve, which then stops this
+    rater = _Rater(url, markets, tariffs)
+    try:
+        while True:
+            try:
+                now = conn.recv()
+            except (EOFError, OSError):
+                return
+            if now is None:
+                return
+            try:
+                conn.send(("ok", rater.run(now, lambda: False, retry_s)))
+            except Exception as exc:               # noqa: BLE001 - reported to the worker thread
+                conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        rater.close()
+
+
+class RatingWorker:
+    """One background thread rating what arrived (see the module docstring).
+
+    `separate_process`: the runs happen in a child process (multiprocessing, spawn) instead of this
+    thread, so rating uses another core instead of competing with the gRPC threads for this
+    interpreter's GIL; the thread only coalesces wake-ups and waits for the child's answer."""
+
+    def __init__(self, url: str, markets: Mapping, tariffs: Mapping, clock: Clock, *, poll_s: float = 30.0,
+                 lock_retry_s: float = 0.05, max_backoff_s: float = 30.0, separate_process: bool = False) -> None:
         self.url, self.markets, self.tariffs, self.clock = url, markets, tariffs, clock
         self.poll_s, self.lock_retry_s, self.max_backoff_s = poll_s, lock_retry_s, max_backoff_s
+        self.separate_process = separate_process
         self.stats = RatingStats()
-        # own connections: reading a meter's history never waits for (or holds up) the ingest path's lock
-        self._repo = open_repository(url, migrate=False)
-        try:
-            self._store = BillingStore(url, migrate=False)
-            self._lock = run_lock_for(url)
-        except BaseException:
-            self._repo.close()
-            raise
+        self._rater = None if separate_process else _Rater(url, markets, tariffs)
+        self._proc = self._conn = None
         self._cond = threading.Condition()
         self._wanted = True                      # rate once at start: what arrived while nobody rated
         self._stopping = False
@@ -132,26 +193,42 @@ class RatingWorker:
             self._cond.notify()
 
     def start(self) -> RatingWorker:
+        if self.separate_process:
+            self._spawn()
         self._thread.start()
         return self
 
+    def _spawn(self) -> None:
+        import multiprocessing
+        ctx = multiprocessing.get_context("spawn")      # never fork a process that runs gRPC threads
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_rating_process_main, name="meterlink-rating", daemon=True,
+                                 args=(child, self.url, self.markets, self.tariffs, self.lock_retry_s))
+        self._proc.start()
+        child.close()
+
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Ask the thread to stop after the meter it is on, wait up to `timeout_s`, close its connections."""
+        """Ask the thread to stop, wait up to `timeout_s` for a run in progress (a rating process is then
+        terminated: its transaction rolls back and the next run redoes the work), close connections."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
         self._thread.join(timeout_s)
+        if self._proc is not None:
+            try:
+                self._conn.send(None)
+            except OSError:
+                pass
+            self._proc.join(1.0)
+            if self._proc.is_alive():
+                self._proc.terminate()
+                self._proc.join(5.0)
+            self._conn.close()
         if self._thread.is_alive():
             log.warning("rating worker still busy after %.0f s; leaving it (the next run redoes its work)", timeout_s)
             return
-        self._close()
-
-    def _close(self) -> None:
-        for c in (self._lock, self._store, self._repo):
-            try:
-                c.close()
-            except Exception:                       # noqa: BLE001 - closing on the way out
-                pass
+        if self._rater is not None:
+            self._rater.close()
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Block until every notified commit has been rated (tests, benchmarks); True if it got there."""
@@ -181,35 +258,31 @@ class RatingWorker:
                     return
                 self._wanted, self._idle = False, False
             try:
-                if not self._run_locked():
+                if self.run_once() is None:
                     return                               # stopping while waiting for the lock
                 backoff = 0.0
             except Exception as exc:                    # noqa: BLE001 - logged, retried
                 self.stats.failures += 1
                 self.stats.last_error = f"{type(exc).__name__}: {exc}"
                 backoff = min(self.max_backoff_s, max(0.5, backoff * 2))
-                log.exception("rating run failed; retrying in %.1f s", backoff)
+                log.error("rating run failed (%s); retrying in %.1f s", self.stats.last_error, backoff)
                 with self._cond:
                     self._wanted = True
 
-    def _run_locked(self) -> bool:
-        while not self._lock.try_acquire():
-            with self._cond:
-                if self._stopping:
-                    return False
-                self._cond.wait(self.lock_retry_s)
-        try:
-            self.run_once()
-        finally:
-            self._lock.release()
-        return True
+    def _stopping_now(self) -> bool:
+        return self._stopping
 
     def run_once(self):
-        """One incremental `process` over everything not yet rated (the caller holds the run lock)."""
-        from .billing_store import process_readings
-        t0 = time.monotonic()
-        res = process_readings(self._repo, self._store, self.markets, self.clock.now(), tariffs=self.tariffs)
-        took = time.monotonic() - t0
+        """One incremental `process` over everything not yet rated, under the run lock; the ProcessResult,
+        or None when stopping while waiting for the lock."""
+        now = self.clock.now()
+        if self._rater is not None:
+            out = self._rater.run(now, self._stopping_now, self.lock_retry_s)
+        else:
+            out = self._run_in_process(now)
+        if out is None:
+            return None
+        res, took = out
         s = self.stats
         s.runs += 1
         s.readings += res.readings
@@ -219,6 +292,23 @@ class RatingWorker:
             log.info("rated: %d meter(s), %d reading(s), %d interval(s) new or changed, %d exception(s) queued "
                      "in %.2f s", res.meters, res.readings, res.rows_changed, res.exceptions_queued, took)
         return res
+
+    def _run_in_process(self, now):
+        if self._proc is None or not self._proc.is_alive():
+            code = None if self._proc is None else self._proc.exitcode
+            self._spawn()
+            if code is not None:
+                raise RuntimeError(f"the rating process had exited (code {code}); started a new one")
+        self._conn.send(now)
+        while not self._conn.poll(0.2):
+            if self._stopping:
+                return None
+            if not self._proc.is_alive():
+                raise RuntimeError(f"the rating process died during a run (exit code {self._proc.exitcode})")
+        status, value = self._conn.recv()
+        if status != "ok":
+            raise RuntimeError(value)
+        return value
 
 
 def load_reference(markets_path: str | None = None, tariff_dir: str | None = None) -> tuple[dict, dict]:
@@ -238,6 +328,8 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--tariff-dir", help="directory of tariff_*.toml files for rating (default: the bundled tariffs)")
     p.add_argument("--rating-poll-s", type=float, default=30.0,
                    help="also rate at least this often, for readings stored by other processes (default 30)")
+    p.add_argument("--rating-in-thread", action="store_true",
+                   help="rate in a thread of serve instead of a separate rating process (which uses another core)")
 
 
 def start_for_serve(args, url: str, clock: Clock, repo) -> RatingWorker | None:
@@ -248,7 +340,8 @@ def start_for_serve(args, url: str, clock: Clock, repo) -> RatingWorker | None:
         log.warning("no rating as readings arrive: the database is in memory")
         return None
     markets, tariffs = load_reference(getattr(args, "markets", None), getattr(args, "tariff_dir", None))
-    worker = RatingWorker(url, markets, tariffs, clock, poll_s=getattr(args, "rating_poll_s", 30.0))
+    worker = RatingWorker(url, markets, tariffs, clock, poll_s=getattr(args, "rating_poll_s", 30.0),
+                          separate_process=not getattr(args, "rating_in_thread", False))
     hooks = getattr(repo, "commit_hooks", None)
     if hooks is not None:
         hooks.append(worker.notify)

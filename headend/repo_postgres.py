@@ -21,6 +21,7 @@ import re
 import struct
 import threading
 from contextlib import contextmanager
+from operator import attrgetter
 from datetime import datetime
 from typing import Iterator
 
@@ -57,21 +58,23 @@ ISLANDS = ("SELECT MIN(seq), MAX(seq) FROM (SELECT seq, seq - ROW_NUMBER() OVER 
 
 # Binary COPY (https://www.postgresql.org/docs/current/sql-copy.html, "Binary Format") of gateway_record
 # rows, encoded with one struct per (text lengths) shape instead of psycopg's per-value dumpers.
-_COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
-_COPY_TRAILER = struct.pack(">h", -1)
+COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
+COPY_TRAILER = struct.pack(">h", -1)
 _ROW_STRUCTS: dict[tuple[int, int, int, int, int], struct.Struct] = {}
 
 
-def copy_data(gateway_id: str, records: list[StoredRecord], received_at_ms: int) -> bytes | None:
-    """The complete binary COPY stream for `records`, or None when a value does not fit the fast path
-    (e.g. a NULL or non-bytes prev_hash, an integer outside its column's range): the caller then uses
-    psycopg's row-by-row COPY, which sends or refuses it exactly as before."""
+def copy_data(gateway_id: str, records: list, received_at_ms: int, body: str = "reading") -> bytes | None:
+    """The complete binary COPY stream for `records` (StoredRecords, or with body="body" verified ChainRecords
+    whose bodies are Readings), or None when a value does not fit the fast path (e.g. a NULL or non-bytes
+    prev_hash, an integer outside its column's range): the caller then uses psycopg's row-by-row COPY,
+    which sends or refuses it exactly as before."""
+    get = attrgetter(body)
     try:
         gw = gateway_id.encode()
-        parts, ms_of, structs = [_COPY_SIGNATURE], {}, _ROW_STRUCTS
+        parts, ms_of, structs = [COPY_SIGNATURE], {}, _ROW_STRUCTS
         append = parts.append
         for r in records:
-            rd = r.reading
+            rd = get(r)
             t = rd.taken_at
             ms = ms_of.get(id(t))
             if ms is None:
@@ -85,7 +88,7 @@ def copy_data(gateway_id: str, records: list[StoredRecord], received_at_ms: int)
                 st = structs[key] = struct.Struct(f">hi{key[0]}siqi{key[1]}si{key[2]}si{key[3]}siqiqi{key[4]}siiiq")
             append(st.pack(10, key[0], gw, 8, r.seq, key[1], prev, key[2], m, key[3], o, 8, ms, 8, rd.value,
                            key[4], u, 4, int(rd.quality), 8, received_at_ms))
-        append(_COPY_TRAILER)
+        append(COPY_TRAILER)
         return b"".join(parts)
     except (struct.error, UnicodeEncodeError, AttributeError, TypeError, OverflowError):
         return None
@@ -219,6 +222,16 @@ class PostgresReadingRepository:
         and the ack, before COMMIT; if it raises, the batch stores nothing. The chain store
         (`PostgresChainStore.commit_with_readings`) writes the batch's hashes and head this way."""
         check_batch(gateway_id, records)
+        return self._ingest(gateway_id, records, received_at_ms, then, "reading")
+
+    def ingest_chain_then(self, gateway_id: str, new: list, received_at_ms: int, then) -> IngestResult:
+        """`ingest_then` straight from verified chain records (their Reading bodies; events and tombstones
+        are the chain store's), without building StoredRecords first: the chain store's one-transaction
+        path (`PostgresChainStore.commit_with_readings`). The verifier guarantees the seqs."""
+        return self._ingest(gateway_id, [r for r in new if type(r.body) is Reading], received_at_ms, then, "body")
+
+    def _ingest(self, gateway_id: str, records: list, received_at_ms: int, then, body: str) -> IngestResult:
+        get = attrgetter(body)
         if not records:
             if then is None:
                 return IngestResult(self.acked_seq(gateway_id), 0, 0)
@@ -241,14 +254,14 @@ class PostgresReadingRepository:
                     fresh.append(r)
             accepted = len(fresh)
             cur = conn.cursor()
-            data = copy_data(gateway_id, fresh, received_at_ms)
+            data = copy_data(gateway_id, fresh, received_at_ms, body)
             with cur.copy(COPY_RECORDS) as copy:
                 if data is not None:
                     copy.write(data)                      # the whole batch, pre-encoded, in one buffer
                 else:                                     # a value the fast encoder refuses: row by row,
                     copy.set_types(COPY_TYPES)            # psycopg then sends (or rejects) it exactly
                     for r in fresh:
-                        rd = r.reading
+                        rd = get(r)
                         copy.write_row((gateway_id, r.seq, r.prev_hash, rd.meter_id, rd.obis,
                                         epoch_ms(rd.taken_at), rd.value, rd.unit, int(rd.quality), received_at_ms))
             first, last = seqs[0], seqs[-1]

@@ -60,9 +60,10 @@ def _batches(meter, gateway, hours, size, base=1_000_000):
     return [recs[i:i + size] for i in range(0, len(recs), size)]
 
 
-def test_commits_wake_the_worker_and_everything_is_rated_without_running_process(url):
+@pytest.mark.parametrize("separate_process", [False, True], ids=["thread", "process"])
+def test_commits_wake_the_worker_and_everything_is_rated_without_running_process(url, separate_process):
     repo, store = _bound(url)
-    worker = RatingWorker(url, MARKETS, TARIFFS, SimClock(NOW), poll_s=3600)
+    worker = RatingWorker(url, MARKETS, TARIFFS, SimClock(NOW), poll_s=3600, separate_process=separate_process)
     repo.commit_hooks.append(worker.notify)
     worker.start()
     try:
@@ -99,12 +100,13 @@ def test_a_hook_that_raises_does_not_fail_the_committed_ingest(url):
 
 
 def test_two_replicas_rating_the_same_database_at_once_rate_every_interval_once(url):
-    """Two repositories (replicas) ingest interleaved batches of two gateways, each with its own worker; the
-    stored aggregates equal rating the rows from scratch (nothing rated twice or lost)."""
+    """Two repositories (replicas) ingest interleaved batches of two gateways, each with its own worker (one
+    rating in its thread, one in a rating process); the stored aggregates equal rating the rows from scratch
+    (nothing rated twice or lost)."""
     repo1, store = _bound(url, accounts=("A1", "A2"))
     repo2 = open_repository(url, migrate=True)
-    workers = [RatingWorker(url, MARKETS, TARIFFS, SimClock(NOW), poll_s=3600, lock_retry_s=0.01)
-               for _ in range(2)]
+    workers = [RatingWorker(url, MARKETS, TARIFFS, SimClock(NOW), poll_s=3600, lock_retry_s=0.01,
+                            separate_process=sp) for sp in (False, True)]
     for repo, w in zip((repo1, repo2), workers):
         repo.commit_hooks.append(w.notify)
         w.start()
