@@ -28,7 +28,7 @@ shared machine the wall figure moves with the neighbours, the CPU figure much le
 
 Usage: .venv/bin/python bench/bench_ingest.py [--readings N] [--backend sqlite|postgres|both]
                                               [--database postgresql://...] [--only pipeline|store]
-                                              [--rating-in-thread]
+                                              [--rating-in-thread] [--meters N] [--registers four|import]
 """
 
 from __future__ import annotations
@@ -55,13 +55,13 @@ HZ = os.sysconf("SC_CLK_TCK")
 GOALS = {"sqlite": 200_000, "postgres": 100_000}
 
 
-def gateway_records(gateway: str, count: int, meters: int = 16) -> list[StoredRecord]:
+def gateway_records(gateway: str, count: int, meters: int = 16, registers=REGISTERS) -> list[StoredRecord]:
     """`count` chain records of one gateway: meters x registers read every 15 minutes, seq 1..count."""
     out, seq, step = [], 0, 0
     while seq < count:
         at = T0 + timedelta(minutes=15 * step)
         for m in range(meters):
-            for obis in REGISTERS:
+            for obis in registers:
                 seq += 1
                 if seq > count:
                     break
@@ -175,7 +175,7 @@ class _Context:
 
 
 def run_pipeline(url: str, backend: str, total: int, batch: int, gateways: int, label: str,
-                 separate_process: bool = True) -> dict:
+                 separate_process: bool = True, meters: int = 16, registers=REGISTERS) -> dict:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from meterlink.chain import public_bytes
@@ -191,7 +191,7 @@ def run_pipeline(url: str, backend: str, total: int, batch: int, gateways: int, 
     key = Ed25519PrivateKey.generate()
     pub = public_bytes(key)
     names = [f"{label}-gw{g}" for g in range(gateways)]
-    records = {g: gateway_records(g, per_gateway) for g in names}
+    records = {g: gateway_records(g, per_gateway, meters, registers) for g in names}
     work = {g: signed_requests(g, recs, batch, key) for g, recs in records.items()}
     meter_ids = sorted({r.reading.meter_id for recs in records.values() for r in recs})
     markets, tariffs = load_reference()
@@ -299,6 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", choices=("sqlite", "postgres", "both"), default="both")
     ap.add_argument("--database", help="PostgreSQL URL to use (default: a throwaway database on 127.0.0.1:5432)")
     ap.add_argument("--only", choices=("pipeline", "store"), help="run only verify+store+rate or only store")
+    ap.add_argument("--meters", type=int, default=16,
+                    help="pipeline: meters per gateway (default 16; e.g. 1000 for a catch-up-shaped batch)")
+    ap.add_argument("--registers", choices=("four", "import"), default="four",
+                    help="pipeline: each meter's registers per poll: four (1.8.0 2.8.0 1.7.0 32.7.0, default) or "
+                         "import (1.8.0 only, every reading rated)")
     ap.add_argument("--rating-in-thread", action="store_true",
                     help="rate in a thread of this process (serve --rating-in-thread) instead of a rating process")
     args = ap.parse_args(argv)
@@ -327,18 +332,21 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"postgres  database {shown}")
             if pipeline:
                 where = "a thread of this process" if args.rating_in_thread else "serve's rating process"
-                print(f"verify + store + rate (push requests -> GatewaySyncService.Push; rating in {where}), {backend}:")
+                print(f"verify + store + rate (push requests -> GatewaySyncService.Push; rating in {where}; "
+                      f"{args.meters} meters x {'4 registers' if args.registers == 'four' else '1.8.0'} per gateway), "
+                      f"{backend}:")
                 print(f"{'backend':9} {'scenario':32} {'readings':>9} {'wall s':>7} {'readings/s':>11} {'cpu s':>7} "
                       f"{'readings/cpu-s':>15} {'cpu us/rdg':>10} {'acked at s':>10} {'rating runs':>11}")
             for i, (name, batch, gateways) in enumerate(pipeline):
                 purl = f"sqlite:///{tmp}/pipeline-{i}.db" if backend == "sqlite" else fresh_url(args.database, url)
                 r = run_pipeline(purl, backend, args.readings, batch, gateways, f"p{i}-{int(time.time() * 1000) % 10**8}",
-                                 separate_process=not args.rating_in_thread)
+                                 separate_process=not args.rating_in_thread, meters=args.meters,
+                                 registers=REGISTERS if args.registers == "four" else ("1.8.0",))
                 best[(backend, "pipeline")] = max(best.get((backend, "pipeline"), 0.0), r["rate"])
                 print(f"{backend:9} {name:32} {r['readings']:>9} {r['wall']:>7.2f} {r['rate']:>11,.0f} "
                       f"{r['cpu']:>7.2f} {r['per_cpu']:>15,.0f} {r['cpu'] / r['readings'] * 1e6:>10.1f} "
                       f"{r['stored_s']:>10.2f} {r['runs']:>11}", flush=True)
-                print(f"{'':9}   rated {r['rated_readings']:,} readings (1.8.0/2.8.0) into {r['intervals']:,} intervals, "
+                print(f"{'':9}   derived {r['rated_readings']:,} readings (1.8.0/2.8.0) into {r['intervals']:,} intervals, "
                       f"{r['usage_wh']:,} Wh pending; worker busy {r['rating_s']:.2f} s", flush=True)
             if store_only:
                 print(f"store only (repository.ingest; no verification, no chain store, no rating), {backend}:")

@@ -208,3 +208,28 @@ def test_serve_rates_pushed_readings_without_process(url, tmp_path):
         proc.wait(timeout=45)
         proc.stdout.close()
     assert proc.returncode == 0, log.read_text()
+
+
+def test_a_rating_process_that_dies_is_replaced_and_the_readings_are_still_rated(url):
+    repo, store = _bound(url)
+    worker = RatingWorker(url, MARKETS, TARIFFS, SimClock(NOW), poll_s=3600, max_backoff_s=0.5,
+                          separate_process=True)
+    repo.commit_hooks.append(worker.notify)
+    worker.start()
+    try:
+        assert worker.wait_idle(60)
+        first = worker._proc
+        first.kill()                                      # the rating process dies (OOM killer, kill -9)
+        first.join(10)
+        for batch in _batches("M1", "GW1", 24 * 2, 20):
+            repo.ingest("GW1", batch, 0)
+        assert worker.wait_idle(60), worker.stats
+        assert worker._proc is not first and worker._proc.is_alive()
+        assert worker.stats.failures == 1 and "exited" in worker.stats.last_error
+        aggs, usage = _scratch(store, "A1")
+        assert store.pending_aggregates()["A1"] == aggs and sum(usage.values()) == 24 * 2 * 417
+    finally:
+        worker.stop()
+        store.close()
+        repo.close()
+    assert not worker._proc.is_alive()
