@@ -28,12 +28,13 @@ from typing import Iterator
 import psycopg
 from psycopg.pq import TransactionStatus
 
-from meterlink.clock import Clock, SystemClock, from_ms, to_ms
+from meterlink.clock import Clock, SystemClock, to_ms
 from meterlink.errors import ConfigError
 from meterlink.readings import Reading
 
 from .migrations import ADVISORY_LOCK_KEY, SCHEMA_MIGRATIONS_DDL, Migration, load_migrations, plan
-from .store import ACK_WINDOW, IngestResult, StoredRecord, check_batch, epoch_ms, fire_hooks, gaps_from_islands
+from .store import (ACK_WINDOW, IngestResult, StoredRecord, check_batch, epoch_ms, fire_hooks, gaps_from_islands,
+                    readings_from_rows)
 
 # Creates the gateway's row or locks it; returns the ack before this batch.
 LOCK_GATEWAY = ("INSERT INTO gateway_sync AS s (gateway_id, acked_seq) VALUES (%s, 0) ON CONFLICT (gateway_id) "
@@ -306,7 +307,7 @@ class PostgresReadingRepository:
         sql += ' ORDER BY taken_at_ms, obis COLLATE "C", gateway_id COLLATE "C", seq'
         with self._pool.connection() as conn:
             rows = conn.execute(sql, args).fetchall()
-        return [Reading(m, o, from_ms(t), v, u, q) for m, o, t, v, u, q in rows]
+        return readings_from_rows(rows)
 
     def meters(self) -> list[str]:
         with self._pool.connection() as conn:

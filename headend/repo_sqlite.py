@@ -14,12 +14,13 @@ import threading
 from datetime import datetime
 from pathlib import Path
 
-from meterlink.clock import Clock, SystemClock, from_ms, to_ms
+from meterlink.clock import Clock, SystemClock, to_ms
 from meterlink.errors import MeterlinkError
 from meterlink.readings import Reading
 
 from .migrations import SCHEMA_MIGRATIONS_DDL, Migration, load_migrations, plan
-from .store import ACK_WINDOW, IngestResult, StoredRecord, check_batch, epoch_ms, fire_hooks, gaps_from_islands
+from .store import (ACK_WINDOW, IngestResult, StoredRecord, check_batch, epoch_ms, fire_hooks, gaps_from_islands,
+                    readings_from_rows)
 
 # ON CONFLICT on the key only: "INSERT OR IGNORE" would also silently drop a row that breaks NOT NULL.
 INSERT_RECORD = "INSERT INTO gateway_record VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (gateway_id, seq) DO NOTHING"
@@ -295,7 +296,7 @@ class SqliteReadingRepository:
         sql += " ORDER BY taken_at_ms, obis, gateway_id, seq"
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
-        return [Reading(m, o, from_ms(t), v, u, q) for m, o, t, v, u, q in rows]
+        return readings_from_rows(rows)
 
     def meters(self) -> list[str]:
         with self._lock:

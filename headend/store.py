@@ -78,6 +78,28 @@ def epoch_ms(dt: datetime) -> int:
     return (dt - _EPOCH) // _ONE_MS
 
 
+_INSTANTS: dict[int, datetime] = {}
+
+
+def readings_from_rows(rows) -> list[Reading]:
+    """Readings from (meter_id, obis, taken_at_ms, value, unit, quality) rows, both backends' `readings`.
+
+    Polls share instants across meters and registers, so each ms value is converted to a datetime once
+    (a bounded module-level cache; datetimes are immutable) instead of once per row."""
+    cache = _INSTANTS
+    if len(cache) > 500_000:
+        cache.clear()
+    get = cache.get
+    out = []
+    append = out.append
+    for m, o, t, v, u, q in rows:
+        at = get(t)
+        if at is None:
+            at = cache[t] = _EPOCH + t * _ONE_MS
+        append(Reading(m, o, at, v, u, q))
+    return out
+
+
 def check_batch(gateway_id: str, records: list[StoredRecord]) -> None:
     """Refuse a batch that cannot be stored as given (both backends call this before any SQL)."""
     if not gateway_id:
