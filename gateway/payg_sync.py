@@ -18,6 +18,7 @@ session whose CCR-Initial carries the unanswered usage (`credit.abandon_report`)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -97,17 +98,23 @@ class CreditSession:
         self.generation, self.number, self.open = self.generation + 1, 0, False
         self._save()
 
-    def sync(self, *, terminate: bool = False) -> SyncResult:
-        """One credit-control exchange (Reserve when no session is open, else Update/Terminate)."""
+    def sync(self, *, terminate: bool = False, lock=None, decide: bool = True) -> SyncResult:
+        """One credit-control exchange (Reserve when no session is open, else Update/Terminate).
+
+        `lock` (the meter's lock) is held while the report is taken and while the answer is applied,
+        NOT during the RPC: the meter keeps being charged meanwhile (that usage goes into the next
+        report). `decide=False`: the answer changes credit only, the relay is left to the caller."""
         if self.stub is None:
             return SyncResult("offline", detail="no head-end channel")
-        usage = self.meter.usage_report()
-        req = payg_pb2.CreditControlRequest(
-            gateway_id=self.gateway_id, session_id=self.session_id, request_number=self.number,
-            account_id=self.account, meter_id=self.meter.meter_id, currency=self.currency,
-            used=usage_to_proto(usage), gateway_at_ms=to_ms(self.meter.clock.now()),
-            card_lists_digest=T.card_lists_digest(self.meter.card_list, self.meter.blacklist))
-        call = self.stub.Reserve if not self.open else (self.stub.Terminate if terminate else self.stub.Update)
+        guard = lock if lock is not None else contextlib.nullcontext()
+        with guard:
+            usage = self.meter.usage_report()
+            req = payg_pb2.CreditControlRequest(
+                gateway_id=self.gateway_id, session_id=self.session_id, request_number=self.number,
+                account_id=self.account, meter_id=self.meter.meter_id, currency=self.currency,
+                used=usage_to_proto(usage), gateway_at_ms=to_ms(self.meter.clock.now()),
+                card_lists_digest=T.card_lists_digest(self.meter.card_list, self.meter.blacklist))
+            call = self.stub.Reserve if not self.open else (self.stub.Terminate if terminate else self.stub.Update)
         try:
             ans = call(req, timeout=self.timeout)
         except grpc.RpcError as exc:
@@ -118,7 +125,13 @@ class CreditSession:
                      self.meter.meter_id, exc.code().name, self.meter.state.credit_balance,
                      self.meter.state.emergency_credit_available)
             return SyncResult("offline", detail=exc.code().name)
-        return self._answer(ans, usage, terminate)
+        with guard:
+            deferred = self.meter.defer_decisions
+            self.meter.defer_decisions = deferred or not decide
+            try:
+                return self._answer(ans, usage, terminate)
+            finally:
+                self.meter.defer_decisions = deferred
 
     def _answer(self, ans: payg_pb2.CreditControlAnswer, usage: C.Usage, terminate: bool) -> SyncResult:
         code = ans.result_code
@@ -263,24 +276,117 @@ def load_market(path: str | None, currency: str):
     return cfg, friendly
 
 
-class PaygDaemonHook:
-    """Runs the PAYG meters of a `Gateway` inside its bus threads.
+class PaygSyncWorker:
+    """The thread that talks to the head-end for a gateway's PAYG meters (never a bus thread).
 
-    Everything PAYG of one meter runs on the thread of the bus that meter is on, after that bus's
-    reads: the relay coil is written through that bus's Modbus master (no second thread touches
-    the port; a queued `Gateway.switch_relay` would wait on the very thread that must execute it),
-    and the credit-control exchange (bounded by `timeout_s`, at most every `sync_s`, sooner when
-    the window is exhausted or the grant expired) happens there too. Credit, relay and card events
-    are appended to the hash-chained journal as ``credit.*`` / ``relay.*`` events.
+    Bus threads `request` an exchange for a meter and go on polling; this thread runs
+    `PaygDaemonHook.exchange` for each requested meter in turn (one at a time, a meter at most once
+    in the queue). An unreachable head-end costs this thread up to `timeout_s` per attempt and the
+    buses nothing. With a `SimClock` (lock-step simulated time) the worker takes part in the lock
+    step while it has work, so an exchange takes no simulated time, like a Modbus read."""
+
+    def __init__(self, hook: "PaygDaemonHook") -> None:
+        self.hook = hook
+        self._pending: list[str] = []
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._joined = None                       # the LockstepSleeper joined while work is queued
+        self.thread: threading.Thread | None = None
+        self.exchanges = 0                        # exchanges run (figures for tests and logs)
+
+    def request(self, mid: str) -> bool:
+        """Queue an exchange for `mid` (no-op if one is queued or running); never blocks on the network."""
+        with self._cv:
+            if self._stopping:
+                return False
+            if mid in self._pending:
+                return True
+            self._pending.append(mid)
+            if self._joined is None:
+                sleeper = self.hook.lockstep_sleeper()
+                if sleeper is not None:
+                    sleeper.join()                # before the bus thread sleeps: simulated time waits
+                    self._joined = sleeper
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="payg sync", daemon=True)
+                self.thread.start()
+            self._cv.notify_all()
+            return True
+
+    def busy(self, mid: str) -> bool:
+        with self._cv:
+            return mid in self._pending
+
+    def idle(self, timeout: float | None = None) -> bool:
+        """Wait until nothing is queued or running (tests); True if idle."""
+        with self._cv:
+            return self._cv.wait_for(lambda: not self._pending, timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._pending or self._stopping)
+                if self._stopping:
+                    return
+                mid = self._pending[0]
+            try:
+                self.hook.exchange(mid)
+            except Exception:  # noqa: BLE001 - the worker goes on with the other meters
+                log.exception("PAYG meter %s: credit-control exchange failed", mid)
+            with self._cv:
+                self.exchanges += 1
+                if mid in self._pending:          # (stop() may have cleared the queue meanwhile)
+                    self._pending.remove(mid)
+                if not self._pending:
+                    self._release()
+                self._cv.notify_all()
+
+    def _release(self) -> None:
+        if self._joined is not None:
+            self._joined.leave()
+            self._joined = None
+
+    def stop(self, timeout: float = 1.0) -> None:
+        with self._cv:
+            self._stopping = True
+            self._pending.clear()
+            self._release()
+            self._cv.notify_all()
+        if self.thread is not None:
+            self.thread.join(timeout)             # a call stuck on the network ends at its deadline (daemon thread)
+
+
+class PaygDaemonHook:
+    """Runs the PAYG meters of a `Gateway`: local decisions on the bus threads, credit control on
+    its own thread.
+
+    * The bus thread of a meter's bus, after each read: charges the 1.8.0 register, applies the
+      customer's requests and decides the supply from what the meter holds (window, emergency
+      credit, friendly periods; pure, no network), switching the relay through that bus's own
+      Modbus master (no second thread touches the port). When an exchange is due (`sync_s`) or
+      urgent (window used up, grant expired, report unanswered; retried every `sync_s / 10` while
+      the head-end is unreachable) it only QUEUES one for the `PaygSyncWorker`.
+    * The sync worker runs the credit-control exchange (bounded by `timeout_s`) without holding
+      the meter: the report is taken and the answer applied under the meter's lock, the RPC runs
+      outside it. After an answer (grant, tokens) it queues the decision as a RELAY-priority job on
+      the meter's bus (`BusWorker.submit_relay_action`), which wakes the bus at once.
+    * A card top-up (card terminal thread) is applied under the meter's lock and the decision is
+      queued the same way: the supply is re-armed at once, not at the next poll.
+    * No relay flaps while the head-end answers: when the window is used up and an exchange is
+      queued while the head-end was reachable at the last attempt, the bus thread holds an OPEN
+      decision for that answer (the worker queues the decision when it is done; at most until the
+      meter's next poll). Unreachable: the meter decides at once.
+
+    Outside `Gateway.run` (no running bus thread, e.g. tests calling `on_poll`), exchanges and
+    decisions run inline on the caller's thread, as before.
+
+    Credit, relay and card events are appended to the hash-chained journal as ``credit.*`` /
+    ``relay.*`` / ``card.topup`` events.
 
     Pricing: each meter is priced with the tariff the head-end assigned to its account
     (``payg.tariff`` in the pulled, signature-verified configuration state, gateway/pricing.py);
     until one is pulled, with the ``price_minor_per_kwh`` of its ``[[payg]]`` table. The state file
     is re-read when it changes (checked before each meter's charge); which price is in force is logged.
-
-    Card terminals (``card_socket``): `CardTerminalServer` threads hand card top-ups to
-    `card_topup`, which applies them under the meter's lock without touching the relay; the
-    supply is re-evaluated (and re-armed) on the meter's bus thread at its next poll.
     """
 
     def __init__(self, gateway, configs: tuple[PaygConfig, ...], *, channel: grpc.Channel | None = None,
@@ -294,6 +400,9 @@ class PaygDaemonHook:
         self._retry: dict[str, object] = {}        # earliest urgent retry after a failed exchange
         self._journaled: dict[str, int] = {}
         self.locks: dict[str, threading.RLock] = {}
+        self.online: dict[str, bool] = {}          # the last exchange reached the head-end
+        self.held: dict[str, object] = {}          # meter -> instant an OPEN decision waits for an answer
+        self.worker = PaygSyncWorker(self)
         self.price_in_force: dict[str, str] = {}    # meter -> "tariff NAME@VERSION" | "flat"
         self._flat: dict[str, Decimal] = {}
         self._prices_lock = threading.Lock()
@@ -392,29 +501,36 @@ class PaygDaemonHook:
                 log.error("PAYG card terminal socket %s not opened: %s", path, exc)
 
     def card_topup(self, mid: str, topup: T.CardTopUp, expected_nonce: bytes | None) -> list:
-        """A card top-up from a terminal (any thread): applied under the meter's lock, journaled at
-        once; the relay is left to the bus thread's next evaluation."""
+        """A card top-up from a terminal (any thread): applied under the meter's lock and journaled
+        at once; an applied one queues the supply decision on the meter's bus (re-armed at once)."""
         pm = self.meters[mid]
         with self.locks[mid]:
             events = pm.card_topup(topup, expected_nonce, decide=False)
             self._journal(mid)
+        if any(isinstance(e, C.TopUpApplied) for e in events):
+            self.dispatch(mid)
         return events
 
     def close(self) -> None:
+        self.worker.stop()
         for srv in self.card_servers:
             srv.stop()
         self.card_servers = []
 
     def boot(self) -> None:
-        """Before the first poll: read each PAYG meter's relay and register, re-evaluate, then switch."""
+        """Before the first poll: read each PAYG meter's relay and register, re-evaluate, then switch.
+        One exchange per meter first (grant and tokens, relay untouched); once the head-end proves
+        unreachable the other meters boot without trying (their first poll queues an exchange)."""
         from .payg import read_import_wh
         self.refresh_prices()
+        unreachable = False
         for mid, pm in self.meters.items():
             bus, master, meter = self.where[mid]
             with self.locks[mid]:
                 try:
                     pm.defer_decisions = True         # the grant and tokens first, then ONE decision
-                    self.exchange(mid)
+                    if not unreachable:
+                        unreachable = self.exchange(mid, decide=False).outcome == "offline"
                     pm.boot(read_import_wh(master, meter.unit, meter.profile))
                 except Exception as exc:  # noqa: BLE001 - a meter that cannot boot decides at its next reading
                     pm.defer_decisions = False
@@ -423,7 +539,8 @@ class PaygDaemonHook:
         self.start_card_terminals()
 
     def on_poll(self, meter, readings) -> None:
-        """Bus thread, after a successful read of `meter`: charge the 1.8.0 register, maybe sync."""
+        """Bus thread, after a successful read of `meter`: charge the 1.8.0 register, decide, maybe
+        queue an exchange (never waits for the head-end while a bus thread runs)."""
         pm = self.meters.get(meter.id)
         if pm is None:
             return
@@ -432,28 +549,81 @@ class PaygDaemonHook:
             self._on_poll(pm, meter, readings)
 
     def _on_poll(self, pm: PaygMeter, meter, readings) -> None:
-        self._customer_requests(meter.id)
+        mid = meter.id
+        self._customer_requests(mid)
         for r in readings:
             if getattr(r, "obis", None) == "1.8.0" and getattr(r, "unit", "Wh") == "Wh":
                 try:
                     pm.charge_reading(int(r.value))
                 except Exception as exc:  # noqa: BLE001 - PAYG must never stop the bus
-                    log.error("PAYG meter %s: reading %s not charged: %s", meter.id, r.value, exc)
+                    log.error("PAYG meter %s: reading %s not charged: %s", mid, r.value, exc)
                 break
-        due = self.next_sync.get(meter.id)
+        due = self.next_sync.get(mid)
         st = pm.state
         # the window is used up (emergency credit aside: a new grant comes before it) or the grant
         # expired, or a report waits for its answer
         urgent = ((st.credit_balance <= 0 and st.granted_wh <= 0) or st.exhausted or st.grant_expiry_reported
                   or st.in_flight is not None)
         now = self.clock.now()
-        if due is None or now >= due or (urgent and now >= self._retry_at(meter.id)):
-            self.exchange(meter.id)           # a grant first: an exhausted window is refilled before deciding
+        wanted = due is None or now >= due or (urgent and now >= self._retry_at(mid))
+        pending = False
+        if wanted and self.sessions[mid].stub is not None:
+            if self._bus_worker(mid) is not None:
+                pending = self.worker.request(mid)           # the sync worker talks to the head-end
+            else:
+                self.exchange(mid, decide=False)              # no bus thread running: inline, as before
+        elif self.worker.busy(mid):
+            pending = True
+        if pending and self.online.get(mid) and mid not in self.held:
+            d = C.decide_supply(pm.state, pm.friendly, now)
+            if d.switch and d.relay == "open":
+                self.held[mid] = now                          # the answer decides (the worker queues it)
+                log.info("PAYG meter %s: window used up; waiting for the head-end's answer before opening", mid)
+                self._journal(mid)
+                return
+        self.held.pop(mid, None)
         try:
             pm.evaluate()
         except Exception as exc:  # noqa: BLE001
-            log.error("PAYG meter %s: evaluation failed: %s", meter.id, exc)
-        self._journal(meter.id)
+            log.error("PAYG meter %s: evaluation failed: %s", mid, exc)
+        self._journal(mid)
+
+    # ---------------------------------------------------------------- decisions off the bus thread
+
+    def _bus_worker(self, mid: str):
+        """The running `BusWorker` of the bus `mid` is on (None outside `Gateway.run`)."""
+        for w in getattr(self.gateway, "workers", None) or ():
+            if mid in (getattr(w, "meters", None) or {}) and hasattr(w, "submit_relay_action"):
+                return w if w.running else None
+        return None
+
+    def lockstep_sleeper(self):
+        """The `LockstepSleeper` of the running buses (simulated clock), if any."""
+        from .scheduler import LockstepSleeper
+        for w in getattr(self.gateway, "workers", None) or ():
+            sleeper = getattr(w, "sleeper", None)
+            if isinstance(sleeper, LockstepSleeper) and getattr(w, "running", False):
+                return sleeper
+        return None
+
+    def dispatch(self, mid: str) -> None:
+        """Decide the supply of `mid` on its bus thread: a RELAY-priority job that wakes the bus at
+        once; inline when no bus thread runs (nothing else uses the bus master then)."""
+        worker = self._bus_worker(mid)
+        if worker is not None:
+            worker.submit_relay_action(mid, lambda: self.decide(mid))
+        else:
+            self.decide(mid)
+
+    def decide(self, mid: str) -> None:
+        """Evaluate the supply of `mid` now and switch the relay if needed (the bus thread's job)."""
+        with self.locks[mid]:
+            self.held.pop(mid, None)
+            try:
+                self.meters[mid].evaluate()
+            except Exception as exc:  # noqa: BLE001
+                log.error("PAYG meter %s: evaluation failed: %s", mid, exc)
+            self._journal(mid)
 
     def _customer_requests(self, mid: str) -> None:
         """Apply requests left by `meterlink-gateway payg accept-emergency-credit|confirm-reconnect`."""
@@ -471,17 +641,28 @@ class PaygDaemonHook:
     def _retry_at(self, mid: str):
         return self._retry.get(mid, self.clock.now())
 
-    def exchange(self, mid: str) -> SyncResult:
+    def exchange(self, mid: str, *, decide: bool = True) -> SyncResult:
+        """One credit-control exchange of `mid` (the sync worker's, or inline). The meter's lock is
+        held only while the report is taken and the answer applied. `decide`: queue the supply
+        decision on the meter's bus after an answer (or when an OPEN decision waits for it)."""
         from datetime import timedelta
-        res = self.sessions[mid].sync()
-        if res.outcome == "no_grant" and not self.sessions[mid].open:
-            res = self.sessions[mid].sync() if res.tokens_applied else res   # report the tokens at once
+        lock, session = self.locks[mid], self.sessions[mid]
+        # one exchange of a meter at a time: the sync worker while the buses run, else the caller
+        res = session.sync(lock=lock, decide=False)
+        if res.outcome == "no_grant" and not session.open and res.tokens_applied:
+            res = session.sync(lock=lock, decide=False)                 # report the tokens at once
         c = self.configs[mid]
-        now = self.clock.now()
-        self.next_sync[mid] = now + timedelta(seconds=c.sync_s)
-        # offline or refused: urgent retries at most every sync_s / 10
-        self._retry[mid] = now + timedelta(seconds=c.sync_s / 10 if res.outcome in ("offline", "refused")
-                                           else 0)
+        with lock:
+            now = self.clock.now()
+            self.next_sync[mid] = now + timedelta(seconds=c.sync_s)
+            # offline or refused: urgent retries at most every sync_s / 10
+            failed = res.outcome in ("offline", "refused")
+            self._retry[mid] = now + timedelta(seconds=c.sync_s / 10 if failed else 0)
+            self.online[mid] = not failed
+            waiting = mid in self.held
+            self._journal(mid)
+        if decide and (waiting or not failed):
+            self.dispatch(mid)
         return res
 
     def _journal(self, mid: str) -> None:
@@ -520,7 +701,7 @@ def _jsonable_event(e) -> dict:
     return {f.name: _jsonable(getattr(e, f.name)) for f in dataclasses.fields(e)}
 
 
-__all__ = ["CreditSession", "PaygConfig", "PaygDaemonHook", "SyncResult", "load_market", "load_payg_sections",
+__all__ = ["CreditSession", "PaygConfig", "PaygDaemonHook", "PaygSyncWorker", "SyncResult", "load_market", "load_payg_sections",
            "usage_to_proto"]
 
 

@@ -61,7 +61,7 @@ class Job:
     order: int                   # the meter's place on the bus (stagger order)
     retry: bool = False          # the meter is backing off: healthy meters go first
     token: Any = None            # relay: opaque handle of the command (the shell's Future)
-    closed: bool | None = None   # relay: True connects, False disconnects
+    closed: bool | None = None   # relay: True connects, False disconnects; None with a callable token: an action
     attempt: int = 1
     merged: bool = False         # BILLING job that also reads the instantaneous values (one merged plan)
 
@@ -191,7 +191,7 @@ class BusSchedule:
                 times.append(s.retry_at if s.retry_at is not None else s.next_poll)
         return min(times) if times else None
 
-    def submit_relay(self, meter_id: str, closed: bool, now: datetime, token: Any = None) -> Job:
+    def submit_relay(self, meter_id: str, closed: bool | None, now: datetime, token: Any = None) -> Job:
         if meter_id not in self.slots:
             raise KeyError(f"meter {meter_id} is not on this bus")
         job = Job(Priority.RELAY, meter_id, now, self.slots[meter_id].order, token=token, closed=closed)
@@ -269,6 +269,7 @@ class LockstepSleeper:
         self.clock = clock
         self.active = 0
         self._waiting: dict[int, datetime] = {}
+        self._wakes: dict[int, threading.Event] = {}
         self._cond = threading.Condition()
 
     def join(self) -> None:
@@ -281,6 +282,8 @@ class LockstepSleeper:
             self._advance()
 
     def _advance(self) -> None:
+        for k in [k for k in self._waiting if self._wakes.get(k) is not None and self._wakes[k].is_set()]:
+            del self._waiting[k]            # woken (e.g. a relay job queued): no longer waiting
         if self._waiting and len(self._waiting) >= self.active:
             target = min(self._waiting.values())
             self.clock.sleep_until(target)
@@ -293,16 +296,21 @@ class LockstepSleeper:
     def sleep_until(self, when: datetime, wake: threading.Event) -> None:
         me = threading.get_ident()
         with self._cond:
+            if when <= self.clock.now() or wake.is_set():
+                return                      # due already: never wait for the others
             self._waiting[me] = when
+            self._wakes[me] = wake
             self._advance()
             while me in self._waiting:
                 if wake.is_set():
                     self._waiting.pop(me, None)
                     break
                 self._cond.wait(0.05)
+            self._wakes.pop(me, None)
 
     def poke(self) -> None:
         with self._cond:
+            self._advance()                 # drops woken threads from the waiting set first
             self._cond.notify_all()
 
 
@@ -351,10 +359,26 @@ class BusWorker:
         fut: Future = Future()
         with self._lock:
             self.schedule.submit_relay(meter_id, closed, self.clock.now(), token=fut)
+        self._wake_now()
+        return fut
+
+    def submit_relay_action(self, meter_id: str, action: Callable[[], None]) -> None:
+        """Queue `action()` as a RELAY-priority job of `meter_id` (ahead of every read) and wake the
+        bus at once: the action runs on this bus's thread, so it may use the bus master (PAYG: decide
+        the supply after a new grant or a top-up and switch the relay). An action that raises is logged."""
+        with self._lock:
+            self.schedule.submit_relay(meter_id, None, self.clock.now(), token=action)
+        self._wake_now()
+
+    @property
+    def running(self) -> bool:
+        """Started and not finished: a queued job will be executed by this worker's thread."""
+        return self.thread.ident is None or self.thread.is_alive()
+
+    def _wake_now(self) -> None:
         self.wake.set()
         if isinstance(self.sleeper, LockstepSleeper):
             self.sleeper.poke()
-        return fut
 
     def _next(self) -> Job | None:
         with self._lock:
@@ -386,11 +410,11 @@ class BusWorker:
                 worked = False
             if self.stop.is_set():
                 return
+            self.wake.clear()             # before looking: a job queued from now on wakes the sleep below
             with self._lock:
                 wake_at = self.schedule.wakeup()
             if wake_at is None or (self.until is not None and wake_at > self.until):
                 return
-            self.wake.clear()
             self.sleeper.sleep_until(wake_at, self.wake)
             if self.stop.is_set():
                 return
@@ -415,6 +439,12 @@ class BusWorker:
         self.deliver(meter, JobOutcome(job, True, readings))
 
     def _execute_relay(self, meter, job: Job) -> None:
+        if job.closed is None and callable(job.token):     # submit_relay_action
+            try:
+                job.token()
+            except Exception:  # noqa: BLE001 - an action never stops the bus
+                log.exception("relay action for meter %s on %s failed", meter.id, self.name)
+            return
         fut: Future | None = job.token
         coil = meter.profile.relay_coil
         if coil is None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -15,11 +14,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meterlink.chain import Event
-from meterlink.gateway import payg as P
 from meterlink.gateway import tokens as T
 from meterlink.gateway.cardterminal import challenge_from_json, request
-from meterlink.gateway.profiles import load_profile
-from meterlink.readings import Reading
 
 BIN = Path(sys.executable).parent
 HEAD_END = Ed25519PrivateKey.generate()
@@ -56,22 +52,23 @@ def journal_kinds(gw) -> list[tuple[str, dict]]:
     return [(r.body.kind, json.loads(r.body.payload)) for r in gw.journal.records() if isinstance(r.body, Event)]
 
 
-def test_a_valid_card_top_up_applies_once_and_the_supply_is_re_armed_at_the_next_poll(terminal, tmp_path):
+def test_a_valid_card_top_up_applies_once_and_the_supply_is_re_armed_at_once(terminal, tmp_path):
     gw, hook, clock, meter, pm, sock = terminal
     assert pm.state.relay == "open" and not meter.relay_closed
+    at = clock.now()
     out = cli("card-topup", "--socket", str(sock), "--meter", "H-1", "--card", "CARD1",
               "--card-key", str(pem(tmp_path, CARD, "card.pem")), "--amount", "500", "--json")
     assert out.returncode == 0, out.stderr
     answer = json.loads(out.stdout)
     assert answer["applied"] and answer["amount_minor"] == 500 and answer["reference"].startswith("card:CARD1:")
     assert pm.state.credit_balance == 500 and pm.peek_usage().tokens == ((answer["reference"], 500),)
-    applied = [p for k, p in journal_kinds(gw) if k == "card.topup"]
+    kinds = journal_kinds(gw)
+    applied = [p for k, p in kinds if k == "card.topup"]
     assert [p["reference"] for p in applied] == [answer["reference"]]       # hash-chained at once
-    assert not meter.relay_closed                                           # the bus thread decides...
-    clock.advance(timedelta(minutes=15))
-    value = P.read_import_wh(gw.masters[0], 1, load_profile("eastron_sdm630"))
-    hook.on_poll(gw.config.buses[0].meters[0], [Reading("H-1", "1.8.0", clock.now(), value, "Wh", 0)])
-    assert meter.relay_closed and pm.state.relay == "closed"                # ...at the meter's next poll
+    # no bus thread runs here: the decision runs at once on the terminal's thread (not at the next poll)
+    assert meter.relay_closed and pm.state.relay == "closed" and clock.now() == at
+    [close] = [p for k, p in kinds if k == "relay.close"]
+    assert close["reason"] == "credit_restored" and close["at"] == applied[0]["at"]
 
 
 def test_the_same_signed_challenge_presented_again_is_refused_as_a_replay(terminal):
