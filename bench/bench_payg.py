@@ -124,6 +124,7 @@ def bench_core(n: int) -> None:
             samples.append(time.perf_counter_ns() - t)
         report("core top-up authorisation (card sig, SQLite)", samples)
         svc.store.close()
+        bench_servicer(tmp, n)
     head_end = Ed25519PrivateKey.generate()
     pub = T.public_bytes(head_end)
     state, window, samples = C.AccountState(account="M1"), T.ReplayWindow(), []
@@ -136,6 +137,58 @@ def bench_core(n: int) -> None:
         if state.credit_balance > 90_000:
             state = C.AccountState(account="M1", at=state.at)
     report("gateway token verify + apply (pure core)", samples)
+
+
+def bench_servicer(tmp: str, n: int) -> None:
+    """`CreditControlService.Update` called in-process (no gRPC): the gateway's registry check (the
+    client certificate's identity given), SQL sessions, token key and card lists, each request one
+    durable transaction, one after the other (so every one commits alone: one fsync each)."""
+    from meterlink.clock import SimClock
+    from meterlink.headend import payg_service
+    from meterlink.headend.gatewayauth import Peer
+    from meterlink.headend.registry import open_registry
+    from meterlink.v1 import payg_pb2
+    db = f"sqlite:///{tmp}/servicer.db"
+    svc = Service(db)
+    clock = SimClock(T0)
+    registry = open_registry(db)
+    registry.add("gw", T0)
+    registry.provision("gw", [f"M-ACC{i:04d}" for i in range(ACCOUNTS)], [], T0)
+    for i in range(ACCOUNTS):
+        svc.store.bind_meter(f"M-ACC{i:04d}", f"ACC{i:04d}", T0)
+    cc = payg_service.CreditControlService(svc.store, clock, CC.GrantPolicy(max_grant_minor=500, min_grant_minor=50),
+                                           token_key=Ed25519PrivateKey.from_private_bytes(TOKEN_KEY_SEED),
+                                           registry=registry)
+    peer = Peer("gw", registry.get("gw").cert_serial)
+    cc._peer = lambda context: peer         # the identity a verified client certificate would give
+    digests: dict[str, bytes] = {}
+
+    def call(i: int, n_req: int):
+        acc = f"ACC{i % ACCOUNTS:04d}"
+        req = payg_pb2.CreditControlRequest(gateway_id="gw", session_id=f"S-{acc}", request_number=n_req,
+                                            account_id=acc, meter_id=f"M-{acc}", currency="GBP",
+                                            used=payg_pb2.UsedUnits(used_minor=40, used_wh=1600) if n_req else None,
+                                            card_lists_digest=digests.get(acc, b""))
+        answer = (cc.Update if n_req else cc.Reserve)(req, None)
+        assert answer.result_code == 2001, answer
+        if answer.card_list:
+            from meterlink.gateway.payg import _blacklist_from_json, _card_list_from_json
+            digests[acc] = T.card_lists_digest(_card_list_from_json(json.loads(answer.card_list)),
+                                               _blacklist_from_json(json.loads(answer.blacklist)))
+
+    for i in range(ACCOUNTS):
+        call(i, 0)
+    samples, cpu0, commits0 = [], time.process_time(), getattr(svc.store, "commits", 0)
+    for i in range(n):
+        clock.advance(timedelta(milliseconds=10))
+        t = time.perf_counter_ns()
+        call(i, 1 + i // ACCOUNTS)
+        samples.append(time.perf_counter_ns() - t)
+    report("servicer credit control in-process (no gRPC)", samples,
+           f"cpu/req {1e3 * (time.process_time() - cpu0) / n:.3f} ms, "
+           f"{getattr(svc.store, 'commits', 0) - commits0} commits")
+    svc.store.close()
+    registry.close()
 
 
 # --------------------------------------------------------------------------- gRPC over mutual TLS
@@ -179,8 +232,8 @@ def serve(directory: str) -> int:
     print(json.dumps({"port": servers.port, "enrol_port": servers.enrol_port, "code": code,
                       "ca": keys.ca_fingerprint}), flush=True)
     for _ in sys.stdin:            # runs until the client closes our stdin
-        print(json.dumps({"cpu": time.process_time(), "commits": svc.store.commits,
-                          "transactions": svc.store.committed_transactions}), flush=True)
+        print(json.dumps({"cpu": time.process_time(), "commits": getattr(svc.store, "commits", 0),
+                          "transactions": getattr(svc.store, "committed_transactions", 0)}), flush=True)
     servers.stop(0)
     return 0
 
