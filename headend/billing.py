@@ -12,8 +12,9 @@ and then marks those rows billed. So every Wh is billed exactly once, to one acc
 issued item is never touched again (corrections arrive as delta lines on the next item).
 Catch-up is priced as if it had arrived on time: blocks (tiers) count the period's whole import
 (what its rows already billed + the delta, `rating.tier_delta`), and the standing charges of supply
-days no earlier item carried (a supply back-dated over billed months) are added, dated in their own
-month (`standing_due`, with the charged ranges the caller keeps from `BillableItem.standing_charged`).
+days no earlier item carried (a supply back-dated over billed months) are added and those of charged
+days no supply covers any more (a back-dated move-out) credited, dated in their own month
+(`standing_due`, with the charged ranges the caller keeps with `charged_after`).
 Rows once billed keep their account: `check_rebinding` refuses a binding edit that would move
 billed usage to another account (issue a credit first).
 """
@@ -222,8 +223,10 @@ class BillableItem:
     rounding_mode: str
     rounding_stage: str
     # local date ranges [from, to) whose standing charges this item carries (the period's supply days and
-    # any back-dated ones caught up); the caller records them (`standing_charged` of the next bill)
+    # any back-dated ones caught up), and those it credits (charged before, no longer supplied); the caller
+    # keeps `charged_after(charged, item)` for the next bill (`standing_charged`)
     standing_charged: tuple[tuple[date, date], ...] = ()
+    standing_credited: tuple[tuple[date, date], ...] = ()
 
     @property
     def net_minor(self) -> int:
@@ -339,20 +342,30 @@ def supply_ranges(supplies: Iterable, zone: ZoneInfo, start: date, end: date) ->
 
 def standing_due(account_id: str, period: str, zone: ZoneInfo, *, bindings: Bindings,
                  charged: Sequence[DateRange] | None, since: date | None = None,
-                 supplies: Sequence | None = None) -> list[DateRange]:
-    """The local date ranges whose standing charge a bill for `period` carries.
+                 supplies: Sequence | None = None) -> tuple[list[DateRange], list[DateRange]]:
+    """(charge, credit): the local date ranges whose standing charge a bill for `period` carries, and those
+    it credits.
 
-    `charged` None: the period's supply days (no memory of earlier bills). Otherwise every supply day from
-    `since` (the first period the system billed; default: this period's start) to the period's end that
-    is not in `charged` (the ranges earlier items carried): a supply back-dated over months already billed
-    owes those days, and they are caught up on this bill, dated in their own month."""
+    `charged` None: charge the period's supply days, credit nothing (no memory of earlier bills).
+    Otherwise, between `since` (the first period the system billed; default: this period's start) and
+    the period's end: charge every supply day not in `charged` (the ranges earlier items carried: a
+    supply back-dated over months already billed owes those days), and credit every day in `charged`
+    that no supply covers any more (a move-out back-dated over charged days); both dated in their own
+    month on this bill. The sum over all bills is one charge per supply day, whatever was entered when."""
     start, end = parse_period(period)
     if supplies is None:
         supplies = bindings.supplies_of_account(account_id)
     if charged is None:
-        return supply_ranges(supplies, zone, start, end)
+        return supply_ranges(supplies, zone, start, end), []
     lo = min(since or start, start)
-    return subtract_ranges(supply_ranges(supplies, zone, lo, end), charged)
+    due = supply_ranges(supplies, zone, lo, end)
+    window = subtract_ranges(charged, [(date.min, lo), (end, date.max)])
+    return subtract_ranges(due, charged), subtract_ranges(window, due)
+
+
+def charged_after(charged: Sequence[DateRange], item: "BillableItem") -> list[DateRange]:
+    """The account's charged standing ranges once `item` is issued: plus what it charged, minus what it credited."""
+    return subtract_ranges([*charged, *item.standing_charged], item.standing_credited)
 
 
 def billed_daily_import(rows: Iterable[UsageRow], account_id: str, zone: ZoneInfo) -> dict[date, int]:
@@ -429,10 +442,12 @@ def item_from_pending(account_id: str, period: str, *, bindings: Bindings, marke
     if acct is None:
         raise ValidationError(f"unknown account {account_id}")
     aggs = {a.key: a for a in aggregates if a.local_date < end and _nonzero(a)}
-    ranges = standing_due(account_id, period, zone, bindings=bindings, charged=standing_charged,
-                          since=standing_since, supplies=supplies) if standing else []
+    ranges, credits = standing_due(account_id, period, zone, bindings=bindings, charged=standing_charged,
+                                   since=standing_since, supplies=supplies) if standing else ([], [])
     for a, b in ranges:
         aggs = merge_aggregates(aggs, standing_charges(tariff, account_id, a, b))
+    for a, b in credits:
+        aggs = merge_aggregates(aggs, {k: c.negated() for k, c in standing_charges(tariff, account_id, a, b).items()})
     window_start = min([start, *(k[1] for k in aggs)])
     adjs = [a for a in adjustments if a.account_id == account_id and a.period == period]
     if not aggs and not adjs:
@@ -442,7 +457,7 @@ def item_from_pending(account_id: str, period: str, *, bindings: Bindings, marke
                                 adjustments=adjs, billed_import=billed_import,
                                 usage=tuple(UsageTotal(m, o, p, wh) for (m, o, p), wh in sorted(usage.items())
                                             if wh and p <= period))
-    return replace(item, standing_charged=tuple(ranges))
+    return replace(item, standing_charged=tuple(ranges), standing_credited=tuple(credits))
 
 
 # --------------------------------------------------------------------------- incremental rating
@@ -563,9 +578,9 @@ def bill_run(period: str, *, bindings: Bindings, markets: Mapping[str, Market], 
     """One billable item per account for `period` (accounts already billed for it are skipped).
 
     `standing_charged`: account -> the local date ranges earlier items carried standing charges for
-    (`BillableItem.standing_charged`); given, uncharged supply days since `standing_since` (default: the
-    first day of the month of the earliest charged date of any account, i.e. the first billed period,
-    else this period) are caught up (`standing_due`)."""
+    (kept with `charged_after`); given, uncharged supply days since `standing_since` (default: the first
+    day of the month of the earliest charged date of any account, i.e. the first billed period, else
+    this period) are caught up and charged days no longer supplied are credited (`standing_due`)."""
     if standing_charged is not None and standing_since is None:
         first = min((r[0] for rs in standing_charged.values() for r in rs), default=None)
         standing_since = None if first is None else first.replace(day=1)
@@ -597,7 +612,7 @@ def bill_run(period: str, *, bindings: Bindings, markets: Mapping[str, Market], 
 __all__ = ["UsageRow", "bind_intervals", "merge_rows", "rebind", "check_rebinding", "bill_account", "bill_run",
            "BillableItem", "AccountBill", "BillRun", "Adjustment", "parse_period", "period_instants", "item_from_aggregates",
            "item_from_pending", "pending_contribution", "pending_contributions", "split_by_account", "tariff_digest",
-           "standing_due", "billed_daily_import", "merge_ranges", "subtract_ranges", "supply_ranges"]
+           "standing_due", "charged_after", "billed_daily_import", "merge_ranges", "subtract_ranges", "supply_ranges"]
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,8 @@ from meterlink.clock import from_ms, to_ms
 from meterlink.errors import ConfigError, ValidationError
 
 from .billing import (AccountBill, Adjustment, BillRun, DateRange, RowKey, UsageRow, bind_intervals, check_rebinding,
-                      item_from_pending, local_midnight, merge_ranges, merge_rows, parse_period, pending_contributions,
-                      rebind, split_by_account, tariff_digest)
+                      item_from_pending, local_midnight, merge_rows, parse_period, pending_contributions, rebind,
+                      split_by_account, subtract_ranges, supply_ranges, tariff_digest)
 from .binding import Account, Bindings, Customer, Installation, Meter, ServicePoint, Supply
 from .exceptions import QueuedException, released_keys
 from .invoice import invoice_to_json, make_invoice
@@ -52,17 +52,14 @@ ROW_COLS = "meter_id, obis, start_ms, end_ms, wh, estimated, flags, account_id, 
 
 # Local date ranges [from, to) whose standing charges issued items carried, per account, kept merged.
 # Created when a store first opens a database without it (like the chain and PAYG stores' tables), and then
-# filled for accounts billed before it existed with [1970-01-01, end of their last billed period): the
-# conservative reading (never charge a day twice) of what the old bill runs charged.
+# filled for each account billed before it existed with its supply days (current bindings) up to the end of
+# its last billed period: what the old bill runs charged, as far as the bindings tell (so the first bill
+# after the upgrade neither charges nor credits those months again).
 STANDING_DDL = {
-    "sqlite": ("CREATE TABLE standing_charged (account_id TEXT NOT NULL, from_date TEXT NOT NULL, "
-               "to_date TEXT NOT NULL, PRIMARY KEY (account_id, from_date))",
-               "INSERT INTO standing_charged SELECT account_id, '1970-01-01', date(MAX(period) || '-01', '+1 month') "
-               "FROM billable_item GROUP BY account_id"),
-    "postgres": ("CREATE TABLE standing_charged (account_id TEXT NOT NULL, from_date DATE NOT NULL, "
-                 "to_date DATE NOT NULL, PRIMARY KEY (account_id, from_date))",
-                 "INSERT INTO standing_charged SELECT account_id, DATE '1970-01-01', "
-                 "(to_date(MAX(period), 'YYYY-MM') + INTERVAL '1 month')::date FROM billable_item GROUP BY account_id"),
+    "sqlite": "CREATE TABLE standing_charged (account_id TEXT NOT NULL, from_date TEXT NOT NULL, "
+              "to_date TEXT NOT NULL, PRIMARY KEY (account_id, from_date))",
+    "postgres": "CREATE TABLE standing_charged (account_id TEXT NOT NULL, from_date DATE NOT NULL, "
+                "to_date DATE NOT NULL, PRIMARY KEY (account_id, from_date))",
 }
 
 
@@ -181,9 +178,22 @@ class BillingStore:
         if self.db.q(exists):
             return
         with self.db.tx(exclusive=True):
-            if not self.db.q(exists):                  # another replica may have created it meanwhile
-                for sql in STANDING_DDL[self.db.dialect]:
-                    self.db.x(sql)
+            if self.db.q(exists):                      # another replica created it meanwhile
+                return
+            self.db.x(STANDING_DDL[self.db.dialect])
+            last = dict(self.db.q("SELECT account_id, MAX(period) FROM billable_item GROUP BY account_id"))
+            if not last:
+                return
+            bindings = self.bindings()
+            zones = dict(self.db.q("SELECT market_id, time_zone FROM market"))
+            rows = []
+            for account, period in sorted(last.items()):
+                if account not in bindings.accounts:
+                    continue
+                zone = ZoneInfo(zones.get(bindings.market_of_account(account), "UTC"))
+                rows += [(account, self.db.day(a), self.db.day(b)) for a, b in supply_ranges(
+                    bindings.supplies_of_account(account), zone, date(1970, 1, 1), parse_period(period)[1])]
+            self.db.many("INSERT INTO standing_charged VALUES (?,?,?)", rows)
 
     def close(self) -> None:
         self.db.close()
@@ -363,12 +373,13 @@ class BillingStore:
             out.setdefault(a, []).append((_date(f), _date(t)))
         return out
 
-    def record_standing(self, account: str, ranges: Sequence[DateRange]) -> None:
-        """Add the ranges an item charged to the account's charged ranges (kept merged: usually one UPDATE)."""
-        if not ranges:
+    def record_standing(self, account: str, ranges: Sequence[DateRange], credited: Sequence[DateRange] = ()) -> None:
+        """Add the ranges an item charged to the account's charged ranges and remove those it credited (kept
+        merged: usually one UPDATE)."""
+        if not ranges and not credited:
             return
         old = self.standing_ranges([account]).get(account, [])
-        merged = merge_ranges([*old, *ranges])
+        merged = subtract_ranges([*old, *ranges], credited)
         starts = {a for a, _ in merged}
         self.db.many("DELETE FROM standing_charged WHERE account_id=? AND from_date=?",
                      [(account, self.db.day(a)) for a, _ in old if a not in starts])
@@ -463,7 +474,7 @@ class BillingStore:
                                  item.gross_minor, item.to_json(), to_ms(now)))[0][0]
                 self.db.many("INSERT INTO billed_usage VALUES (?,?,?,?,?)",
                              [(seq, u.meter_id, u.obis, u.usage_period, u.wh) for u in item.usage])
-                self.record_standing(item.account_id, item.standing_charged)
+                self.record_standing(item.account_id, item.standing_charged, item.standing_credited)
                 customer = bindings.customers[bindings.accounts[item.account_id].customer_id]
                 inv = make_invoice(item, customer, markets[item.market], issue_date)
                 self.db.x("INSERT INTO invoice (invoice_id, account_id, period, issue_date, currency, net_minor, "
@@ -822,8 +833,8 @@ def run_billing(store: BillingStore, period: str, *, markets: Mapping[str, Marke
     their rows first. Billing an account drops its pending aggregates dated before the period's end and
     marks those rows billed. Catch-up is priced as if it had arrived on time: blocks (tiers) count what the
     rows of the same months already billed (`BillingStore.billed_import`), and supply days since the first
-    billed period that no item charged yet (a back-dated supply) get their standing charges
-    (`standing_charged`). `promotions`: account id -> accepted rating Promotions
+    billed period that no item charged yet (a back-dated supply) get their standing charges, and charged
+    days no supply covers any more (a back-dated move-out) are credited (`standing_charged`). `promotions`: account id -> accepted rating Promotions
     (cli_insights.accepted_rating_promotions).
     """
     start, end = parse_period(period)

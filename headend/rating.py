@@ -392,7 +392,8 @@ def lines_from_aggregates(tariff: Tariff, aggregates: Iterable[DayBandAggregate]
             continue                         # e.g. a day-band whose estimate was later moved away
         if kind == "standing":
             quantity, unit_code = Decimal(qty_raw), "DAY"
-            desc = f"Standing charge {ps} to {pe - timedelta(days=1)}"
+            desc = (f"Standing charge {ps} to {pe - timedelta(days=1)}" if qty_raw >= 0 else
+                    f"Standing charge credit {ps} to {pe - timedelta(days=1)} (supply ended earlier)")
         elif kind == "promotion":            # one unit ("C62") priced at the discount
             quantity, unit_code = Decimal(1), "C62"
             desc = promo_by_id[band].description or f"Promotion {band}"

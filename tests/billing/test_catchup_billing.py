@@ -11,7 +11,7 @@ from decimal import Decimal
 
 import pytest
 
-from meterlink.headend.billing import bill_run, bind_intervals, merge_rows, rebind
+from meterlink.headend.billing import bill_run, bind_intervals, charged_after, merge_rows, rebind
 from meterlink.headend.billing_store import BillingStore, process_readings, run_billing
 from meterlink.headend.store import StoredRecord, open_repository
 from meterlink.headend.tariff import tariff_from_toml
@@ -72,7 +72,7 @@ class PurePath:
                        rows=self.rows.values(), standing_charged=self.standing)
         for b in run.bills:
             self.rows.update({r.key: r for r in b.billed_rows})
-            self.standing[b.item.account_id] = (*self.standing.get(b.item.account_id, ()), *b.item.standing_charged)
+            self.standing[b.item.account_id] = charged_after(self.standing.get(b.item.account_id, ()), b.item)
         return run
 
     def close(self):
@@ -214,8 +214,8 @@ def test_standing_charges_of_a_supply_back_dated_over_a_billed_month_are_caught_
 
 
 def test_a_database_billed_before_standing_was_recorded_is_not_charged_twice(tmp_path):
-    """Opening a store on a database without `standing_charged` creates it and counts every day up to each
-    billed account's last billed period as charged (the old bill runs charged their own period's days)."""
+    """Opening a store on a database without `standing_charged` creates it and counts each billed account's
+    supply days up to its last billed period as charged (the old bill runs charged their own period's days)."""
     b = gb_bindings(utc(2026, 9, 1), accounts=("A1", "A2"), market="IE", tariff="ie-tiered") \
         .move_in("SP1", "A1", utc(2026, 10, 28))
     p = StorePath(b, tmp_path)
@@ -225,13 +225,38 @@ def test_a_database_billed_before_standing_was_recorded_is_not_charged_twice(tmp
         p.store.db.x("DROP TABLE standing_charged")                 # as the database was before
         p.store.close()
         p.store = BillingStore(p.store.url)
-        assert p.store.standing_ranges() == {"A1": [(date(1970, 1, 1), date(2026, 11, 1))]}
+        assert p.store.standing_ranges() == {"A1": [(date(2026, 10, 28), date(2026, 11, 1))]}   # A1's supply days
         p.rebind(b.move_in("SP1", "A2", OCT_START, utc(2026, 10, 28)))
         a1, a2 = sorted(p.bill("2026-11").items, key=lambda i: i.account_id)
         assert lines(a1, "standing") == [("standing", "standing", Decimal("30"), 300, date(2026, 11, 1), date(2026, 12, 1))]
         assert lines(a2, "standing") == [("standing", "standing", Decimal("27"), 270, date(2026, 10, 1), date(2026, 11, 1))]
     finally:
         p.close()
+
+
+def test_a_move_out_back_dated_over_charged_days_credits_their_standing_charges_on_the_next_bill(path):
+    """A1 is supplied from 1 September; October is billed with 31 standing days. In November the move-out is
+    entered: A1 left on 20 October (local midnight, still IST). Nobody used energy after that (usage already
+    billed could not move: the edit would be refused), so the 12 days 20..31 October are credited."""
+    from meterlink.headend.invoice import check_json_totals, invoice_to_dict, make_invoice
+    from meterlink.headend.ubl import check_en16931, to_ubl
+    b = gb_bindings(utc(2026, 9, 1), market="IE", tariff="ie-tiered").move_in("SP1", "A1", utc(2026, 9, 1))
+    p = path(b)
+    p.arrive(hourly_readings("M1", OCT_START, 19 * 24, wh_per_hour=100))       # 1..19 October: 45.6 kWh
+    oct_item, = p.bill("2026-10").items
+    assert lines(oct_item) == [
+        ("energy", "all", Decimal("45.6"), 912, date(2026, 10, 1), date(2026, 11, 1)),
+        ("standing", "standing", Decimal("31"), 310, date(2026, 10, 1), date(2026, 11, 1))]
+    p.rebind(b.move_out("SP1", utc(2026, 10, 19, 23)))
+    nov_item, = p.bill("2026-11").items
+    assert lines(nov_item) == [("standing", "standing", Decimal("-12"), -120, date(2026, 10, 20), date(2026, 11, 1))]
+    assert (nov_item.net_minor, nov_item.vat_minor, nov_item.gross_minor) == (-120, -11, -131)  # 9 %: -10.80
+    assert nov_item.standing_credited == ((date(2026, 10, 20), date(2026, 11, 1)),)
+    inv = make_invoice(nov_item, b.customers["C1"], MARKETS["IE"], date(2026, 12, 2))
+    assert check_json_totals(invoice_to_dict(inv)) == [] and check_en16931(to_ubl(inv)) == []
+    # credited once: December has nothing for A1; October's standing net is the 19 days it was supplied
+    assert p.bill("2026-12").items == ()
+    assert sum(il.line.quantity_kwh for i in (oct_item, nov_item) for il in i.lines if il.line.kind == "standing") == 19
 
 
 # --------------------------------------------------------------------------- the date-range arithmetic

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from meterlink.chain import Event, hash_of, link, prune_run
-from meterlink.headend.billing import bill_run, bind_intervals, merge_rows, pending_contributions, rebind
+from meterlink.headend.billing import bill_run, bind_intervals, charged_after, merge_rows, pending_contributions, rebind
 from meterlink.headend.billing_store import BillingStore, process_readings, reconcile_period, run_billing
 from meterlink.headend.chainstore import open_chain_store
 from meterlink.headend.store import StoredRecord, open_repository
@@ -250,7 +250,7 @@ def check_store_month(month):
                            standing_charged=charged)
             for bill in run.bills:
                 ref.update({r.key: r for r in bill.billed_rows})
-                charged[bill.item.account_id] = [*charged.get(bill.item.account_id, ()), *bill.item.standing_charged]
+                charged[bill.item.account_id] = charged_after(charged.get(bill.item.account_id, ()), bill.item)
             return run
 
         seq, size = 1, -(-len(first) // batches)

@@ -9,7 +9,7 @@ from decimal import Decimal
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from meterlink.headend.billing import bill_run, bind_intervals, merge_rows, period_instants, rebind
+from meterlink.headend.billing import bill_run, bind_intervals, charged_after, merge_rows, period_instants, rebind
 from meterlink.headend.invoice import check_json_totals, invoice_to_dict, make_invoice
 from meterlink.headend.rating import rate_intervals
 from meterlink.headend.reconcile import check_item, reconcile
@@ -98,7 +98,7 @@ def check_month(month):
         for bill in run.bills:
             stored.update({r.key: r for r in bill.billed_rows})
             items.append(bill.item)
-            charged[bill.item.account_id] = [*charged.get(bill.item.account_id, ()), *bill.item.standing_charged]
+            charged[bill.item.account_id] = charged_after(charged.get(bill.item.account_id, ()), bill.item)
 
     step(first, bindings, "2026-11")
     if back_date and move_in_day > 1:
