@@ -138,6 +138,30 @@ def test_tier_threshold_crossed_mid_day_prices_only_the_energy_above_it():
         (date(2026, 11, 2), "above100"): 20_000}
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_tiers_summed_over_any_order_of_arrival_equal_the_tiers_of_the_final_import(data):
+    """Usage of two months arriving in random batches (late days, corrections up and down, then the final
+    truth): the tier Wh each bill adds (`tier_delta` over what was billed before) sum to `tier_usage` of
+    the final import, i.e. the blocks of a period do not depend on when its usage arrived."""
+    from meterlink.headend.rating import tier_delta
+    t = flat(tiers=TIERS)
+    days = [date(2026, 10, 20) + timedelta(days=i) for i in range(25)]          # October into November
+    final = {d: data.draw(st.integers(0, 12_000)) for d in days}
+    billed: dict = {}
+    total: dict = {}
+    batches = [{d: data.draw(st.integers(0, 12_000)) for d in data.draw(st.lists(st.sampled_from(days), max_size=8,
+                                                                                 unique=True))}
+               for _ in range(data.draw(st.integers(0, 5)))]
+    for state in [*batches, final]:                   # each batch: the days' values as known at that bill
+        delta = {d: wh - billed.get(d, 0) for d, wh in state.items() if wh != billed.get(d, 0)}
+        for k, wh in tier_delta(t, delta, billed).items():
+            total[k] = total.get(k, 0) + wh
+        for d, wh in delta.items():
+            billed[d] = billed.get(d, 0) + wh
+    assert {k: v for k, v in total.items() if v} == tier_usage(t, final)
+
+
 def test_rounding_per_line_and_per_invoice_differ_and_the_invoice_stage_books_residue():
     t = flat(rate="10.5", standing="10.5")                    # 1 kWh -> 10.5 c, 1 day -> 10.5 c
     ivs = [iv(datetime(2026, 11, 2, 12, tzinfo=UTC), 1000)]
