@@ -19,8 +19,10 @@ Scenarios, on SQLite (a file, WAL, synchronous=FULL) and PostgreSQL (synchronous
   * 8 gateways pushing 500-record batches at once (the head-end's 8 gRPC workers): SQLite then
     commits concurrent batches as a group (one fsync), PostgreSQL uses 8 connections.
 
-Rating runs where serve runs it by default, in the rating process (another core); --rating-in-thread
-rates in a thread of the benchmark process instead (serve --rating-in-thread).
+--rating process (default) rates where serve does by default, in the rating process (another core);
+--rating thread rates in a thread of the benchmark process (serve --rating-in-thread); --rating after
+is the old way, for comparison: no rating while pushes arrive, one `process` over everything once every
+batch is acked (what an operator ran by hand before serve rated by itself).
 
 Besides wall-clock readings/s it prints the CPU seconds spent (this process + the rating process + the
 PostgreSQL backends, from /proc), readings per CPU-second and CPU microseconds per reading, and the load average: on a
@@ -28,7 +30,7 @@ shared machine the wall figure moves with the neighbours, the CPU figure much le
 
 Usage: .venv/bin/python bench/bench_ingest.py [--readings N] [--backend sqlite|postgres|both]
                                               [--database postgresql://...] [--only pipeline|store]
-                                              [--rating-in-thread] [--meters N] [--registers four|import]
+                                              [--rating process|thread|after] [--meters N] [--registers four|import]
 """
 
 from __future__ import annotations
@@ -175,7 +177,7 @@ class _Context:
 
 
 def run_pipeline(url: str, backend: str, total: int, batch: int, gateways: int, label: str,
-                 separate_process: bool = True, meters: int = 16, registers=REGISTERS) -> dict:
+                 rating: str = "process", meters: int = 16, registers=REGISTERS) -> dict:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from meterlink.chain import public_bytes
@@ -200,8 +202,9 @@ def run_pipeline(url: str, backend: str, total: int, batch: int, gateways: int, 
     clock = SimClock(T0 + timedelta(days=40))
     service = GatewaySyncService(repo, clock, public_key=lambda gw: pub)
     worker = RatingWorker(url, markets, tariffs, clock, poll_s=3600, lock_retry_s=0.01,
-                          separate_process=separate_process)
-    repo.commit_hooks.append(worker.notify)
+                          separate_process=rating == "process")
+    if rating != "after":
+        repo.commit_hooks.append(worker.notify)
     worker.start()
     if not worker.wait_idle(600):                     # the start-up run (nothing to rate yet) before the clock
         raise RuntimeError(f"rating worker did not settle: {worker.stats}")
@@ -212,7 +215,7 @@ def run_pipeline(url: str, backend: str, total: int, batch: int, gateways: int, 
             t.start()
         for t in warm:
             t.join()
-    rater_pid = worker._proc.pid if separate_process else None
+    rater_pid = worker._proc.pid if rating == "process" else None
     server0 = (_pg_backend_cpu(url) if backend == "postgres" else 0.0) + (_proc_cpu(rater_pid) if rater_pid else 0.0)
     barrier = threading.Barrier(gateways + 1)
     errors: list = []
@@ -235,6 +238,8 @@ def run_pipeline(url: str, backend: str, total: int, batch: int, gateways: int, 
     for t in threads:
         t.join()
     stored_at = time.perf_counter() - t0
+    if rating == "after":
+        worker.notify()                               # the one `process` over everything, now
     rated = worker.wait_idle(3600)
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     server = ((_pg_backend_cpu(url) if backend == "postgres" else 0.0)
@@ -304,8 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--registers", choices=("four", "import"), default="four",
                     help="pipeline: each meter's registers per poll: four (1.8.0 2.8.0 1.7.0 32.7.0, default) or "
                          "import (1.8.0 only, every reading rated)")
-    ap.add_argument("--rating-in-thread", action="store_true",
-                    help="rate in a thread of this process (serve --rating-in-thread) instead of a rating process")
+    ap.add_argument("--rating", choices=("process", "thread", "after"), default="process",
+                    help="pipeline: rate in serve's rating process (default), in a thread (serve --rating-in-thread), "
+                         "or only after every batch is acked (one process run; the old way, for comparison)")
     args = ap.parse_args(argv)
     print("command:", shlex.join([sys.executable.replace(str(ROOT) + "/", ""), "bench/bench_ingest.py",
                                   *(argv if argv is not None else sys.argv[1:])]))
@@ -331,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 print(f"postgres  database {shown}")
             if pipeline:
-                where = "a thread of this process" if args.rating_in_thread else "serve's rating process"
+                where = {"process": "serve's rating process", "thread": "a thread of this process",
+                         "after": "ONE process run after every batch is acked"}[args.rating]
                 print(f"verify + store + rate (push requests -> GatewaySyncService.Push; rating in {where}; "
                       f"{args.meters} meters x {'4 registers' if args.registers == 'four' else '1.8.0'} per gateway), "
                       f"{backend}:")
@@ -340,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             for i, (name, batch, gateways) in enumerate(pipeline):
                 purl = f"sqlite:///{tmp}/pipeline-{i}.db" if backend == "sqlite" else fresh_url(args.database, url)
                 r = run_pipeline(purl, backend, args.readings, batch, gateways, f"p{i}-{int(time.time() * 1000) % 10**8}",
-                                 separate_process=not args.rating_in_thread, meters=args.meters,
+                                 rating=args.rating, meters=args.meters,
                                  registers=REGISTERS if args.registers == "four" else ("1.8.0",))
                 best[(backend, "pipeline")] = max(best.get((backend, "pipeline"), 0.0), r["rate"])
                 print(f"{backend:9} {name:32} {r['readings']:>9} {r['wall']:>7.2f} {r['rate']:>11,.0f} "
