@@ -107,7 +107,6 @@ class WireBatch:
     """Consecutive journal records ready to send: each as its wire bytes (meterlink.chain.wire_bytes)."""
 
     records: list[bytes]
-    first_seq: int
     last_seq: int
     last_hash: bytes        # the journal's stored hash of the last record (the chain head to sign)
 
@@ -224,21 +223,20 @@ class Journal:
         go through `JournalRecord` -> `wire_bytes`. The bytes carry the journal's stored prev_hash, so a
         record altered in the database still arrives as it is stored and the head-end refuses it.
         """
-        with self._lock:
-            rows = self._conn.execute(f"SELECT {COLUMNS} FROM journal WHERE seq > ? ORDER BY seq LIMIT ?",
-                                      (after_seq, limit)).fetchall()
-        if not rows:
-            return None
-        out = []
+        out: list[bytes] = []
         append = out.append
-        for row in rows:
-            b = (reading_record_bytes(row[0], row[1], row[4], row[5], row[6], row[7], row[8], row[9])
-                 if row[3] == KIND_READING else None)
-            if b is None:
-                b = wire_bytes(_record(row).chain_record())
-            append(b)
-        last = rows[-1]
-        return WireBatch(out, rows[0][0], last[0], bytes(last[2]))
+        row = None
+        with self._lock:     # rows are encoded as they are read: only the bytes are kept
+            for row in self._conn.execute(f"SELECT {COLUMNS} FROM journal WHERE seq > ? ORDER BY seq LIMIT ?",
+                                          (after_seq, limit)):
+                b = (reading_record_bytes(row[0], row[1], row[4], row[5], row[6], row[7], row[8], row[9])
+                     if row[3] == KIND_READING else None)
+                if b is None:
+                    b = wire_bytes(_record(row).chain_record())
+                append(b)
+        if row is None:
+            return None
+        return WireBatch(out, row[0], bytes(row[2]))
 
     def records(self, first: int = 1, last: int | None = None) -> list[JournalRecord]:
         """Every record still held with first <= seq <= last, in order."""

@@ -150,7 +150,7 @@ class Pusher:
     def __init__(self, gateway_id: str, address: str, journal: Journal, batch: int = 5000,
                  timeout_s: float = 10.0, key: Ed25519PrivateKey | None = None,
                  credentials: grpc.ChannelCredentials | None = None, metrics=None,
-                 server_name: str | None = None, window: int = 4) -> None:
+                 server_name: str | None = None, window: int = 2) -> None:
         self.gateway_id, self.address, self.journal = gateway_id, address, journal
         self.batch, self.timeout_s = batch, timeout_s
         self.window = max(1, window)      # batches in flight during a drain (sent, not yet acked)

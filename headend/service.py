@@ -22,7 +22,7 @@ from typing import Callable
 
 import grpc
 
-from meterlink.chain import ChainRecord, EncodingError, Event, Tombstone, decode_wire
+from meterlink.chain import ChainRecord, EncodingError, Event, Tombstone, decode_wire_batch
 from meterlink.clock import Clock, from_ms, to_ms
 from meterlink.errors import MeterlinkError
 from meterlink.readings import Reading
@@ -76,13 +76,7 @@ def decode_push(request: sync_pb2.PushRequest) -> tuple[list[ChainRecord], list[
         return chain_records_from_proto(request), None
     if len(request.records):
         raise ValueError("the batch carries records in both forms (records and chain_records)")
-    records, hashes, instants = [], [], {}
-    append, append_hash = records.append, hashes.append
-    for b in wire:
-        rec, h = decode_wire(b, instants)
-        append(rec)
-        append_hash(h)
-    return records, hashes
+    return decode_wire_batch(list(wire))
 
 
 def records_from_proto(request: sync_pb2.PushRequest) -> list[StoredRecord]:

@@ -173,3 +173,22 @@ def test_a_seven_day_partition_heals_and_everything_arrives_in_order_exactly_onc
     finally:
         gw.close()
         he.stop()
+
+
+def test_a_head_end_without_push_stream_is_drained_batch_by_batch_with_push(tmp_path, clock, key, monkeypatch):
+    from meterlink.headend.service import GatewaySyncService
+    from meterlink.v1 import sync_pb2_grpc
+    # an older head-end: the generated servicer's PushStream answers UNIMPLEMENTED
+    monkeypatch.setattr(GatewaySyncService, "PushStream", sync_pb2_grpc.GatewaySyncServicer.PushStream)
+    old = Headend(tmp_path / "old.db", clock).start()
+    try:
+        old.trust(GW, key)
+        j = Journal(tmp_path / "gw.db")
+        j.append(readings(30))
+        pusher = Pusher(GW, old.addr, j, batch=7, key=key)
+        assert pusher.drain() == 30
+        assert pusher._streaming is False and j.unacked_count() == 0
+        assert len(old.repo.readings("M1")) == 30
+        assert_chain_verifies(old.path, GW)
+    finally:
+        old.stop()

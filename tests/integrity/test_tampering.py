@@ -155,3 +155,34 @@ def test_after_a_refusal_is_cleared_the_chain_continues_and_verifies_end_to_end(
     recs = assert_chain_verifies(headend.path, GW)
     assert [r.seq for r in recs] == list(range(1, 14))
     assert headend.chain.events(GW) == [(7, "relay.open", "M1", 1795478400000, b"\x01", "")]
+
+
+def test_a_pipelined_drain_stores_the_batches_before_an_altered_record_and_stops_at_its_refusal(journal, headend,
+                                                                                                  key):
+    journal.append(readings(40))
+    sql(journal, "UPDATE journal SET value = value + 1 WHERE seq = 23")       # in the 6th batch of 4
+    pusher = Pusher(GW, headend.addr, journal, batch=4, key=key, window=4)    # up to 4 batches in flight
+    with pytest.raises(Refused) as err:
+        pusher.drain()
+    assert err.value.reason == "REFUSAL_ALTERED" and "seq 23" in err.value.detail
+    # batches 1..5 committed and acknowledged in order; the refused one and everything sent after it not
+    assert journal.acked_seq() == 20 and headend.chain.head(GW)[0] == 20
+    assert len(headend.repo.readings("M1")) == 20
+    assert headend.refusals("ALTERED") == 1 and headend.refusals("GAP") == 0   # the stream ended at the refusal
+    assert_chain_verifies(headend.path, GW)
+
+
+def test_a_batch_carrying_records_in_both_wire_forms_is_refused_as_malformed(journal, headend, stub, key):
+    records = journal.append(readings(4))
+    req = to_proto(GW, records, key)
+    req.records.extend(to_proto(GW, records, key, per_record=True).records)
+    ack = stub.Push(req, timeout=5)
+    assert reason(ack) == "REFUSAL_MALFORMED" and "both forms" in ack.detail and ack.acked_seq == 0
+
+
+def test_garbage_in_the_canonical_bytes_form_is_refused_as_malformed_naming_the_record(journal, headend, stub, key):
+    records = journal.append(readings(4))
+    req = to_proto(GW, records, key)
+    req.chain_records[2] = req.chain_records[2] + b"\x00"
+    ack = stub.Push(req, timeout=5)
+    assert reason(ack) == "REFUSAL_MALFORMED" and "seq 3" in ack.detail and ack.acked_seq == 0
