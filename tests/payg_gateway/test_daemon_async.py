@@ -25,7 +25,6 @@ from meterlink.gateway.cardterminal import challenge_from_json, request
 from meterlink.gateway.config import load_config
 from meterlink.gateway.daemon import Gateway
 from meterlink.gateway.profiles import load_profile
-from meterlink.readings import Reading
 from meterlink.sim.meter import MeterModel
 from meterlink.sim.server import TcpServer
 
