@@ -12,8 +12,9 @@ gRPC: a server process (this file with --serve) runs the real head-end mutual-TL
 interceptor + registry) with the product's PAYG services as `serve --payg --payg-token-key` builds
 them (proto/meterlink/v1/payg.proto, headend/payg_service.py), plus a trivial `bench.Ping/Ping`
 method (the gRPC + TLS floor: no interceptor, no servicer work). The client process enrols as a
-gateway (one gateway, 200 provisioned meters bound to 200 accounts), sends Ping, CreditControl
-Reserve/Update and Vending Authorise at a fixed open-loop rate (default 1000/s: futures, latency =
+gateway (one gateway, 200 provisioned meters bound to 200 accounts) and sells as vendor SHOP1 with
+its vendor certificate; it sends Ping, CreditControl Reserve/Update and Vending Authorise at a fixed
+open-loop rate (default 1000/s: futures, latency =
 answer - scheduled send, so a late client or server is counted) and reports p50/p99, the result
 codes, the CPU time per request of the server and client processes and the load average; then
 closed loop with several threads for the maximum sustained rate. The server reports how many
@@ -229,8 +230,10 @@ def serve(directory: str) -> int:
     servers.start()
     code = registry.add("gw-bench", now)
     registry.provision("gw-bench", [f"M-ACC{i:04d}" for i in range(ACCOUNTS)], [], now)
+    vendor = str(payg_service.write_vendor_identity(svc.store, keys, "SHOP1", d / "vendor", now)) \
+        if hasattr(payg_service, "write_vendor_identity") else None           # older code: no vendor identity
     print(json.dumps({"port": servers.port, "enrol_port": servers.enrol_port, "code": code,
-                      "ca": keys.ca_fingerprint}), flush=True)
+                      "ca": keys.ca_fingerprint, "vendor": vendor}), flush=True)
     for _ in sys.stdin:            # runs until the client closes our stdin
         print(json.dumps({"cpu": time.process_time(), "commits": getattr(svc.store, "commits", 0),
                           "transactions": getattr(svc.store, "committed_transactions", 0)}), flush=True)
@@ -275,7 +278,12 @@ def bench_grpc(rate: int, seconds: float) -> None:
             channel = secure_channel(f"127.0.0.1:{info['port']}", identity)
             grpc.channel_ready_future(channel).result(timeout=10)
             cc = payg_pb2_grpc.CreditControlStub(channel)
-            vend = payg_pb2_grpc.VendingStub(channel)
+            vendor_channel = channel                   # the vendor SHOP1's own certificate where the product has them
+            if info["vendor"]:
+                from meterlink.headend.payg_service import vendor_channel_credentials
+                vendor_channel = grpc.secure_channel(f"127.0.0.1:{info['port']}",
+                                                     vendor_channel_credentials(info["vendor"]))
+            vend = payg_pb2_grpc.VendingStub(vendor_channel)
             ping = channel.unary_unary(PING)
             card = Ed25519PrivateKey.from_private_bytes(CARD_SEED)
             numbers: dict[str, int] = {}
@@ -374,6 +382,7 @@ def bench_grpc(rate: int, seconds: float) -> None:
                     print(f"gRPC/mTLS {name} closed loop {threads:2d} threads: {per_s:7.0f} req/s sustained; "
                           f"{phase.figures(done)}", flush=True)
             channel.close()
+            vendor_channel.close()
         finally:
             proc.stdin.close()
             proc.wait(timeout=20)

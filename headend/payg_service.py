@@ -14,8 +14,14 @@ Token delivery: every answer carries the signed tokens issued for the meter and 
 applied (re-signed identically, `payg_store.issue_token` is idempotent); the gateway applies each
 once and reports it in its next request.
 
-Vending has no gateway identity: its methods are exempted from the gateway interceptor
-(`VENDING_METHODS`); the card's signature over the head-end's challenge authenticates the sale.
+Vending is for vendors, authenticated as vendors: each call must come with a vendor client
+certificate issued by the head-end CA (`issue_vendor_certificate`: subject CN and SAN URI
+``urn:meterlink:vendor:{id}``, the serial recorded in `payg_vendor_cert`), whose vendor is the
+request's `vendor_id`, not revoked and not superseded by a newer certificate (`authorise_vendor`);
+otherwise PERMISSION_DENIED with the reason (``VENDOR_*``) in the ``meterlink-refusal`` trailing
+metadata and at the start of the details, and nothing is stored. A gateway's certificate is not a
+vendor's, nor the reverse. The Vending methods are exempted from the gateway interceptor
+(`VENDING_METHODS`); the card's signature over the head-end's challenge authenticates the card.
 The CreditControl methods are exempted from it too when the servicer has the registry
 (`CREDIT_CONTROL_METHODS`): the servicer makes the same check itself, with the request's meter,
 once per call instead of twice (a parsed certificate per call and one plain registry read).
@@ -30,6 +36,7 @@ from datetime import timedelta
 
 import grpc
 
+from meterlink import pki
 from meterlink.clock import Clock, from_ms, to_ms
 from meterlink.errors import ValidationError
 from meterlink.v1 import payg_pb2, payg_pb2_grpc
@@ -47,6 +54,12 @@ VENDING_METHODS = ("/meterlink.v1.Vending/Challenge", "/meterlink.v1.Vending/Aut
 CREDIT_CONTROL_METHODS = ("/meterlink.v1.CreditControl/Reserve", "/meterlink.v1.CreditControl/Update",
                           "/meterlink.v1.CreditControl/Terminate")
 METER_NOT_BOUND = "METER_NOT_BOUND"
+VENDOR_URI_PREFIX = "urn:meterlink:vendor:"
+VENDOR_NOT_AUTHENTICATED = "VENDOR_NOT_AUTHENTICATED"
+VENDOR_IDENTITY_MISMATCH = "VENDOR_IDENTITY_MISMATCH"
+VENDOR_UNKNOWN = "VENDOR_UNKNOWN"
+VENDOR_REVOKED = "VENDOR_REVOKED"
+VENDOR_CERTIFICATE_SUPERSEDED = "VENDOR_CERTIFICATE_SUPERSEDED"
 
 _FUA_TO_PB = {None: payg_pb2.FINAL_UNIT_ACTION_NONE, CC.FinalUnitAction.TERMINATE: payg_pb2.FINAL_UNIT_ACTION_TERMINATE,
               CC.FinalUnitAction.REDIRECT: payg_pb2.FINAL_UNIT_ACTION_REDIRECT,
@@ -220,35 +233,176 @@ class CreditControlService(payg_pb2_grpc.CreditControlServicer):
         return self._handle(request, context, CC.RequestType.TERMINATION_REQUEST)
 
 
+@dataclass(frozen=True)
+class VendorPeer:
+    """The vendor a TLS session authenticated: its id and the serial (hex) of its client certificate."""
+    vendor_id: str
+    serial: str
+
+
+def vendor_of(cert) -> str:
+    """The vendor a client certificate speaks for (SAN URI ``urn:meterlink:vendor:ID``, equal to the CN)."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise pki.PkiError(f"certificate serial {cert.serial_number:x}: no subject alternative name") from None
+    names = [u[len(VENDOR_URI_PREFIX):] for u in sans.get_values_for_type(x509.UniformResourceIdentifier)
+             if u.startswith(VENDOR_URI_PREFIX)]
+    cns = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if len(names) != 1 or cns != names:
+        raise pki.PkiError(f"certificate serial {cert.serial_number:x}: not a meterlink vendor certificate")
+    return names[0]
+
+
+def vendor_peer_of(context) -> VendorPeer | None:
+    """The vendor of the verified client certificate on this call, or None (no certificate, or a gateway's)."""
+    pems = (context.auth_context() or {}).get("x509_pem_cert") or []
+    if not pems:
+        return None
+    try:
+        cert = pki.load_cert(pems[0], "client certificate")
+        return VendorPeer(vendor_of(cert), format(cert.serial_number, "x"))
+    except pki.PkiError:
+        return None
+
+
+def authorise_vendor(peer: VendorPeer | None, claimed_vendor: str,
+                     record: tuple[str, object] | None) -> Refusal | None:
+    """None when `peer` may act for `claimed_vendor`; otherwise the first reason it may not.
+    `record`: (current certificate serial, revoked at or None) of the peer's vendor (`PaygStore.vendor_cert`)."""
+    if peer is None:
+        return Refusal(VENDOR_NOT_AUTHENTICATED, "no vendor client certificate on this call (a gateway's "
+                                                 "certificate does not sell credit)")
+    if claimed_vendor != peer.vendor_id:
+        return Refusal(VENDOR_IDENTITY_MISMATCH, f"certificate of vendor {peer.vendor_id} cannot act for vendor "
+                                                 f"{claimed_vendor!r}")
+    if record is None:
+        return Refusal(VENDOR_UNKNOWN, f"vendor {peer.vendor_id} has no client certificate on record here")
+    serial, revoked_at = record
+    if revoked_at is not None:
+        return Refusal(VENDOR_REVOKED, f"vendor {peer.vendor_id}: certificate revoked at {revoked_at.isoformat()}")
+    if serial != peer.serial:
+        return Refusal(VENDOR_CERTIFICATE_SUPERSEDED, f"vendor {peer.vendor_id}: certificate serial {peer.serial} is "
+                                                      f"not the current one (serial {serial})")
+    return None
+
+
+def issue_vendor_certificate(store: S.PaygStore, keys: pki.HeadendPki, vendor_id: str, public_key, now):
+    """A vendor's mutual-TLS client certificate from the head-end CA for `public_key` (ECDSA P-256);
+    its serial becomes the vendor's current one (an earlier certificate is superseded). The vendor
+    must have a contract (`vendors add`)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    L.vendor_receivable(vendor_id)                      # the ledger's id rule: non-empty, no ':' or blanks
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meterlink"),
+                      x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "vendor"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, vendor_id)])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(keys.ca_cert.subject)
+            .public_key(public_key).serial_number(x509.random_serial_number())
+            .not_valid_before(now - pki.CLOCK_SKEW).not_valid_after(now + pki.CLIENT_VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=False, crl_sign=False,
+                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, encipher_only=False, decipher_only=False),
+                           critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(VENDOR_URI_PREFIX + vendor_id)]),
+                           critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(keys.ca_key.public_key()),
+                           critical=False)
+            .sign(keys.ca_key, hashes.SHA256()))
+    store.record_vendor_cert(vendor_id, format(cert.serial_number, "x"), now)
+    return cert
+
+
+VENDOR_FILES = ("vendor.key", "vendor.crt", "ca.crt")
+
+
+def write_vendor_identity(store: S.PaygStore, keys: pki.HeadendPki, vendor_id: str, directory, now):
+    """Make a key pair for vendor `vendor_id`, issue its certificate and write ``vendor.key`` (0600),
+    ``vendor.crt`` and the CA's ``ca.crt`` into `directory`, to hand to the vendor; returns the directory."""
+    from pathlib import Path
+    d = Path(directory)
+    key = pki.new_tls_key()
+    cert = issue_vendor_certificate(store, keys, vendor_id, key.public_key(), now)
+    pki.write_private(d / "vendor.key", pki.private_key_pem(key))
+    pki.write_public(d / "vendor.crt", pki.cert_pem(cert))
+    pki.write_public(d / "ca.crt", keys.ca_pem)
+    return d
+
+
+def vendor_channel_credentials(directory) -> grpc.ChannelCredentials:
+    """A vendor client's mutual-TLS credentials from `write_vendor_identity`'s directory."""
+    from pathlib import Path
+    d = Path(directory)
+    return grpc.ssl_channel_credentials(root_certificates=(d / "ca.crt").read_bytes(),
+                                        private_key=(d / "vendor.key").read_bytes(),
+                                        certificate_chain=(d / "vendor.crt").read_bytes())
+
+
 class VendingService(payg_pb2_grpc.VendingServicer):
-    """Sale authorisation for vendors: one store transaction per sale (see `PaygStore.authorise`)."""
+    """Sale authorisation for authenticated vendors: one store transaction per call, which also
+    checks the caller's vendor certificate (`authorise_vendor`) before anything is stored."""
 
     def __init__(self, store: S.PaygStore, clock: Clock, *, token_key=None) -> None:
         self.store, self.clock, self.token_key = store, clock, token_key
+        self._peers: dict = {}
+
+    def _peer(self, context) -> VendorPeer | None:
+        """`vendor_peer_of`, memoised per client certificate."""
+        pems = (context.auth_context() or {}).get("x509_pem_cert") or []
+        if not pems:
+            return None
+        pem = pems[0]
+        if pem not in self._peers:
+            if len(self._peers) >= 4096:
+                self._peers.clear()
+            self._peers[pem] = vendor_peer_of(context)
+        return self._peers[pem]
+
+    def _check(self, request, context) -> None:
+        """Refuse the call unless it comes from the vendor it names (inside the call's transaction)."""
+        peer = self._peer(context)
+        refusal = authorise_vendor(peer, request.vendor_id,
+                                   self.store.vendor_cert(peer.vendor_id) if peer is not None else None)
+        if refusal is not None:
+            log.warning("vending refused %s: %s", refusal.reason, refusal.message)
+            context.set_trailing_metadata(((REFUSAL_METADATA, refusal.reason),))
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{refusal.reason}: {refusal.message}")
 
     def Challenge(self, request, context):
-        return payg_pb2.ChallengeReply(challenge=self.store.issue_challenge(self.clock.now()))
+        with self.store.transaction():
+            self._check(request, context)
+            return payg_pb2.ChallengeReply(challenge=self.store.issue_challenge(self.clock.now()))
 
     def Authorise(self, request, context):
         now = _ms(self.clock.now())
         sale = V.SaleRequest(request.sale_id, request.vendor_id, request.card_id, request.account_id,
                              request.amount_minor, request.currency, request.challenge, request.card_signature)
-        result = self.store.authorise(sale, now)
-        if not result.authorised:
-            return payg_pb2.AuthoriseReply(authorised=False, reason=result.reason.value, detail=result.detail)
-        token = ""
-        if request.meter_id and self.token_key is not None:
-            try:
-                token = S.token_for_sale(self.store, request.vendor_id, request.sale_id, request.meter_id,
-                                         self.token_key, now).encode()
-            except ValidationError as exc:
-                log.warning("sale %s/%s authorised, token not issued: %s", request.vendor_id, request.sale_id, exc)
+        with self.store.transaction():
+            self._check(request, context)
+            result = self.store.authorise(sale, now)
+            if not result.authorised:
+                return payg_pb2.AuthoriseReply(authorised=False, reason=result.reason.value, detail=result.detail)
+            token = ""
+            if request.meter_id and self.token_key is not None:
+                try:
+                    token = S.token_for_sale(self.store, request.vendor_id, request.sale_id, request.meter_id,
+                                             self.token_key, now).encode()
+                except ValidationError as exc:
+                    log.warning("sale %s/%s authorised, token not issued: %s", request.vendor_id, request.sale_id,
+                                exc)
         return payg_pb2.AuthoriseReply(authorised=True, commission_minor=result.sale.commission_minor,
                                        vat_on_commission_minor=result.sale.vat_on_commission_minor, token=token)
 
     def Reverse(self, request, context):
-        result = self.store.reverse(request.vendor_id, request.sale_id, request.reversal_id, _ms(self.clock.now()),
-                                    request.reason)
+        with self.store.transaction():
+            self._check(request, context)
+            result = self.store.reverse(request.vendor_id, request.sale_id, request.reversal_id,
+                                        _ms(self.clock.now()), request.reason)
         if isinstance(result, V.Refusal):
             return payg_pb2.ReverseReply(reversed=False, reason=result.reason.value, detail=result.detail)
         return payg_pb2.ReverseReply(reversed=True)
@@ -319,5 +473,7 @@ def policy_from_args(args) -> CC.GrantPolicy:
                                        else d.initial_burn_rate_minor_per_h))
 
 
-__all__ = ["CREDIT_CONTROL_METHODS", "CreditControlService", "PaygServices", "VENDING_METHODS", "VendingService", "add_to_server",
-           "answer_to_proto", "policy_from_args", "request_from_proto", "serve_hook"]
+__all__ = ["CREDIT_CONTROL_METHODS", "CreditControlService", "PaygServices", "VENDING_METHODS", "VENDOR_FILES",
+           "VENDOR_URI_PREFIX", "VendingService", "VendorPeer", "add_to_server", "answer_to_proto",
+           "authorise_vendor", "issue_vendor_certificate", "policy_from_args", "request_from_proto", "serve_hook",
+           "vendor_channel_credentials", "vendor_of", "vendor_peer_of", "write_vendor_identity"]

@@ -61,6 +61,8 @@ CREATE TABLE IF NOT EXISTS payg_vendor (
     vendor_id TEXT PRIMARY KEY, currency TEXT NOT NULL, commission_percent TEXT NOT NULL,
     commission_fixed_minor BIGINT NOT NULL, vat_rate_on_commission TEXT NOT NULL, rounding TEXT NOT NULL,
     contract_id TEXT NOT NULL DEFAULT '');
+CREATE TABLE IF NOT EXISTS payg_vendor_cert (
+    vendor_id TEXT PRIMARY KEY, cert_serial TEXT NOT NULL, issued_at_ms BIGINT NOT NULL, revoked_at_ms BIGINT);
 CREATE TABLE IF NOT EXISTS payg_challenge (
     challenge TEXT PRIMARY KEY, issued_at_ms BIGINT NOT NULL, used_at_ms BIGINT);
 CREATE TABLE IF NOT EXISTS payg_sale (
@@ -532,6 +534,31 @@ class PaygStore:
         with self._read():
             rows = self._db.execute("SELECT * FROM payg_vendor ORDER BY vendor_id").fetchall()
         return {r[0]: V.VendorContract(r[0], r[1], Decimal(r[2]), r[3], Decimal(r[4]), r[5], r[6]) for r in rows}
+
+    def record_vendor_cert(self, vendor_id: str, cert_serial: str, now: datetime) -> None:
+        """`cert_serial` (hex) is vendor `vendor_id`'s client certificate from now on; any earlier one
+        is superseded and a revocation is lifted (a new certificate is a new decision)."""
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM payg_vendor WHERE vendor_id = ?", (vendor_id,)).fetchone() is None:
+                raise ValidationError(f"vendor {vendor_id} has no contract here (vendors add first)")
+            db.execute("INSERT INTO payg_vendor_cert VALUES (?, ?, ?, NULL) ON CONFLICT(vendor_id) DO UPDATE SET "
+                       "cert_serial = excluded.cert_serial, issued_at_ms = excluded.issued_at_ms, "
+                       "revoked_at_ms = NULL", (vendor_id, cert_serial, to_ms(now)))
+
+    def revoke_vendor_cert(self, vendor_id: str, now: datetime) -> None:
+        """Vendor `vendor_id`'s certificate is refused from now on (Vending answers it with VENDOR_REVOKED)."""
+        with self.transaction() as db:
+            if db.execute("UPDATE payg_vendor_cert SET revoked_at_ms = ? WHERE vendor_id = ? AND revoked_at_ms IS NULL",
+                          (to_ms(now), vendor_id)).rowcount == 0 and \
+                    db.execute("SELECT 1 FROM payg_vendor_cert WHERE vendor_id = ?", (vendor_id,)).fetchone() is None:
+                raise ValidationError(f"vendor {vendor_id} has no client certificate to revoke")
+
+    def vendor_cert(self, vendor_id: str) -> tuple[str, datetime | None] | None:
+        """(current certificate serial, revoked at or None) of a vendor, None if none was issued."""
+        with self._read():
+            row = self._db.execute("SELECT cert_serial, revoked_at_ms FROM payg_vendor_cert WHERE vendor_id = ?",
+                                   (vendor_id,)).fetchone()
+        return None if row is None else (row[0], from_ms(row[1]) if row[1] is not None else None)
 
     # ------------------------------------------------------------------ sales
 

@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 
+import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -32,17 +33,31 @@ class PaygHeadend:
     clock: SimClock
     token_key: Ed25519PrivateKey
     services: payg_service.PaygServices
+    tmp_path: Path
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.servers.port}"
 
-    def enrolled(self, tmp_path: Path, name: str, meters=(), signing_key_path: Path | None = None):
+    def vendor_identity(self, vendor_id: str = "SHOP1") -> Path:
+        """Vendor `vendor_id`'s key and certificate from the head-end CA (issued once per test)."""
+        d = self.tmp_path / f"vendor-{vendor_id}"
+        if not (d / "vendor.crt").exists():
+            # certificates are checked against the real clock by TLS, whatever the simulated clock says
+            payg_service.write_vendor_identity(self.store, self.keys, vendor_id, d, datetime.now(timezone.utc))
+        return d
+
+    def vendor_channel(self, vendor_id: str = "SHOP1") -> grpc.Channel:
+        """A mutual-TLS channel presenting vendor `vendor_id`'s client certificate (Vending needs one)."""
+        return grpc.secure_channel(self.address,
+                                   payg_service.vendor_channel_credentials(self.vendor_identity(vendor_id)))
+
+    def enrolled(self, tmp_path: Path, name: str, meters=()):
         code = self.registry.add(name, self.clock.now())
         if meters:
             self.registry.provision(name, list(meters), [], self.clock.now())
         return enroll(f"127.0.0.1:{self.servers.enrol_port}", code, tmp_path / name,
-                      ca_fingerprint=self.keys.ca_fingerprint, signing_key_path=signing_key_path)
+                      ca_fingerprint=self.keys.ca_fingerprint)
 
 
 POLICY = CC.GrantPolicy(validity=timedelta(hours=6), min_grant_minor=100, max_grant_minor=600,
@@ -65,7 +80,7 @@ def payg_headend(tmp_path):
     services = payg_service.add_to_server(servers.server, store, clock, POLICY, token_key=token_key,
                                           registry=registry, auth=servers.auth)
     servers.start()
-    yield PaygHeadend(servers, registry, store, keys, clock, token_key, services)
+    yield PaygHeadend(servers, registry, store, keys, clock, token_key, services, tmp_path)
     servers.stop(None)
     store.close()
     registry.close()

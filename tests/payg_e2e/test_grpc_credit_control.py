@@ -45,13 +45,19 @@ def gateway_meter(payg_headend, master, profile, tmp_path, meter_id="MTR-1"):
 
 
 def sell(payg_headend, channel, card_key, sale_id, amount, meter="MTR-1"):
-    """A vendor sale over the Vending service: challenge, card signature, authorisation (+ token)."""
-    stub = payg_pb2_grpc.VendingStub(channel)
-    challenge = stub.Challenge(payg_pb2.ChallengeRequest(vendor_id="SHOP1"), timeout=5).challenge
-    msg = V.sale_challenge_message(challenge, sale_id, "SHOP1", "CARD1", "ACC1", amount, "GBP")
-    return stub.Authorise(payg_pb2.AuthoriseRequest(
-        vendor_id="SHOP1", sale_id=sale_id, card_id="CARD1", account_id="ACC1", amount_minor=amount, currency="GBP",
-        challenge=challenge, card_signature=T.sign_ed25519(card_key, msg), meter_id=meter), timeout=5)
+    """A vendor sale over the Vending service with vendor SHOP1's certificate (`channel`, a gateway's,
+    is not used: Vending refuses gateways): challenge, card signature, authorisation (+ token)."""
+    vendor = payg_headend.vendor_channel("SHOP1")
+    try:
+        stub = payg_pb2_grpc.VendingStub(vendor)
+        challenge = stub.Challenge(payg_pb2.ChallengeRequest(vendor_id="SHOP1"), timeout=5).challenge
+        msg = V.sale_challenge_message(challenge, sale_id, "SHOP1", "CARD1", "ACC1", amount, "GBP")
+        return stub.Authorise(payg_pb2.AuthoriseRequest(
+            vendor_id="SHOP1", sale_id=sale_id, card_id="CARD1", account_id="ACC1", amount_minor=amount,
+            currency="GBP", challenge=challenge, card_signature=T.sign_ed25519(card_key, msg), meter_id=meter),
+            timeout=5)
+    finally:
+        vendor.close()
 
 
 def test_a_gateway_reserves_updates_and_gets_a_sold_token_delivered_over_mutual_tls(payg_headend, sim_meter, tmp_path):
