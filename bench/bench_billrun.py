@@ -11,7 +11,9 @@ the consumed aggregates, in one transaction.
 
 Prints seconds and accounts/hour, and the command. One process, one core (the machine is shared:
 CPU time is printed beside wall time).
-Run: .venv/bin/python bench/bench_billrun.py [--accounts 10000 100000] [--meters 200] [--db PATH]
+`--tiers` bills with blocks (the block count reads each account's already-billed import of its pending
+months, one indexed query per account).
+Run: .venv/bin/python bench/bench_billrun.py [--accounts 10000 100000] [--meters 200] [--tiers] [--db PATH]
 """
 
 from __future__ import annotations
@@ -90,6 +92,14 @@ def bench_process(url: str, meters: int, markets, tariffs, vat) -> None:
         repo.close()
 
 
+def tiered(tariff):
+    """The tariff with blocks: the first 300 kWh of a month at the band rates, 2.00 p/kWh more above."""
+    from dataclasses import replace
+    from meterlink.headend.tariff import Tier
+    blocks = (Tier("block1", 0, 300_000, Decimal(0)), Tier("above300", 300_000, None, Decimal("2.00")))
+    return replace(tariff, versions=tuple(replace(v, tiers=blocks) for v in tariff.versions))
+
+
 def bench_bill_run(url: str, accounts: int, markets, tariffs, vat) -> None:
     repo, store = open_repository(url, migrate=True), BillingStore(url)
     tariff = tariffs["gb-economy7"]
@@ -137,16 +147,20 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--accounts", type=int, nargs="*", default=[10_000, 100_000])
     ap.add_argument("--meters", type=int, default=200, help="meters for the process benchmark (0: skip)")
     ap.add_argument("--db", help="directory for the SQLite files (default: a temporary one)")
+    ap.add_argument("--tiers", action="store_true", help="bill with blocks (300 kWh, then +2.00 p/kWh): each "
+                    "account's already-billed import of its pending months is read for the block count")
     args = ap.parse_args(argv)
     markets, vat = load_markets(), load_vat_table()
     tariffs = {t.id: t for t in (load_tariff(p) for p in bundled_tariffs())}
+    if args.tiers:
+        tariffs["gb-economy7"] = tiered(tariffs["gb-economy7"])
     with tempfile.TemporaryDirectory(dir=args.db) as tmp:
         if args.meters:
             bench_process(f"sqlite:///{Path(tmp) / 'process.db'}", args.meters, markets, tariffs, vat)
         for n in args.accounts:
             bench_bill_run(f"sqlite:///{Path(tmp) / f'billrun{n}.db'}", n, markets, tariffs, vat)
     print(f"command: {sys.executable} bench/bench_billrun.py --accounts {' '.join(map(str, args.accounts))} "
-          f"--meters {args.meters}")
+          f"--meters {args.meters}" + (" --tiers" if args.tiers else ""))
     return 0
 
 
