@@ -4,7 +4,9 @@ For N service points (each with an installation, a meter exchange half-way, and 
 a move-in), builds a `Bindings` (not timed), then times, on a fixed sample of meters/accounts:
   * `account_at(meter, t)`          (what `rebind` / `check_rebinding` call per usage row),
   * `spans(meter)` + `market_of_meter` (what `process` calls per meter: bind_intervals, vee_config),
-  * `standing_dates(bindings, account, ...)` + `market_of_account` (the bill run's per-account binding work),
+  * `standing_dates(bindings, account, ...)` + `market_of_account` (per account in `bill_run` and `quote`),
+  * `bill run`: what `run_billing` asks the bindings per account (market, account, `standing_due` over
+    the account's supplies since the first billed period),
   * `rebind(rows)` for 48 half-hourly rows of each sampled meter (a binding edit's re-bind).
 `links` = installations + supplies (4 N). Each figure is microseconds per lookup (per row for rebind), measured for up to 0.5 s, and the
 index build is timed separately (it is paid once per `Bindings`, e.g. once per bill run).
@@ -65,7 +67,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--sizes", type=int, nargs="*", default=[1_000, 10_000, 100_000])
     ap.add_argument("--sample", type=int, default=300)
     args = ap.parse_args(argv)
-    print(f"{'links':>9} {'build idx':>10} {'account_at':>11} {'spans+mkt':>10} {'standing':>9} {'rebind/row':>11}"
+    print(f"{'links':>9} {'build idx':>10} {'account_at':>11} {'spans+mkt':>10} {'standing':>9} {'bill run':>9} "
+          f"{'rebind/row':>11}"
           "   (microseconds per lookup; build in ms)")
     for n in args.sizes:
         b = build(n)
@@ -78,10 +81,18 @@ def main(argv: list[str]) -> int:
         sp = per_op(lambda i: (b.spans(f"M{i}"), b.market_of_meter(f"M{i}")), sample)
         st = per_op(lambda i: (b.market_of_account(f"A{i}"),
                                standing_dates(b, f"A{i}", date(2026, 7, 1), date(2026, 8, 1), LONDON)), sample)
+        try:
+            from meterlink.headend.billing import standing_due
+            br = per_op(lambda i: (b.market_of_account(f"A{i}"), b.accounts[f"A{i}"],
+                                   standing_due(f"A{i}", "2026-07", LONDON, bindings=b, charged=(),
+                                                since=date(2026, 1, 1))), sample)
+        except ImportError:                         # before the standing catch-up existed
+            br = float("nan")
         rows = [[UsageRow(f"M{i}", "1.8.0", T0 + timedelta(days=199, minutes=30 * k),
                           T0 + timedelta(days=199, minutes=30 * k + 30), 100) for k in range(48)] for i in sample]
         rb = per_op(lambda rs: rebind(rs, b), rows) / 48
-        print(f"{len(b.installations) + len(b.supplies):>9} {build_ms:>10.1f} {at:>11.1f} {sp:>10.1f} {st:>9.1f} {rb:>11.1f}", flush=True)
+        print(f"{len(b.installations) + len(b.supplies):>9} {build_ms:>10.1f} {at:>11.1f} {sp:>10.1f} {st:>9.1f} "
+              f"{br:>9.1f} {rb:>11.1f}", flush=True)
     print(f"command: {sys.executable} bench/bench_bindings.py --sizes {' '.join(map(str, args.sizes))} "
           f"--sample {args.sample}")
     return 0
