@@ -129,10 +129,12 @@ def _print_bindings(b, as_json: bool) -> int:
 
 def cmd_process(args) -> int:
     from .billing_store import process_readings
+    from .rating_worker import holding_run_lock
     markets, _, tariffs = _ref(args)
     repo, store = _open(args)
     try:
-        res = process_readings(repo, store, markets, _now(args), tariffs=tariffs)
+        with holding_run_lock(_url(args)):          # not at the same time as serve's rating
+            res = process_readings(repo, store, markets, _now(args), tariffs=tariffs)
     finally:
         store.close()
         repo.close()
@@ -187,7 +189,9 @@ def cmd_bill(args) -> int:
     now = _now(args)
     try:
         if not args.no_process:
-            process_readings(repo, store, markets, now, tariffs=tariffs)
+            from .rating_worker import holding_run_lock
+            with holding_run_lock(_url(args)):      # not at the same time as serve's rating
+                process_readings(repo, store, markets, now, tariffs=tariffs)
         from .cli_insights import accepted_rating_promotions     # accepted percent discounts (insights)
         run = run_billing(store, args.period, markets=markets, tariffs=tariffs, vat=vat,
                           issue_date=date.fromisoformat(args.issue_date) if args.issue_date else now.date(), now=now,

@@ -29,9 +29,10 @@ import hashlib
 import logging
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 from meterlink.clock import Clock
 from meterlink.errors import ConfigError
@@ -161,6 +162,22 @@ def _rating_process_main(conn, url: str, markets: Mapping, tariffs: Mapping, ret
                 conn.send(("error", f"{type(exc).__name__}: {exc}"))
     finally:
         rater.close()
+
+
+@contextmanager
+def holding_run_lock(url: str, retry_s: float = 0.05) -> Iterator[None]:
+    """Hold the rating run lock of the database at `url` (waiting for it): `process` and `bill` run by hand
+    take it, so they never derive and rate concurrently with a serve replica's rating."""
+    lock = run_lock_for(url)
+    try:
+        while not lock.try_acquire():
+            time.sleep(retry_s)
+        try:
+            yield
+        finally:
+            lock.release()
+    finally:
+        lock.close()
 
 
 class RatingWorker:

@@ -233,3 +233,32 @@ def test_a_rating_process_that_dies_is_replaced_and_the_readings_are_still_rated
         store.close()
         repo.close()
     assert not worker._proc.is_alive()
+
+
+def test_process_by_hand_waits_for_a_replica_that_is_rating(url):
+    from meterlink.headend.cli import main
+    repo, store = _bound(url)
+    store.close()
+    for batch in _batches("M1", "GW1", 24, 25):
+        repo.ingest("GW1", batch, 0)
+    repo.close()
+    lock = run_lock_for(url)
+    assert lock.try_acquire()                             # a serve replica is rating
+    codes = []
+    t = threading.Thread(target=lambda: codes.append(main(["process", "--database", url, "--config", "/dev/null",
+                                                          "--clock", "sim:2026-12-02T06:00:00Z"])))
+    try:
+        t.start()
+        t.join(0.5)
+        assert t.is_alive() and codes == []               # waiting for the run lock, nothing derived yet
+        check = BillingStore(url, migrate=False)
+        assert check.pending_usage() == {}
+        check.close()
+    finally:
+        lock.release()
+        lock.close()
+    t.join(60)
+    assert codes == [0]
+    store = BillingStore(url, migrate=False)
+    assert sum(store.pending_usage()["A1"].values()) == 24 * 417
+    store.close()
