@@ -74,7 +74,8 @@ class Daemon:
     """`meterlink-gateway run`'s `Gateway.run` in a thread, enrolled at the fixture's head-end."""
 
     def __init__(self, hd, tmp_path: Path, monkeypatch, *, start: datetime, market: str, balance: int,
-                 cards: dict[str, Ed25519PrivateKey] = {}, poll_s: int = 900) -> None:
+                 cards: dict[str, Ed25519PrivateKey] = {}, poll_s: int = 900, price: str = "100",
+                 sync_s: int | None = None) -> None:
         self.hd, self.tmp_path = hd, tmp_path
         identity = hd.enrolled(tmp_path, "GW-S", meters=["S-1"],     # certificates: real time
                                signing_key_path=tmp_path / "signing.key")   # the key the daemon signs with
@@ -96,9 +97,9 @@ class Daemon:
             f'\n[headend]\naddress = "{hd.address}"\npki_dir = "{identity.state_dir}"\n'
             f'\n[[bus]]\nport = "tcp://{self.server.address}"\ntimeout_s = 1.0\n'
             f'\n[[bus.meter]]\nid = "S-1"\nunit = 1\nprofile = "eastron_sdm630"\n'
-            f'\n[[payg]]\nmeter_id = "S-1"\naccount = "ACC1"\nprice_minor_per_kwh = "100"\nmarket = "market.toml"\n'
+            f'\n[[payg]]\nmeter_id = "S-1"\naccount = "ACC1"\nprice_minor_per_kwh = "{price}"\nmarket = "market.toml"\n'
             f'token_public_key = "{T.public_bytes(hd.token_key).hex()}"\nstate_dir = "{self.state_dir}"\n'
-            f'card_socket = "{self.sock}"\nsync_s = {poll_s}\ntimeout_s = 2\n')
+            f'card_socket = "{self.sock}"\nsync_s = {sync_s or poll_s}\ntimeout_s = 2\n')
         self.gw = Gateway(load_config(str(cfg)), hd.clock)
         self.hook = self.gw.payg
         self.pm = self.hook.meters["S-1"]
@@ -364,5 +365,31 @@ def test_scenario_4_a_blacklisted_card_is_refused_online_the_instant_after_and_o
         # the gateway is really offline and working: another card of the account is taken
         ok = d.card_topup("CARD2", OTHER, 300)
         assert ok["applied"] and pm.state.credit_balance == window + 300
+    finally:
+        d.close()
+
+
+# --------------------------------------------------------------------------- no flapping while online
+
+def test_online_a_used_up_window_is_refilled_by_the_next_grant_before_the_relay_moves(payg_headend, tmp_path,
+                                                                                      monkeypatch):
+    """The bus thread decides locally, but while the head-end answers an OPEN decision waits for the
+    answer the used-up window asked for: with money left at the head-end the relay never opens
+    between grants (grants of at most 6.00 out of a 20.00 balance); it opens once, when the
+    balance is spent."""
+    hd = payg_headend
+    tuesday = next_local(hd.clock.now(), 1, 11)                # Tuesday 11:00 - 18:00: no friendly period
+    d = Daemon(hd, tmp_path, monkeypatch, start=tuesday, market="[prepayment]\nemergency_credit_threshold = 0\n",
+               balance=2_000, price="1000",                     # 10.00/kWh: a 6.00 grant lasts about an hour
+               sync_s=6 * 3600)                                 # no routine exchange: each window is used up
+    pm = d.pm
+    try:
+        step_until(d, tuesday + timedelta(seconds=1), lambda: pm.state.relay == "open", local(tuesday, 18))
+        grants = d.events("credit.grant_applied")
+        assert len(grants) >= 3 and sum(g["amount_minor"] for g in grants) >= 2_000
+        [opened] = d.events("relay.open")                      # once, at the end: never between grants
+        assert opened["reason"] == "credit_exhausted" and d.events("relay.close") == []
+        assert at(opened) > at(grants[-1])
+        assert L.customer_credit(list(hd.store.transactions()), "ACC1", "GBP") <= 0 or pm.state.in_flight
     finally:
         d.close()
