@@ -618,7 +618,7 @@ def _cmd_card_topup(args) -> int:
         print(json.dumps(answer, sort_keys=True))
     elif answer["applied"]:
         print(f"meter {args.meter}: card top-up {answer['reference']} of {answer['amount_minor']} applied; "
-              f"credit {answer['credit_balance_minor']} (the supply is re-evaluated at the next poll)")
+              f"credit {answer['credit_balance_minor']} (the supply is re-evaluated at once)")
     else:
         print(f"meter {args.meter}: card top-up {answer['reference']} refused: {answer['reason']}")
     return 0 if answer["applied"] else 3
