@@ -52,12 +52,12 @@ class PaygHeadend:
         return grpc.secure_channel(self.address,
                                    payg_service.vendor_channel_credentials(self.vendor_identity(vendor_id)))
 
-    def enrolled(self, tmp_path: Path, name: str, meters=()):
+    def enrolled(self, tmp_path: Path, name: str, meters=(), signing_key_path: Path | None = None):
         code = self.registry.add(name, self.clock.now())
         if meters:
             self.registry.provision(name, list(meters), [], self.clock.now())
         return enroll(f"127.0.0.1:{self.servers.enrol_port}", code, tmp_path / name,
-                      ca_fingerprint=self.keys.ca_fingerprint)
+                      ca_fingerprint=self.keys.ca_fingerprint, signing_key_path=signing_key_path)
 
 
 POLICY = CC.GrantPolicy(validity=timedelta(hours=6), min_grant_minor=100, max_grant_minor=600,

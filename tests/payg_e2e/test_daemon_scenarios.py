@@ -30,7 +30,6 @@ from meterlink.gateway import tokens as T
 from meterlink.gateway.cardterminal import challenge_from_json, request
 from meterlink.gateway.config import load_config
 from meterlink.gateway.daemon import Gateway
-from meterlink.gateway.enrol import secure_channel
 from meterlink.gateway.payg import usage_from_json
 from meterlink.gateway.profiles import load_profile
 from meterlink.headend import ledger as L
@@ -152,11 +151,9 @@ def at(event: dict) -> datetime:
     return parse_instant(event["at"])
 
 
-def sell(hd, identity, card_key, sale_id: str, amount: int, card_id: str = "CARD1"):
-    """A vendor sale over the real Vending service (mutual TLS), for meter S-1: with vendor SHOP1's
-    certificate where the head-end authenticates vendors, else (older head-end) the gateway's."""
-    channel = (hd.vendor_channel("SHOP1") if hasattr(hd, "vendor_channel")
-               else secure_channel(hd.address, identity))
+def sell(hd, card_key, sale_id: str, amount: int, card_id: str = "CARD1"):
+    """A vendor sale over the real Vending service (mutual TLS with vendor SHOP1's certificate), for meter S-1."""
+    channel = hd.vendor_channel("SHOP1")
     try:
         stub = payg_pb2_grpc.VendingStub(channel)
         challenge = stub.Challenge(payg_pb2.ChallengeRequest(vendor_id="SHOP1"), timeout=5).challenge
@@ -292,7 +289,7 @@ def test_scenario_3_a_top_up_with_debt_is_split_in_order_and_one_over_the_maximu
         debt, emergency = pm.state.accumulated_debt, pm.state.emergency_credit_used
         assert emergency > 0 and debt > 0                       # the last step overran the emergency credit
         # a top-up of 10.00 sold at the head-end (Vending over mutual TLS); its token comes with the next answer
-        reply = sell(hd, d.identity, CARD, "S-1", 1_000)
+        reply = sell(hd, CARD, "S-1", 1_000)
         assert reply.authorised and reply.token
         t += QUARTER
         d.step_to(t)
@@ -306,7 +303,7 @@ def test_scenario_3_a_top_up_with_debt_is_split_in_order_and_one_over_the_maximu
         # over the maximum balance: refused whole, at the head-end (no money moves) ...
         before = [tx.business_key for tx in hd.store.transactions()]
         prepaid = L.customer_credit(list(hd.store.transactions()), "ACC1", "GBP")
-        refused = sell(hd, d.identity, CARD, "S-2", 5_000 - prepaid + 1)
+        refused = sell(hd, CARD, "S-2", 5_000 - prepaid + 1)
         assert not refused.authorised and refused.reason == V.RefusalReason.MAX_BALANCE.value
         assert [tx.business_key for tx in hd.store.transactions()] == before
         # ... and at the gateway: a card top-up that would take the window over max_credit_balance (20.00)
@@ -342,7 +339,7 @@ def test_scenario_4_a_blacklisted_card_is_refused_online_the_instant_after_and_o
         hd.store.blacklist_card("CARD1", b, "stolen")
         hd.clock.set(b + timedelta(milliseconds=1))
         before = [(tx.business_key, tx.postings) for tx in hd.store.transactions()]
-        reply = sell(hd, d.identity, CARD, "S-1", 500)
+        reply = sell(hd, CARD, "S-1", 500)
         assert not reply.authorised and reply.reason == V.RefusalReason.CARD_BLACKLISTED.value
         assert [(tx.business_key, tx.postings) for tx in hd.store.transactions()] == before
         # the next credit-control answer carries the new signed blacklist to the gateway
