@@ -354,18 +354,23 @@ class PaygStore:
     def append(self, transactions: Sequence[L.Transaction]) -> tuple[L.Transaction, ...]:
         with self.transaction() as db:
             existing = {}
-            for t in transactions:
-                prior = self._load(t.business_key)
-                if prior is not None:
-                    existing[t.business_key] = prior
+            keys = list(dict.fromkeys(t.business_key for t in transactions))
+            booked = [] if not keys else db.execute(
+                f"SELECT business_key FROM payg_txn WHERE business_key IN ({', '.join('?' * len(keys))})",
+                keys).fetchall()
+            for (key,) in booked:                  # replays (or conflicts): compare with what is booked
+                existing[key] = self._load(key)
             fresh = L.merge(existing, list(transactions))
             for t in fresh:
                 if t.at.microsecond % 1000:
                     raise L.LedgerError(f"transaction {t.business_key!r}: instant {t.at.isoformat()} "
                                         f"is finer than a millisecond (the store keeps milliseconds)")
-                db.execute("INSERT INTO payg_txn VALUES (?, ?, ?, ?)", (t.business_key, to_ms(t.at), t.kind, t.memo))
+            if fresh:
+                db.executemany("INSERT INTO payg_txn VALUES (?, ?, ?, ?)",
+                               [(t.business_key, to_ms(t.at), t.kind, t.memo) for t in fresh])
                 db.executemany("INSERT INTO payg_posting VALUES (?, ?, ?, ?)",
-                               [(t.business_key, p.account, p.amount_minor, p.currency) for p in t.postings])
+                               [(t.business_key, p.account, p.amount_minor, p.currency)
+                                for t in fresh for p in t.postings])
             return fresh
 
     def exists(self, business_key: str) -> bool:
@@ -530,6 +535,12 @@ class PaygStore:
                         contract.commission_fixed_minor, str(contract.vat_rate_on_commission), contract.rounding,
                         contract.contract_id))
 
+    def vendor(self, vendor_id: str) -> V.VendorContract | None:
+        """One vendor's contract (None: no contract here)."""
+        with self._read():
+            r = self._db.execute("SELECT * FROM payg_vendor WHERE vendor_id = ?", (vendor_id,)).fetchone()
+        return None if r is None else V.VendorContract(r[0], r[1], Decimal(r[2]), r[3], Decimal(r[4]), r[5], r[6])
+
     def vendors(self) -> dict[str, V.VendorContract]:
         with self._read():
             rows = self._db.execute("SELECT * FROM payg_vendor ORDER BY vendor_id").fetchall()
@@ -614,7 +625,7 @@ class PaygStore:
                        (to_ms(now), request.challenge.hex()))
             if to_ms(now) - ch[0] > CHALLENGE_TTL // timedelta(milliseconds=1):
                 return refuse(f"sale {request.sale_id}: challenge {request.challenge.hex()} expired")
-            contract = self.vendors().get(request.vendor_id)
+            contract = self.vendor(request.vendor_id)
             if contract is None:
                 return refuse(f"sale {request.sale_id}: vendor {request.vendor_id} has no contract")
             account = self.account(request.account_id)
