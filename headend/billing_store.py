@@ -1,4 +1,4 @@
-"""Persistence of bindings, interval usage, exceptions, billable items, invoices and export cursors (tables of migrations 0002/0003/0004, and `standing_charged` created on open), and the thin steps that call the pure cores; SQL and orchestration only, no business rules.
+"""Persistence of bindings, interval usage, exceptions, billable items, invoices and export cursors (tables of migrations 0002-0005), and the thin steps that call the pure cores; SQL and orchestration only, no business rules.
 
 Works on SQLite (``sqlite:///PATH``) and PostgreSQL (``postgresql://...``) through one small
 adapter: the SQL is written once with ``?`` placeholders (turned into ``%s`` for psycopg) and
@@ -29,6 +29,7 @@ from zoneinfo import ZoneInfo
 
 from meterlink.clock import from_ms, to_ms
 from meterlink.errors import ConfigError, ValidationError
+from meterlink.readings import Reading
 
 from .billing import (AccountBill, Adjustment, BillRun, DateRange, RowKey, UsageRow, bind_intervals, check_rebinding,
                       item_from_pending, local_midnight, merge_rows, parse_period, pending_contributions, rebind,
@@ -37,6 +38,7 @@ from .binding import Account, Bindings, Customer, Installation, Meter, ServicePo
 from .exceptions import QueuedException, released_keys
 from .invoice import invoice_to_json, make_invoice
 from .rating import IMPORT_OBIS, AggKey, DayBandAggregate, has_tiers
+from .store import readings_from_rows
 from .tariff import Tariff
 from .ubl import to_ubl
 from .vat import Market, VatTable
@@ -45,23 +47,12 @@ from .vee import HOLD_FLAGS, MeterExchange, VeeConfig, VeeException, derive_inte
 # pg_advisory_xact_lock key held by `process` and the bill run (a fixed signed 63-bit number)
 RATING_LOCK_KEY = 0x6D6C_7261_7469_6E67 >> 1
 BILL_CHUNK = 500           # accounts whose stored aggregates a bill run loads at once
+PROCESS_CHUNK_METERS = 200     # `process` stores at most this many meters' rows per transaction ...
+PROCESS_CHUNK_READINGS = 50_000  # ... or the rows derived from about this many readings
 AGG_COLS = "account_id, local_date, band, kind, wh, amount_dec, unit_price, days"
 _NOT_HELD = " AND ".join(f"(',' || flags || ',') NOT LIKE '%,{f},%'" for f in sorted(HOLD_FLAGS))
 
 ROW_COLS = "meter_id, obis, start_ms, end_ms, wh, estimated, flags, account_id, revision, billed_wh, billed_account"
-
-# Local date ranges [from, to) whose standing charges issued items carried, per account, kept merged.
-# Created when a store first opens a database without it (like the chain and PAYG stores' tables), and then
-# filled for each account billed before it existed with its supply days (current bindings) up to the end of
-# its last billed period: what the old bill runs charged, as far as the bindings tell (so the first bill
-# after the upgrade neither charges nor credits those months again).
-STANDING_DDL = {
-    "sqlite": "CREATE TABLE standing_charged (account_id TEXT NOT NULL, from_date TEXT NOT NULL, "
-              "to_date TEXT NOT NULL, PRIMARY KEY (account_id, from_date))",
-    "postgres": "CREATE TABLE standing_charged (account_id TEXT NOT NULL, from_date DATE NOT NULL, "
-                "to_date DATE NOT NULL, PRIMARY KEY (account_id, from_date))",
-}
-
 
 class _Db:
     """One connection, SQLite or PostgreSQL, with `?` placeholders and explicit transactions."""
@@ -170,30 +161,30 @@ class BillingStore:
         open_repository(url, migrate=migrate).close()          # the schema is the repository's
         self.url = url
         self.db = _Db(url)
-        self._ensure_standing_table()
+        self._backfill_standing()
 
-    def _ensure_standing_table(self) -> None:
-        exists = "SELECT 1 FROM sqlite_master WHERE type='table' AND name='standing_charged'" \
-            if self.db.dialect == "sqlite" else "SELECT 1 WHERE to_regclass('standing_charged') IS NOT NULL"
-        if self.db.q(exists):
+    def _backfill_standing(self) -> None:
+        """Accounts migration 0005 listed in ``standing_backfill`` (billed before standing charges were
+        recorded): their supply days (current bindings) up to the end of their last billed period are counted
+        as charged in ``standing_charged``, so the first bill after the upgrade neither charges nor credits
+        those months again. Once: each account's row is deleted in the same transaction."""
+        if not self.db.q("SELECT 1 FROM standing_backfill LIMIT 1"):
             return
         with self.db.tx(exclusive=True):
-            if self.db.q(exists):                      # another replica created it meanwhile
-                return
-            self.db.x(STANDING_DDL[self.db.dialect])
-            last = dict(self.db.q("SELECT account_id, MAX(period) FROM billable_item GROUP BY account_id"))
-            if not last:
+            todo = self.db.q("SELECT account_id, through_period FROM standing_backfill ORDER BY account_id")
+            if not todo:                                   # another replica did it meanwhile
                 return
             bindings = self.bindings()
             zones = dict(self.db.q("SELECT market_id, time_zone FROM market"))
             rows = []
-            for account, period in sorted(last.items()):
+            for account, period in todo:
                 if account not in bindings.accounts:
                     continue
                 zone = ZoneInfo(zones.get(bindings.market_of_account(account), "UTC"))
                 rows += [(account, self.db.day(a), self.db.day(b)) for a, b in supply_ranges(
                     bindings.supplies_of_account(account), zone, date(1970, 1, 1), parse_period(period)[1])]
             self.db.many("INSERT INTO standing_charged VALUES (?,?,?)", rows)
+            self.db.x("DELETE FROM standing_backfill")
 
     def close(self) -> None:
         self.db.close()
@@ -286,6 +277,15 @@ class BillingStore:
                       (e.meter_id, e.obis, to_ms(e.at), e.final_read, e.initial_read, e.old_serial, e.new_serial))
             self.needs_full([e.meter_id])
 
+    def all_exchange_reads(self) -> dict[str, list[MeterExchange]]:
+        """Exchange reads of every meter (one query), as `exchange_reads` gives them per meter."""
+        out: dict[str, list[MeterExchange]] = {}
+        for m, o, t, f, i, os_, ns in self.db.q(
+                "SELECT meter_id, obis, at_ms, final_read, initial_read, old_serial, new_serial FROM meter_exchange_read "
+                "ORDER BY meter_id, at_ms"):
+            out.setdefault(m, []).append(MeterExchange(m, o, from_ms(t), f, i, os_, ns))
+        return out
+
     def exchange_reads(self, meter_id: str) -> list[MeterExchange]:
         return [MeterExchange(m, o, from_ms(t), f, i, os_, ns) for m, o, t, f, i, os_, ns in self.db.q(
             "SELECT meter_id, obis, at_ms, final_read, initial_read, old_serial, new_serial FROM meter_exchange_read "
@@ -328,6 +328,9 @@ class BillingStore:
 
     # ------------------------------------------------------------------ exceptions
     def queue_exceptions(self, excs: Iterable[VeeException], now: datetime) -> int:
+        excs = list(excs)
+        if not excs:
+            return 0
         before = len(self.db.q("SELECT 1 FROM vee_exception"))
         self.db.many("INSERT INTO vee_exception (meter_id, obis, kind, at_ms, detail, raised_at_ms) VALUES "
                      "(?,?,?,?,?,?) ON CONFLICT (meter_id, obis, kind, at_ms) DO NOTHING",
@@ -638,11 +641,56 @@ class BillingStore:
     def max_seq(self, gateway_id: str) -> int:
         return int(self.db.q("SELECT COALESCE(MAX(seq), 0) FROM gateway_record WHERE gateway_id=?", (gateway_id,))[0][0])
 
-    def reading_instants_before(self, meter_id: str, obis: str, before_ms: int, n: int = 2) -> list[int]:
-        """The last `n` distinct reading instants (ms) of a register strictly before `before_ms`, newest first."""
-        return [int(r[0]) for r in self.db.q(
-            "SELECT DISTINCT taken_at_ms FROM gateway_record WHERE meter_id=? AND obis=? AND taken_at_ms<? "
-            f"ORDER BY taken_at_ms DESC LIMIT {int(n)}", (meter_id, obis, before_ms))]
+    def reading_instants_before(self, meter_id: str, obis: str, before_ms: int, n: int = 2, *,
+                                snapshot: Mapping[str, int] | None = None) -> list[int]:
+        """The last `n` distinct reading instants (ms) of a register strictly before `before_ms`, newest first;
+        with `snapshot` (gateway -> highest seq) only of the records in it."""
+        if snapshot is None:
+            return [int(r[0]) for r in self.db.q(
+                "SELECT DISTINCT taken_at_ms FROM gateway_record WHERE meter_id=? AND obis=? AND taken_at_ms<? "
+                f"ORDER BY taken_at_ms DESC LIMIT {int(n)}", (meter_id, obis, before_ms))]
+        sql = ("SELECT taken_at_ms, gateway_id, seq FROM gateway_record WHERE meter_id=? AND obis=? AND taken_at_ms<? "
+               "ORDER BY taken_at_ms DESC")
+        limit = 4 * n
+        while True:
+            got = self.db.q(sql + ("" if limit is None else f" LIMIT {limit}"), (meter_id, obis, before_ms))
+            out: list[int] = []
+            for t, g, seq in got:
+                if seq <= snapshot.get(g, 0) and (not out or out[-1] != t):
+                    out.append(int(t))
+                    if len(out) == n:
+                        return out
+            if limit is None or len(got) < limit:
+                return out
+            limit = None                               # records after the snapshot in the way: look at all
+
+    def snapshot_readings(self, meter_id: str, starts: Mapping[str, int | None],
+                          snapshot: Mapping[str, int] | None) -> list[Reading]:
+        """The meter's readings of the registers in `starts` (obis -> from instant ms, None = whole history),
+        in the order `repo.readings` gives them; with `snapshot` (gateway -> highest seq) only the records in
+        it. One query for all the registers."""
+        if not starts:
+            return []
+        regs = sorted(starts)
+        sql = (f"SELECT meter_id, obis, taken_at_ms, value, unit, quality, gateway_id, seq FROM gateway_record "
+               f"WHERE meter_id=? AND obis IN ({','.join('?' * len(regs))})")
+        args: list = [meter_id, *regs]
+        if all(v is not None for v in starts.values()):
+            sql += " AND taken_at_ms>=?"
+            args.append(min(starts.values()))
+        order = ' ORDER BY taken_at_ms, obis COLLATE "C", gateway_id COLLATE "C", seq' \
+            if self.db.dialect == "postgres" else " ORDER BY taken_at_ms, obis, gateway_id, seq"
+        rows = [r[:6] for r in self.db.q(sql + order, args)
+                if (snapshot is None or r[7] <= snapshot.get(r[6], 0))
+                and (starts[r[1]] is None or r[2] >= starts[r[1]])]
+        return readings_from_rows(rows)
+
+    def rows_since(self, meter_id: str, windows: Mapping[str, datetime | None]) -> dict[RowKey, UsageRow]:
+        """The meter's stored rows of the registers in `windows` (obis -> from start, None = all)."""
+        out: dict[RowKey, UsageRow] = {}
+        for obis, since in windows.items():
+            out.update(self.rows(meter_id, since, obis=obis))
+        return out
 
     def chain_gaps(self) -> list[tuple[str, int, int]]:
         """Missing seq ranges [first, last] of every gateway's chain as the chain store holds it: seqs up to
@@ -711,8 +759,8 @@ def _work(repo, store: BillingStore, meters: Iterable[str] | None) -> tuple[dict
         work[m] = {"1.8.0": None, "2.8.0": None}
     known = store.process_cursors()
     for g in store.gateways():
-        gaps = [(a, b) for a, b in repo.gaps(g)]
-        upto = store.max_seq(g)
+        upto = store.max_seq(g)                 # the run's snapshot of this gateway: seq <= upto
+        gaps = [(a, b) for a, b in repo.gaps(g)]   # after upto: a seq <= upto missing now is in a gap
         after, old_gaps = known.get(g, (0, []))
         for (m, o), t in store.changed_registers(g, after, upto, old_gaps).items():
             regs = work.setdefault(m, {})
@@ -731,52 +779,75 @@ def process_readings(repo, store: BillingStore, markets: Mapping[str, Market], n
 
     Only registers with readings that arrived since the last run (per gateway, by seq) are derived, from
     the second-last reading before the earliest new one (VEE is local: an interval depends on the
-    readings around it), and only the stored rows from there on are compared. `meters` given, meters
-    with an exchange read and meters marked (exchange recorded, exception resolved, meter data
+    readings around it), and only the stored rows from there on are compared. A run derives the
+    snapshot it took at its start (per gateway, the records with seq <= the cursor it stores at the end):
+    readings arriving during the run are left to the next run, which derives them once. `meters` given,
+    meters with an exchange read and meters marked (exchange recorded, exception resolved, meter data
     changed) are derived whole. Without `tariffs` (or for an account whose tariff is not loaded) the
     touched accounts are marked stale and re-rated from their rows by the next run that has tariffs.
+
+    Storing is done a chunk of meters per transaction (at most PROCESS_CHUNK_METERS meters or
+    PROCESS_CHUNK_READINGS readings), not one per meter: fewer commits (fsyncs), short write locks.
     """
     bindings = store.bindings()
     released_from = [e for e in store.exceptions(status="resolved") if e.released]
+    full = store.full_meters() if meters is None else set()
     work, cursors = _work(repo, store, meters)
+    snapshot = None if meters is not None else {g: upto for g, (upto, _) in cursors.items()}
+    exchanges_of = store.all_exchange_reads()
     states = store.rating_states()
     n_meters = changed_total = queued = n_readings = 0
     rerated: set[str] = set()
+    chunk: list = []
+    chunk_readings = 0
+
+    def flush() -> None:
+        nonlocal queued, changed_total, chunk_readings
+        if not chunk:
+            return
+        with store.db.tx(exclusive=True):
+            for meter_id, windows, result, fresh, released in chunk:
+                stored = store.rows_since(meter_id, windows)
+                changed = merge_rows(stored, fresh, released)
+                store.save_rows(changed.values())
+                queued += store.queue_exceptions(result.exceptions, now)
+                rerated.update(_rate_changes(store, bindings, markets, tariffs, states,
+                                             [(stored.get(k), r) for k, r in changed.items()]))
+                if meter_id in full:
+                    store.db.x("DELETE FROM process_full WHERE meter_id=?", (meter_id,))
+                changed_total += len(changed)
+        chunk.clear()
+        chunk_readings = 0
+
     for meter_id in sorted(work):
         config = vee_config(bindings, markets, meter_id)
-        exchanges = store.exchange_reads(meter_id)
+        exchanges = exchanges_of.get(meter_id, [])
         step_ms = int(config.interval.total_seconds() * 1000)
-        readings, windows = [], {}
+        starts: dict[str, int | None] = {}
+        windows = {}
         for obis in ("1.8.0", "2.8.0"):
             if obis not in work[meter_id]:
                 continue
             t_new = work[meter_id][obis]
             since = None
             if t_new is not None and not exchanges:
-                before = store.reading_instants_before(meter_id, obis, t_new)
+                before = store.reading_instants_before(meter_id, obis, t_new, snapshot=snapshot)
                 if len(before) == 2:
                     since = before[1]
-            got = repo.readings(meter_id, obis, start=None if since is None else from_ms(since))
-            readings.extend(got)
+            starts[obis] = since
             windows[obis] = None if since is None else from_ms(_grid_ceil_ms(since, step_ms))
+        readings = store.snapshot_readings(meter_id, starts, snapshot)
         n_readings += len(readings)
         result = derive_intervals(readings, config, exchanges)
         fresh = [r for r in bind_intervals(result.intervals, bindings)
                  if r.obis in windows and (windows[r.obis] is None or r.start >= windows[r.obis])]
         released = released_keys(fresh, [e for e in released_from if e.meter_id == meter_id])
-        with store.db.tx(exclusive=True):
-            stored = {}
-            for obis, since in windows.items():
-                stored.update(store.rows(meter_id, since, obis=obis))
-            changed = merge_rows(stored, fresh, released)
-            store.save_rows(changed.values())
-            queued += store.queue_exceptions(result.exceptions, now)
-            rerated |= _rate_changes(store, bindings, markets, tariffs, states,
-                                     [(stored.get(k), r) for k, r in changed.items()])
-            if meter_id in work and meters is None:
-                store.db.x("DELETE FROM process_full WHERE meter_id=?", (meter_id,))
+        chunk.append((meter_id, windows, result, fresh, released))
+        chunk_readings += len(readings)
         n_meters += 1
-        changed_total += len(changed)
+        if len(chunk) >= PROCESS_CHUNK_METERS or chunk_readings >= PROCESS_CHUNK_READINGS:
+            flush()
+    flush()
     with store.db.tx():
         for g, (upto, gaps) in cursors.items():
             store.set_process_cursor(g, upto, gaps)

@@ -213,23 +213,63 @@ def test_standing_charges_of_a_supply_back_dated_over_a_billed_month_are_caught_
         ("A1", [("standing", "standing", Decimal("31"), 310, date(2026, 12, 1), date(2027, 1, 1))])]
 
 
-def test_a_database_billed_before_standing_was_recorded_is_not_charged_twice(tmp_path):
-    """Opening a store on a database without `standing_charged` creates it and counts each billed account's
-    supply days up to its last billed period as charged (the old bill runs charged their own period's days)."""
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/headend.db"
+    from pgserver import PG_UNAVAILABLE, fresh_schema_url
+    if PG_UNAVAILABLE:
+        pytest.skip(PG_UNAVAILABLE)
+    return fresh_schema_url()
+
+
+def _back_to_version_4(p, *, keep_standing_table):
+    """Make the database what an older build left: schema version 4, and `standing_charged` either absent
+    (builds before it) or present and filled (builds that created it when a store opened)."""
+    p.store.db.x("DROP TABLE standing_backfill")
+    if not keep_standing_table:
+        p.store.db.x("DROP TABLE standing_charged")
+    p.store.db.x("DELETE FROM schema_migrations WHERE version=5")
+    p.store.close()
+    open_repository(p.store.url, migrate=True).close()           # `meterlink-headend migrate`: 0005 again
+    p.store = BillingStore(p.store.url)
+
+
+def test_a_database_billed_before_standing_was_recorded_is_not_charged_twice(tmp_path, db_url):
+    """Migration 0005 on a database without `standing_charged` creates it and lists the billed accounts; the
+    store then counts each one's supply days up to its last billed period as charged (the old bill runs
+    charged their own period's days), once."""
     b = gb_bindings(utc(2026, 9, 1), accounts=("A1", "A2"), market="IE", tariff="ie-tiered") \
         .move_in("SP1", "A1", utc(2026, 10, 28))
-    p = StorePath(b, tmp_path)
+    p = StorePath(b, tmp_path, db_url)
     try:
         p.arrive(hourly_readings("M1", OCT_START, OCT_HOURS, wh_per_hour=100))
         p.bill("2026-10")
-        p.store.db.x("DROP TABLE standing_charged")                 # as the database was before
-        p.store.close()
-        p.store = BillingStore(p.store.url)
+        _back_to_version_4(p, keep_standing_table=False)
         assert p.store.standing_ranges() == {"A1": [(date(2026, 10, 28), date(2026, 11, 1))]}   # A1's supply days
+        assert p.store.db.q("SELECT * FROM standing_backfill") == []                           # done, once
         p.rebind(b.move_in("SP1", "A2", OCT_START, utc(2026, 10, 28)))
         a1, a2 = sorted(p.bill("2026-11").items, key=lambda i: i.account_id)
         assert lines(a1, "standing") == [("standing", "standing", Decimal("30"), 300, date(2026, 11, 1), date(2026, 12, 1))]
         assert lines(a2, "standing") == [("standing", "standing", Decimal("27"), 270, date(2026, 10, 1), date(2026, 11, 1))]
+        p.store.close()
+        p.store = BillingStore(db_url)                                   # reopening back-fills nothing again
+        assert p.store.standing_ranges() == {"A1": [(date(2026, 10, 28), date(2026, 12, 1))],
+                                             "A2": [(date(2026, 10, 1), date(2026, 10, 28))]}
+    finally:
+        p.close()
+
+
+def test_migration_0005_adopts_a_standing_table_an_earlier_build_created_and_back_fills_nothing(tmp_path, db_url):
+    b = gb_bindings(utc(2026, 9, 1), market="IE", tariff="ie-tiered").move_in("SP1", "A1", utc(2026, 10, 28))
+    p = StorePath(b, tmp_path, db_url)
+    try:
+        p.arrive(hourly_readings("M1", OCT_START, OCT_HOURS, wh_per_hour=100))
+        p.bill("2026-10")
+        p.store.db.x("UPDATE standing_charged SET from_date=? WHERE account_id='A1'", (p.store.db.day(date(2026, 10, 29)),))
+        _back_to_version_4(p, keep_standing_table=True)
+        assert p.repo.schema_version() == 5
+        assert p.store.standing_ranges() == {"A1": [(date(2026, 10, 29), date(2026, 11, 1))]}   # as it was
     finally:
         p.close()
 

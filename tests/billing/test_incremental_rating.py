@@ -138,6 +138,45 @@ def test_process_derives_only_the_readings_around_what_arrived_and_agrees_with_a
     assert store.pending_aggregates()["A1"] == aggs
 
 
+class _PushesDuringRun:
+    """The repository, except that `process` asking it for a gateway's gaps (it does so after taking its
+    snapshot of the gateway's seq) lets more readings arrive first, as pushes do while the rating worker runs."""
+
+    def __init__(self, repo, arriving, first_seq):
+        self.repo, self.arriving, self.first_seq = repo, arriving, first_seq
+
+    def gaps(self, gateway):
+        if self.arriving:
+            ingest(self.repo, self.arriving, gateway, self.first_seq)
+            self.arriving = None
+        return self.repo.gaps(gateway)
+
+    def __getattr__(self, name):
+        return getattr(self.repo, name)
+
+
+def test_readings_arriving_during_a_run_are_left_to_the_next_run_which_derives_them_once(db):
+    repo, store = db
+    store.import_bindings(gb_bindings().move_in("SP1", "A1", utc(2026, 10, 1)), MARKETS, VAT)
+    all_readings = hourly_readings("M1", utc(2026, 11, 1), 24 * 10, wh_per_hour=250)
+    all_readings[55] = replace(all_readings[55], value=all_readings[55].value + 90)      # not the estimate
+    snap = [r for i, r in enumerate(all_readings) if i < 120 and not 50 <= i < 60]
+    during = [r for i, r in enumerate(all_readings) if 50 <= i < 60 or i >= 120]      # a gap filled, and more
+    seq = ingest(repo, snap)
+    res = process_readings(_PushesDuringRun(repo, during, seq), store, MARKETS, NOW, tariffs=TARIFFS)
+    assert res.readings == len(snap)                    # the run's snapshot only, not what arrived meanwhile
+    assert max(k[2] for k in store.rows()) == snap[-1].taken_at - CFG.interval      # its last interval
+    res = process_readings(repo, store, MARKETS, NOW, tariffs=TARIFFS)
+    assert res.readings == len(all_readings) - 48       # from the second reading before the late ones onwards
+    assert process_readings(repo, store, MARKETS, NOW, tariffs=TARIFFS).readings == 0
+    b = store.bindings()
+    scratch = bind_intervals(derive_intervals(all_readings, CFG).intervals, b)
+    assert {r.key: (r.wh, r.estimated, r.flags) for r in scratch} == \
+        {k: (r.wh, r.estimated, r.flags) for k, r in store.rows().items()}
+    aggs, usage = scratch_aggregates(store, TARIFFS["gb-economy7"], "A1")        # rated once, nothing skipped
+    assert store.pending_aggregates()["A1"] == aggs and store.pending_usage()["A1"] == usage
+
+
 def test_a_tariff_corrected_after_processing_is_billed_at_the_corrected_price(db):
     repo, store = db
     store.import_bindings(gb_bindings().move_in("SP1", "A1", utc(2026, 10, 1)), MARKETS, VAT)
