@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from meterlink.clock import clock_from_spec
 from meterlink.config import load_section
-from meterlink.errors import MeterlinkError
+from meterlink.errors import MeterlinkError, ValidationError
 from meterlink.stopping import bound_shutdown, stop_on_signals
 
 from .service import make_server
@@ -245,6 +245,24 @@ def cmd_vendors(args) -> int:
         if args.vendors_command == "account":
             store.put_account(args.account, args.currency, max_balance_minor=args.max_balance)
             return 0
+        if args.vendors_command == "cert":
+            from meterlink import pki
+            from .gatewayops import _pki_config
+            from .payg_service import write_vendor_identity
+            if args.vendor not in store.vendors():
+                raise ValidationError(f"vendor {args.vendor} has no contract: add it first with `vendors add`")
+            now = clock_from_spec(args.clock).now()
+            pcfg = _pki_config(args)
+            keys = pki.ensure_headend_pki(pcfg.dir, list(pcfg.server_names), now)
+            out = write_vendor_identity(store, keys, args.vendor, args.out, now)
+            serial, _ = store.vendor_cert(args.vendor)
+            print(f"vendor {args.vendor}: client certificate {serial} written to {out} (vendor.key, vendor.crt, "
+                  f"ca.crt); any earlier certificate of this vendor is refused from now on")
+            return 0
+        if args.vendors_command == "revoke-cert":
+            store.revoke_vendor_cert(args.vendor, clock_from_spec(args.clock).now())
+            print(f"vendor {args.vendor}: client certificate revoked; its sales are refused from the next call on")
+            return 0
         for v in store.vendors().values():
             print(f"{v.vendor_id:16} {v.contract_id:12} {v.currency} {v.commission_percent}% + "
                   f"{v.commission_fixed_minor} minor, VAT on commission {v.vat_rate_on_commission}")
@@ -342,7 +360,19 @@ def _register_payg(sub) -> None:
     acc.add_argument("--currency", required=True)
     acc.add_argument("--max-balance", type=int, default=100_000, help="minor units")
     vls = vsub.add_parser("list", help="list vendor contracts", epilog="example: meterlink-headend vendors list")
-    for p in (add, acc, vls):
+    cert = vsub.add_parser("cert", help="issue a vendor's mutual-TLS client certificate (Vending accepts only "
+                           "these); supersedes the vendor's earlier one",
+                           epilog="example: meterlink-headend vendors cert --vendor SHOP1 --out shop1-identity "
+                                  "--config headend.toml")
+    cert.add_argument("--vendor", required=True)
+    cert.add_argument("--out", required=True, help="directory for vendor.key (0600), vendor.crt and ca.crt")
+    cert.add_argument("--pki-dir", help="head-end CA directory, overrides [pki] dir")
+    rev = vsub.add_parser("revoke-cert", help="refuse a vendor's client certificate from now on",
+                          epilog="example: meterlink-headend vendors revoke-cert --vendor SHOP1")
+    rev.add_argument("--vendor", required=True)
+    for p in (cert, rev):
+        p.add_argument("--clock", default="system", help=argparse.SUPPRESS)
+    for p in (add, acc, vls, cert, rev):
         p.add_argument("--config", default="headend.toml")
         p.add_argument("--database", help="sqlite:///PATH, overrides the config")
     vendors.set_defaults(func=cmd_vendors)
