@@ -70,7 +70,7 @@ class UsageRow:
 
     def as_interval(self, wh: int) -> Interval:
         return Interval(self.meter_id, self.obis, self.start, self.end, wh, self.estimated,
-                        self.flags - HOLD_FLAGS)
+                        self.flags - HOLD_FLAGS if self.flags else self.flags)
 
 
 # --------------------------------------------------------------------------- periods
@@ -131,10 +131,12 @@ def merge_rows(stored: Mapping[RowKey, UsageRow], fresh: Iterable[UsageRow],
     changed: dict[RowKey, UsageRow] = {}
     seen = set()
     for row in fresh:
-        seen.add(row.key)
-        if row.key in released:
+        key = (row.meter_id, row.obis, row.start)
+        if stored:
+            seen.add(key)
+        if released and key in released:
             row = replace(row, flags=row.flags - HOLD_FLAGS)
-        old = stored.get(row.key)
+        old = stored.get(key) if stored else None
         if old is not None:
             account = old.billed_account if old.billed_account is not None and old.billed_wh else row.account_id
             row = replace(row, account_id=account, billed_wh=old.billed_wh, billed_account=old.billed_account,
@@ -143,7 +145,7 @@ def merge_rows(stored: Mapping[RowKey, UsageRow], fresh: Iterable[UsageRow],
                     (old.wh, old.estimated, old.flags, old.account_id, old.end):
                 continue
             row = replace(row, revision=old.revision + 1)
-        changed[row.key] = row
+        changed[key] = row
     for key, old in stored.items():
         if key not in seen and (old.wh != 0 or old.flags):
             changed[key] = replace(old, wh=0, estimated=False, flags=frozenset(), revision=old.revision + 1)
@@ -462,6 +464,13 @@ def item_from_pending(account_id: str, period: str, *, bindings: Bindings, marke
 
 # --------------------------------------------------------------------------- incremental rating
 
+def _pending_account(row: UsageRow | None) -> str | None:
+    """The account whose pending usage `row` counts in (`pending_contribution`'s), without building it."""
+    if row is None or row.account_id is None or row.wh == row.billed_wh or (row.flags and row.flags & HOLD_FLAGS):
+        return None
+    return row.account_id
+
+
 def pending_contribution(row: UsageRow | None) -> tuple[str, Interval] | None:
     """What a stored row adds to its account's pending (unbilled) rated usage: its unbilled Wh, when it is
     bound and not held; None otherwise."""
@@ -484,17 +493,17 @@ def pending_contributions(changes: Iterable[tuple[UsageRow | None, UsageRow | No
     account = None
     for old, new in changes:
         for row, sign in ((old, -1), (new, 1)):
-            c = pending_contribution(row)
-            if c is None:
+            a = _pending_account(row)
+            if a is None:
                 continue
             if account is None:
-                account = c[0]
-            elif c[0] != account:
-                raise ValueError(f"pending_contributions: rows of accounts {account} and {c[0]} in one call")
-            iv = c[1] if sign > 0 else replace(c[1], wh=-c[1].wh)
-            intervals.append(iv)
+                account = a
+            elif a != account:
+                raise ValueError(f"pending_contributions: rows of accounts {account} and {a} in one call")
+            wh = row.wh - row.billed_wh if sign > 0 else row.billed_wh - row.wh
+            intervals.append(row.as_interval(wh))
             k = (row.meter_id, row.obis, period_of(row.start.astimezone(zone).date()))
-            usage[k] = usage.get(k, 0) + iv.wh
+            usage[k] = usage.get(k, 0) + wh
     if account is None:
         return {}, {}
     aggs = rate_intervals({}, intervals, tariff, account, zone)
@@ -506,15 +515,15 @@ def split_by_account(changes: Iterable[tuple[UsageRow | None, UsageRow | None]])
     moves between accounts is (old, None) for the one and (None, new) for the other."""
     out: dict[str, list] = {}
     for old, new in changes:
-        a_old = pending_contribution(old)
-        a_new = pending_contribution(new)
-        if a_old is not None and a_new is not None and a_old[0] == a_new[0]:
-            out.setdefault(a_old[0], []).append((old, new))
+        a_old = _pending_account(old)
+        a_new = _pending_account(new)
+        if a_old is not None and a_old == a_new:
+            out.setdefault(a_old, []).append((old, new))
             continue
         if a_old is not None:
-            out.setdefault(a_old[0], []).append((old, None))
+            out.setdefault(a_old, []).append((old, None))
         if a_new is not None:
-            out.setdefault(a_new[0], []).append((None, new))
+            out.setdefault(a_new, []).append((None, new))
     return out
 
 

@@ -22,9 +22,9 @@ import sqlite3
 import threading
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, NamedTuple, Sequence
 from zoneinfo import ZoneInfo
 
 from meterlink.clock import from_ms, to_ms
@@ -38,7 +38,7 @@ from .binding import Account, Bindings, Customer, Installation, Meter, ServicePo
 from .exceptions import QueuedException, released_keys
 from .invoice import invoice_to_json, make_invoice
 from .rating import IMPORT_OBIS, AggKey, DayBandAggregate, has_tiers
-from .store import readings_from_rows
+from .store import epoch_ms
 from .tariff import Tariff
 from .ubl import to_ubl
 from .vat import Market, VatTable
@@ -130,6 +130,20 @@ class _Db:
         self.conn.close()
 
 
+_EPOCH, _ONE_MS = datetime(1970, 1, 1, tzinfo=timezone.utc), timedelta(milliseconds=1)
+_READ_INSTANTS: dict[int, datetime] = {}     # reading instant (ms) -> datetime: polls share instants across meters
+
+
+class _StoredReading(NamedTuple):
+    """A stored reading as VEE reads it (the fields of `meterlink.readings.Reading`): a tuple, cheaper to make."""
+    meter_id: str
+    obis: str
+    taken_at: datetime
+    value: int
+    unit: str
+    quality: int
+
+
 def _ms(t: datetime | None) -> int | None:
     return None if t is None else to_ms(t)
 
@@ -149,8 +163,8 @@ def _row(r: tuple) -> UsageRow:
 
 
 def _row_args(r: UsageRow) -> tuple:
-    return (r.meter_id, r.obis, to_ms(r.start), to_ms(r.end), r.wh, r.estimated, ",".join(sorted(r.flags)),
-            r.account_id, r.revision, r.billed_wh, r.billed_account)
+    return (r.meter_id, r.obis, epoch_ms(r.start), epoch_ms(r.end), r.wh, r.estimated,
+            ",".join(sorted(r.flags)) if r.flags else "", r.account_id, r.revision, r.billed_wh, r.billed_account)
 
 
 class BillingStore:
@@ -668,7 +682,8 @@ class BillingStore:
                           snapshot: Mapping[str, int] | None) -> list[Reading]:
         """The meter's readings of the registers in `starts` (obis -> from instant ms, None = whole history),
         in the order `repo.readings` gives them; with `snapshot` (gateway -> highest seq) only the records in
-        it. One query for all the registers."""
+        it. One query for all the registers. The readings are `_StoredReading` tuples (Reading's fields,
+        no re-validation of what ingest validated)."""
         if not starts:
             return []
         regs = sorted(starts)
@@ -680,10 +695,17 @@ class BillingStore:
             args.append(min(starts.values()))
         order = ' ORDER BY taken_at_ms, obis COLLATE "C", gateway_id COLLATE "C", seq' \
             if self.db.dialect == "postgres" else " ORDER BY taken_at_ms, obis, gateway_id, seq"
-        rows = [r[:6] for r in self.db.q(sql + order, args)
-                if (snapshot is None or r[7] <= snapshot.get(r[6], 0))
-                and (starts[r[1]] is None or r[2] >= starts[r[1]])]
-        return readings_from_rows(rows)
+        cache = _READ_INSTANTS
+        if len(cache) > 500_000:
+            cache.clear()
+        out = []
+        for m, o, t, v, u, q, g, seq in self.db.q(sql + order, args):
+            if (snapshot is None or seq <= snapshot.get(g, 0)) and (starts[o] is None or t >= starts[o]):
+                at = cache.get(t)
+                if at is None:
+                    at = cache[t] = _EPOCH + t * _ONE_MS
+                out.append(_StoredReading(m, o, at, v, u, q))
+        return out
 
     def rows_since(self, meter_id: str, windows: Mapping[str, datetime | None]) -> dict[RowKey, UsageRow]:
         """The meter's stored rows of the registers in `windows` (obis -> from start, None = all)."""

@@ -156,19 +156,7 @@ def apportion(total: int, weights: Sequence[int]) -> list[int]:
 
 # --------------------------------------------------------------------------- derivation
 
-def _grid_ceil(t: datetime, step_us: int) -> datetime:
-    us = (t - EPOCH) // _US
-    return EPOCH + _US * (-(-us // step_us) * step_us)
-
-
-@dataclass
-class _Knot:
-    at: datetime
-    cum: int          # continuous consumption axis (Wh since the first point)
-    real: bool
-
-
-@dataclass
+@dataclass(slots=True)
 class _Point:
     at: datetime
     value: int
@@ -176,6 +164,16 @@ class _Point:
     serial_changed: bool = False
     exchange: MeterExchange | None = None   # set on the two points an exchange contributes
     is_initial: bool = False
+
+
+_ESTIMATED_Q = int(Quality.ESTIMATED)
+_EXCHANGE_Q = int(Quality.METER_EXCHANGE)
+_NO_FLAGS: frozenset[str] = frozenset()
+_BOUNDARIES: dict[int, datetime] = {}    # grid boundary (us since the epoch) -> its datetime, shared by meters
+
+
+def _where(a: _Point, b: _Point) -> str:
+    return f"between {a.at.isoformat()} ({a.value} Wh) and {b.at.isoformat()} ({b.value} Wh)"
 
 
 def _plausible(delta: int, duration: timedelta, max_power_w: int | None) -> bool:
@@ -202,8 +200,11 @@ def _points(meter_id: str, obis: str, readings: list[Reading], exchanges: list[M
                                                f"register read {points[-1].value} Wh and {r.value} Wh at "
                                                f"the same instant; kept {points[-1].value} Wh"))
             continue
-        points.append(_Point(r.taken_at, r.value, not (r.quality & Quality.ESTIMATED),
-                             serial_changed=bool(r.quality & Quality.METER_EXCHANGE)))
+        q = r.quality                 # plain int compares: IntFlag arithmetic is slow on this path
+        if q:
+            points.append(_Point(r.taken_at, r.value, not (q & _ESTIMATED_Q), bool(q & _EXCHANGE_Q)))
+        else:
+            points.append(_Point(r.taken_at, r.value, True))
     for e in sorted(exchanges, key=lambda e: e.at):
         points.append(_Point(e.at, e.final_read, True, exchange=e))
         points.append(_Point(e.at, e.initial_read, True, exchange=e, is_initial=True))
@@ -218,16 +219,31 @@ def _derive_one(meter_id: str, obis: str, readings: list[Reading], exchanges: li
     if len(points) < 2:
         return [], exceptions
 
-    knots: list[_Knot] = [_Knot(points[0].at, 0, points[0].real)]
+    # knots on a continuous consumption axis (Wh since the first point), instants as integer microseconds
+    # since the epoch (the grid is aligned to it): k_us[i], k_cum[i], k_real[i]
+    epoch = EPOCH
+    k_us = [(points[0].at - epoch) // _US]
+    k_cum = [0]
+    k_real = [points[0].real]
     seg_flags: list[frozenset[str]] = []      # flags of the segment knots[i] -> knots[i+1]
+    max_power_w = config.max_power_w
     for a, b in zip(points, points[1:]):
         if b.is_initial:                      # old meter's final read -> new meter's initial read
             continue                          # same instant, no energy: the register base changes
         raw = b.value - a.value
+        b_us = (b.at - epoch) // _US
+        delta = raw
+        if raw >= 0 and not b.serial_changed and a.exchange is None and b.exchange is None and \
+                (max_power_w is None or delta == 0 or
+                 delta * 3_600_000_000 <= max_power_w * (b_us - (a.at - epoch) // _US)):
+            k_us.append(b_us)                 # the usual case: nothing to flag
+            k_cum.append(k_cum[-1] + delta)
+            k_real.append(b.real)
+            seg_flags.append(_NO_FLAGS)
+            continue
         duration = b.at - a.at
         flags: set[str] = set()
-        delta = raw
-        where = f"between {a.at.isoformat()} ({a.value} Wh) and {b.at.isoformat()} ({b.value} Wh)"
+        where = _where(a, b)
         if a.exchange is not None or b.exchange is not None:
             flags.add(METER_EXCHANGE)
         if b.serial_changed and a.exchange is None and b.exchange is None:
@@ -256,49 +272,67 @@ def _derive_one(meter_id: str, obis: str, readings: list[Reading], exchanges: li
             exceptions.append(VeeException(meter_id, obis, "implausible_jump", b.at,
                                            f"{delta} Wh in {duration.total_seconds():g} s exceeds max power "
                                            f"{config.max_power_w} W {where}"))
-        knots.append(_Knot(b.at, knots[-1].cum + delta, b.real))
+        k_us.append(b_us)
+        k_cum.append(k_cum[-1] + delta)
+        k_real.append(b.real)
         seg_flags.append(frozenset(flags))
 
-    step = config.interval
-    step_us = step // _US
-    first = _grid_ceil(knots[0].at, step_us)
-    # boundary -> (value on the consumption axis, real?) and segment index covering (b, b+step)
-    values: list[tuple[datetime, int, bool]] = []
-    for i in range(len(knots) - 1):
-        k0, k1 = knots[i], knots[i + 1]
-        b = max(first, _grid_ceil(k0.at, step_us))
-        if b == k0.at:
-            values.append((b, k0.cum, k0.real))
-            b += step
-        cuts = []
-        while b < k1.at:
-            cuts.append(b)
-            b += step
-        if cuts:
-            edges = [k0.at, *cuts, k1.at]
-            pieces = apportion(k1.cum - k0.cum, [(e1 - e0) // _US for e0, e1 in zip(edges, edges[1:])])
-            running = k0.cum
+    step_us = config.interval // _US
+    first = -(-k_us[0] // step_us) * step_us
+    # boundaries (us), their value on the consumption axis and whether both come from real readings
+    v_us: list[int] = []
+    v_cum: list[int] = []
+    v_real: list[bool] = []
+    for i in range(len(k_us) - 1):
+        a0, a1 = k_us[i], k_us[i + 1]
+        b = -(-a0 // step_us) * step_us
+        if b < first:
+            b = first
+        if b == a0:
+            v_us.append(b)
+            v_cum.append(k_cum[i])
+            v_real.append(k_real[i])
+            b += step_us
+        if b < a1:
+            cuts = list(range(b, a1, step_us))
+            edges = [a0, *cuts, a1]
+            pieces = apportion(k_cum[i + 1] - k_cum[i], [e1 - e0 for e0, e1 in zip(edges, edges[1:])])
+            running = k_cum[i]
             for cut, piece in zip(cuts, pieces):
                 running += piece
-                values.append((cut, running, False))
-    last = knots[-1]
-    if last.at == _grid_ceil(last.at, step_us):
-        values.append((last.at, last.cum, last.real))
+                v_us.append(cut)
+                v_cum.append(running)
+                v_real.append(False)
+    if k_us[-1] % step_us == 0:
+        v_us.append(k_us[-1])
+        v_cum.append(k_cum[-1])
+        v_real.append(k_real[-1])
 
     intervals: list[Interval] = []
+    append = intervals.append
     seg = 0
-    for (b0, v0, r0), (b1, v1, r1) in zip(values, values[1:]):
-        flags: set[str] = set()
-        while knots[seg + 1].at <= b0:
+    n_seg = len(seg_flags)
+    estimated_only = frozenset({ESTIMATED})
+    cache = _BOUNDARIES
+    if len(cache) > 200_000:
+        cache.clear()
+    end = None
+    for n in range(len(v_us) - 1):
+        b0, b1 = v_us[n], v_us[n + 1]
+        found = _NO_FLAGS
+        while k_us[seg + 1] <= b0:
             seg += 1
         j = seg
-        while j < len(seg_flags) and knots[j].at < b1:
-            flags |= seg_flags[j]
+        while j < n_seg and k_us[j] < b1:
+            if seg_flags[j]:
+                found = found | seg_flags[j]
             j += 1
-        estimated = not (r0 and r1)
+        estimated = not (v_real[n] and v_real[n + 1])
         if estimated:
-            flags.add(ESTIMATED)
-        intervals.append(Interval(meter_id, obis, b0, b1, v1 - v0, estimated, frozenset(flags)))
+            found = found | estimated_only if found else estimated_only
+        start = end if end is not None else cache.get(b0) or cache.setdefault(b0, epoch + b0 * _US)
+        end = cache.get(b1) or cache.setdefault(b1, epoch + b1 * _US)
+        append(Interval(meter_id, obis, start, end, v_cum[n + 1] - v_cum[n], estimated, found))
     return intervals, exceptions
 
 
