@@ -172,6 +172,7 @@ class Grant:
     currency: str = "GBP"
     final_unit_action: str = "terminate"          # "terminate" | "restrict_access"
     balance_minor: int | None = None              # the customer's prepaid balance after the report (head-end)
+    arrears_minor: int | None = None              # head-end arrears outstanding after the report (None: keep)
 
 
 # --------------------------------------------------------------------------- events
@@ -650,22 +651,34 @@ def _with_balance(state: AccountState, balance_minor: int | None) -> AccountStat
     return replace(state, reported_balance=_amount(balance_minor, "reported balance"))
 
 
-def set_reported_balance(state: AccountState, balance_minor: int) -> AccountState:
+def _with_arrears(state: AccountState, arrears_minor: int | None) -> AccountState:
+    """Take the head-end's arrears register (after the report just answered; in_flight cleared):
+    arrears := what the head-end says is outstanding − what was recovered here since the report
+    point (not booked there yet). None (an older head-end): keep what the gateway holds."""
+    if arrears_minor is None:
+        return state
+    _amount(arrears_minor, "reported arrears")
+    return replace(state, arrears=max(0, arrears_minor - state.unreported.recovered_arrears))
+
+
+def set_reported_balance(state: AccountState, balance_minor: int,
+                         arrears_minor: int | None = None) -> AccountState:
     """An answer that booked nothing (no session opened, nothing reported) still says the
-    customer's balance; flags follow at the next transition."""
+    customer's balance (and the head-end's arrears); flags follow at the next transition."""
     if state.in_flight is not None:
         raise ValidationError(f"account {state.account}: a reported balance while a report is in flight "
                               f"must come with apply_grant/acknowledge")
-    return _with_balance(state, balance_minor)
+    return _with_arrears(_with_balance(state, balance_minor), arrears_minor)
 
 
-def acknowledge(state: AccountState, at: datetime, *,
-                balance_minor: int | None = None) -> tuple[AccountState, Events]:
+def acknowledge(state: AccountState, at: datetime, *, balance_minor: int | None = None,
+                arrears_minor: int | None = None) -> tuple[AccountState, Events]:
     """The head-end answered the in-flight report WITHOUT a grant (credit limit reached,
     termination): the old window is given back, only what was applied since stays.
-    `balance_minor`: the customer's prepaid balance the answer reported (None: keep the last)."""
+    `balance_minor`: the customer's prepaid balance the answer reported (None: keep the last);
+    `arrears_minor`: the head-end's arrears outstanding (None: keep)."""
     state, events = _advance(state, at)
-    state = _replace_window(state, 0)
+    state = _with_arrears(_replace_window(state, 0), arrears_minor)
     if balance_minor is not None:
         state = replace(state, reported_balance=_amount(balance_minor, "reported balance"))
     return _flags(state, state.at, events), events
@@ -685,7 +698,8 @@ def apply_grant(state: AccountState, grant: Grant, at: datetime) -> tuple[Accoun
         if reason != "replay" and state.in_flight is not None:
             # the grant is unusable but it ANSWERS the in-flight report, which the head-end booked:
             # acknowledge it (old window given back), or the next request would report it again
-            return _flags(_with_balance(_replace_window(state, 0), grant.balance_minor), at, events), events
+            return _flags(_with_arrears(_with_balance(_replace_window(state, 0), grant.balance_minor),
+                                        grant.arrears_minor), at, events), events
         return state, events
 
     _amount(grant.amount_minor, f"grant {grant.session_id}/{grant.request_number} amount")
@@ -698,7 +712,8 @@ def apply_grant(state: AccountState, grant: Grant, at: datetime) -> tuple[Accoun
         return refuse("expired")
     if grant.session_id == state.grant_session and grant.request_number <= state.grant_number:
         return refuse("replay")
-    state = _with_balance(_replace_window(state, grant.amount_minor), grant.balance_minor)
+    state = _with_arrears(_with_balance(_replace_window(state, grant.amount_minor), grant.balance_minor),
+                          grant.arrears_minor)
     to_debt, to_ec, to_credit = _repay(state, state.credit_balance)
     state = replace(state, accumulated_debt=state.accumulated_debt - to_debt,
                     emergency_credit_used=state.emergency_credit_used - to_ec,
@@ -715,7 +730,8 @@ def apply_grant(state: AccountState, grant: Grant, at: datetime) -> tuple[Accoun
 
 
 def set_arrears(state: AccountState, arrears_minor: int, at: datetime) -> tuple[AccountState, Events]:
-    """The head-end's debt register value for this account (arrears to recover)."""
+    """Set the arrears to recover directly (tests, a local register). Synced gateways take them
+    from the credit-control answers instead (`Grant.arrears_minor`, `acknowledge(arrears_minor=)`)."""
     _amount(arrears_minor, "arrears")
     if arrears_minor < 0:
         raise ValidationError(f"account {state.account}: negative arrears {arrears_minor}")

@@ -433,14 +433,17 @@ class PaygMeter:
         """Everything not yet acknowledged (in-flight report + since), without setting a report point."""
         return (self.state.in_flight or C.Usage()).plus(self.state.unreported)
 
-    def acknowledge(self, balance_minor: int | None = None) -> list[C.CreditEvent]:
+    def acknowledge(self, balance_minor: int | None = None,
+                    arrears_minor: int | None = None) -> list[C.CreditEvent]:
         """The head-end answered the in-flight report without a grant: the old window is given back.
-        `balance_minor`: the customer's prepaid balance the answer reported."""
-        return self._then_decide(*C.acknowledge(self.state, self.clock.now(), balance_minor=balance_minor))
+        `balance_minor`: the customer's prepaid balance the answer reported; `arrears_minor`: the
+        head-end's arrears outstanding (None: keep)."""
+        return self._then_decide(*C.acknowledge(self.state, self.clock.now(), balance_minor=balance_minor,
+                                                arrears_minor=arrears_minor))
 
-    def set_reported_balance(self, balance_minor: int) -> None:
-        """The customer's balance from an answer that booked nothing (no report in flight)."""
-        self.state = C.set_reported_balance(self.state, balance_minor)
+    def set_reported_balance(self, balance_minor: int, arrears_minor: int | None = None) -> None:
+        """The customer's balance (and arrears) from an answer that booked nothing (no report in flight)."""
+        self.state = C.set_reported_balance(self.state, balance_minor, arrears_minor)
         self._save()
 
     def abandon_report(self) -> None:

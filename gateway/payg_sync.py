@@ -135,6 +135,7 @@ class CreditSession:
 
     def _answer(self, ans: payg_pb2.CreditControlAnswer, usage: C.Usage, terminate: bool) -> SyncResult:
         code = ans.result_code
+        arrears = ans.arrears_minor if ans.HasField("arrears_minor") else None
         if code in (UNKNOWN_SESSION, OUT_OF_ORDER, INVALID_VALUE):
             log.warning("meter %s: session %s request %d answered %d (%s): starting a new session",
                         self.meter.meter_id, self.session_id, self.number, code, ans.detail)
@@ -144,7 +145,7 @@ class CreditSession:
             # nothing was booked and no session opened (no credit for a first grant)
             self.meter.abandon_report()
             self.balance_minor = ans.balance_minor
-            self.meter.set_reported_balance(ans.balance_minor)
+            self.meter.set_reported_balance(ans.balance_minor, arrears)
             return SyncResult("no_grant", code, detail=ans.detail, tokens_applied=self._apply_tokens(ans))
         n = self.number
         self.balance_minor = ans.balance_minor
@@ -159,12 +160,12 @@ class CreditSession:
                 session_id=ans.session_id, request_number=n, valid_until=from_ms(g.expires_at_ms),
                 amount_minor=g.amount_minor, wh=0, currency=self.currency,
                 final_unit_action=_FUA.get(ans.final_unit_action, "terminate"),
-                balance_minor=ans.balance_minor))
+                balance_minor=ans.balance_minor, arrears_minor=arrears))
             if self.meter.state.in_flight is not None:
                 # the grant was refused (expired on arrival, currency): the report WAS booked
-                self.meter.acknowledge(ans.balance_minor)
+                self.meter.acknowledge(ans.balance_minor, arrears)
         else:
-            self.meter.acknowledge(ans.balance_minor)
+            self.meter.acknowledge(ans.balance_minor, arrears)
         self.number, self.open = n + 1, not terminate
         if terminate:
             self.generation, self.number, self.open = self.generation + 1, 0, False

@@ -322,7 +322,7 @@ def _grant_answer(req: CreditControlRequest, available: int, burn: Decimal, poli
 def decide(session: Session | None, request: CreditControlRequest, *, credit_minor: int,
            reserved_by_others_minor: int, policy: GrantPolicy, vat: L.PrepaidVat, now: datetime,
            account_active: bool = True, outstanding_tokens_minor: int = 0,
-           reported_tokens_minor: int | None = None) -> Outcome:
+           reported_tokens_minor: int | None = None, arrears_minor: int | None = None) -> Outcome:
     """Answer one CCR from the session's state and the account's credit; the whole credit-control core.
 
     `credit_minor` is the account's prepaid credit now (customer view), `reserved_by_others_minor`
@@ -330,7 +330,11 @@ def decide(session: Session | None, request: CreditControlRequest, *, credit_min
     tokens issued for the account and not yet reported applied (excluding this request's): a
     token is a reservation like a grant, its money already in the prepaid credit since the sale.
     `reported_tokens_minor` is how much of this request's reported tokens the store confirms
-    (None: trust the request); it extends the grant the usage is measured against. Nothing is stored here: the caller appends
+    (None: trust the request); it extends the grant the usage is measured against. `arrears_minor` is
+    the account's head-end arrears outstanding before this request (None: no cap): reported
+    arrears recoveries are booked against it (``{key}:arrears-recovered``, Dr prepaid / Cr arrears)
+    up to what is outstanding; a recovery beyond it (arrears lowered at the head-end meanwhile) is
+    not booked and stays in the prepaid balance. Nothing is stored here: the caller appends
     `transactions` and stores `session` together (one database transaction).
     """
     req = request
@@ -362,7 +366,7 @@ def decide(session: Session | None, request: CreditControlRequest, *, credit_min
                                    reserved_by_others_minor=reserved_by_others_minor, policy=policy, vat=vat,
                                    now=now, account_active=account_active,
                                    outstanding_tokens_minor=outstanding_tokens_minor,
-                                   reported_tokens_minor=reported_tokens_minor)
+                                   reported_tokens_minor=reported_tokens_minor, arrears_minor=arrears_minor)
         burn = to_decimal(policy.initial_burn_rate_minor_per_h)
         answer = _grant_answer(req, credit_minor - reserved_by_others_minor - outstanding_tokens_minor, burn,
                                policy, now)
@@ -394,12 +398,13 @@ def decide(session: Session | None, request: CreditControlRequest, *, credit_min
     return _book_and_grant(session, req, credit_minor=credit_minor, reserved_by_others_minor=reserved_by_others_minor,
                            policy=policy, vat=vat, now=now, account_active=account_active,
                            outstanding_tokens_minor=outstanding_tokens_minor,
-                           reported_tokens_minor=reported_tokens_minor)
+                           reported_tokens_minor=reported_tokens_minor, arrears_minor=arrears_minor)
 
 
 def _book_and_grant(session: Session, req: CreditControlRequest, *, credit_minor: int, reserved_by_others_minor: int,
                     policy: GrantPolicy, vat: L.PrepaidVat, now: datetime, account_active: bool,
-                    outstanding_tokens_minor: int, reported_tokens_minor: int | None) -> Outcome:
+                    outstanding_tokens_minor: int, reported_tokens_minor: int | None,
+                    arrears_minor: int | None = None) -> Outcome:
     """Book the used units of the grant being replaced, then answer with the next grant."""
 
     # --- usage of the grant being replaced (RFC 4006: the new grant replaces its unused rest)
@@ -415,7 +420,10 @@ def _book_and_grant(session: Session, req: CreditControlRequest, *, credit_minor
                        f"{spend - req.from_window_minor} exceed the window {window}")
     from_window = req.from_window_minor - over_window
     over = req.to_debt_minor + over_window
-    within = spend - over_window                         # what leaves the prepaid credit
+    recovered = req.recovered_arrears_minor
+    if arrears_minor is not None:
+        recovered = min(recovered, max(0, arrears_minor))  # never more than is outstanding
+    within = spend - over_window - (req.recovered_arrears_minor - recovered)   # what leaves the prepaid credit
     txns: list[L.Transaction] = []
     events: list[OverUsage] = []
     base = f"cc:{req.session_id}:{req.request_number}"
@@ -425,9 +433,10 @@ def _book_and_grant(session: Session, req: CreditControlRequest, *, credit_minor
     if req.from_emergency_minor:
         txns.append(L.emergency_consumption_charge(f"{base}:emergency", now, req.account_id,
                                                    req.from_emergency_minor, req.currency, vat))
-    if req.repaid_debt_minor + req.recovered_arrears_minor:
-        txns.append(L.debt_recovery(f"{base}:debt-repaid", now, req.account_id,
-                                    req.repaid_debt_minor + req.recovered_arrears_minor, req.currency))
+    if req.repaid_debt_minor:
+        txns.append(L.debt_recovery(f"{base}:debt-repaid", now, req.account_id, req.repaid_debt_minor, req.currency))
+    if recovered:
+        txns.append(L.arrears_recovery(f"{base}:arrears-recovered", now, req.account_id, recovered, req.currency))
     if req.repaid_emergency_minor:
         txns.append(L.emergency_credit_repayment(f"{base}:emergency-repaid", now, req.account_id,
                                                  req.repaid_emergency_minor, req.currency))
@@ -581,9 +590,11 @@ class CreditControl:
         refs = tuple(r for r, _ in request.tokens)
         outstanding = self.tokens.outstanding_minor(account, exclude=refs, now=now) if self.tokens else 0
         confirmed = self.tokens.confirmed_minor(request.meter_id, request.tokens) if self.tokens else None
+        arrears = self.ledger.balance(L.arrears_account(account), currency)
         outcome = decide(session, request, credit_minor=credit, reserved_by_others_minor=others, policy=self.policy,
                          vat=self.vat, now=now, account_active=self.account_active(account),
-                         outstanding_tokens_minor=outstanding, reported_tokens_minor=confirmed)
+                         outstanding_tokens_minor=outstanding, reported_tokens_minor=confirmed,
+                         arrears_minor=arrears)
         if outcome.transactions:
             self.ledger.append(outcome.transactions)
         if outcome.session is not None:

@@ -17,6 +17,10 @@ Chart of accounts (`{c}` customer account id, `{v}` vendor id; normal side in br
                                              `customer_credit` = minus its balance
 ``customer:{c}:debt``              [debit]   debt owed by the customer (over-usage, friendly-credit use)
 ``customer:{c}:emergency-credit``  [debit]   emergency credit advanced and not yet repaid
+``customer:{c}:arrears``           [debit]   arrears registered at the head-end (debt from a previous
+                                             supply, over-usage booked centrally; against
+                                             ``adjustments``), recovered at the gateway from top-ups
+                                             and credit (`arrears_recovery`)
 ``vendor:{v}:receivable``          [debit]   sale proceeds a vendor holds for us, net of its commission
 ``expense:vendor-commission:{v}``  [debit]   commission earned by a vendor
 ``vat:output``                     [credit]  VAT due to the tax authority
@@ -75,6 +79,11 @@ def debt(customer: str) -> str:
 def emergency_credit_account(customer: str) -> str:
     """Emergency credit advanced to the customer and not yet repaid (debit-normal)."""
     return f"customer:{_id(customer, 'customer')}:emergency-credit"
+
+
+def arrears_account(customer: str) -> str:
+    """Arrears registered at the head-end and not yet recovered (debit-normal)."""
+    return f"customer:{_id(customer, 'customer')}:arrears"
 
 
 def vendor_receivable(vendor: str) -> str:
@@ -408,6 +417,24 @@ def debt_recovery(business_key: str, at: datetime, customer: str, amount_minor: 
                 currency)
 
 
+def arrears_registered(business_key: str, at: datetime, customer: str, amount_minor: int, currency: str,
+                       reason: str) -> Transaction:
+    """Register arrears the customer owes (previous supply, a central over-usage booking):
+    Dr customer arrears, Cr adjustments, with a reason. Recovered at the gateway."""
+    _positive(amount_minor, "arrears", business_key)
+    if not reason:
+        raise LedgerError(f"{business_key!r}: registering arrears needs a reason")
+    return _txn(business_key, at, "arrears-registered",
+                [(arrears_account(customer), amount_minor), (ADJUSTMENTS, -amount_minor)], currency, memo=reason)
+
+
+def arrears_recovery(business_key: str, at: datetime, customer: str, amount_minor: int, currency: str) -> Transaction:
+    """Arrears recovered at the gateway (from a top-up or from credit over time): Dr prepaid, Cr arrears."""
+    _positive(amount_minor, "arrears recovery", business_key)
+    return _txn(business_key, at, "arrears-recovery",
+                [(prepaid(customer), amount_minor), (arrears_account(customer), -amount_minor)], currency)
+
+
 def emergency_credit(business_key: str, at: datetime, customer: str, amount_minor: int, currency: str) -> Transaction:
     """Emergency credit accepted by the customer: Dr emergency-credit, Cr prepaid."""
     _positive(amount_minor, "emergency credit", business_key)
@@ -470,7 +497,7 @@ def residue_to_book(exact_total: Decimal, booked_total: int, rounding: str = "ha
 
 
 __all__ = [
-    "ADJUSTMENTS", "BusinessKeyConflict", "CASH_BANK", "InMemoryLedger", "LedgerError", "LedgerStore", "Posting",
+    "ADJUSTMENTS", "arrears_account", "arrears_recovery", "arrears_registered", "BusinessKeyConflict", "CASH_BANK", "InMemoryLedger", "LedgerError", "LedgerStore", "Posting",
     "PrepaidVat", "REVENUE_ENERGY", "REVENUE_STANDING", "ROUNDING_RESIDUE", "Transaction", "UnbalancedTransaction",
     "VAT_INPUT", "VAT_OUTPUT", "VAT_PREPAID_CLEARING", "adjustment", "balance", "commission_expense",
     "consumption_charge", "customer_credit", "emergency_consumption_charge", "debt", "debt_recovery", "emergency_credit",

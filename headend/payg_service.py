@@ -81,11 +81,14 @@ def request_from_proto(pb: payg_pb2.CreditControlRequest, rtype: CC.RequestType)
         tokens=tuple((t.reference, t.amount_minor) for t in u.top_ups))
 
 
-def answer_to_proto(answer: CC.CreditControlAnswer, tokens: list[str], balance_minor: int) -> payg_pb2.CreditControlAnswer:
+def answer_to_proto(answer: CC.CreditControlAnswer, tokens: list[str], balance_minor: int,
+                    arrears_minor: int | None = None) -> payg_pb2.CreditControlAnswer:
     pb = payg_pb2.CreditControlAnswer(session_id=answer.session_id, request_number=answer.request_number,
                                       result_code=int(answer.result_code),
                                       final_unit_action=_FUA_TO_PB[answer.final_unit_action],
                                       detail=answer.detail, tokens=tokens, balance_minor=balance_minor)
+    if arrears_minor is not None:
+        pb.arrears_minor = max(0, arrears_minor)
     g = answer.grant
     if g is not None:
         pb.granted.CopyFrom(payg_pb2.GrantedUnits(
@@ -177,8 +180,9 @@ class CreditControlService(payg_pb2_grpc.CreditControlServicer):
                         tokens.append(S.issue_token(self.store, reference, req.meter_id, req.account_id, amount,
                                                     req.currency, self.token_key, now).encode())
             balance = -self.store.balance(L.prepaid(req.account_id), req.currency)
+            arrears = self.store.arrears(req.account_id, req.currency)
             lists = self._card_lists(req, bytes(request.card_lists_digest), now)
-        pb = answer_to_proto(out.answer, tokens, balance)
+        pb = answer_to_proto(out.answer, tokens, balance, arrears)
         if lists is not None:
             pb.card_list, pb.blacklist = lists
         return pb

@@ -458,6 +458,28 @@ class PaygStore:
             row = self._db.execute("SELECT active FROM payg_account WHERE account_id = ?", (account_id,)).fetchone()
         return row is not None and bool(row[0])
 
+    def register_arrears(self, account_id: str, reference: str, amount_minor: int, now: datetime,
+                         reason: str) -> L.Transaction:
+        """Register arrears the customer owes (debt from a previous supply, over-usage booked here):
+        Dr ``customer:{c}:arrears`` / Cr ``adjustments``, key ``arrears:{account}:{reference}``
+        (idempotent: the same reference with the same content books once; other content is a
+        `BusinessKeyConflict`). The next credit-control answer to the account's gateway carries the
+        outstanding arrears (`arrears_minor`); the gateway recovers them and reports each recovery."""
+        acct = self.account(account_id)
+        if acct is None:
+            raise ValidationError(f"account {account_id} is not a PAYG account")
+        txn = L.arrears_registered(f"arrears:{account_id}:{reference}", now, account_id, amount_minor,
+                                   acct.currency, reason)
+        with self.transaction() as db:
+            if self.append([txn]):
+                self._event(db, now, "arrears_registered", account_id,
+                            {"reference": reference, "amount_minor": amount_minor, "reason": reason})
+        return txn
+
+    def arrears(self, account_id: str, currency: str) -> int:
+        """Arrears registered for the account and not yet reported recovered (minor units, >= 0 normally)."""
+        return self.balance(L.arrears_account(account_id), currency)
+
     def register_card(self, card_id: str, account_id: str, public_key: bytes, now: datetime) -> V.Card:
         if len(public_key) != 32:
             raise ValidationError(f"card {card_id}: an Ed25519 public key is 32 bytes, got {len(public_key)}")

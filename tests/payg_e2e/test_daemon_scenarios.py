@@ -317,6 +317,55 @@ def test_scenario_3_a_top_up_with_debt_is_split_in_order_and_one_over_the_maximu
         d.close()
 
 
+RECOVERY = 'payment_recovery_percent = 25\npayment_recovery_cap = 200\nrecovery_period = "week"\n'
+
+
+def test_scenario_3_arrears_registered_at_the_headend_are_recovered_first_and_booked_once(
+        payg_headend, tmp_path, monkeypatch):
+    """Arrears booked centrally reach the gateway in the credit-control answers; a top-up is split
+    recovery (25 %, capped at 2.00 a week) -> debt -> emergency credit -> balance; the report carrying
+    the recovery is booked once and both sides agree to the minor unit afterwards."""
+    hd = payg_headend
+    tuesday = next_local(hd.clock.now(), 1, 12)
+    evening = local(tuesday, 18)
+    hd.store.register_arrears("ACC1", "previous-supply", 1_000, hd.clock.now(), "debt from the previous supply")
+    d = Daemon(hd, tmp_path, monkeypatch, start=tuesday, market=EMERGENCY + RECOVERY + FRIENDLY, balance=120,
+               cards={"CARD1": CARD})
+    pm = d.pm
+    try:
+        t = step_until(d, tuesday + timedelta(seconds=1), lambda: pm.state.emergency_credit_offered, evening)
+        assert pm.state.arrears == 1_000                        # the head-end's register, from an answer
+        accept_emergency_credit(d)
+        t = step_until(d, t, lambda: pm.state.relay == "open" and pm.state.emergency_credit_accepted, evening)
+        debt, emergency = pm.state.accumulated_debt, pm.state.emergency_credit_used
+        assert emergency > 0 and debt > 0
+        reply = sell(hd, CARD, "S-1", 1_000)
+        assert reply.authorised and reply.token
+        t += QUARTER
+        d.step_to(t)
+        [applied] = d.events("credit.top_up_applied")
+        assert (applied["to_debt_recovery"], applied["to_accumulated_debt"], applied["to_emergency_credit"],
+                applied["to_credit"]) == (200, debt, emergency, 1_000 - 200 - debt - emergency)
+        assert pm.state.arrears == 800 and d.meter.relay_closed
+        t += QUARTER
+        d.step_to(t)                                            # the next report carries the recovery
+        pending = d.pending()
+        assert pending.recovered_arrears == 0                   # reported and answered
+        txns = list(hd.store.transactions())
+        recoveries = [tx for tx in txns if tx.kind == "arrears-recovery"]
+        assert sum(tx.amount(L.prepaid("ACC1")) for tx in recoveries) == 200     # booked once
+        assert hd.store.arrears("ACC1", "GBP") == 800 == pm.state.arrears
+        # both sides agree to the minor unit: debt, emergency credit, the prepaid balance
+        assert hd.store.balance(L.debt("ACC1"), "GBP") == \
+            pm.state.accumulated_debt - pending.to_debt + pending.repaid_debt
+        assert hd.store.balance(L.emergency_credit_account("ACC1"), "GBP") == \
+            pm.state.emergency_credit_used - pending.from_emergency + pending.repaid_emergency
+        assert pm.state.reported_balance == -hd.store.balance(L.prepaid("ACC1"), "GBP")
+        assert L.totals_by_currency(txns) == {"GBP": 0}
+    finally:
+        d.close()
+
+
 # --------------------------------------------------------------------------- scenario 4
 
 OTHER = Ed25519PrivateKey.generate()

@@ -160,6 +160,32 @@ def test_time_based_debt_recovery_takes_a_daily_amount_from_credit():
     assert s.arrears == 850 and s.credit_balance == 4850
 
 
+def test_headend_arrears_from_an_answer_count_recoveries_made_since_the_report_point():
+    cfg = C.PrepaymentConfig(payment_recovery_percent=Decimal(25), payment_recovery_cap=1_000)
+    s = acct(cfg=cfg)
+    s, _ = C.apply_topup(s, 400, "tok-1", T0)             # no arrears known yet: nothing recovered
+    s, usage = C.begin_report(s)
+    assert usage.recovered_arrears == 0
+    s, _ = C.apply_grant(s, grant(0, amount=500, arrears_minor=800), T0 + timedelta(minutes=1))
+    assert s.arrears == 800                               # the head-end's register reaches the gateway
+    s, ev = C.apply_topup(s, 1_000, "tok-2", T0 + timedelta(minutes=2))
+    assert ev[0].to_debt_recovery == 250 and s.arrears == 550
+    s, usage = C.begin_report(s)                          # reports the 250
+    assert usage.recovered_arrears == 250
+    s, ev = C.apply_topup(s, 400, "tok-3", T0 + timedelta(minutes=3))    # after the report point
+    assert ev[0].to_debt_recovery == 100 and s.arrears == 450
+    # the answer says 550 outstanding (the 250 booked); the 100 since the report is not booked yet
+    s, _ = C.apply_grant(s, grant(1, amount=500, arrears_minor=550), T0 + timedelta(minutes=4))
+    assert s.arrears == 450 and s.unreported.recovered_arrears == 100
+    # arrears raised at the head-end meanwhile; an answer without a grant carries them too
+    s, _ = C.begin_report(s)
+    s, _ = C.acknowledge(s, T0 + timedelta(minutes=5), balance_minor=0, arrears_minor=1_450)
+    assert s.arrears == 1_450
+    s, _ = C.begin_report(s)
+    s, _ = C.acknowledge(s, T0 + timedelta(minutes=6), balance_minor=0)   # absent (older head-end): kept
+    assert s.arrears == 1_450
+
+
 # --------------------------------------------------------------------------- grants
 
 def grant(n=0, amount=1000, wh=0, session="S1", valid=T0 + timedelta(hours=1), **kw) -> C.Grant:
