@@ -221,44 +221,46 @@ class Pusher:
         One PushStream call: a reader thread sends batch after batch (read from the journal and signed)
         while up to `window` batches wait for their acks; each ack is applied (`mark_acked`, the highest
         committed seq) as it arrives, in order. A refusal ends the drain with `Refused`. Memory stays
-        bounded by `window` batches. A head-end without PushStream is drained batch by batch with Push.
+        bounded by `window` + 1 batches (the next one is read while waiting for an ack). No progress (a
+        batch sent or acked) for `timeout_s` cancels the call (DeviceError). A head-end without
+        PushStream is drained batch by batch with Push.
         """
         if not self._streaming:
             return self._drain_unary()
-        start = self.journal.acked_seq()
+        first = self.journal.wire_batch(self.journal.acked_seq(), self.batch)
+        if first is None:
+            return 0                              # nothing unacked: no call
         slots = threading.Semaphore(self.window)
         stop = threading.Event()
         in_flight: list[WireBatch] = []          # sent, not yet acked, in order (appended by the sender)
         errors: list[BaseException] = []
+        progress = [time.monotonic()]            # last batch sent or ack received
 
         def batches():
-            after = start
+            batch = first
             try:
-                while not stop.is_set():
+                while batch is not None and not stop.is_set():
                     while not slots.acquire(timeout=0.2):
                         if stop.is_set():
                             return
                     if stop.is_set():
                         return
-                    batch = self.journal.wire_batch(after, self.batch)
-                    if batch is None:
-                        return
                     request = batch_request(self.gateway_id, batch, self.key)
                     in_flight.append(batch)
-                    after = batch.last_seq
+                    progress[0] = time.monotonic()
                     yield request
+                    batch = self.journal.wire_batch(batch.last_seq, self.batch)
             except Exception as exc:             # journal or encoding error: end the stream, report it
                 errors.append(exc)
 
         call = self._stub.PushStream(batches())
-        progress = [time.monotonic()]
         timed_out = threading.Event()
 
         def watchdog() -> None:
-            # the stream has no overall deadline (a catch-up takes as long as it takes); instead each
-            # ack must come within timeout_s of the previous one while batches are in flight
+            # the stream has no overall deadline (a catch-up takes as long as it takes); instead the call
+            # must make progress (a batch sent or acked) at least every timeout_s until it ends
             while not stop.wait(0.2):
-                if in_flight and time.monotonic() - progress[0] > self.timeout_s:
+                if time.monotonic() - progress[0] > self.timeout_s:
                     timed_out.set()
                     call.cancel()
                     return

@@ -192,3 +192,29 @@ def test_a_head_end_without_push_stream_is_drained_batch_by_batch_with_push(tmp_
         assert_chain_verifies(old.path, GW)
     finally:
         old.stop()
+
+
+def test_a_head_end_that_stops_acknowledging_fails_the_drain_after_the_timeout(tmp_path, clock, key, monkeypatch):
+    import threading
+
+    import grpc
+
+    from meterlink.errors import DeviceError
+    from meterlink.headend.service import GatewaySyncService
+    release = threading.Event()
+
+    def stuck(self, request, context, decoded):      # holds the first batch: no ack ever comes
+        release.wait(10)
+        context.abort(grpc.StatusCode.UNAVAILABLE, "released by the test")   # stores nothing
+    monkeypatch.setattr(GatewaySyncService, "_push", stuck)
+    he = Headend(tmp_path / "stuck.db", clock).start()
+    try:
+        he.trust(GW, key)
+        j = Journal(tmp_path / "gw.db")
+        j.append(readings(12))
+        with pytest.raises(DeviceError, match="no ack within 0.5 s"):
+            Pusher(GW, he.addr, j, batch=4, key=key, timeout_s=0.5).drain()
+        assert j.acked_seq() == 0
+    finally:
+        release.set()
+        he.stop()
