@@ -176,6 +176,7 @@ def main() -> int:
         print(f"CPU per record: head-end {he_cpu / res['sent'] * 1e6:.1f} us, gateway {gw_cpu / res['sent'] * 1e6:.1f} us")
         print(f"gateway (draining process) peak RSS: {res['peak_rss_kib'] / 1024:.0f} MiB")
         print(f"goal <= 10 s: {'met' if res['seconds'] <= 10 and res['unacked'] == 0 else 'NOT met'}")
+        print(f"command: {sys.executable} {' '.join(sys.argv)}")
         return 0 if res["unacked"] == 0 and held == n else 1
 
 
