@@ -4,6 +4,7 @@ Usage:
   .venv/bin/python bench/bench_payg.py                 # core + gRPC/TLS, ~45 s
   .venv/bin/python bench/bench_payg.py --core-only
   .venv/bin/python bench/bench_payg.py --rate 1000 --seconds 5
+  .venv/bin/python bench/bench_payg.py --history 0,10000,100000   # cost per request vs ledger history
 
 Core: every call goes through the real shell path (PaygStore on a SQLite file in WAL mode with
 synchronous=FULL, group commit, Ed25519 card verification for sales); "servicer" is the gRPC
@@ -44,7 +45,7 @@ from meterlink.gateway import tokens as T
 from meterlink.headend import creditcontrol as CC
 from meterlink.headend import ledger as L
 from meterlink.headend import vendors as V
-from meterlink.headend.payg_store import PaygStore
+from meterlink.headend.payg_store import PaygStore, SqlSessionStore
 
 UTC = timezone.utc
 T0 = datetime(2026, 3, 9, 12, tzinfo=UTC)
@@ -435,6 +436,49 @@ def closed_loop(fn, body, threads: int, seconds: float) -> tuple[int, float]:
     return sum(counts), sum(counts) / (time.perf_counter() - t0)
 
 
+def bench_history(lengths: list[int], n: int) -> None:
+    """Credit control on ONE account whose ledger already holds `length` postings on its prepaid
+    account (adjustment pairs that net to nothing): the real CreditControl + SQL sessions over
+    PaygStore (SQLite, WAL, synchronous=FULL). The balance is the account's running balance (one
+    row), so the cost should not grow with the history; the SUM over the account's postings (how the
+    balance was read before, one indexed range scan) is timed next to it for comparison."""
+    for length in lengths:
+        with tempfile.TemporaryDirectory() as tmp:
+            store = PaygStore(f"sqlite:///{tmp}/headend.db", velocity_limits=())
+            store.put_account("ACC1", "GBP", max_balance_minor=10**12)
+            store.append([L.top_up("seed", T0, "ACC1", "SHOP1", 10**9, "GBP", store.vat)])
+            built = time.perf_counter()
+            for k in range(0, length, 2 * 5_000):
+                batch = []
+                for i in range(k, min(length, k + 2 * 5_000), 2):
+                    at = T0 - timedelta(days=300) + timedelta(seconds=i)
+                    batch += [L.adjustment(f"h{i}", at, "ACC1", 100 + i % 997, "GBP", "history"),
+                              L.adjustment(f"h{i}-", at, "ACC1", -(100 + i % 997), "GBP", "history")]
+                store.append(batch)
+            built = time.perf_counter() - built
+            cc = CC.CreditControl(store, SqlSessionStore(store), CC.GrantPolicy(max_grant_minor=500, min_grant_minor=50),
+                                  store.vat)
+            samples, sums = [], []
+            for i in range(n):
+                now = T0 + timedelta(seconds=10 * i)
+                req = (CC.initial("S1", "ACC1", "M1", "GBP") if i == 0 else
+                       CC.CreditControlRequest("S1", CC.RequestType.UPDATE_REQUEST, i, "ACC1", "M1", "GBP", 40, 1600))
+                t = time.perf_counter_ns()
+                with store.transaction():
+                    assert cc.handle(req, now).answer.ok
+                samples.append(time.perf_counter_ns() - t)
+                t = time.perf_counter_ns()
+                with store._read():
+                    store._db.execute("SELECT COALESCE(SUM(amount_minor), 0) FROM payg_posting WHERE account = ? "
+                                      "AND currency = ?", (L.prepaid("ACC1"), "GBP")).fetchone()
+                sums.append(time.perf_counter_ns() - t)
+            assert store.verify_balances() == []
+            print(f"history {length:7d} postings on the account (built in {built:5.1f} s):", flush=True)
+            report("  credit control (reserve/update, running balance)", samples)
+            report("  for comparison: SUM over the account's postings", sums)
+            store.close()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  epilog="example: .venv/bin/python bench/bench_payg.py --rate 1000 --seconds 5")
@@ -443,10 +487,15 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=2000, help="requests per core measurement")
     ap.add_argument("--rate", type=int, default=1000, help="open-loop request rate over gRPC")
     ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--history", help="only the history benchmark: comma-separated numbers of postings already "
+                                      "on the account (e.g. 0,10000,100000); -n requests each")
     args = ap.parse_args()
     if args.serve:
         return serve(args.serve)
     print(f"cpus: {os.cpu_count()}, load average: {os.getloadavg()[0]:.1f} (shared machine: figures are noisy)")
+    if args.history:
+        bench_history([int(x) for x in args.history.split(",")], args.n)
+        return 0
     bench_core(args.n)
     if not args.core_only:
         bench_grpc(args.rate, args.seconds)

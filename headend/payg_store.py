@@ -92,7 +92,28 @@ CREATE TABLE IF NOT EXISTS payg_meter (
 CREATE TABLE IF NOT EXISTS payg_event (
     seq {SERIAL}, at_ms BIGINT NOT NULL, kind TEXT NOT NULL, account_id TEXT NOT NULL,
     payload TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS payg_balance (
+    account TEXT NOT NULL, currency TEXT NOT NULL, balance_minor BIGINT NOT NULL, postings BIGINT NOT NULL,
+    PRIMARY KEY (account, currency));
+CREATE TABLE IF NOT EXISTS payg_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+
+# Running balances (`payg_balance`) are kept for the customer accounts only (``customer:…``: the
+# balances every credit-control request and authorisation reads); other accounts (revenue, VAT,
+# vendors) are summed from their postings when asked, so no row is written by every transaction.
+CHECKPOINTED_PREFIX = "customer:"
+_CHECKPOINT_MARK = "balance_checkpoint"
+
+
+@dataclass(frozen=True)
+class BalanceMismatch:
+    """A running balance that does not equal the sum of its account's postings."""
+    account: str
+    currency: str
+    checkpoint_minor: int | None       # None: no running balance row although postings exist
+    postings_minor: int
+    checkpoint_postings: int | None
+    postings: int
 
 CHALLENGE_TTL = timedelta(minutes=5)
 
@@ -209,9 +230,52 @@ class PaygStore:
             raw.executescript(SCHEMA.replace("{SERIAL}", "INTEGER PRIMARY KEY AUTOINCREMENT"))
             self._db = _Conn(raw, postgres=False)
             self._integrity_errors = (sqlite3.IntegrityError,)
+        self._adopt_balances()
 
     def close(self) -> None:
         self._db.close()
+
+    # ------------------------------------------------------------------ running balances
+
+    _RECOMPUTE = ("SELECT account, currency, SUM(amount_minor), COUNT(*) FROM payg_posting "
+                  "WHERE substr(account, 1, 9) = ? GROUP BY account, currency")
+
+    def _adopt_balances(self) -> None:
+        """A database written before running balances existed gets them once, derived from its postings."""
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM payg_meta WHERE key = ?", (_CHECKPOINT_MARK,)).fetchone() is None:
+                self._rebuild(db)
+                db.execute("INSERT INTO payg_meta VALUES (?, ?)", (_CHECKPOINT_MARK, "1"))
+
+    def _rebuild(self, db) -> None:
+        db.execute("DELETE FROM payg_balance")
+        rows = db.execute(self._RECOMPUTE, (CHECKPOINTED_PREFIX,)).fetchall()
+        if rows:
+            db.executemany("INSERT INTO payg_balance VALUES (?, ?, ?, ?)",
+                           [(a, c, int(b), int(n)) for a, c, b, n in rows])
+
+    def verify_balances(self) -> list[BalanceMismatch]:
+        """Recompute every running balance from the postings and compare (empty list: all agree).
+        Reads committed state in one statement per table."""
+        with self._read():
+            booked = {(a, c): (int(b), int(n)) for a, c, b, n in self._db.execute(
+                "SELECT account, currency, balance_minor, postings FROM payg_balance").fetchall()}
+            summed = {(a, c): (int(b), int(n)) for a, c, b, n in self._db.execute(
+                self._RECOMPUTE, (CHECKPOINTED_PREFIX,)).fetchall()}
+        out = []
+        for key in sorted(set(booked) | set(summed)):
+            b, s = booked.get(key), summed.get(key, (0, 0))
+            if b != s:
+                out.append(BalanceMismatch(key[0], key[1], None if b is None else b[0], s[0],
+                                           None if b is None else b[1], s[1]))
+        return out
+
+    def rebuild_balances(self) -> int:
+        """Derive every running balance from the postings again (after `verify_balances` found a
+        mismatch, e.g. postings written by a build without running balances); returns the rows."""
+        with self.transaction() as db:
+            self._rebuild(db)
+            return int(db.execute("SELECT COUNT(*) FROM payg_balance").fetchone()[0])
 
     @contextmanager
     def transaction(self) -> Iterator[_Conn]:
@@ -371,6 +435,19 @@ class PaygStore:
                 db.executemany("INSERT INTO payg_posting VALUES (?, ?, ?, ?)",
                                [(t.business_key, p.account, p.amount_minor, p.currency)
                                 for t in fresh for p in t.postings])
+                # the running balances move in the same transaction as the postings they sum
+                delta: dict[tuple[str, str], list[int]] = {}
+                for t in fresh:
+                    for p in t.postings:
+                        if p.account.startswith(CHECKPOINTED_PREFIX):
+                            d = delta.setdefault((p.account, p.currency), [0, 0])
+                            d[0] += p.amount_minor
+                            d[1] += 1
+                if delta:
+                    db.executemany("INSERT INTO payg_balance VALUES (?, ?, ?, ?) ON CONFLICT (account, currency) "
+                                   "DO UPDATE SET balance_minor = payg_balance.balance_minor + "
+                                   "excluded.balance_minor, postings = payg_balance.postings + excluded.postings",
+                                   [(a, c, b, n) for (a, c), (b, n) in sorted(delta.items())])
             return fresh
 
     def exists(self, business_key: str) -> bool:
@@ -383,7 +460,17 @@ class PaygStore:
             return self._load(business_key)
 
     def balance(self, account: str, currency: str | None = None) -> int:
+        """The account's balance: its running balance (one indexed row) for customer accounts, the
+        sum of its postings for the others. Both always equal the sum (`verify_balances`)."""
         with self._read():
+            if account.startswith(CHECKPOINTED_PREFIX):
+                if currency is None:
+                    row = self._db.execute("SELECT COALESCE(SUM(balance_minor), 0) FROM payg_balance "
+                                           "WHERE account = ?", (account,)).fetchone()
+                else:
+                    row = self._db.execute("SELECT balance_minor FROM payg_balance WHERE account = ? AND currency = ?",
+                                           (account, currency)).fetchone()
+                return int(row[0]) if row else 0
             if currency is None:
                 row = self._db.execute("SELECT COALESCE(SUM(amount_minor), 0) FROM payg_posting WHERE account = ?",
                                        (account,)).fetchone()
@@ -961,3 +1048,36 @@ def _sale(r: Sequence) -> V.Sale:
 __all__ = ["CARD_CLEARING_VENDOR", "CHALLENGE_TTL", "CRM_TOPIC_PREFIX", "CrmEvent", "OfflineCardTopUp", "PaygStore",
            "TOKEN_TTL", "export_events", "issue_token", "mark_tokens_applied", "reconcile_offline_card_topups",
            "record_over_usage", "sqlite_path", "token_for_sale", "unapplied_tokens"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m meterlink.headend.payg_store verify-balances|rebuild-balances DATABASE``."""
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m meterlink.headend.payg_store",
+                                 description="Check the PAYG running balances against the ledger's postings.")
+    ap.add_argument("command", choices=["verify-balances", "rebuild-balances"],
+                    help="verify-balances: recompute every customer account's balance from its postings and "
+                         "compare with its running balance (exit 1 on any mismatch); rebuild-balances: derive "
+                         "them all from the postings again")
+    ap.add_argument("database", help="sqlite:///PATH or postgresql://USER@HOST/DB (the head-end database)")
+    args = ap.parse_args(argv)
+    store = PaygStore(args.database)
+    try:
+        if args.command == "rebuild-balances":
+            print(f"{store.rebuild_balances()} running balances derived from the postings")
+            return 0
+        bad = store.verify_balances()
+        for m in bad:
+            print(f"MISMATCH {m.account} {m.currency}: running balance {m.checkpoint_minor} "
+                  f"({m.checkpoint_postings} postings), postings sum {m.postings_minor} ({m.postings} postings)")
+        if not bad:
+            with store._read():
+                n = store._db.execute("SELECT COUNT(*) FROM payg_balance").fetchone()[0]
+            print(f"{n} running balances, all equal to the sum of their postings")
+        return 1 if bad else 0
+    finally:
+        store.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
