@@ -13,7 +13,7 @@ from meterlink.config import load_section
 from meterlink.errors import MeterlinkError, ValidationError
 from meterlink.stopping import bound_shutdown, stop_on_signals
 
-from .service import make_server
+from .service import make_server, stop_server
 from .store import open_repository
 
 
@@ -70,7 +70,7 @@ def cmd_serve(args) -> int:
     stop.wait()
     notifier.stopping()
     bound_shutdown(20)                             # a stop that hangs dumps every thread's stack and exits 1
-    server.stop(grace=2).wait()
+    stop_server(server, grace=2)                   # every handler has returned before the stores close
     if rating is not None:
         rating.stop()
     if secure is not None:

@@ -102,8 +102,9 @@ class SecureHeadend:
         return self
 
     def stop(self, grace: float | None = None) -> None:
+        from .service import stop_server
         self.enrol_server.stop(grace)
-        self.server.stop(grace).wait()
+        stop_server(self.server, grace)      # handlers have returned before the caller closes the stores
 
 
 def make_secure_servers(repo, clock: Clock, keys: pki.HeadendPki, registry: GatewayRegistry, listen: str,

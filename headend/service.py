@@ -241,8 +241,10 @@ def make_server(repo: ReadingRepository, clock: Clock, listen: str, workers: int
     `chain` defaults to the chain store in the repository's database; `credentials` (TLS) makes the
     port secure, otherwise it is plaintext.
     """
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=list(interceptors),
+    executor = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc")
+    server = grpc.server(executor, interceptors=list(interceptors),
                          options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+    server.executor = executor     # stop_server: handlers must have returned before the stores are closed
     service = GatewaySyncService(repo, clock, chain, metrics, public_key)
     server.sync_service = service  # for callers that need the chain store (tests, CLI)
     sync_pb2_grpc.add_GatewaySyncServicer_to_server(service, server)
@@ -252,3 +254,15 @@ def make_server(repo: ReadingRepository, clock: Clock, listen: str, workers: int
     if port == 0:
         raise MeterlinkError(f"cannot listen on {listen}")
     return server, port
+
+
+def stop_server(server: grpc.Server, grace: float = 2.0) -> None:
+    """Stop accepting calls, give running ones `grace` seconds, then wait until every handler has returned.
+
+    `grpc.Server.stop` cancels calls still running after the grace period, but their handler threads go on
+    until they return; closing a database under a handler that is still committing can crash the process
+    (seen with SQLite) or block it. Call this before closing the stores the handlers use."""
+    server.stop(grace).wait()
+    executor = getattr(server, "executor", None)
+    if executor is not None:
+        executor.shutdown(wait=True)
