@@ -527,9 +527,24 @@ def split_by_account(changes: Iterable[tuple[UsageRow | None, UsageRow | None]])
     return out
 
 
+_DIGESTS: dict[int, tuple[Tariff, str]] = {}   # id(tariff) -> (tariff, digest): a Tariff is immutable
+
+
 def tariff_digest(tariff: Tariff) -> str:
     """A stable fingerprint of what day-band rating depends on (bands, windows, rates, export rate, zone,
-    holidays): pending aggregates rated with another digest are rated again from their rows."""
+    holidays): pending aggregates rated with another digest are rated again from their rows. Computed once
+    per Tariff object (`process` and the bill run ask once per account)."""
+    known = _DIGESTS.get(id(tariff))
+    if known is not None and known[0] is tariff:
+        return known[1]
+    if len(_DIGESTS) > 256:
+        _DIGESTS.clear()
+    digest = _tariff_digest(tariff)
+    _DIGESTS[id(tariff)] = (tariff, digest)
+    return digest
+
+
+def _tariff_digest(tariff: Tariff) -> str:
     import hashlib
     parts = [tariff.id, tariff.timezone, tariff.country, str(tariff.subdivision), repr(tuple(tariff.exclude_holidays))]
     for v in tariff.versions:
