@@ -271,6 +271,32 @@ def cmd_vendors(args) -> int:
     return 0
 
 
+def cmd_arrears(args) -> int:
+    store = _payg_store(args)
+    try:
+        acct = store.account(args.account)
+        if acct is None:
+            raise ValidationError(f"account {args.account} is not a PAYG account")
+        if args.arrears_command == "register":
+            if args.amount_minor <= 0:
+                raise ValidationError(f"arrears of account {args.account}: amount {args.amount_minor} must be > 0")
+            store.register_arrears(args.account, args.reference, args.amount_minor, _payg_now(args), args.reason)
+        print(f"account {args.account}: arrears outstanding {store.arrears(args.account, acct.currency)} "
+              f"{acct.currency} minor units (recovered from top-ups at the gateway, reported on sync)")
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_balances(args) -> int:
+    from .payg_store import check_balances
+    store = _payg_store(args)
+    try:
+        return check_balances(store, rebuild=args.balances_command == "rebuild")
+    finally:
+        store.close()
+
+
 def _register_payg(sub) -> None:
     st = sub.add_parser("settle", help="per-vendor settlement statements for a period, reconciled to the ledger",
                         description="Gross sales, refused and reversed sales, commission by contract, VAT on "
@@ -376,6 +402,37 @@ def _register_payg(sub) -> None:
         p.add_argument("--config", default="headend.toml")
         p.add_argument("--database", help="sqlite:///PATH, overrides the config")
     vendors.set_defaults(func=cmd_vendors)
+
+    arrears = sub.add_parser("arrears", help="register a PAYG account's arrears for recovery from its top-ups; show "
+                             "what is outstanding",
+                             epilog="example: meterlink-headend arrears register --account ACC-0001 --reference "
+                                    "OLD-SUPPLY-2025 --amount-minor 1000 --reason 'final bill of the previous supply'")
+    asub = arrears.add_subparsers(dest="arrears_command", required=True)
+    areg = asub.add_parser("register", help="book arrears (idempotent on --reference); the next credit-control "
+                           "answer carries them to the gateway",
+                           epilog="example: meterlink-headend arrears register --account ACC-0001 --reference R1 "
+                                  "--amount-minor 1000 --reason 'previous supply'")
+    areg.add_argument("--account", required=True)
+    areg.add_argument("--reference", required=True, help="business reference; the same one books once")
+    areg.add_argument("--amount-minor", type=int, required=True, help="minor units, > 0")
+    areg.add_argument("--reason", required=True)
+    ashow = asub.add_parser("show", help="arrears outstanding for an account",
+                            epilog="example: meterlink-headend arrears show --account ACC-0001")
+    ashow.add_argument("--account", required=True)
+    balances = sub.add_parser("balances", help="check the PAYG running balances against the ledger's postings",
+                              epilog="example: meterlink-headend balances verify --database sqlite:///var/headend.db")
+    bsub = balances.add_subparsers(dest="balances_command", required=True)
+    bver = bsub.add_parser("verify", help="recompute every customer balance from its postings; exit 1 on a mismatch",
+                           epilog="example: meterlink-headend balances verify")
+    breb = bsub.add_parser("rebuild", help="derive every running balance from the postings again",
+                           epilog="example: meterlink-headend balances rebuild")
+    for p in (areg, ashow, bver, breb):
+        p.add_argument("--config", default="headend.toml")
+        p.add_argument("--database", help="sqlite:///PATH or postgresql://..., overrides the config")
+        p.add_argument("--clock", default="system", help="system | sim:ISO")
+        p.add_argument("--at", help="ISO instant to use instead of the clock")
+    arrears.set_defaults(func=cmd_arrears)
+    balances.set_defaults(func=cmd_balances)
 
 
 def build_parser() -> argparse.ArgumentParser:

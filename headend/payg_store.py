@@ -1063,20 +1063,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     store = PaygStore(args.database)
     try:
-        if args.command == "rebuild-balances":
-            print(f"{store.rebuild_balances()} running balances derived from the postings")
-            return 0
-        bad = store.verify_balances()
-        for m in bad:
-            print(f"MISMATCH {m.account} {m.currency}: running balance {m.checkpoint_minor} "
-                  f"({m.checkpoint_postings} postings), postings sum {m.postings_minor} ({m.postings} postings)")
-        if not bad:
-            with store._read():
-                n = store._db.execute("SELECT COUNT(*) FROM payg_balance").fetchone()[0]
-            print(f"{n} running balances, all equal to the sum of their postings")
-        return 1 if bad else 0
+        return check_balances(store, rebuild=args.command == "rebuild-balances")
     finally:
         store.close()
+
+
+def check_balances(store: PaygStore, rebuild: bool = False) -> int:
+    """Print the running-balance check (or rebuild) for the CLI; exit status 1 on any mismatch."""
+    if rebuild:
+        print(f"{store.rebuild_balances()} running balances derived from the postings")
+        return 0
+    bad = store.verify_balances()
+    for m in bad:
+        print(f"MISMATCH {m.account} {m.currency}: running balance {m.checkpoint_minor} "
+              f"({m.checkpoint_postings} postings), postings sum {m.postings_minor} ({m.postings} postings)")
+    if not bad:
+        with store._read():
+            n = store._db.execute("SELECT COUNT(*) FROM payg_balance").fetchone()[0]
+        print(f"{n} running balances, all equal to the sum of their postings")
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
