@@ -50,6 +50,12 @@ CREATE TABLE IF NOT EXISTS gateway_key (
 """
 
 
+# A run of hashes (seqs ?2..?2+?4, the 32-byte hashes joined in ?3) in one statement: SQLite walks the blob,
+# so Python binds 4 parameters per batch instead of 3 per record (~1 us/record less CPU in a catch-up).
+INSERT_HASH_RUN = ("WITH RECURSIVE i(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM i WHERE n < ?4) "
+                   "INSERT INTO gateway_chain_hash SELECT ?1, ?2 + n, substr(?3, 32 * n + 1, 32) FROM i")
+
+
 class HeadMoved(MeterlinkError):
     """Another request advanced this gateway's chain head between verification and commit (retry)."""
 
@@ -137,8 +143,13 @@ class SqliteChainStore:
         """The statements of `commit` as a function of a connection already inside a write transaction."""
         if hashes is None:
             hashes = [hash_of(r) for r in new]
-        seqs = [r.seq for r in new]
-        rows = list(zip([gateway_id] * len(new), seqs, hashes))
+        first, last, n = new[0].seq, new[-1].seq, len(new)
+        joined = b"".join(hashes)
+        # the usual batch: seqs first..last without a jump (no tombstone), 32-byte SHA-256 hashes -> one
+        # statement over one blob; otherwise one row per record
+        run = (last - first + 1 == n and set(map(len, hashes)) == {32}
+               and [r.seq for r in new] == list(range(first, last + 1)))
+        rows = None if run else list(zip([gateway_id] * n, [r.seq for r in new], hashes))
         others = []
         for r in new:
             b = r.body
@@ -156,12 +167,15 @@ class SqliteChainStore:
             row = db.execute("SELECT head_seq FROM gateway_chain_head WHERE gateway_id=?", (gateway_id,)).fetchone()
             if (row[0] if row else 0) != expected_head:
                 raise HeadMoved(f"gateway {gateway_id}: head moved from {expected_head} to {row[0] if row else 0}")
-            db.executemany("INSERT INTO gateway_chain_hash VALUES (?,?,?)", rows)
+            if rows is None:
+                db.execute(INSERT_HASH_RUN, (gateway_id, first, joined, n - 1))
+            else:
+                db.executemany("INSERT INTO gateway_chain_hash VALUES (?,?,?)", rows)
             if others:
                 db.executemany("INSERT INTO gateway_event VALUES (?,?,?,?,?,?,?,?,?,?)", others)
             db.execute("INSERT INTO gateway_chain_head VALUES (?,?,?,?) ON CONFLICT(gateway_id) DO UPDATE SET "
                        "head_seq=excluded.head_seq, head_hash=excluded.head_hash, "
-                       "updated_at_ms=excluded.updated_at_ms", (gateway_id, seqs[-1], hashes[-1], received_at_ms))
+                       "updated_at_ms=excluded.updated_at_ms", (gateway_id, last, hashes[-1], received_at_ms))
         return write
 
     def events(self, gateway_id: str) -> list[tuple[int, str, str, int, bytes, str]]:

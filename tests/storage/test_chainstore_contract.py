@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 from storage_records import T0
 
-from meterlink.chain import GENESIS, Event, hash_of, link
+from meterlink.chain import GENESIS, Event, hash_of, link, prune_run
 from meterlink.errors import ConfigError
 from meterlink.headend.chainstore import HeadMoved, SqliteChainStore
 from meterlink.readings import Reading
@@ -54,6 +54,21 @@ def test_commit_advances_the_head_and_keeps_hashes_and_events(open_chain):
     assert [(s, k) for s, k, *_ in store.events("gw-1")] == [(5, "relay_open"), (10, "relay_open")]
     more = link(bodies(5, 10), after_seq=10, after_hash=hash_of(recs[-1]))
     assert store.commit("gw-1", 10, more, 8) == 15
+
+
+def test_every_record_hash_is_kept_for_a_gap_free_run_and_for_a_batch_with_a_tombstone_jump(open_chain):
+    # SQLite stores a gap-free run of hashes in one statement over the joined blob, else row by row
+    store = open_chain()
+    power = [Reading("MTR-0001", "1.7.0", T0 + timedelta(minutes=i), 100 + i, "W") for i in range(40)]
+    recs = link(power)                                                 # instantaneous: prunable
+    assert store.commit("gw-1", 0, recs[:20], 7) == 20
+    stored = [store.record_hash("gw-1", s) for s in range(1, 21)]
+    assert stored == [hash_of(r) for r in recs[:20]] and all(type(h) is bytes for h in stored)
+    jumped = recs[20:23] + [prune_run(recs[23:30])] + recs[30:]       # seqs 21, 22, 23, 30, 31, ..., 40
+    assert store.commit("gw-1", 20, jumped, 8) == 40
+    assert [store.record_hash("gw-1", s) for s in (21, 23, 24, 29, 30, 31, 40)] == \
+        [hash_of(recs[20]), hash_of(recs[22]), None, None, hash_of(jumped[3]), hash_of(recs[30]), hash_of(recs[39])]
+    assert store.head("gw-1") == (40, hash_of(recs[39]))
 
 
 def test_commit_against_a_stale_head_is_refused_and_writes_nothing(open_chain):
