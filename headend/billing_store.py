@@ -658,7 +658,8 @@ class BillingStore:
     def reading_instants_before(self, meter_id: str, obis: str, before_ms: int, n: int = 2, *,
                                 snapshot: Mapping[str, int] | None = None) -> list[int]:
         """The last `n` distinct reading instants (ms) of a register strictly before `before_ms`, newest first;
-        with `snapshot` (gateway -> highest seq) only of the records in it."""
+        with `snapshot` (gateway -> highest seq) only of the records in it (sources it does not name, which
+        `process` keeps no cursor for, e.g. file imports, count whole)."""
         if snapshot is None:
             return [int(r[0]) for r in self.db.q(
                 "SELECT DISTINCT taken_at_ms FROM gateway_record WHERE meter_id=? AND obis=? AND taken_at_ms<? "
@@ -670,7 +671,7 @@ class BillingStore:
             got = self.db.q(sql + ("" if limit is None else f" LIMIT {limit}"), (meter_id, obis, before_ms))
             out: list[int] = []
             for t, g, seq in got:
-                if seq <= snapshot.get(g, 0) and (not out or out[-1] != t):
+                if seq <= snapshot.get(g, seq) and (not out or out[-1] != t):
                     out.append(int(t))
                     if len(out) == n:
                         return out
@@ -682,7 +683,7 @@ class BillingStore:
                           snapshot: Mapping[str, int] | None) -> list[Reading]:
         """The meter's readings of the registers in `starts` (obis -> from instant ms, None = whole history),
         in the order `repo.readings` gives them; with `snapshot` (gateway -> highest seq) only the records in
-        it. One query for all the registers. The readings are `_StoredReading` tuples (Reading's fields,
+        it (sources it does not name count whole, as in `reading_instants_before`). One query for all the registers. The readings are `_StoredReading` tuples (Reading's fields,
         no re-validation of what ingest validated)."""
         if not starts:
             return []
@@ -700,7 +701,7 @@ class BillingStore:
             cache.clear()
         out = []
         for m, o, t, v, u, q, g, seq in self.db.q(sql + order, args):
-            if (snapshot is None or seq <= snapshot.get(g, 0)) and (starts[o] is None or t >= starts[o]):
+            if (snapshot is None or seq <= snapshot.get(g, seq)) and (starts[o] is None or t >= starts[o]):
                 at = cache.get(t)
                 if at is None:
                     at = cache[t] = _EPOCH + t * _ONE_MS

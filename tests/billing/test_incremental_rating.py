@@ -177,6 +177,19 @@ def test_readings_arriving_during_a_run_are_left_to_the_next_run_which_derives_t
     assert store.pending_aggregates()["A1"] == aggs and store.pending_usage()["A1"] == usage
 
 
+def test_file_imported_readings_which_no_cursor_tracks_are_derived_whole_beside_a_gateway_snapshot(db):
+    from meterlink.headend.importer import ingest_readings
+    repo, store = db
+    store.import_bindings(gb_bindings().move_in("SP1", "A1", utc(2026, 10, 1)), MARKETS, VAT)
+    readings = hourly_readings("M1", utc(2026, 11, 1), 24 * 3, wh_per_hour=300)
+    ingest_readings(repo, readings, 0)               # source "import:M1:1.8.0", seq = instant: no gateway cursor
+    ingest(repo, hourly_readings("M2", utc(2026, 11, 1), 4), gateway="GW1")            # a gateway: a snapshot
+    res = process_readings(repo, store, MARKETS, NOW, tariffs=TARIFFS)
+    assert res.readings == len(readings) + 5
+    scratch = bind_intervals(derive_intervals(readings, CFG).intervals, store.bindings())
+    assert {r.key: r.wh for r in scratch} == {k: r.wh for k, r in store.rows(meter_id="M1").items()}
+
+
 def test_a_tariff_corrected_after_processing_is_billed_at_the_corrected_price(db):
     repo, store = db
     store.import_bindings(gb_bindings().move_in("SP1", "A1", utc(2026, 10, 1)), MARKETS, VAT)
