@@ -683,8 +683,9 @@ class BillingStore:
                           snapshot: Mapping[str, int] | None) -> list[Reading]:
         """The meter's readings of the registers in `starts` (obis -> from instant ms, None = whole history),
         in the order `repo.readings` gives them; with `snapshot` (gateway -> highest seq) only the records in
-        it (sources it does not name count whole, as in `reading_instants_before`). One query for all the registers. The readings are `_StoredReading` tuples (Reading's fields,
-        no re-validation of what ingest validated)."""
+        it (sources it does not name count whole, as in `reading_instants_before`). One query for all the
+        registers. The readings are `_StoredReading` tuples (Reading's fields, no re-validation of what
+        ingest validated)."""
         if not starts:
             return []
         regs = sorted(starts)

@@ -6,7 +6,8 @@ How it runs:
   * the worker thread wakes on that flag (or every `poll_s` seconds, for readings another process
     stored: file imports), clears it and runs ONE incremental `process` over everything not yet
     rated. Commits that land during a run set the flag again, so a burst of pushes costs one run per
-    run-time, not one run per push (coalescing);
+    run-time, not one run per push (coalescing); a run derives only the snapshot it took at its start
+    (per gateway, seq <= its cursor), so what lands during it is derived once, by the next run;
   * replicas on one database rate one at a time: the run holds a cross-process lock (PostgreSQL: a
     session advisory lock keyed by database schema; SQLite: an flock on ``<file>-rating.lock``).
     A replica that finds the lock held waits for it and then runs itself, so readings it committed
