@@ -69,6 +69,9 @@ def test_every_record_hash_is_kept_for_a_gap_free_run_and_for_a_batch_with_a_tom
     assert [store.record_hash("gw-1", s) for s in (21, 23, 24, 29, 30, 31, 40)] == \
         [hash_of(recs[20]), hash_of(recs[22]), None, None, hash_of(jumped[3]), hash_of(recs[30]), hash_of(recs[39])]
     assert store.head("gw-1") == (40, hash_of(recs[39]))
+    far = link(power[:5], after_seq=3_000_000_000, after_hash=hash_of(recs[39]))   # seqs past int4
+    assert store.commit("gw-2", 0, far, 9) == 3_000_000_005
+    assert [store.record_hash("gw-2", 3_000_000_000 + i) for i in range(1, 6)] == [hash_of(r) for r in far]
 
 
 def test_commit_against_a_stale_head_is_refused_and_writes_nothing(open_chain):
