@@ -9,7 +9,6 @@ import random
 import sqlite3
 import subprocess
 import sys
-import uuid
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
@@ -20,26 +19,13 @@ from meterlink.headend import ledger as L
 from meterlink.headend import payg_store as S
 
 T0 = datetime(2026, 3, 9, 12, tzinfo=timezone.utc)
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 POLICY = CC.GrantPolicy(validity=timedelta(hours=6), min_grant_minor=100, max_grant_minor=600,
                         initial_burn_rate_minor_per_h=Decimal(40))
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/headend.db"
-        return
-    import psycopg
-    name = f"payg_test_{uuid.uuid4().hex[:12]}"
-    try:
-        with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3) as con:
-            con.execute(f"CREATE DATABASE {name}")
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432 ({str(exc).strip()[:80]})")
-    yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as con:
-        con.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+@pytest.fixture
+def url(payg_url) -> str:
+    return payg_url
 
 
 @pytest.fixture

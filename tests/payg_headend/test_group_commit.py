@@ -8,7 +8,6 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-import uuid
 from datetime import datetime, timezone
 
 import pytest
@@ -17,29 +16,7 @@ from meterlink.headend import ledger as L
 from meterlink.headend import payg_store as S
 
 T0 = datetime(2026, 3, 9, 12, tzinfo=timezone.utc)
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 N = 6
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
-    if request.param == "sqlite":
-        st = S.PaygStore(f"sqlite:///{tmp_path}/headend.db")
-        yield st
-        st.close()
-        return
-    import psycopg
-    name = f"payg_test_{uuid.uuid4().hex[:12]}"
-    try:
-        with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3) as con:
-            con.execute(f"CREATE DATABASE {name}")
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432 ({str(exc).strip()[:80]})")
-    st = S.PaygStore(f"postgresql://postgres@127.0.0.1:5432/{name}")
-    yield st
-    st.close()
-    with psycopg.connect(PG_ADMIN, autocommit=True) as con:
-        con.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def committed_kinds(store) -> list[str]:

@@ -24,33 +24,10 @@ T0 = datetime(2026, 3, 2, 9, tzinfo=UTC)
 VAT = L.PrepaidVat(Decimal("0.05"), "consumption")
 
 
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
-
-
-def _postgres_url(name: str) -> str:
-    """A fresh PostgreSQL database on the machine's server (trust auth), or skip with the reason."""
-    import psycopg
-    try:
-        with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3) as con:
-            con.execute(f"CREATE DATABASE {name}")
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432 ({str(exc).strip()[:80]})")
-    return f"postgresql://postgres@127.0.0.1:5432/{name}"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request, tmp_path):
-    """The same store contract on SQLite and on PostgreSQL."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/headend.db"
-        return
-    import uuid
-
-    import psycopg
-    name = f"payg_test_{uuid.uuid4().hex[:12]}"
-    yield _postgres_url(name)
-    with psycopg.connect(PG_ADMIN, autocommit=True) as con:
-        con.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+@pytest.fixture
+def db(payg_url) -> str:
+    """The same store contract on SQLite and on PostgreSQL (tests/payg_headend/conftest.py)."""
+    return payg_url
 
 
 @pytest.fixture
