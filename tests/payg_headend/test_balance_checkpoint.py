@@ -1,7 +1,7 @@
 """Running balances of the customer accounts (`payg_balance`): moved in the same transaction as the
 postings, always equal to the sum of the postings (`verify_balances`), adopted from the postings on
 an older database, and a long history changes no credit-control answer. SQLite and PostgreSQL (a
-fresh database per test on 127.0.0.1:5432; skipped with the reason without a server)."""
+schema per test: tests/payg_headend/conftest.py)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Group commit in the PAYG store: concurrent transactions share one durable COMMIT, each in its own
 savepoint; every caller returns only after that COMMIT; a failing block or a failed COMMIT is handled
 per caller; reads outside a transaction never see an uncommitted group. SQLite and PostgreSQL (a
-fresh database per test on 127.0.0.1:5432; skipped with the reason without a server)."""
+schema per test: tests/payg_headend/conftest.py)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Credit-control sessions, token reservations and meter binding in the PAYG store, on SQLite and
-PostgreSQL (a fresh database per test on 127.0.0.1:5432; skipped with the reason without a server)."""
+PostgreSQL (a schema per test: tests/payg_headend/conftest.py)."""
 
 from __future__ import annotations
 
