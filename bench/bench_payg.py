@@ -199,7 +199,7 @@ TOKEN_KEY_SEED = bytes(range(32, 64))         # the head-end's token/card-list s
 PING = "/bench.Ping/Ping"
 
 
-def serve(directory: str) -> int:
+def serve(directory: str, rpc_workers: int | None = None) -> int:
     """Server process: the real head-end mutual-TLS server (sync + config + PAYG services with a token
     key, gateway interceptor and registry), seeded like `Service`; one gateway provisioned with every
     meter; plus the trivial `bench.Ping/Ping`. Each line on stdin asks for one JSON line of stats
@@ -228,6 +228,8 @@ def serve(directory: str) -> int:
     payg_service.add_to_server(servers.server, svc.store, clock,
                                CC.GrantPolicy(max_grant_minor=500, min_grant_minor=50), registry=registry,
                                auth=servers.auth, token_key=Ed25519PrivateKey.from_private_bytes(TOKEN_KEY_SEED))
+    if rpc_workers:               # the executor starts its threads lazily: a smaller pool before start()
+        servers.server.executor._max_workers = rpc_workers
     servers.start()
     code = registry.add("gw-bench", now)
     registry.provision("gw-bench", [f"M-ACC{i:04d}" for i in range(ACCOUNTS)], [], now)
@@ -263,14 +265,15 @@ class Phase:
                 f"{1e3 * (c1 - self.client0) / n:.3f} ms{group}, load {os.getloadavg()[0]:.1f}")
 
 
-def bench_grpc(rate: int, seconds: float) -> None:
+def bench_grpc(rate: int, seconds: float, rpc_workers: int | None = None) -> None:
     import grpc
 
     from meterlink.gateway.enrol import enroll, secure_channel
     from meterlink.gateway.payg import _blacklist_from_json, _card_list_from_json
     from meterlink.v1 import payg_pb2, payg_pb2_grpc
     with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.Popen([sys.executable, __file__, "--serve", tmp], stdin=subprocess.PIPE,
+        extra = ["--rpc-workers", str(rpc_workers)] if rpc_workers else []
+        proc = subprocess.Popen([sys.executable, __file__, "--serve", tmp, *extra], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, text=True)
         try:
             info = json.loads(proc.stdout.readline())
@@ -484,21 +487,26 @@ def main() -> int:
                                  epilog="example: .venv/bin/python bench/bench_payg.py --rate 1000 --seconds 5")
     ap.add_argument("--serve", help=argparse.SUPPRESS)
     ap.add_argument("--core-only", action="store_true")
+    ap.add_argument("--grpc-only", action="store_true", help="skip the in-process measurements")
     ap.add_argument("-n", type=int, default=2000, help="requests per core measurement")
     ap.add_argument("--rate", type=int, default=1000, help="open-loop request rate over gRPC")
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--history", help="only the history benchmark: comma-separated numbers of postings already "
                                       "on the account (e.g. 0,10000,100000); -n requests each")
+    ap.add_argument("--rpc-workers", type=int, help="worker threads of the gRPC server process (default: "
+                                                       "make_server's 8)")
     args = ap.parse_args()
     if args.serve:
-        return serve(args.serve)
+        return serve(args.serve, args.rpc_workers)
     print(f"cpus: {os.cpu_count()}, load average: {os.getloadavg()[0]:.1f} (shared machine: figures are noisy)")
     if args.history:
         bench_history([int(x) for x in args.history.split(",")], args.n)
         return 0
-    bench_core(args.n)
+    if not args.grpc_only:
+        bench_core(args.n)
     if not args.core_only:
-        bench_grpc(args.rate, args.seconds)
+        print(f"gRPC server worker threads: {args.rpc_workers or 'default (8)'}", flush=True)
+        bench_grpc(args.rate, args.seconds, args.rpc_workers)
     return 0
 
 

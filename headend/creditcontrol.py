@@ -41,6 +41,7 @@ Grant sizing (`size_grant`)
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -545,10 +546,43 @@ def session_to_json(s: Session) -> dict:
     return {"session_id": s.session_id, "account_id": s.account_id, "meter_id": s.meter_id, "currency": s.currency,
             "opened_at": _ms(s.opened_at), "last": s.last_request_number, "terminated": s.terminated,
             "grant": _grant_json(s.grant), "used": [s.used_minor_total, s.used_wh_total, s.over_usage_minor_total],
-            "usage": [[_ms(u.since), _ms(u.at), u.used_minor, u.used_wh] for u in s.usage],
-            "answers": [[n, list(fp), [int(a.request_type), a.request_number, int(a.result_code), _grant_json(a.grant),
-                                       None if a.final_unit_action is None else int(a.final_unit_action), a.detail]]
-                        for n, fp, a in s.answers]}
+            "usage": [_usage_json(u) for u in s.usage], "answers": [_stored_answer_json(e) for e in s.answers]}
+
+
+def _usage_json(u: UsageReport) -> list:
+    return [_ms(u.since), _ms(u.at), u.used_minor, u.used_wh]
+
+
+def _stored_answer_json(entry) -> list:
+    n, fp, a = entry
+    return [n, list(fp), [int(a.request_type), a.request_number, int(a.result_code), _grant_json(a.grant),
+                          None if a.final_unit_action is None else int(a.final_unit_action), a.detail]]
+
+
+def _compact(value) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def session_json_text(s: Session, memo: dict | None = None) -> tuple[str, dict]:
+    """``json.dumps(session_to_json(s), separators=(",", ":"))`` — the same text — and a memo for
+    the next call on the same session: the encoded usage reports and stored answers by object
+    identity (each kept with its object, so an id is never reused while in the memo). A session
+    that grew by one report and one answer then encodes only those two, not its whole history."""
+    old, new = memo or {}, {}
+
+    def frag(obj, encode) -> str:
+        hit = old.get(id(obj))
+        text = hit[1] if hit is not None and hit[0] is obj else _compact(encode(obj))
+        new[id(obj)] = (obj, text)
+        return text
+
+    head = _compact({"session_id": s.session_id, "account_id": s.account_id, "meter_id": s.meter_id,
+                     "currency": s.currency, "opened_at": _ms(s.opened_at), "last": s.last_request_number,
+                     "terminated": s.terminated, "grant": _grant_json(s.grant),
+                     "used": [s.used_minor_total, s.used_wh_total, s.over_usage_minor_total]})
+    usage = ",".join([frag(u, _usage_json) for u in s.usage])
+    answers = ",".join([frag(e, _stored_answer_json) for e in s.answers])
+    return f'{head[:-1]},"usage":[{usage}],"answers":[{answers}]}}', new
 
 
 def session_from_json(d: dict) -> Session:
@@ -581,7 +615,13 @@ class CreditControl:
         session = self.sessions.get(request.session_id)
         account = session.account_id if session else request.account_id
         currency = session.currency if session else request.currency
-        credit = -self.ledger.balance(L.prepaid(account), currency)
+        prepaid, arrears_acct = L.prepaid(account), L.arrears_account(account)
+        if hasattr(self.ledger, "balances"):           # both in one read where the store can
+            both = self.ledger.balances((prepaid, arrears_acct), currency)
+            credit, arrears = -both[prepaid], both[arrears_acct]
+        else:
+            credit = -self.ledger.balance(prepaid, currency)
+            arrears = self.ledger.balance(arrears_acct, currency)
         if hasattr(self.sessions, "reserved_by_others"):
             others = self.sessions.reserved_by_others(account, request.session_id)
         else:
@@ -590,7 +630,6 @@ class CreditControl:
         refs = tuple(r for r, _ in request.tokens)
         outstanding = self.tokens.outstanding_minor(account, exclude=refs, now=now) if self.tokens else 0
         confirmed = self.tokens.confirmed_minor(request.meter_id, request.tokens) if self.tokens else None
-        arrears = self.ledger.balance(L.arrears_account(account), currency)
         outcome = decide(session, request, credit_minor=credit, reserved_by_others_minor=others, policy=self.policy,
                          vat=self.vat, now=now, account_active=self.account_active(account),
                          outstanding_tokens_minor=outstanding, reported_tokens_minor=confirmed,
@@ -650,5 +689,5 @@ def over_usage_report(events: Iterable[OverUsage], start: datetime, end: datetim
 __all__ = [
     "CreditControl", "CreditControlAnswer", "CreditControlRequest", "FinalUnitAction", "Grant", "GrantPolicy",
     "InMemorySessionStore", "Outcome", "OverUsage", "OverUsageRow", "RequestType", "ResultCode", "Session",
-    "SessionStore", "TokenReservations", "UsageReport", "session_from_json", "session_to_json", "burn_rate", "decide", "initial", "over_usage_report", "size_grant",
+    "SessionStore", "TokenReservations", "UsageReport", "session_from_json", "session_json_text", "session_to_json", "burn_rate", "decide", "initial", "over_usage_report", "size_grant",
 ]

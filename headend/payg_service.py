@@ -179,8 +179,9 @@ class CreditControlService(payg_pb2_grpc.CreditControlServicer):
                     if token_id not in reported:
                         tokens.append(S.issue_token(self.store, reference, req.meter_id, req.account_id, amount,
                                                     req.currency, self.token_key, now).encode())
-            balance = -self.store.balance(L.prepaid(req.account_id), req.currency)
-            arrears = self.store.arrears(req.account_id, req.currency)
+            prepaid, arrears_acct = L.prepaid(req.account_id), L.arrears_account(req.account_id)
+            both = self.store.balances((prepaid, arrears_acct), req.currency)       # one read
+            balance, arrears = -both[prepaid], both[arrears_acct]
             lists = self._card_lists(req, bytes(request.card_lists_digest), now)
         pb = answer_to_proto(out.answer, tokens, balance, arrears)
         if lists is not None:

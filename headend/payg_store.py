@@ -479,6 +479,19 @@ class PaygStore:
                                        "WHERE account = ? AND currency = ?", (account, currency)).fetchone()
             return int(row[0])
 
+    def balances(self, accounts: Sequence[str], currency: str) -> dict[str, int]:
+        """The balances of several customer accounts (``customer:...``, running balances) in `currency`,
+        in one read: {account: balance}, 0 for an account without postings."""
+        if not all(a.startswith(CHECKPOINTED_PREFIX) for a in accounts):
+            return {a: self.balance(a, currency) for a in accounts}
+        out = dict.fromkeys(accounts, 0)
+        with self._read():
+            for account, value in self._db.execute(
+                    f"SELECT account, balance_minor FROM payg_balance WHERE currency = ? AND account IN "
+                    f"({', '.join('?' * len(out))})", (currency, *out)).fetchall():
+                out[account] = int(value)
+        return out
+
     def transactions(self, start: datetime | None = None, end: datetime | None = None) -> Iterator[L.Transaction]:
         """All transactions (or those with start <= at < end), in instant order."""
         with self._read():
@@ -894,6 +907,7 @@ class SqlSessionStore:
     def __init__(self, store: PaygStore) -> None:
         self.store = store
         self._cache: dict[str, tuple[int, object]] = {}
+        self._memo: dict[str, dict] = {}      # per session: its encoded reports/answers (`session_json_text`)
 
     def get(self, session_id: str):
         from .creditcontrol import session_from_json
@@ -914,11 +928,12 @@ class SqlSessionStore:
     def _remember(self, session_id: str, version: int, session) -> None:
         if len(self._cache) >= 100_000:
             self._cache.clear()
+            self._memo.clear()
         self._cache[session_id] = (version, session)
 
     def put(self, session) -> None:
-        from .creditcontrol import session_to_json
-        data = json.dumps(session_to_json(session), separators=(",", ":"))
+        from .creditcontrol import session_json_text
+        data, memo = session_json_text(session, self._memo.get(session.session_id))
         with self.store.transaction() as db:
             version = secrets.randbits(62)    # random, not a counter: a rolled-back write can never alias
             db.execute("INSERT INTO payg_cc_session VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(session_id) DO UPDATE SET "
@@ -927,6 +942,7 @@ class SqlSessionStore:
                        (session.session_id, session.account_id, int(not session.terminated), session.reserved_minor,
                         version, data))
         self._remember(session.session_id, version, session)
+        self._memo[session.session_id] = memo
 
     def open_sessions(self, account_id: str):
         from .creditcontrol import session_from_json

@@ -78,3 +78,40 @@ def test_a_meter_is_bound_to_one_account(store):
     with pytest.raises(ValidationError, match="meter M1 is bound to account ACC1"):
         store.bind_meter("M1", "ACC2", T0)
     assert store.meter_account("M1") == "ACC1" and store.meter_account("M9") is None
+
+
+def test_the_stored_session_text_is_the_json_of_the_session_also_when_encoded_from_the_memo(store):
+    """`SqlSessionStore.put` encodes only what is new in a session (`session_json_text` with the
+    previous call's memo): the text must be what `session_to_json` gives, whatever the memo holds."""
+    import json
+    store.append([L.top_up("seed", T0, "ACC1", "SHOP1", 10**6, "GBP", store.vat)])
+    cc = control(store)
+    memo = None
+    handle(cc, store, CC.initial("S1", "ACC1", "M1", "GBP"), T0)
+    for n in range(1, 40):                # past answers_kept and usage_kept: old entries leave the memo
+        req = CC.CreditControlRequest("S1", CC.RequestType.UPDATE_REQUEST, n, "ACC1", "M1", "GBP", 30 + n, 1000)
+        session = handle(cc, store, req, T0 + timedelta(minutes=10 * n)).session
+        reference = json.dumps(CC.session_to_json(session), separators=(",", ":"))
+        text, memo = CC.session_json_text(session, memo)
+        assert text == reference
+        assert CC.session_json_text(session)[0] == reference            # without a memo
+        assert len(memo) == len(session.usage) + len(session.answers)
+        stored = store._db.execute("SELECT data FROM payg_cc_session WHERE session_id = 'S1'").fetchone()[0]
+        assert stored == reference
+        assert CC.session_from_json(json.loads(stored)) == session
+    other = CC.decide(None, CC.initial("S2", "ACC1", "M1", "GBP"), credit_minor=10**6, reserved_by_others_minor=0,
+                      policy=POLICY, vat=store.vat, now=T0).session
+    assert CC.session_json_text(other, memo)[0] == json.dumps(CC.session_to_json(other), separators=(",", ":"))
+
+
+def test_balances_reads_several_accounts_at_once_like_balance(store):
+    store.put_account("ACC1", "GBP")
+    store.append([L.top_up("seed", T0, "ACC1", "SHOP1", 5_000, "GBP", store.vat)])
+    store.register_arrears("ACC1", "old-debt", 70, T0, "previous supplier")
+    accounts = (L.prepaid("ACC1"), L.arrears_account("ACC1"), L.prepaid("ACC2"))
+    got = store.balances(accounts, "GBP")
+    assert got == {a: store.balance(a, "GBP") for a in accounts}
+    assert got == {L.prepaid("ACC1"): -5_000, L.arrears_account("ACC1"): 70, L.prepaid("ACC2"): 0}
+    mixed = accounts + (L.vendor_receivable("SHOP1"),)                  # not a running balance: summed
+    assert store.balances(mixed, "GBP") == {a: store.balance(a, "GBP") for a in mixed}
+    assert store.balances(accounts[:2], "EUR") == {accounts[0]: 0, accounts[1]: 0}
