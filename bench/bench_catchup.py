@@ -13,6 +13,7 @@ With --postgres the head-end stores into PostgreSQL (a throwaway database on 127
 
 Run: .venv/bin/python bench/bench_catchup.py [--meters 1000] [--days 7] [--batch 20000] [--window 2]
                                              [--no-tls] [--postgres [--database postgresql://...]]
+     .venv/bin/python bench/bench_catchup.py --store-only    # the store step alone (SQLite), CPU us/record
 """
 
 from __future__ import annotations
@@ -86,6 +87,38 @@ def drain(args) -> int:
     return 0
 
 
+def store_only(args) -> int:
+    """The head-end's store step alone: the catch-up's records, chained and hashed before the clock starts,
+    stored batch by batch with `commit_with_readings` (SQLite repository + chain store, one file);
+    prints the store's CPU per record (no gRPC, decode or verification)."""
+    from meterlink.chain import hash_of, link
+    from meterlink.headend.chainstore import SqliteChainStore
+    from meterlink.headend.store import SqliteReadingRepository
+    from meterlink.readings import Reading
+    bodies = []
+    for slot in range(args.days * 96):
+        at = START + timedelta(minutes=15 * slot)
+        bodies += [Reading(f"MTR-{m:05d}", "1.8.0", at, 1_000_000 + m * 10_000 + slot * 37, "Wh")
+                   for m in range(args.meters)]
+    recs = link(bodies)
+    hashes = [hash_of(r) for r in recs]
+    with tempfile.TemporaryDirectory(prefix="bench-catchup-store-") as d:
+        repo = SqliteReadingRepository(Path(d) / "headend.db")
+        chain = SqliteChainStore(Path(d) / "headend.db")
+        head, cpu0, t0 = 0, time.process_time(), time.perf_counter()
+        for i in range(0, len(recs), args.batch):
+            head = chain.commit_with_readings(repo, GW, head, recs[i:i + args.batch], 0, hashes[i:i + args.batch])
+        cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
+        assert head == repo.acked_seq(GW) == len(recs), (head, repo.acked_seq(GW))
+        chain.close()
+        repo.close()
+    n = len(recs)
+    print(f"store only (commit_with_readings, SQLite, batch {args.batch}): {n:,} records in {wall:.2f} s; "
+          f"store CPU {cpu:.2f} s = {cpu / n * 1e6:.2f} us/record; load average {os.getloadavg()[0]:.1f}")
+    print("command: " + " ".join([sys.executable] + sys.argv))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--meters", type=int, default=1000)
@@ -95,10 +128,14 @@ def main() -> int:
     ap.add_argument("--no-tls", action="store_true", help="plaintext gRPC instead of mutual TLS")
     ap.add_argument("--postgres", action="store_true", help="store into PostgreSQL instead of SQLite")
     ap.add_argument("--database", help="PostgreSQL URL for --postgres (default: a throwaway database)")
+    ap.add_argument("--store-only", action="store_true",
+                    help="time only the head-end's store step (commit_with_readings on SQLite), no gRPC/verify")
     ap.add_argument("--drain", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     ap.add_argument("--address", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.store_only:
+        return store_only(args)
     if args.drain:
         return drain(args)
 
