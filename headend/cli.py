@@ -31,6 +31,13 @@ def load_config(path: str) -> HeadendConfig:
                          database=sec.get("database", str, "sqlite:///var/headend.db"))
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def cmd_serve(args) -> int:
     cfg = load_config(args.config)
     clock = clock_from_spec(args.clock)
@@ -45,6 +52,12 @@ def cmd_serve(args) -> int:
         from .payg_service import policy_from_args, serve_hook
         _service.SERVER_HOOKS.append(serve_hook(args.database or cfg.database, clock,
                                                 token_key_path=args.payg_token_key, policy=policy_from_args(args)))
+    if getattr(args, "rpc_workers", None):          # the gRPC server's worker pool (default make_server's 8)
+        from . import service as _service
+
+        def _pool(server, interceptors, n=args.rpc_workers):
+            server.executor._max_workers = n       # before start(): the executor starts its threads lazily
+        _service.SERVER_HOOKS.append(_pool)
     stop = stop_on_signals()                       # before the address is printed: an early SIGTERM stops cleanly
     secure = start_secure(args, args.listen or cfg.listen, repo, clock, metrics=metrics)   # mTLS when [pki] is configured
     if secure is not None:
@@ -454,6 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--payg-min-grant", type=int, help="smallest grant, minor units (default 100)")
     serve.add_argument("--payg-max-grant", type=int, help="largest grant, minor units (default 5000)")
     serve.add_argument("--payg-burn-rate", help="initial burn rate, minor units per hour (default 20)")
+    serve.add_argument("--rpc-workers", type=_positive_int, metavar="N",
+                       help="worker threads of the gRPC server (default 8); fewer threads switch less: with --payg, 3 "
+                            "cost less server CPU per credit-control request at 1000/s (docs/payg.md, Benchmark)")
     serve.add_argument("--pki-dir", help="serve mutual TLS with the head-end CA in this directory (or [pki] dir)")
     serve.add_argument("--enrol-listen", help="HOST:PORT of the server-TLS enrolment port, overrides [pki]")
     serve.add_argument("--metrics-listen", help="HOST:PORT of a Prometheus /metrics endpoint, e.g. 127.0.0.1:9109 "
