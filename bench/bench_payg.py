@@ -221,15 +221,13 @@ def serve(directory: str, rpc_workers: int | None = None) -> int:
         svc.store.bind_meter(f"M-ACC{i:04d}", f"ACC{i:04d}", now)
     repo, registry = open_repository(db), open_registry(db)
     keys = pki.ensure_headend_pki(d / "pki", ["localhost", "127.0.0.1"], now)
-    servers = make_secure_servers(repo, clock, keys, registry, "127.0.0.1:0", "127.0.0.1:0")
+    servers = make_secure_servers(repo, clock, keys, registry, "127.0.0.1:0", "127.0.0.1:0", workers=rpc_workers or 8)
     servers.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
         "bench.Ping", {"Ping": grpc.unary_unary_rpc_method_handler(lambda request, context: request)}),))
     servers.auth.exempt = frozenset(servers.auth.exempt) | {PING}
     payg_service.add_to_server(servers.server, svc.store, clock,
                                CC.GrantPolicy(max_grant_minor=500, min_grant_minor=50), registry=registry,
                                auth=servers.auth, token_key=Ed25519PrivateKey.from_private_bytes(TOKEN_KEY_SEED))
-    if rpc_workers:               # the executor starts its threads lazily: a smaller pool before start()
-        servers.server.executor._max_workers = rpc_workers
     servers.start()
     code = registry.add("gw-bench", now)
     registry.provision("gw-bench", [f"M-ACC{i:04d}" for i in range(ACCOUNTS)], [], now)

@@ -52,18 +52,14 @@ def cmd_serve(args) -> int:
         from .payg_service import policy_from_args, serve_hook
         _service.SERVER_HOOKS.append(serve_hook(args.database or cfg.database, clock,
                                                 token_key_path=args.payg_token_key, policy=policy_from_args(args)))
-    if getattr(args, "rpc_workers", None):          # the gRPC server's worker pool (default make_server's 8)
-        from . import service as _service
-
-        def _pool(server, interceptors, n=args.rpc_workers):
-            server.executor._max_workers = n       # before start(): the executor starts its threads lazily
-        _service.SERVER_HOOKS.append(_pool)
+    workers = getattr(args, "rpc_workers", None) or 8   # the gRPC server's worker pool
     stop = stop_on_signals()                       # before the address is printed: an early SIGTERM stops cleanly
-    secure = start_secure(args, args.listen or cfg.listen, repo, clock, metrics=metrics)   # mTLS when [pki] is configured
+    secure = start_secure(args, args.listen or cfg.listen, repo, clock, metrics=metrics,
+                          workers=workers)          # mTLS when [pki] is configured
     if secure is not None:
         server, port = secure.server, secure.port
     else:
-        server, port = make_server(repo, clock, args.listen or cfg.listen, metrics=metrics)
+        server, port = make_server(repo, clock, args.listen or cfg.listen, workers=workers, metrics=metrics)
         server.start()
     from .rating_worker import start_for_serve     # rate readings as they arrive (--no-rating: off)
     rating = start_for_serve(args, args.database or cfg.database, clock, repo)

@@ -108,7 +108,7 @@ class SecureHeadend:
 
 
 def make_secure_servers(repo, clock: Clock, keys: pki.HeadendPki, registry: GatewayRegistry, listen: str,
-                        enrol_listen: str, metrics=None, chain=None) -> SecureHeadend:
+                        enrol_listen: str, metrics=None, chain=None, workers: int = 8) -> SecureHeadend:
     """Mutual-TLS sync + config server guarded by the registry, and the enrolment server beside it.
 
     Chain heads are verified against the Ed25519 key each gateway enrolled with
@@ -118,7 +118,7 @@ def make_secure_servers(repo, clock: Clock, keys: pki.HeadendPki, registry: Gate
 
     on_refusal = (lambda reason: metrics.refusals.labels(reason).inc()) if metrics is not None else None
     auth = GatewayAuthInterceptor(registry, on_refusal=on_refusal)
-    server, port = make_server(repo, clock, listen, chain=chain, metrics=metrics,
+    server, port = make_server(repo, clock, listen, workers=workers, chain=chain, metrics=metrics,
                                credentials=mtls_server_credentials(keys), interceptors=(auth,),
                                public_key=registry.signing_public_key)
     config_pb2_grpc.add_ConfigServicer_to_server(ConfigService(registry, keys.signing_key, clock), server)

@@ -72,7 +72,7 @@ def _database(args) -> str:
 
 # ------------------------------------------------------------------------------------------ serve
 
-def start_secure(args, cfg_listen: str, repo, clock, metrics=None, chain=None):
+def start_secure(args, cfg_listen: str, repo, clock, metrics=None, chain=None, workers: int = 8):
     """When headend.toml has ``[pki]`` (or --pki-dir is given): build and start the mTLS and
     enrolment servers and return them (a `SecureHeadend`); otherwise None (plaintext serve)."""
     pcfg = load_pki_config(getattr(args, "config", None))
@@ -84,7 +84,7 @@ def start_secure(args, cfg_listen: str, repo, clock, metrics=None, chain=None):
     registry = open_registry(getattr(args, "database", None) or _database(args))
     servers = make_secure_servers(repo, clock, keys, registry, cfg_listen,
                                   getattr(args, "enrol_listen", None) or pcfg.enrol_listen,
-                                  metrics=metrics, chain=chain)
+                                  metrics=metrics, chain=chain, workers=workers)
     servers.registry = registry
     servers.keys = keys
     return servers.start()

@@ -17,33 +17,27 @@ def test_rpc_workers_is_a_positive_count_and_absent_by_default():
         parser.parse_args(["serve", "--rpc-workers", "0"])
 
 
-def test_the_pool_hook_caps_the_server_threads(monkeypatch, tmp_path):
-    """The hook `cmd_serve` installs for --rpc-workers: the executor never runs more threads than N."""
+def test_the_worker_count_caps_the_server_threads_on_both_server_kinds(tmp_path):
+    """`serve --rpc-workers N` passes N to make_server (plaintext) or make_secure_servers (mTLS): the executor
+    never runs more threads than N."""
     from datetime import datetime, timezone
+
+    from meterlink import pki
+    from meterlink.headend.enrolment import make_secure_servers
+    from meterlink.headend.registry import open_registry
     from meterlink.headend.store import open_repository
-    hooks: list = []
-    monkeypatch.setattr(service, "SERVER_HOOKS", hooks)
-
-    class Stop(Exception):
-        pass
-
-    def stop_here():            # cmd_serve has installed its hooks when it asks for the signal handlers
-        raise Stop
-
-    monkeypatch.setattr(cli, "stop_on_signals", stop_here)
-    args = cli.build_parser().parse_args(["serve", "--rpc-workers", "2", "--database",
-                                          f"sqlite:///{tmp_path}/h.db", "--config", str(tmp_path / "none.toml")])
-    monkeypatch.setattr(cli, "load_config", lambda path: type("Cfg", (), {"database": "", "listen": ""})())
-    with pytest.raises(Stop):
-        cli.cmd_serve(args)
-    assert len(hooks) == 1
-    repo = open_repository(f"sqlite:///{tmp_path}/h.db")
-    server, _ = service.make_server(repo, SimClock(datetime(2026, 3, 9, tzinfo=timezone.utc)), "127.0.0.1:0")
-    assert server.executor._max_workers == 2
-    futures = [server.executor.submit(lambda: None) for _ in range(10)]
-    for f in futures:
-        f.result()
-    assert len(server.executor._threads) <= 2
-    server.stop(None)
-    server.executor.shutdown()
+    url = f"sqlite:///{tmp_path}/h.db"
+    repo, registry = open_repository(url), open_registry(url)
+    clock = SimClock(datetime.now(timezone.utc).replace(microsecond=0))
+    plain, _ = service.make_server(repo, clock, "127.0.0.1:0", workers=2)
+    keys = pki.ensure_headend_pki(tmp_path / "pki", ["127.0.0.1"], clock.now())
+    secure = make_secure_servers(repo, clock, keys, registry, "127.0.0.1:0", "127.0.0.1:0", workers=3)
+    for server, n in ((plain, 2), (secure.server, 3)):
+        futures = [server.executor.submit(lambda: None) for _ in range(10)]
+        for f in futures:
+            f.result()
+        assert server.executor._max_workers == n and len(server.executor._threads) <= n
+        service.stop_server(server, None)
+    secure.enrol_server.stop(None)
+    registry.close()
     repo.close()
