@@ -14,6 +14,7 @@ import threading
 from datetime import datetime
 from pathlib import Path
 
+from meterlink.chain import ReadingColumns
 from meterlink.clock import Clock, SystemClock, to_ms
 from meterlink.errors import MeterlinkError
 from meterlink.readings import Reading
@@ -66,7 +67,12 @@ def record_rows(gateway_id: str, records: list[StoredRecord], received_at_ms: in
 
 def chain_rows(gateway_id: str, new: list, received_at_ms: int) -> list[tuple]:
     """gateway_record rows straight from verified chain records (its Reading bodies; events and tombstones
-    are the chain store's), without building StoredRecords first: the chain store's one-transaction path."""
+    are the chain store's), without building StoredRecords first: the chain store's one-transaction path.
+    From ReadingColumns (the catch-up batch, all readings) the rows are its columns zipped, no per-record Python."""
+    if type(new) is ReadingColumns:
+        n = len(new)
+        return list(zip([gateway_id] * n, new.seqs, new.prevs, new.meters, new.obis, new.taken_at_ms, new.values,
+                        new.units, new.qualities, [received_at_ms] * n))
     rows, ms_of = [], {}
     append, get = rows.append, ms_of.get
     for r in new:

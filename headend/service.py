@@ -22,7 +22,8 @@ from typing import Callable
 
 import grpc
 
-from meterlink.chain import ChainRecord, EncodingError, Event, Tombstone, decode_wire_batch
+from meterlink.chain import (ChainRecord, EncodingError, Event, ReadingColumns, Tombstone, decode_wire_batch,
+                             decode_wire_columns)
 from meterlink.clock import Clock, from_ms, to_ms
 from meterlink.errors import MeterlinkError
 from meterlink.readings import Reading
@@ -165,8 +166,17 @@ class GatewaySyncService(sync_pb2_grpc.GatewaySyncServicer):
             done.set()
 
     def _decode(self, request):
-        """(records, hashes) of a request, or the Verdict refusing it as malformed."""
+        """(records, hashes) of a request, or the Verdict refusing it as malformed.
+
+        The usual catch-up batch (readings of one layout, well-formed) comes as ReadingColumns, which
+        verify_batch and the SQLite chain store take as they are (no ChainRecord/Reading per record).
+        """
         try:
+            wire = request.chain_records
+            if wire and not len(request.records) and isinstance(self.chain, SqliteChainStore):
+                cols = decode_wire_columns(list(wire))
+                if cols is not None:
+                    return cols, cols.hashes
             return decode_push(request)
         except (ValueError, TypeError, EncodingError) as exc:
             return Verdict(Refusal.MALFORMED, f"gateway {request.gateway_id}: {exc}")

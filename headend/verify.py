@@ -12,7 +12,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Callable
 
-from meterlink.chain import GENESIS, ChainRecord, Tombstone, first_seq, hash_of, verify_head
+from meterlink.chain import GENESIS, ChainRecord, ReadingColumns, Tombstone, first_seq, hash_of, verify_head
 
 
 class Refusal(enum.IntEnum):
@@ -59,13 +59,23 @@ def verify_batch(gateway_id: str, records: list[ChainRecord], head_hash: bytes, 
 
     `hashes`: each record's hash when the caller already has them (SHA-256 of the canonical bytes that
     arrived on the wire, `meterlink.chain.decode_wire`); computed from the records otherwise.
+    `records` may be `ReadingColumns` (a catch-up batch of readings decoded as columns): the same checks
+    on its columns, and `new` is then columns too.
     """
     if public_key is None:
         return _refuse(Refusal.UNKNOWN_GATEWAY, gateway_id, "no public key registered for this gateway")
     if not records:
         return Verdict(Refusal.NONE)
-    seqs = [r.seq for r in records]
-    starts = [r.body.first_seq if type(r.body) is Tombstone else r.seq for r in records]   # first_seq(r), inlined
+    cols = records if type(records) is ReadingColumns else None    # readings only: no tombstone, no Python objects
+    if cols is not None:
+        seqs = starts = cols.seqs
+        prevs = cols.prevs
+        if hashes is None or len(hashes) != len(records):
+            hashes = cols.hashes
+    else:
+        seqs = [r.seq for r in records]
+        starts = [r.body.first_seq if type(r.body) is Tombstone else r.seq for r in records]   # first_seq(r), inlined
+        prevs = [r.prev_hash for r in records]
     n = len(records)
     plain = starts[0] >= 1 and seqs == starts == list(range(starts[0], starts[0] + n))   # the usual batch
     for i in (() if plain else range(n)):     # find the first record that breaks the order, as before
@@ -78,34 +88,33 @@ def verify_batch(gateway_id: str, records: list[ChainRecord], head_hash: bytes, 
             return _refuse(Refusal.GAP, gateway_id, f"seq {seqs[i - 1] + 1} missing before seq {starts[i]}")
     if hashes is None or len(hashes) != len(records):
         hashes = [hash_of(r) for r in records]
-    linked = [r.prev_hash for r in records][1:] == hashes[:-1]     # every record links to the one before
+    linked = prevs[1:] == hashes[:-1]     # every record links to the one before
     for i in (() if linked else range(1, n)):
-        if records[i].prev_hash != hashes[i - 1]:
-            linked_elsewhere = any(r.prev_hash == hashes[i - 1] for r in records) or \
-                records[i].prev_hash in hashes or records[i].prev_hash == stored_hash
+        if prevs[i] != hashes[i - 1]:
+            linked_elsewhere = hashes[i - 1] in prevs or prevs[i] in hashes or prevs[i] == stored_hash
             return _refuse(Refusal.REORDERED if linked_elsewhere else Refusal.ALTERED, gateway_id,
                            f"seq {seqs[i]} does not link to seq {seqs[i - 1]}"
                            + (" (records swapped)" if linked_elsewhere else
                               f": seq {seqs[i - 1]} was altered after it was chained"))
-    last = records[-1]
+    last_seq = seqs[-1]
     if not signature or not head_hash:
-        return _refuse(Refusal.BAD_SIGNATURE, gateway_id, f"batch up to seq {last.seq} is not signed")
+        return _refuse(Refusal.BAD_SIGNATURE, gateway_id, f"batch up to seq {last_seq} is not signed")
     if head_hash != hashes[-1]:
         return _refuse(Refusal.ALTERED, gateway_id,
-                       f"seq {last.seq} does not hash to the signed chain head (content altered)")
-    if not verify_head(public_key, gateway_id, last.seq, head_hash, signature):
+                       f"seq {last_seq} does not hash to the signed chain head (content altered)")
+    if not verify_head(public_key, gateway_id, last_seq, head_hash, signature):
         return _refuse(Refusal.BAD_SIGNATURE, gateway_id,
-                       f"head signature for seq {last.seq} not made by the registered key")
+                       f"head signature for seq {last_seq} not made by the registered key")
     first = starts[0]
     if first > stored_seq + 1:
         return _refuse(Refusal.GAP, gateway_id, f"seq {stored_seq + 1}..{first - 1} missing (head-end holds up "
                                                 f"to {stored_seq})")
     if first == stored_seq + 1:
-        if records[0].prev_hash != stored_hash:
+        if prevs[0] != stored_hash:
             return _refuse(Refusal.ALTERED, gateway_id, f"seq {first} does not link to held seq {stored_seq} "
                                                         f"(the gateway's record {stored_seq} differs from the "
                                                         f"one held)")
-        return Verdict(Refusal.NONE, new=list(records), new_hashes=hashes)
+        return Verdict(Refusal.NONE, new=records if cols is not None else list(records), new_hashes=hashes)
     # The batch overlaps what is held. Its last record at or below the held head must be a record the
     # head-end holds with the same hash; by the chain, every record before it is then identical too.
     if seqs[0] <= stored_seq:
@@ -114,7 +123,12 @@ def verify_batch(gateway_id: str, records: list[ChainRecord], head_hash: bytes, 
         if held != hashes[idx]:
             return _refuse(Refusal.REPLAY, gateway_id, f"seq {first}..{seqs[idx]} already held with other "
                                                        f"content (replayed or forked batch)")
-        rest, duplicates = list(records[idx + 1:]), idx + 1
+        duplicates = idx + 1
+        if cols is not None:       # readings only: the rest starts at seqs[idx] + 1 <= stored_seq + 1
+            if idx + 1 < n and seqs[idx + 1] != stored_seq + 1:
+                return _refuse(Refusal.REPLAY, gateway_id, f"seq {seqs[idx + 1]} overlaps held seq {stored_seq}")
+            return Verdict(Refusal.NONE, new=cols.tail(idx + 1), duplicates=duplicates, new_hashes=hashes[idx + 1:])
+        rest = list(records[idx + 1:])
     else:   # the first record is a tombstone run that starts inside what is held
         held = GENESIS if first == 1 else held_hash(first - 1)
         if held != records[0].prev_hash:
