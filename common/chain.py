@@ -266,6 +266,24 @@ def decode_wire(b: bytes, instants: dict | None = None) -> tuple[ChainRecord, by
         raise EncodingError(f"record {'seq ' + str(seq) if seq else 'on the wire'}: {exc}") from None
 
 
+def _uniform_reading_struct(blobs: Sequence[bytes]):
+    """(struct, (meter, obis, unit) byte lengths) of the first blob's reading layout, if every blob is a
+    reading record of exactly that size; None otherwise (the caller takes the record-by-record path, which
+    names the offender). The unpacked magic, kind and length fields still have to be checked per record."""
+    first = blobs[0]
+    if not (first[:4] == RECORD_MAGIC and len(first) > 47 and first[44] == KIND_READING):
+        return None
+    try:
+        ml = (first[45] << 8) | first[46]
+        ol = (first[47 + ml] << 8) | first[48 + ml]
+        p = 65 + ml + ol
+        ul = (first[p] << 8) | first[p + 1]
+        st = _reading_struct((ml, ol, ul))
+    except IndexError:
+        return None
+    return (st, (ml, ol, ul)) if set(map(len, blobs)) == {st.size} else None
+
+
 def decode_wire_batch(blobs: Sequence[bytes]) -> tuple[list[ChainRecord], list[bytes]]:
     """`decode_wire` over a batch -> (records, hashes), EncodingError on the first bad record.
 
@@ -276,19 +294,10 @@ def decode_wire_batch(blobs: Sequence[bytes]) -> tuple[list[ChainRecord], list[b
     """
     if not blobs:
         return [], []
-    st = None
-    first = blobs[0]
-    if first[:4] == RECORD_MAGIC and len(first) > 47 and first[44] == KIND_READING:
-        try:
-            ml = (first[45] << 8) | first[46]
-            ol = (first[47 + ml] << 8) | first[48 + ml]
-            p = 65 + ml + ol
-            ul = (first[p] << 8) | first[p + 1]
-            st = _reading_struct((ml, ol, ul))
-        except IndexError:
-            st = None
-    if st is None or set(map(len, blobs)) != {st.size}:
+    layout = _uniform_reading_struct(blobs)
+    if layout is None:
         return _decode_each(blobs)
+    st, (ml, ol, ul) = layout
     rows = list(st.iter_unpack(b"".join(blobs)))
     if {(r[0], r[3], r[4], r[6], r[10]) for r in rows} != {(RECORD_MAGIC, KIND_READING, ml, ol, ul)}:
         return _decode_each(blobs)
@@ -375,19 +384,10 @@ def decode_wire_columns(blobs: Sequence[bytes]) -> ReadingColumns | None:
     in its fast path, with the same hashes (SHA-256 of each record's received bytes)."""
     if not blobs:
         return None
-    first = blobs[0]
-    if not (first[:4] == RECORD_MAGIC and len(first) > 47 and first[44] == KIND_READING):
+    layout = _uniform_reading_struct(blobs)
+    if layout is None:
         return None
-    try:
-        ml = (first[45] << 8) | first[46]
-        ol = (first[47 + ml] << 8) | first[48 + ml]
-        p = 65 + ml + ol
-        ul = (first[p] << 8) | first[p + 1]
-        st = _reading_struct((ml, ol, ul))
-    except IndexError:
-        return None
-    if set(map(len, blobs)) != {st.size}:
-        return None
+    st, (ml, ol, ul) = layout
     rows = list(st.iter_unpack(b"".join(blobs)))
     cols = list(zip(*rows))
     magic, seqs, prevs, kinds, mls, ms_, ols, os_, times, values, uls, us, qualities = cols
