@@ -142,7 +142,8 @@ def test_a_card_top_up_at_the_running_daemon_closes_the_relay_at_once_not_at_the
                                     "signature": T.sign_ed25519(CARD, ch.signing_bytes()).hex()})
             assert answer["applied"]
             deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and not meters[1].relay_closed:
+            # the bus writes the coil, reads it back, then records the state: wait for both (real threads)
+            while time.monotonic() < deadline and not (meters[1].relay_closed and pm.state.relay == "closed"):
                 time.sleep(0.01)
             assert meters[1].relay_closed and pm.state.relay == "closed"
             assert clock.now() == at                 # no poll instant passed: the bus thread ran it at once
