@@ -22,8 +22,7 @@ from typing import Callable
 
 import grpc
 
-from meterlink.chain import (ChainRecord, EncodingError, Event, ReadingColumns, Tombstone, decode_wire_batch,
-                             decode_wire_columns)
+from meterlink.chain import ChainRecord, EncodingError, Event, Tombstone, decode_wire_batch, decode_wire_columns
 from meterlink.clock import Clock, from_ms, to_ms
 from meterlink.errors import MeterlinkError
 from meterlink.readings import Reading
@@ -125,28 +124,25 @@ class GatewaySyncService(sync_pb2_grpc.GatewaySyncServicer):
         ahead: queue.Queue = queue.Queue(maxsize=2)
         done = threading.Event()
 
-        def decode_ahead() -> None:
-            item = None
-            try:
-                for request in requests:
-                    item = (request, self._decode(request))
-                    while not done.is_set():
-                        try:
-                            ahead.put(item, timeout=0.2)
-                            break
-                        except queue.Full:
-                            continue
-                    if done.is_set():
-                        return
-                item = None
-            except BaseException as exc:     # the call was cancelled or the client went away
-                item = exc
+        def offer(item) -> bool:
+            """Queue `item` for the committing side; False once the stream is over (nobody will take it)."""
             while not done.is_set():
                 try:
                     ahead.put(item, timeout=0.2)
-                    return
+                    return True
                 except queue.Full:
                     continue
+            return False
+
+        def decode_ahead() -> None:
+            try:
+                for request in requests:
+                    if not offer((request, self._decode(request))):
+                        return
+                end = None
+            except BaseException as exc:     # the call was cancelled or the client went away
+                end = exc
+            offer(end)
 
         threading.Thread(target=decode_ahead, name="push-stream-decode", daemon=True).start()
         try:
