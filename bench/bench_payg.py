@@ -33,7 +33,6 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent import futures
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path

@@ -7,9 +7,8 @@ unit and timeout. Counters (requests, timeouts, CRC errors, exceptions, bytes) f
 from __future__ import annotations
 
 import socket
-import struct
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import serial
 

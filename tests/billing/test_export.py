@@ -6,7 +6,7 @@ from datetime import date
 
 import pytest
 
-from meterlink.headend.binding import Account, Customer, ServicePoint, Meter
+from meterlink.headend.binding import Account, ServicePoint, Meter
 from meterlink.headend.billing_store import BillingStore, process_readings, run_billing
 from meterlink.headend.export import export
 from meterlink.headend.store import StoredRecord, open_repository

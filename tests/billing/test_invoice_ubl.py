@@ -1,7 +1,6 @@
 """Invoices: JSON and UBL 2.1 shaped to EN 16931; the total rules hold on every generated invoice."""
 
 import json
-from dataclasses import replace
 from datetime import date
 from decimal import Decimal
 

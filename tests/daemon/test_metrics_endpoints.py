@@ -69,7 +69,7 @@ def test_gateway_and_headend_metrics_move_while_a_real_daemon_polls_and_pushes(t
         gw = start_gateway(cfg, tmp_path / "gw.log")
         url = wait_for_line(tmp_path / "gw.log", r"metrics on (http://\S+/metrics)").group(1)
         bus_label = f'bus="{bus.client_path}"'
-        got = wait_until(lambda: (s := scrape(url)).get(f"meterlink_gateway_pushed_records_total") and
+        got = wait_until(lambda: (s := scrape(url)).get("meterlink_gateway_pushed_records_total") and
                          s.get(f'meterlink_gateway_bus_errors_total{{{bus_label},kind="crc"}}') and s)
         assert got, scrape(url)
         readings = f"meterlink_gateway_readings_total{{{bus_label}}}"

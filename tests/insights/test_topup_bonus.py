@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import date, datetime, timezone
-from decimal import Decimal
 
 from meterlink.headend import ledger as L
 from meterlink.headend import promotions as P

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import timedelta
 from pathlib import Path
 
 from meterlink.errors import DeviceError

@@ -317,7 +317,6 @@ def test_the_credit_window_and_the_reported_usage_account_for_every_minor_unit(s
     at = T0
     acked = C.Usage()
     charged = 0
-    tot = _total(acked, s)
     base_window, base_tokens, base_spend = 0, 0, 0
     for i, op in enumerate(seq):
         at += timedelta(hours=3)

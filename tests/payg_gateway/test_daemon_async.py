@@ -121,7 +121,7 @@ def test_a_card_top_up_at_the_running_daemon_closes_the_relay_at_once_not_at_the
     sock = tmp_path / "cards.sock"
     gw = Gateway(load_config(write_config(tmp_path, server, interval=900, payg=f'card_socket = "{sock}"\n')), clock)
     stop = threading.Event()
-    hook, pm = gw.payg, gw.payg.meters["H-1"]
+    pm = gw.payg.meters["H-1"]
     pm.set_card_lists(T.CardList(1, clock.now(), (T.CardEntry("CARD1", "H-1", T.public_bytes(CARD)),)).signed(HEAD_END),
                       T.Blacklist(1, clock.now(), frozenset()).signed(HEAD_END))
     runner = threading.Thread(target=gw.run, args=(stop,), kwargs={"until": clock.now() + timedelta(days=2)},
