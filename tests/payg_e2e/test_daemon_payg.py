@@ -7,16 +7,12 @@ is delivered as a signed token -> the relay closes; the ledger and the gateway a
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import subprocess
-import sys
 import time
 from datetime import datetime, timezone
 from decimal import Decimal
-from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meterlink.chain import Event
@@ -30,24 +26,9 @@ from meterlink.headend import ledger as L
 from meterlink.headend import payg_store as S
 from meterlink.headend import vendors as V
 
-BIN = Path(sys.executable).parent
+from .processes import BIN, ENV, headend_cli, start_payg_headend, start_sim, stop, wait_until, write_key
+
 SPEED = 600
-
-
-def wait_until(predicate, timeout: float, step: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    return None
-
-
-def stop(proc: subprocess.Popen) -> int:
-    if proc.poll() is None:
-        proc.terminate()
-    return proc.wait(timeout=20)
 
 
 def sell(store: S.PaygStore, card_key, sale_id: str, amount: int, token_key) -> str:
@@ -63,30 +44,14 @@ def sell(store: S.PaygStore, card_key, sale_id: str, amount: int, token_key) -> 
 
 def test_credit_runs_out_the_relay_opens_a_topup_closes_it_and_ledger_and_gateway_agree(tmp_path):
     db = tmp_path / "headend.db"
-    (tmp_path / "headend.toml").write_text(f'[headend]\nlisten = "127.0.0.1:0"\ndatabase = "sqlite:///{db}"\n')
-    token_key = Ed25519PrivateKey.generate()
-    (tmp_path / "token.pem").write_bytes(token_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    token_key = write_key(tmp_path / "token.pem")
     procs: list[subprocess.Popen] = []
     try:
-        serve = subprocess.Popen(
-            [str(BIN / "meterlink-headend"), "serve", "--config", str(tmp_path / "headend.toml"),
-             "--pki-dir", str(tmp_path / "he-pki"), "--enrol-listen", "127.0.0.1:0",
-             "--payg", "--payg-token-key", str(tmp_path / "token.pem"), "--payg-min-grant", "100",
-             "--payg-max-grant", "200", "--payg-burn-rate", "200", "--payg-grant-validity-s", str(30 * 86400)],
-            stdout=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+        serve, address, enrol_address, ca_fingerprint = start_payg_headend(tmp_path, db, max_grant=200)
         procs.append(serve)
-        address = serve.stdout.readline().strip()
-        enrol = serve.stdout.readline().split()          # enrol PORT ca-sha256 FP
-        assert address and enrol, "head-end did not start"
 
-        def headend(*args):
-            return subprocess.run([str(BIN / "meterlink-headend"), *args, "--config", str(tmp_path / "headend.toml"),
-                                   "--pki-dir", str(tmp_path / "he-pki")],
-                                  capture_output=True, text=True, check=True, cwd=tmp_path)
-        added = json.loads(headend("gateways", "add", "GW-P", "--json").stdout)
-        headend("gateways", "meters", "GW-P", "--add", "P-1")
+        added = json.loads(headend_cli(tmp_path, "gateways", "add", "GW-P", "--json").stdout)
+        headend_cli(tmp_path, "gateways", "meters", "GW-P", "--add", "P-1")
 
         # PAYG set-up at the head-end: account, meter bound to it, vendor, card, a first sale of 3.00
         store = S.PaygStore(f"sqlite:///{db}")
@@ -101,11 +66,8 @@ def test_credit_runs_out_the_relay_opens_a_topup_closes_it_and_ledger_and_gatewa
         # the simulated meter and the gateway share one scaled clock (600x, anchored now)
         start = datetime.now(timezone.utc).replace(microsecond=0)
         clock = f"scaled:{start.isoformat()},{SPEED},{time.time():.3f}"
-        sim = subprocess.Popen([str(BIN / "meterlink-sim"), "modbus-tcp", "--profile", "eastron_sdm630", "--unit", "1",
-                                "--seed", "1", "--import-wh", "10000", "--clock", clock, "--listen", "127.0.0.1:0"],
-                               stdout=subprocess.PIPE, text=True, env=env)
+        sim, sim_address = start_sim(clock)
         procs.append(sim)
-        sim_address = sim.stdout.readline().strip()
         cfg = tmp_path / "gateway.toml"
         cfg.write_text(
             f'[gateway]\nid = "GW-P"\ndatabase = "{tmp_path / "gw.db"}"\npoll_interval_s = 300\npush_batch = 500\n'
@@ -116,12 +78,12 @@ def test_credit_runs_out_the_relay_opens_a_topup_closes_it_and_ledger_and_gatewa
             f'token_public_key = "{T.public_bytes(token_key).hex()}"\nstate_dir = "{tmp_path / "payg"}"\n'
             f'sync_s = 3600\ntimeout_s = 2\n')
         out = subprocess.run([str(BIN / "meterlink-gateway"), "enroll", "--config", str(cfg), "--headend",
-                              f"127.0.0.1:{enrol[1]}", "--code", added["code"], "--ca-fingerprint", enrol[3]],
+                              enrol_address, "--code", added["code"], "--ca-fingerprint", ca_fingerprint],
                              capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
         log = tmp_path / "gw.log"
         gw = subprocess.Popen([str(BIN / "meterlink-gateway"), "-v", "run", "--config", str(cfg), "--clock", clock],
-                              stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env)
+                              stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=ENV)
         procs.append(gw)
 
         profile = load_profile("eastron_sdm630")

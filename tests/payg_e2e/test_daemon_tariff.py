@@ -7,17 +7,12 @@ the next sync."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
-from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meterlink.chain import Event
 from meterlink.clock import SystemClock, parse_instant
@@ -29,7 +24,8 @@ from meterlink.headend.configpub import publish_payg_tariff, publish_tariff
 from meterlink.headend.registry import open_registry
 from meterlink.money import round_minor
 
-BIN = Path(sys.executable).parent
+from .processes import BIN, ENV, headend_cli, start_payg_headend, start_sim, stop, wait_until, write_key
+
 SPEED = 600
 LONDON = ZoneInfo("Europe/London")
 RATES = {"even": Decimal("20.00"), "odd": Decimal("40.00")}      # pence/kWh, alternating every local hour
@@ -47,51 +43,17 @@ def hourly_tariff() -> str:
             f'\n[[version.band]]\nname = "odd"\nrate = "{RATES["odd"]}"\nwindows = [{windows(1)}]\n')
 
 
-def wait_until(predicate, timeout: float, step: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    return None
-
-
-def stop(proc: subprocess.Popen) -> int:
-    if proc.poll() is None:
-        proc.terminate()
-    return proc.wait(timeout=20)
-
-
 def test_the_running_gateway_prices_with_the_pulled_tariff_and_a_card_top_up_at_it_is_booked_on_sync(tmp_path):
     db = tmp_path / "headend.db"
-    (tmp_path / "headend.toml").write_text(f'[headend]\nlisten = "127.0.0.1:0"\ndatabase = "sqlite:///{db}"\n')
-    token_key = Ed25519PrivateKey.generate()
-    (tmp_path / "token.pem").write_bytes(token_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    card = Ed25519PrivateKey.generate()
-    (tmp_path / "card.pem").write_bytes(card.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    token_key = write_key(tmp_path / "token.pem")
+    card = write_key(tmp_path / "card.pem")
     procs: list[subprocess.Popen] = []
     try:
-        serve = subprocess.Popen(
-            [str(BIN / "meterlink-headend"), "serve", "--config", str(tmp_path / "headend.toml"),
-             "--pki-dir", str(tmp_path / "he-pki"), "--enrol-listen", "127.0.0.1:0",
-             "--payg", "--payg-token-key", str(tmp_path / "token.pem"), "--payg-min-grant", "100",
-             "--payg-max-grant", "400", "--payg-burn-rate", "200", "--payg-grant-validity-s", str(30 * 86400)],
-            stdout=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+        serve, address, enrol_address, ca_fingerprint = start_payg_headend(tmp_path, db, max_grant=400)
         procs.append(serve)
-        address = serve.stdout.readline().strip()
-        enrol = serve.stdout.readline().split()
-        assert address and enrol, "head-end did not start"
 
-        def headend(*args):
-            return subprocess.run([str(BIN / "meterlink-headend"), *args, "--config", str(tmp_path / "headend.toml"),
-                                   "--pki-dir", str(tmp_path / "he-pki")],
-                                  capture_output=True, text=True, check=True, cwd=tmp_path)
-        added = json.loads(headend("gateways", "add", "GW-T", "--json").stdout)
-        headend("gateways", "meters", "GW-T", "--add", "T-1")
+        added = json.loads(headend_cli(tmp_path, "gateways", "add", "GW-T", "--json").stdout)
+        headend_cli(tmp_path, "gateways", "meters", "GW-T", "--add", "T-1")
 
         store = S.PaygStore(f"sqlite:///{db}")
         now = SystemClock().now().replace(microsecond=0)
@@ -106,11 +68,8 @@ def test_the_running_gateway_prices_with_the_pulled_tariff_and_a_card_top_up_at_
 
         start = datetime.now(timezone.utc).replace(microsecond=0)
         clock = f"scaled:{start.isoformat()},{SPEED},{time.time():.3f}"
-        sim = subprocess.Popen([str(BIN / "meterlink-sim"), "modbus-tcp", "--profile", "eastron_sdm630", "--unit", "1",
-                                "--seed", "1", "--import-wh", "10000", "--clock", clock, "--listen", "127.0.0.1:0"],
-                               stdout=subprocess.PIPE, text=True, env=env)
+        sim, sim_address = start_sim(clock)
         procs.append(sim)
-        sim_address = sim.stdout.readline().strip()
         sock = tmp_path / "cards.sock"
         cfg = tmp_path / "gateway.toml"
         cfg.write_text(
@@ -122,7 +81,7 @@ def test_the_running_gateway_prices_with_the_pulled_tariff_and_a_card_top_up_at_
             f'token_public_key = "{T.public_bytes(token_key).hex()}"\nstate_dir = "{tmp_path / "payg"}"\n'
             f'card_socket = "{sock}"\nsync_s = 600\ntimeout_s = 2\n')
         out = subprocess.run([str(BIN / "meterlink-gateway"), "enroll", "--config", str(cfg), "--headend",
-                              f"127.0.0.1:{enrol[1]}", "--code", added["code"], "--ca-fingerprint", enrol[3]],
+                              enrol_address, "--code", added["code"], "--ca-fingerprint", ca_fingerprint],
                              capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
         out = subprocess.run([str(BIN / "meterlink-gateway"), "pull-config", "--headend", address,
@@ -130,7 +89,7 @@ def test_the_running_gateway_prices_with_the_pulled_tariff_and_a_card_top_up_at_
         assert out.returncode == 0 and "hourly" in json.loads(out.stdout)["tariffs"], out.stderr
         log = tmp_path / "gw.log"
         gw = subprocess.Popen([str(BIN / "meterlink-gateway"), "-v", "run", "--config", str(cfg), "--clock", clock],
-                              stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env)
+                              stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=ENV)
         procs.append(gw)
         assert wait_until(sock.exists, 20), log.read_text()[-3000:]
         assert "pricing with the pulled tariff 'hourly'" in log.read_text()
