@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -24,6 +25,16 @@ def wait_until(predicate, timeout: float, step: float = 0.1):
             return value
         time.sleep(step)
     return None
+
+
+def evening_peak_start(now: datetime | None = None) -> datetime:
+    """The next 17:00 UTC (always ahead of `now`, by at most a day): the simulator's household shape
+    draws 1.9-2.6 kW from then until 20:00 (firmware-sim/meter.py DAILY_SHAPE_W), so a scaled clock
+    anchored there uses credit at a known pace whatever the hour the test runs. Anchored at the real
+    now, a run at 21:00 UTC starts in the night-time trough and a few pounds last most of a night."""
+    now = now or datetime.now(timezone.utc)
+    peak = now.replace(hour=17, minute=0, second=0, microsecond=0)
+    return peak if peak > now else peak + timedelta(days=1)
 
 
 def stop(proc: subprocess.Popen) -> int:

@@ -10,7 +10,6 @@ import json
 import sqlite3
 import subprocess
 import time
-from datetime import datetime, timezone
 from decimal import Decimal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -26,7 +25,7 @@ from meterlink.headend import ledger as L
 from meterlink.headend import payg_store as S
 from meterlink.headend import vendors as V
 
-from .processes import BIN, ENV, headend_cli, start_payg_headend, start_sim, stop, wait_until, write_key
+from .processes import BIN, ENV, evening_peak_start, headend_cli, start_payg_headend, start_sim, stop, wait_until, write_key
 
 SPEED = 600
 
@@ -63,8 +62,10 @@ def test_credit_runs_out_the_relay_opens_a_topup_closes_it_and_ledger_and_gatewa
         store.register_card("CARD1", "ACC1", T.public_bytes(card), now)
         sell(store, card, "S-1", 300, token_key)
 
-        # the simulated meter and the gateway share one scaled clock (600x, anchored now)
-        start = datetime.now(timezone.utc).replace(microsecond=0)
+        # the simulated meter and the gateway share one scaled clock (600x), anchored at the next evening
+        # peak so that credit runs out at the same pace whenever the test runs (the gateway's clock is
+        # then up to a day ahead of the head-end's: grants last 30 days, tokens are already issued)
+        start = evening_peak_start()
         clock = f"scaled:{start.isoformat()},{SPEED},{time.time():.3f}"
         sim, sim_address = start_sim(clock)
         procs.append(sim)
