@@ -266,22 +266,64 @@ def decode_wire(b: bytes, instants: dict | None = None) -> tuple[ChainRecord, by
         raise EncodingError(f"record {'seq ' + str(seq) if seq else 'on the wire'}: {exc}") from None
 
 
+def _reading_layout(b: bytes):
+    """(struct, (meter, obis, unit) byte lengths) of the reading record `b` seems to be, sniffed from its length
+    fields, if its size fits that layout; None otherwise (the record-by-record path names what is wrong).
+    The unpacked magic, kind and length fields still have to be checked."""
+    if not (b[:4] == RECORD_MAGIC and len(b) > 47 and b[44] == KIND_READING):
+        return None
+    try:
+        ml = (b[45] << 8) | b[46]
+        ol = (b[47 + ml] << 8) | b[48 + ml]
+        p = 65 + ml + ol
+        ul = (b[p] << 8) | b[p + 1]
+        st = _reading_struct((ml, ol, ul))
+    except IndexError:
+        return None
+    return (st, (ml, ol, ul)) if st.size == len(b) else None
+
+
 def _uniform_reading_struct(blobs: Sequence[bytes]):
     """(struct, (meter, obis, unit) byte lengths) of the first blob's reading layout, if every blob is a
     reading record of exactly that size; None otherwise (the caller takes the record-by-record path, which
     names the offender). The unpacked magic, kind and length fields still have to be checked per record."""
-    first = blobs[0]
-    if not (first[:4] == RECORD_MAGIC and len(first) > 47 and first[44] == KIND_READING):
+    layout = _reading_layout(blobs[0])
+    return layout if layout is not None and set(map(len, blobs)) == {layout[0].size} else None
+
+
+# At most this many record sizes (layouts) in one batch take the column path (a poll round has a few).
+_MAX_LAYOUTS = 32
+
+
+def _unpack_readings(blobs: Sequence[bytes]) -> list[tuple] | None:
+    """Every blob unpacked as a reading record (struct fields), or None when one is not a well-formed reading
+    record of the layout its size suggests. One layout: one iter_unpack over the joined bytes; several (a poll
+    round of registers whose OBIS codes and units differ in length): one unpack per record with the struct
+    of its size, sniffed once per size. Each record's unpacked magic, kind and string lengths are checked
+    against the layout it was unpacked with, so two layouts of the same size cannot be confused."""
+    sizes = list(map(len, blobs))
+    sample = dict(zip(sizes, blobs))
+    if len(sample) > _MAX_LAYOUTS:
         return None
-    try:
-        ml = (first[45] << 8) | first[46]
-        ol = (first[47 + ml] << 8) | first[48 + ml]
-        p = 65 + ml + ol
-        ul = (first[p] << 8) | first[p + 1]
-        st = _reading_struct((ml, ol, ul))
-    except IndexError:
+    layouts = {}
+    for size, b in sample.items():
+        layout = _reading_layout(b)
+        if layout is None:
+            return None
+        layouts[size] = layout
+    if len(layouts) == 1:
+        st, lens = layout
+        rows = list(st.iter_unpack(b"".join(blobs)))
+        if {(r[0], r[3], r[4], r[6], r[10]) for r in rows} != {(RECORD_MAGIC, KIND_READING, *lens)}:
+            return None
+        return rows
+    unpack = {size: st.unpack for size, (st, _) in layouts.items()}
+    rows = [unpack[len(b)](b) for b in blobs]
+    if ({(r[0], r[3]) for r in rows} != {(RECORD_MAGIC, KIND_READING)}
+            or not {(len(b), r[4], r[6], r[10]) for b, r in zip(blobs, rows)}
+            <= {(size, *lens) for size, (_, lens) in layouts.items()}):
         return None
-    return (st, (ml, ol, ul)) if set(map(len, blobs)) == {st.size} else None
+    return rows
 
 
 def decode_wire_batch(blobs: Sequence[bytes]) -> tuple[list[ChainRecord], list[bytes]]:
@@ -378,21 +420,18 @@ class ReadingColumns:
 
 
 def decode_wire_columns(blobs: Sequence[bytes]) -> ReadingColumns | None:
-    """The batch as ReadingColumns when every record is a reading with the same string lengths and all of it
-    is well-formed (the catch-up batch); None otherwise -> `decode_wire_batch` (which decodes the generic
-    batch, or names the record that is malformed). Accepts exactly the bytes `decode_wire_batch` accepts
-    in its fast path, with the same hashes (SHA-256 of each record's received bytes)."""
+    """The batch as ReadingColumns when every record is a well-formed reading (a poll round or a catch-up
+    batch; string lengths may differ between records, up to _MAX_LAYOUTS record sizes); None otherwise ->
+    `decode_wire_batch` (which decodes the generic batch, or names the record that is malformed). Accepts
+    only bytes `decode_wire_batch` accepts, with the same records and hashes (SHA-256 of each record's
+    received bytes)."""
     if not blobs:
         return None
-    layout = _uniform_reading_struct(blobs)
-    if layout is None:
+    rows = _unpack_readings(blobs)
+    if rows is None:
         return None
-    st, (ml, ol, ul) = layout
-    rows = list(st.iter_unpack(b"".join(blobs)))
-    cols = list(zip(*rows))
-    magic, seqs, prevs, kinds, mls, ms_, ols, os_, times, values, uls, us, qualities = cols
-    if (set(magic) != {RECORD_MAGIC} or set(kinds) != {KIND_READING} or set(mls) != {ml} or set(ols) != {ol}
-            or set(uls) != {ul} or min(seqs) < 1):
+    magic, seqs, prevs, kinds, mls, ms_, ols, os_, times, values, uls, us, qualities = zip(*rows)
+    if min(seqs) < 1:
         return None
     try:
         text = {b: b.decode("utf-8") for b in set(ms_) | set(os_) | set(us)}

@@ -35,14 +35,43 @@ def test_columns_decode_to_the_same_records_and_hashes_as_the_record_path():
     assert cols.tail(5).records() == recs[5:] and cols.tail(5).hashes == cols.hashes[5:]
 
 
-@pytest.mark.parametrize("spoil", ["event", "other_layout", "seq0", "utf8", "unit", "instant", "truncated"])
-def test_anything_but_well_formed_same_layout_readings_takes_the_record_path(spoil):
+def test_a_poll_round_of_several_layouts_decodes_as_columns_too():
+    """Registers whose OBIS codes, units and meter ids differ in length (1.8.0 Wh, 32.7.0 mV, 1.7.0 W, a longer
+    meter id) in one batch: one column batch, the same records and hashes as the record path."""
+    regs = [("1.8.0", "Wh"), ("32.7.0", "mV"), ("1.7.0", "W"), ("2.8.0", "Wh")]
+    bodies = [Reading(f"MTR{i % 3:0{3 + i % 2}d}", regs[i % 4][0], START + timedelta(minutes=15 * (i // 8)), 10 * i - 3,
+                      regs[i % 4][1], i % 3) for i in range(40)]
+    wire = [wire_bytes(r) for r in link(bodies)]
+    assert len(set(map(len, wire))) > 2
+    cols = decode_wire_columns(wire)
+    assert type(cols) is ReadingColumns
+    assert (cols.records(), cols.hashes) == decode_wire_batch(wire)
+
+
+def test_two_layouts_of_the_same_size_are_not_confused():
+    """1.8.0 + Wh and 32.7.0 + W make records of the same size with different string boundaries: either
+    decoded right as columns or left to the record path, never mixed up."""
+    bodies = [Reading("MTR001", "1.8.0", START, 5, "Wh"), Reading("MTR001", "32.7.0", START, 6, "W"),
+              Reading("MTR001", "1.7.0", START, 7, "W")]
+    wire = [wire_bytes(r) for r in link(bodies)]
+    assert len(wire[0]) == len(wire[1])
+    cols = decode_wire_columns(wire)
+    assert cols is None or (cols.records(), cols.hashes) == decode_wire_batch(wire)
+
+
+@pytest.mark.parametrize("layouts", ["one", "several"])
+@pytest.mark.parametrize("spoil", ["event", "seq0", "utf8", "unit", "instant", "truncated", "magic", "kind"])
+def test_anything_but_well_formed_readings_takes_the_record_path(spoil, layouts):
     recs = batch(4)
+    if layouts == "several":      # a fifth record of another layout: the per-size unpack path
+        recs = link([r.body for r in recs] + [Reading("MTR0001", "32.7.0", START, 230_000, "mV")])
     wire = [wire_bytes(r) for r in recs]
     if spoil == "event":
         wire[2] = wire_bytes(ChainRecord(3, recs[1].prev_hash, Event("relay.open", "MTR000", START, b"x")))
-    elif spoil == "other_layout":
-        wire[2] = wire_bytes(ChainRecord(3, recs[1].prev_hash, Reading("MTR0001", "1.8.0", START, 1, "Wh")))
+    elif spoil == "magic":
+        wire[2] = b"MLR2" + wire[2][4:]
+    elif spoil == "kind":
+        wire[2] = wire[2][:44] + b"\x03" + wire[2][45:]
     elif spoil == "seq0":
         wire[0] = wire[0][:4] + bytes(8) + wire[0][12:]
     elif spoil == "utf8":
