@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from bisect import bisect_left
 import threading
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -37,12 +38,12 @@ from .billing import (AccountBill, Adjustment, BillRun, DateRange, RowKey, Usage
 from .binding import Account, Bindings, Customer, Installation, Meter, ServicePoint, Supply
 from .exceptions import QueuedException, released_keys
 from .invoice import invoice_to_json, make_invoice
-from .rating import IMPORT_OBIS, AggKey, DayBandAggregate, has_tiers
+from .rating import IMPORT_OBIS, AggKey, DayBandAggregate, has_tiers, merge_aggregates, rate_starts
 from .store import epoch_ms
 from .tariff import Tariff
 from .ubl import to_ubl
 from .vat import Market, VatTable
-from .vee import HOLD_FLAGS, MeterExchange, VeeConfig, VeeException, derive_intervals
+from .vee import ENERGY_UNITS, HOLD_FLAGS, MeterExchange, VeeConfig, VeeException, derive_intervals, regular_intervals
 
 # pg_advisory_xact_lock key held by `process` and the bill run (a fixed signed 63-bit number)
 RATING_LOCK_KEY = 0x6D6C_7261_7469_6E67 >> 1
@@ -57,7 +58,7 @@ ROW_COLS = "meter_id, obis, start_ms, end_ms, wh, estimated, flags, account_id, 
 class _Db:
     """One connection, SQLite or PostgreSQL, with `?` placeholders and explicit transactions."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, durable: bool = True) -> None:
         scheme = url.split("://", 1)[0].lower() if "://" in url else ""
         self.lock = threading.RLock()
         if scheme in ("postgresql", "postgres"):
@@ -67,6 +68,8 @@ class _Db:
                 self.conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
             except psycopg.OperationalError as exc:
                 raise ConfigError(f"cannot connect to {url.split('@')[-1]}: {str(exc).strip().splitlines()[0]}") from None
+            if not durable:
+                self.conn.execute("SET synchronous_commit TO off")
         elif scheme in ("sqlite", ""):
             if scheme and url == "sqlite://":
                 raise ConfigError("billing needs a database file (sqlite:///PATH), not an in-memory database")
@@ -74,7 +77,10 @@ class _Db:
             self.dialect = "sqlite"
             self.conn = sqlite3.connect(sqlite_path(url), check_same_thread=False, isolation_level=None, timeout=30)
             self.conn.execute("PRAGMA foreign_keys=ON")
-            self.conn.execute("PRAGMA synchronous=FULL")
+            self.conn.execute("PRAGMA synchronous=FULL" if durable else "PRAGMA synchronous=NORMAL")
+            # `process` re-reads the newest readings of every register it derives: a page cache bigger than
+            # the default 2 MiB keeps their pages (memory is taken as pages are read, up to 64 MiB)
+            self.conn.execute("PRAGMA cache_size=-65536")
         else:
             raise ConfigError(f"database URL {url!r}: unsupported scheme {scheme!r}")
 
@@ -170,11 +176,16 @@ def _row_args(r: UsageRow) -> tuple:
 class BillingStore:
     """The billing tables of one head-end database."""
 
-    def __init__(self, url: str, *, migrate: bool | None = None) -> None:
+    def __init__(self, url: str, *, migrate: bool | None = None, durable: bool = True) -> None:
+        """`durable=False` (the rating worker's store): a commit returns before it is on disk (SQLite WAL
+        synchronous=NORMAL, PostgreSQL synchronous_commit off). Only for what `process` writes, which is
+        derived from the stored readings: a crash loses at most the last runs whole (rows, aggregates and
+        the cursors that say what they covered commit together, and a later durable commit syncs the
+        earlier ones), and the next run derives them again. Bills, bindings and payments stay durable."""
         from .store import open_repository
         open_repository(url, migrate=migrate).close()          # the schema is the repository's
         self.url = url
-        self.db = _Db(url)
+        self.db = _Db(url, durable)
         self._backfill_standing()
 
     def _backfill_standing(self) -> None:
@@ -339,6 +350,12 @@ class BillingStore:
                      "estimated=excluded.estimated, flags=excluded.flags, account_id=excluded.account_id, "
                      "revision=excluded.revision, billed_wh=excluded.billed_wh, billed_account=excluded.billed_account",
                      [_row_args(r) for r in rows])
+
+    def insert_new_rows(self, rows: Sequence[tuple]) -> None:
+        """New plain rows (meter, obis, start_ms, end_ms, wh, account_id): not estimated, no flag, revision 0,
+        nothing billed; the caller knows no row of theirs is stored (a duplicate fails, it never overwrites)."""
+        self.db.many("INSERT INTO interval_usage (meter_id, obis, start_ms, end_ms, wh, account_id) "
+                     "VALUES (?,?,?,?,?,?)", rows)
 
     # ------------------------------------------------------------------ exceptions
     def queue_exceptions(self, excs: Iterable[VeeException], now: datetime) -> int:
@@ -572,29 +589,54 @@ class BillingStore:
                     usage: Mapping[tuple[str, str, str], int]) -> None:
         """Add deltas to the stored pending aggregates and usage (raises ValueError on a unit price that
         differs from the stored one: the caller re-rates the account)."""
-        if aggs:
-            dates = sorted({k[1] for k in aggs})
-            have = self.pending_aggregates(account, before=dates[-1] + timedelta(days=1), since=dates[0])
-            have = have.get(account, {})
-            upsert, delete = [], []
-            for key, delta in aggs.items():
-                old = have.get(key)
-                new = delta if old is None else old + delta
-                if new.wh or new.amount_dec or new.days:
-                    upsert.append((new.account_id, self.db.day(new.local_date), new.band, new.kind, new.wh,
-                                   self.db.dec(new.amount_dec), self.db.dec(new.unit_price), new.days))
-                elif old is not None:
-                    delete.append((account, self.db.day(key[1]), key[2], old.kind))
-            self.db.many(f"INSERT INTO day_band_aggregate ({AGG_COLS}) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT "
-                         "(account_id, local_date, band, kind) DO UPDATE SET wh=excluded.wh, "
-                         "amount_dec=excluded.amount_dec, unit_price=excluded.unit_price, days=excluded.days", upsert)
-            self.db.many("DELETE FROM day_band_aggregate WHERE account_id=? AND local_date=? AND band=? AND kind=?",
-                         delete)
-        if usage:
-            self.db.many("INSERT INTO pending_usage VALUES (?,?,?,?,?) ON CONFLICT (account_id, meter_id, obis, "
-                         "usage_period) DO UPDATE SET wh=pending_usage.wh+excluded.wh",
-                         [(account, m, o, p, wh) for (m, o, p), wh in usage.items()])
-            self.db.x("DELETE FROM pending_usage WHERE account_id=? AND wh=0", (account,))
+        refused = self.add_pending_many({account: (aggs, usage)})
+        if refused:
+            raise ValueError(refused[account])
+
+    def add_pending_many(self, deltas: Mapping[str, tuple[Mapping[AggKey, DayBandAggregate],
+                                                          Mapping[tuple[str, str, str], int]]]) -> dict[str, str]:
+        """`add_pending` for several accounts: account -> (aggregate deltas, usage deltas), read in one query
+        per 500 accounts and written in one statement per kind. Returns the accounts refused (account ->
+        why): a delta whose unit price differs from the stored one; nothing is written for those (the
+        caller re-rates them), the others are added."""
+        refused: dict[str, str] = {}
+        with_aggs = sorted(a for a, (aggs, _) in deltas.items() if aggs)
+        have: dict[str, dict[AggKey, DayBandAggregate]] = {}
+        if with_aggs:
+            dates = {k[1] for a in with_aggs for k in deltas[a][0]}
+            lo, hi = min(dates), max(dates) + timedelta(days=1)
+            for i in range(0, len(with_aggs), 500):
+                have.update(self.pending_aggregates(among=with_aggs[i:i + 500], before=hi, since=lo))
+        upsert, delete, usage_rows, usage_accounts = [], [], [], []
+        for account, (aggs, usage) in deltas.items():
+            mine = have.get(account, {})
+            rows, gone = [], []
+            try:
+                for key, delta in aggs.items():
+                    old = mine.get(key)
+                    new = delta if old is None else old + delta
+                    if new.wh or new.amount_dec or new.days:
+                        rows.append((new.account_id, self.db.day(new.local_date), new.band, new.kind, new.wh,
+                                     self.db.dec(new.amount_dec), self.db.dec(new.unit_price), new.days))
+                    elif old is not None:
+                        gone.append((account, self.db.day(key[1]), key[2], old.kind))
+            except ValueError as exc:
+                refused[account] = str(exc)
+                continue
+            upsert += rows
+            delete += gone
+            if usage:
+                usage_rows += [(account, m, o, p, wh) for (m, o, p), wh in usage.items()]
+                usage_accounts.append((account,))
+        self.db.many(f"INSERT INTO day_band_aggregate ({AGG_COLS}) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT "
+                     "(account_id, local_date, band, kind) DO UPDATE SET wh=excluded.wh, "
+                     "amount_dec=excluded.amount_dec, unit_price=excluded.unit_price, days=excluded.days", upsert)
+        self.db.many("DELETE FROM day_band_aggregate WHERE account_id=? AND local_date=? AND band=? AND kind=?",
+                     delete)
+        self.db.many("INSERT INTO pending_usage VALUES (?,?,?,?,?) ON CONFLICT (account_id, meter_id, obis, "
+                     "usage_period) DO UPDATE SET wh=pending_usage.wh+excluded.wh", usage_rows)
+        self.db.many("DELETE FROM pending_usage WHERE account_id=? AND wh=0", usage_accounts)
+        return refused
 
     def rerate_pending(self, account: str, tariff: Tariff, zone: ZoneInfo) -> None:
         """Rate the account's pending usage from scratch from its unbilled rows (inside a transaction)."""
@@ -679,6 +721,37 @@ class BillingStore:
                 return out
             limit = None                               # records after the snapshot in the way: look at all
 
+    def instants_before_many(self, meter_id: str, before_ms: Mapping[str, int], n: int = 2, *,
+                             snapshot: Mapping[str, int] | None = None) -> dict[str, list[int]]:
+        """`reading_instants_before` of several registers of one meter (obis -> before_ms), in one query;
+        a register whose first 4n records before the instant do not settle it is asked on its own."""
+        regs = sorted(before_ms)
+        if not regs:
+            return {}
+        limit = 4 * n
+        part = ("SELECT * FROM (SELECT obis, taken_at_ms, gateway_id, seq FROM gateway_record WHERE meter_id=? "
+                f"AND obis=? AND taken_at_ms<? ORDER BY taken_at_ms DESC LIMIT {limit}) AS r{{i}}")
+        sql = " UNION ALL ".join(part.format(i=i) for i in range(len(regs)))
+        args: list = []
+        for o in regs:
+            args += [meter_id, o, before_ms[o]]
+        got: dict[str, list] = {o: [] for o in regs}
+        for o, t, g, seq in self.db.q(sql, args):
+            got[o].append((t, g, seq))
+        out: dict[str, list[int]] = {}
+        for o in regs:
+            rows = sorted(got[o], key=lambda r: -r[0])
+            mine: list[int] = []
+            for t, g, seq in rows:
+                if (snapshot is None or seq <= snapshot.get(g, seq)) and (not mine or mine[-1] != t):
+                    mine.append(int(t))
+                    if len(mine) == n:
+                        break
+            if len(mine) < n and len(rows) == limit:      # records after the snapshot in the way
+                mine = self.reading_instants_before(meter_id, o, before_ms[o], n, snapshot=snapshot)
+            out[o] = mine
+        return out
+
     def snapshot_readings(self, meter_id: str, starts: Mapping[str, int | None],
                           snapshot: Mapping[str, int] | None) -> list[Reading]:
         """The meter's readings of the registers in `starts` (obis -> from instant ms, None = whole history),
@@ -709,31 +782,78 @@ class BillingStore:
                 out.append(_StoredReading(m, o, at, v, u, q))
         return out
 
+    def snapshot_columns(self, meter_id: str, starts: Mapping[str, int | None],
+                         snapshot: Mapping[str, int] | None) -> dict[str, list[tuple[int, int, str, int]]]:
+        """`snapshot_readings` as plain rows per register: obis -> [(taken_at_ms, value, unit, quality)], each
+        register's rows in the order `snapshot_readings` gives them (instant, then gateway and seq); the same
+        records (snapshot and `starts` filters), no objects made per reading."""
+        if not starts:
+            return {}
+        regs = sorted(starts)
+        sql = (f"SELECT obis, taken_at_ms, value, unit, quality, gateway_id, seq FROM gateway_record "
+               f"WHERE meter_id=? AND obis IN ({','.join('?' * len(regs))})")
+        args: list = [meter_id, *regs]
+        if all(v is not None for v in starts.values()):
+            sql += " AND taken_at_ms>=?"
+            args.append(min(starts.values()))
+        order = ' ORDER BY obis COLLATE "C", taken_at_ms, gateway_id COLLATE "C", seq' \
+            if self.db.dialect == "postgres" else " ORDER BY obis, taken_at_ms, gateway_id, seq"
+        out: dict[str, list[tuple[int, int, str, int]]] = {}
+        rows = self.db.q(sql + order, args)
+        if snapshot is None and len(set(starts.values())) == 1:
+            for o, t, v, u, q, _g, _seq in rows:
+                got = out.get(o)
+                if got is None:
+                    got = out[o] = []
+                got.append((t, v, u, q))
+            return out
+        for o, t, v, u, q, g, seq in rows:
+            if (snapshot is None or seq <= snapshot.get(g, seq)) and (starts[o] is None or t >= starts[o]):
+                got = out.get(o)
+                if got is None:
+                    got = out[o] = []
+                got.append((t, v, u, q))
+        return out
+
     def rows_since(self, meter_id: str, windows: Mapping[str, datetime | None]) -> dict[RowKey, UsageRow]:
-        """The meter's stored rows of the registers in `windows` (obis -> from start, None = all)."""
+        """The meter's stored rows of the registers in `windows` (obis -> from start, None = all), one query."""
+        if not windows:
+            return {}
+        terms, args = [], []
+        for obis, since in sorted(windows.items()):      # whole terms: each one an index range (an OR of them)
+            if since is None:
+                terms.append("(meter_id=? AND obis=?)")
+                args += [meter_id, obis]
+            else:
+                terms.append("(meter_id=? AND obis=? AND start_ms>=?)")
+                args += [meter_id, obis, to_ms(since)]
         out: dict[RowKey, UsageRow] = {}
-        for obis, since in windows.items():
-            out.update(self.rows(meter_id, since, obis=obis))
+        for r in self.db.q(f"SELECT {ROW_COLS} FROM interval_usage WHERE {' OR '.join(terms)}", args):
+            row = _row(r)
+            out[row.key] = row
         return out
 
     def chain_gaps(self) -> list[tuple[str, int, int]]:
         """Missing seq ranges [first, last] of every gateway's chain as the chain store holds it: seqs up to
-        the head with no record hash (readings AND events have one, so events are no gaps), and runs the
+        the head with no record hash or stored reading (events have a hash, so they are no gaps), and runs the
         gateway pruned before delivering them (tombstones: those readings never arrived)."""
         from .chainstore import open_chain_store
         open_chain_store(self.url).close()            # its tables exist (created on first open)
         out = []
         for g, head in self.db.q("SELECT gateway_id, head_seq FROM gateway_chain_head ORDER BY gateway_id"):
             head = int(head)
-            lo, hi = self.db.q("SELECT MIN(seq), MAX(seq) FROM gateway_chain_hash WHERE gateway_id=?", (g,))[0]
+            # held seqs: a record hash, or a reading stored with the chain (its hash is the next prev_hash)
+            held = ("(SELECT seq FROM gateway_chain_hash WHERE gateway_id=? UNION ALL "
+                    "SELECT seq FROM gateway_record WHERE gateway_id=? AND seq<=?) h")
+            lo, hi = self.db.q(f"SELECT MIN(seq), MAX(seq) FROM {held}", (g, g, head))[0]
             missing = []
             if lo is None:
                 missing.append((1, head))
             else:
                 missing.append((1, int(lo) - 1))
                 missing += [(int(a) + 1, int(b) - 1) for a, b in self.db.q(
-                    "SELECT seq, nxt FROM (SELECT seq, LEAD(seq) OVER (ORDER BY seq) AS nxt FROM gateway_chain_hash "
-                    "WHERE gateway_id=?) t WHERE nxt IS NOT NULL AND nxt > seq + 1", (g,))]
+                    f"SELECT seq, nxt FROM (SELECT seq, LEAD(seq) OVER (ORDER BY seq) AS nxt FROM {held}) t "
+                    "WHERE nxt IS NOT NULL AND nxt > seq + 1", (g, g, head))]
                 missing.append((int(hi) + 1, head))
             missing += [(int(first), int(last)) for last, first in self.db.q(
                 "SELECT seq, at_ms FROM gateway_event WHERE gateway_id=? AND kind='tombstone'", (g,))]
@@ -770,7 +890,8 @@ def _grid_ceil_ms(ms: int, step_ms: int) -> int:
     return -(-ms // step_ms) * step_ms
 
 
-def _work(repo, store: BillingStore, meters: Iterable[str] | None) -> tuple[dict, dict]:
+def _work(repo, store: BillingStore, meters: Iterable[str] | None,
+          known: Mapping[str, tuple[int, list]]) -> tuple[dict, dict]:
     """What to derive: meter -> {obis: from instant ms, or None = whole history}, and the cursors to
     store once done. Explicit `meters` and meters marked for a full run are derived whole."""
     work: dict[str, dict[str, int | None]] = {}
@@ -781,7 +902,6 @@ def _work(repo, store: BillingStore, meters: Iterable[str] | None) -> tuple[dict
         return work, cursors
     for m in store.full_meters():
         work[m] = {"1.8.0": None, "2.8.0": None}
-    known = store.process_cursors()
     for g in store.gateways():
         upto = store.max_seq(g)                 # the run's snapshot of this gateway: seq <= upto
         gaps = [(a, b) for a, b in repo.gaps(g)]   # after upto: a seq <= upto missing now is in a gap
@@ -815,8 +935,10 @@ def process_readings(repo, store: BillingStore, markets: Mapping[str, Market], n
     """
     bindings = store.bindings()
     released_from = [e for e in store.exceptions(status="resolved") if e.released]
+    released_meters = {e.meter_id for e in released_from}
     full = store.full_meters() if meters is None else set()
-    work, cursors = _work(repo, store, meters)
+    known = store.process_cursors() if meters is None else {}
+    work, cursors = _work(repo, store, meters, known)
     snapshot = None if meters is not None else {g: upto for g, (upto, _) in cursors.items()}
     exchanges_of = store.all_exchange_reads()
     states = store.rating_states()
@@ -825,21 +947,31 @@ def process_readings(repo, store: BillingStore, markets: Mapping[str, Market], n
     chunk: list = []
     chunk_readings = 0
 
-    def flush() -> None:
+    def flush(final: bool = False) -> None:
         nonlocal queued, changed_total, chunk_readings
-        if not chunk:
+        moved = [(g, c) for g, c in cursors.items() if final and known.get(g) != c]
+        if not chunk and not moved:
             return
         with store.db.tx(exclusive=True):
+            for g, (upto, gaps) in moved:          # the run's last transaction also moves the cursors
+                store.set_process_cursor(g, upto, gaps)
+            pairs: list = []                       # (old, new) row changes of the chunk, rated per account below
+            plain: dict[str, list] = {}            # account -> new plain rows as columns (the usual case)
             for meter_id, windows, result, fresh, released in chunk:
                 stored = store.rows_since(meter_id, windows)
-                changed = merge_rows(stored, fresh, released)
+                if result is None:                 # the usual case: `fresh` holds the registers' boundaries
+                    changed, new = _merge_regular(meter_id, windows, fresh, stored, bindings, plain)
+                    store.insert_new_rows(new)
+                    changed_total += len(new)
+                else:
+                    changed = merge_rows(stored, fresh, released)
+                    queued += store.queue_exceptions(result.exceptions, now)
                 store.save_rows(changed.values())
-                queued += store.queue_exceptions(result.exceptions, now)
-                rerated.update(_rate_changes(store, bindings, markets, tariffs, states,
-                                             [(stored.get(k), r) for k, r in changed.items()]))
+                pairs += [(stored.get(k), r) for k, r in changed.items()]
                 if meter_id in full:
                     store.db.x("DELETE FROM process_full WHERE meter_id=?", (meter_id,))
                 changed_total += len(changed)
+            rerated.update(_rate_changes(store, bindings, markets, tariffs, states, pairs, plain))
         chunk.clear()
         chunk_readings = 0
 
@@ -849,33 +981,120 @@ def process_readings(repo, store: BillingStore, markets: Mapping[str, Market], n
         step_ms = int(config.interval.total_seconds() * 1000)
         starts: dict[str, int | None] = {}
         windows = {}
-        for obis in ("1.8.0", "2.8.0"):
-            if obis not in work[meter_id]:
-                continue
-            t_new = work[meter_id][obis]
-            since = None
-            if t_new is not None and not exchanges:
-                before = store.reading_instants_before(meter_id, obis, t_new, snapshot=snapshot)
-                if len(before) == 2:
-                    since = before[1]
+        regs = [o for o in ("1.8.0", "2.8.0") if o in work[meter_id]]
+        befores = {} if exchanges else store.instants_before_many(
+            meter_id, {o: work[meter_id][o] for o in regs if work[meter_id][o] is not None}, snapshot=snapshot)
+        for obis in regs:
+            before = befores.get(obis, ())
+            since = before[1] if len(before) == 2 else None
             starts[obis] = since
             windows[obis] = None if since is None else from_ms(_grid_ceil_ms(since, step_ms))
-        readings = store.snapshot_readings(meter_id, starts, snapshot)
-        n_readings += len(readings)
-        result = derive_intervals(readings, config, exchanges)
-        fresh = [r for r in bind_intervals(result.intervals, bindings)
-                 if r.obis in windows and (windows[r.obis] is None or r.start >= windows[r.obis])]
-        released = released_keys(fresh, [e for e in released_from if e.meter_id == meter_id])
-        chunk.append((meter_id, windows, result, fresh, released))
-        chunk_readings += len(readings)
+        columns = store.snapshot_columns(meter_id, starts, snapshot)
+        count = sum(len(rows) for rows in columns.values())
+        n_readings += count
+        regular = None
+        if not exchanges and meter_id not in released_meters:
+            regular = _regular_registers(columns, step_ms, config.max_power_w)
+        if regular is not None:                    # the usual case, derived on columns (same intervals)
+            chunk.append((meter_id, windows, None, regular, None))
+        else:
+            result = derive_intervals(_stored_readings(meter_id, columns), config, exchanges)
+            fresh = [r for r in bind_intervals(result.intervals, bindings)
+                     if r.obis in windows and (windows[r.obis] is None or r.start >= windows[r.obis])]
+            released = released_keys(fresh, [e for e in released_from if e.meter_id == meter_id])
+            chunk.append((meter_id, windows, result, fresh, released))
+        chunk_readings += count
         n_meters += 1
         if len(chunk) >= PROCESS_CHUNK_METERS or chunk_readings >= PROCESS_CHUNK_READINGS:
             flush()
-    flush()
-    with store.db.tx():
-        for g, (upto, gaps) in cursors.items():
-            store.set_process_cursor(g, upto, gaps)
+    flush(final=True)
     return ProcessResult(n_meters, changed_total, queued, n_readings, len(rerated))
+
+
+def _stored_readings(meter_id: str, columns: Mapping[str, list[tuple[int, int, str, int]]]) -> list[_StoredReading]:
+    """`snapshot_columns` rows as the readings `derive_intervals` takes (what `snapshot_readings` returns)."""
+    cache = _READ_INSTANTS
+    if len(cache) > 500_000:
+        cache.clear()
+    out = []
+    for obis, rows in columns.items():
+        for t, v, u, q in rows:
+            at = cache.get(t)
+            if at is None:
+                at = cache[t] = _EPOCH + t * _ONE_MS
+            out.append(_StoredReading(meter_id, obis, at, v, u, q))
+    return out
+
+
+def _regular_registers(columns: Mapping[str, list[tuple[int, int, str, int]]], step_ms: int,
+                       max_power_w: int | None) -> dict[str, tuple[list[int], list[int]]] | None:
+    """obis -> (boundary instants ms, register values) when every register of the meter is the usual case
+    (`vee.regular_intervals`: real energy readings, one per boundary, rising plausibly), else None."""
+    out = {}
+    for obis, rows in columns.items():
+        for _t, _v, u, q in rows:
+            if q or u not in ENERGY_UNITS:
+                return None
+        got = regular_intervals([r[0] for r in rows], [r[1] for r in rows], step_ms, max_power_w)
+        if got is None:
+            return None
+        out[obis] = got
+    return out
+
+
+def _ms_ceil(t: datetime) -> int:
+    """The first whole millisecond at or after `t` (binding instants may carry microseconds)."""
+    return -(-((t - _EPOCH) // timedelta(microseconds=1)) // 1000)
+
+
+def _merge_regular(meter_id: str, windows: Mapping[str, datetime | None],
+                   regular: Mapping[str, tuple[list[int], list[int]]], stored: Mapping[RowKey, UsageRow],
+                   bindings: Bindings, plain: dict[str, list]) -> tuple[dict[RowKey, UsageRow], list[tuple]]:
+    """The usual case of `bind_intervals` + `merge_rows` on columns: intervals between consecutive boundary
+    readings, each bound to the account of the binding span holding its start. Intervals that have a stored
+    row (the start of the window) go through `merge_rows` (-> changed rows, keyed); the others are new rows,
+    returned as insert tuples (meter, obis, start_ms, end_ms, wh, account), and those that count as pending
+    usage (bound, wh != 0) are added to `plain` (account -> [(meter, obis, starts ms, wh)])."""
+    spans = None
+    stored_starts = {(k[1], to_ms(k[2])) for k in stored}
+    fresh: list[UsageRow] = []
+    new: list[tuple] = []
+    for obis, (bounds, marks) in regular.items():
+        if obis not in windows:
+            continue
+        w = windows[obis]
+        lo = 0 if w is None else bisect_left(bounds, to_ms(w))
+        n = len(bounds) - 1
+        if lo >= n:
+            continue
+        if spans is None:
+            spans = [(_ms_ceil(s.start), None if s.end is None else _ms_ceil(s.end), s.account_id)
+                     for s in bindings.spans(meter_id)]
+        accounts: list[str | None] = [None] * (n - lo)
+        for a, b, account in spans:
+            if account is None:
+                continue
+            i = max(lo, bisect_left(bounds, a, lo, n))
+            j = n if b is None else min(n, bisect_left(bounds, b, lo, n))
+            if i < j:                              # spans are disjoint: at most one holds a start
+                accounts[i - lo:j - lo] = [account] * (j - i)
+        by_account: dict[str, tuple[list[int], list[int]]] = {}
+        for k in range(lo, n):
+            start, wh, account = bounds[k], marks[k + 1] - marks[k], accounts[k - lo]
+            if stored_starts and (obis, start) in stored_starts:
+                fresh.append(UsageRow(meter_id, obis, from_ms(start), from_ms(bounds[k + 1]), wh, False,
+                                      frozenset(), account))
+                continue
+            new.append((meter_id, obis, start, bounds[k + 1], wh, account))
+            if account is not None and wh:
+                cols = by_account.get(account)
+                if cols is None:
+                    cols = by_account[account] = ([], [])
+                cols[0].append(start)
+                cols[1].append(wh)
+        for account, (starts, whs) in by_account.items():
+            plain.setdefault(account, []).append((meter_id, obis, starts, whs))
+    return merge_rows(stored, fresh), new
 
 
 def _account_tariff(bindings: Bindings, markets: Mapping[str, Market], tariffs: Mapping[str, Tariff] | None,
@@ -890,10 +1109,19 @@ def _account_tariff(bindings: Bindings, markets: Mapping[str, Market], tariffs: 
 
 
 def _rate_changes(store: BillingStore, bindings: Bindings, markets: Mapping[str, Market],
-                  tariffs: Mapping[str, Tariff] | None, states: dict, changes: list) -> set[str]:
-    """Rate (old, new) row changes into the pending aggregates, per account; returns accounts re-rated."""
+                  tariffs: Mapping[str, Tariff] | None, states: dict, changes: list,
+                  plain: Mapping[str, list] | None = None) -> set[str]:
+    """Rate (old, new) row changes into the pending aggregates, per account; returns accounts re-rated.
+    `plain`: account -> new plain rows as columns [(meter, obis, starts ms, wh)] (`_merge_regular`), rated
+    as (None, row) changes would be (`rating.rate_starts`)."""
     rerated = set()
-    for account, pairs in split_by_account(changes).items():
+    by_account = split_by_account(changes)
+    plain = plain or {}
+    deltas: dict[str, tuple[dict, dict]] = {}
+    found_of: dict[str, tuple[Tariff, ZoneInfo]] = {}
+    for account in [*by_account, *(a for a in plain if a not in by_account)]:
+        pairs = by_account.get(account, [])
+        columns = plain.get(account, ())
         found = _account_tariff(bindings, markets, tariffs, account)
         if found is None:
             store.mark_stale([account])
@@ -901,7 +1129,8 @@ def _rate_changes(store: BillingStore, bindings: Bindings, markets: Mapping[str,
             continue
         tariff, zone = found
         state = states.get(account)
-        if state is None and store.unbilled_rows(account) == sum(1 for old, _ in pairs if old is None):
+        new_rows = sum(1 for old, _ in pairs if old is None) + sum(len(c[2]) for c in columns)
+        if state is None and store.unbilled_rows(account) == new_rows:
             store._rated_with(account, tariff)       # never rated and all its unbilled rows are new here:
             state = states[account] = (tariff.id, tariff_digest(tariff), False)   # the deltas are the scratch
         if state is None or state[2] or state[1] != tariff_digest(tariff):
@@ -910,12 +1139,33 @@ def _rate_changes(store: BillingStore, bindings: Bindings, markets: Mapping[str,
             rerated.add(account)
             continue
         aggs, usage = pending_contributions(pairs, tariff, zone)
-        try:
-            store.add_pending(account, aggs, usage)
-        except ValueError:                                       # stored with another unit price
-            store.rerate_pending(account, tariff, zone)
-            rerated.add(account)
+        if columns:
+            aggs, usage = _add_plain(aggs, usage, columns, tariff, zone, account)
+        deltas[account] = (aggs, usage)
+        found_of[account] = (tariff, zone)
+    for account in store.add_pending_many(deltas):              # stored with another unit price
+        store.rerate_pending(account, *found_of[account])
+        rerated.add(account)
     return rerated
+
+
+def _add_plain(aggs: dict, usage: dict, columns: Sequence[tuple], tariff: Tariff, zone: ZoneInfo,
+               account: str) -> tuple[dict, dict]:
+    """`aggs`/`usage` (pending_contributions' deltas) plus the new plain rows `columns` of `account`."""
+    parts = [aggs]
+    usage = dict(usage)
+    for meter_id, obis, starts, whs in columns:
+        got = rate_starts(tariff, zone, account, meter_id, obis, starts, whs)
+        if got is None:                      # an export without an export rate: the general way raises it
+            pending_contributions([(None, UsageRow(meter_id, obis, from_ms(t), from_ms(t + 1), wh, account_id=account))
+                                   for t, wh in zip(starts, whs)], tariff, zone)
+            raise AssertionError(f"meter {meter_id} {obis}: rate_starts refused what rate_intervals rated")
+        parts.append(got[0])
+        for k, wh in got[1].items():
+            usage[k] = usage.get(k, 0) + wh
+    merged = merge_aggregates(*parts)
+    return ({k: a for k, a in merged.items() if a.wh or a.amount_dec or a.days},
+            {k: wh for k, wh in usage.items() if wh})
 
 
 def run_billing(store: BillingStore, period: str, *, markets: Mapping[str, Market], tariffs: Mapping[str, Tariff],

@@ -13,7 +13,7 @@ rounded with the market's rounding mode either per line ("line") or once per inv
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, timedelta, timezone
 from decimal import Context, Decimal
 from typing import Iterable, Mapping, Sequence
 from zoneinfo import ZoneInfo
@@ -195,6 +195,78 @@ def rate_intervals(aggregates: Mapping[AggKey, DayBandAggregate], intervals: Ite
         have = out.get(key)
         out[key] = agg if have is None else have + agg
     return out
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_ONE_MS = timedelta(milliseconds=1)
+_SLOTS: dict[tuple[int, str], tuple[Tariff, dict]] = {}   # (id(tariff), zone) -> (tariff, {start ms: slot})
+
+
+def _slot(tariff: Tariff, zone: ZoneInfo, start_ms: int) -> tuple:
+    """Where an interval starting at `start_ms` is rated: (local date, import band, its unit price, export
+    unit price or None, local month 'YYYY-MM'); the same choices `rate_intervals` makes for that instant."""
+    local = (_EPOCH + start_ms * _ONE_MS).astimezone(zone)
+    d = local.date()
+    version = tariff.version_for(d)
+    band = version.schedules[tariff.day_class(d, version)][local.hour * 60 + local.minute]
+    return d, band, version.band(band).rate, version.export_rate, f"{d.year:04d}-{d.month:02d}"
+
+
+def rate_starts(tariff: Tariff, zone: ZoneInfo, account_id: str, meter_id: str, obis: str,
+                starts_ms: Sequence[int], whs: Sequence[int]) -> tuple[dict[AggKey, DayBandAggregate],
+                                                                       dict[tuple[str, str, str], int]] | None:
+    """Plain intervals of one register of one account, as columns (interval start in ms since the epoch,
+    Wh; no VEE flag, not held) -> (aggregates, pending usage per (meter, obis, local month)), the same as
+    `rate_intervals({}, ...)` and the usage `billing.pending_contributions` counts for them as new rows,
+    zero entries left out; None for an export interval whose tariff version has no export rate (the
+    general way then raises the precise error).
+
+    The local date and band of an instant are looked up once per tariff and zone (a poll's instant is
+    shared by every meter), not converted per interval; amounts are computed once per (day, band) from
+    the summed Wh, exactly as `rate_intervals` does.
+    """
+    key = (id(tariff), zone.key)
+    cached = _SLOTS.get(key)
+    if cached is None or cached[0] is not tariff:
+        if len(_SLOTS) > 64:
+            _SLOTS.clear()
+        cached = _SLOTS[key] = (tariff, {})
+    slots = cached[1]
+    if len(slots) > 400_000:
+        slots.clear()
+    export = obis == EXPORT_OBIS
+    if not export and obis != IMPORT_OBIS:
+        raise ValidationError(f"meter {meter_id}: register {obis} is not rated "
+                              f"(import {IMPORT_OBIS}, export {EXPORT_OBIS})")
+    sums: dict[tuple[date, str], list] = {}       # (day, band) -> [wh, unit price]
+    usage: dict[str, int] = {}
+    get = slots.get
+    for ms, wh in zip(starts_ms, whs):
+        s = get(ms)
+        if s is None:
+            s = slots[ms] = _slot(tariff, zone, ms)
+        if export:
+            if s[3] is None:
+                return None
+            k, price = (s[0], EXPORT), s[3]
+        else:
+            k, price = (s[0], s[1]), s[2]
+        acc = sums.get(k)
+        if acc is None:
+            sums[k] = [wh, price]
+        else:
+            acc[0] += wh
+        usage[s[4]] = usage.get(s[4], 0) + wh
+    aggs: dict[AggKey, DayBandAggregate] = {}
+    for (d, band), (wh, price) in sums.items():
+        amount = _CTX.multiply(Decimal(wh), price).scaleb(-3)
+        if export:
+            agg = DayBandAggregate(account_id, d, band, wh, -amount, "export", price)
+        else:
+            agg = DayBandAggregate(account_id, d, band, wh, amount, "energy", price)
+        if agg.wh or agg.amount_dec:
+            aggs[(account_id, d, band)] = agg
+    return aggs, {(meter_id, obis, p): wh for p, wh in usage.items() if wh}
 
 
 def rate_changes(aggregates: Mapping[AggKey, DayBandAggregate], changes: Iterable[IntervalChange],

@@ -116,7 +116,7 @@ class _Rater:
         # own connections: reading a meter's history never waits for (or holds up) the ingest path's lock
         self.repo = open_repository(url, migrate=False)
         try:
-            self.store = BillingStore(url, migrate=False)
+            self.store = BillingStore(url, migrate=False, durable=False)   # derived data: redone after a crash
             self.lock = run_lock_for(url)
         except BaseException:
             self.repo.close()

@@ -336,6 +336,48 @@ def _derive_one(meter_id: str, obis: str, readings: list[Reading], exchanges: li
     return intervals, exceptions
 
 
+def regular_intervals(times_ms: Sequence[int], values: Sequence[int], step_ms: int,
+                      max_power_w: int | None = None) -> tuple[list[int], list[int]] | None:
+    """The usual case of one register, on columns: the grid boundaries (ms) and register values of the
+    intervals `derive_intervals` gives, or None when the readings are not the usual case.
+
+    `times_ms`/`values`: one register's real readings (quality 0, an energy unit, no exchange event), in
+    the order `derive_intervals` takes them. The usual case: instants strictly increasing (no two readings
+    at one instant), the register never going backwards, every rise plausible for `max_power_w`, and a
+    reading on every grid boundary between the first and the last reading. Then every interval runs from
+    one boundary reading to the next: not estimated, no flag, no exception, wh = the register difference,
+    exactly as `derive_intervals` derives it (tests/rating/test_vee_regular.py compares both). Anything
+    else (a gap, an estimate, a decrease, a conflict, ...) returns None and the caller derives the general way.
+    """
+    n = len(times_ms)
+    if n != len(values):
+        raise ValueError("times and values differ in length")
+    if n < 2:
+        return [], []
+    starts: list[int] = []
+    marks: list[int] = []
+    prev_t, prev_v = times_ms[0], values[0]
+    if prev_t % step_ms == 0:
+        starts.append(prev_t)
+        marks.append(prev_v)
+    for i in range(1, n):
+        t, v = times_ms[i], values[i]
+        if t <= prev_t or v < prev_v:
+            return None
+        # plausible: Wh * 3.6e9 <= W * us, i.e. Wh * 3.6e6 <= W * ms (both sides of the same * 1000)
+        if max_power_w is not None and v != prev_v and (v - prev_v) * 3_600_000 > max_power_w * (t - prev_t):
+            return None
+        if t % step_ms == 0:
+            starts.append(t)
+            marks.append(v)
+        prev_t, prev_v = t, v
+    first = -(-times_ms[0] // step_ms) * step_ms
+    last = times_ms[-1] // step_ms * step_ms
+    if first <= last and len(starts) != (last - first) // step_ms + 1:
+        return None                               # a boundary without a reading: estimated, general way
+    return starts, marks
+
+
 def derive_intervals(readings: Iterable[Reading], config: VeeConfig = VeeConfig(),
                      exchanges: Iterable[MeterExchange] = ()) -> VeeResult:
     """Readings (any meters/registers, any order) -> whole grid intervals between each register's first and last point.
