@@ -25,6 +25,7 @@ durable commits carried how many PAYG transactions (group commit).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -65,11 +66,15 @@ def report(name: str, samples_ns: list[int], extra: str = "") -> None:
 class Service:
     """The head-end side: PaygStore + CreditControl, seeded with accounts, one vendor and one card."""
 
-    def __init__(self, db: str) -> None:
+    def __init__(self, db: str, seed: bool = True) -> None:
         self.store = PaygStore(db, velocity_limits=())
         self.vat = L.PrepaidVat(Decimal("0.05"))
         self.cc = CC.CreditControl(self.store, CC.InMemorySessionStore(),
                                    CC.GrantPolicy(max_grant_minor=500, min_grant_minor=50), self.vat)
+        self.next_n: dict[str, int] = {}
+        self.lock = threading.Lock()
+        if not seed:
+            return
         self.store.put_vendor(V.VendorContract("SHOP1", "GBP", Decimal("2.5"), 5, Decimal("0.2")))
         card = Ed25519PrivateKey.from_private_bytes(CARD_SEED)
         seed = []
@@ -79,8 +84,6 @@ class Service:
             self.store.register_card(f"CARD{i:04d}", acc, T.public_bytes(card), T0)
             seed.append(L.top_up(f"seed:{acc}", T0, acc, "SHOP1", 10**9, "GBP", self.vat))
         self.store.append(seed)
-        self.next_n: dict[str, int] = {}
-        self.lock = threading.Lock()
 
     def credit_control(self, account: str, now: datetime) -> bool:
         session = f"S-{account}"
@@ -198,11 +201,13 @@ TOKEN_KEY_SEED = bytes(range(32, 64))         # the head-end's token/card-list s
 PING = "/bench.Ping/Ping"
 
 
-def serve(directory: str, rpc_workers: int | None = None) -> int:
+def serve(directory: str, rpc_workers: int | None = None, join: int | None = None, gateways: int = 1) -> int:
     """Server process: the real head-end mutual-TLS server (sync + config + PAYG services with a token
-    key, gateway interceptor and registry), seeded like `Service`; one gateway provisioned with every
-    meter; plus the trivial `bench.Ping/Ping`. Each line on stdin asks for one JSON line of stats
-    (process CPU seconds, durable commits, PAYG transactions committed); EOF stops it."""
+    key, gateway interceptor and registry), seeded like `Service`; `gateways` gateways, meter i
+    provisioned to gateway i % gateways; plus the trivial `bench.Ping/Ping`. `join`: a further
+    server process on the same database and port (SO_REUSEPORT, as `serve --processes N` runs
+    them), seeding nothing. Each line on stdin asks for one JSON line of stats (process CPU seconds,
+    durable commits, PAYG transactions committed); EOF stops it."""
     import grpc
 
     from meterlink import pki
@@ -212,15 +217,19 @@ def serve(directory: str, rpc_workers: int | None = None) -> int:
     from meterlink.headend.registry import open_registry
     from meterlink.headend.store import open_repository
     d = Path(directory)
+    if os.environ.get("BENCH_SWITCH"):
+        sys.setswitchinterval(float(os.environ["BENCH_SWITCH"]))
     clock = SystemClock()
     db = f"sqlite:///{d}/headend.db"
-    svc = Service(db)
+    svc = Service(db, seed=join is None)
     now = clock.now().replace(microsecond=0)
-    for i in range(ACCOUNTS):
-        svc.store.bind_meter(f"M-ACC{i:04d}", f"ACC{i:04d}", now)
+    if join is None:
+        for i in range(ACCOUNTS):
+            svc.store.bind_meter(f"M-ACC{i:04d}", f"ACC{i:04d}", now)
     repo, registry = open_repository(db), open_registry(db)
     keys = pki.ensure_headend_pki(d / "pki", ["localhost", "127.0.0.1"], now)
-    servers = make_secure_servers(repo, clock, keys, registry, "127.0.0.1:0", "127.0.0.1:0", workers=rpc_workers or 8)
+    servers = make_secure_servers(repo, clock, keys, registry, f"127.0.0.1:{join or 0}", "127.0.0.1:0",
+                                  workers=rpc_workers or 8)
     servers.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
         "bench.Ping", {"Ping": grpc.unary_unary_rpc_method_handler(lambda request, context: request)}),))
     servers.auth.exempt = frozenset(servers.auth.exempt) | {PING}
@@ -228,64 +237,85 @@ def serve(directory: str, rpc_workers: int | None = None) -> int:
                                CC.GrantPolicy(max_grant_minor=500, min_grant_minor=50), registry=registry,
                                auth=servers.auth, token_key=Ed25519PrivateKey.from_private_bytes(TOKEN_KEY_SEED))
     servers.start()
-    code = registry.add("gw-bench", now)
-    registry.provision("gw-bench", [f"M-ACC{i:04d}" for i in range(ACCOUNTS)], [], now)
-    vendor = str(payg_service.write_vendor_identity(svc.store, keys, "SHOP1", d / "vendor", now)) \
-        if hasattr(payg_service, "write_vendor_identity") else None           # older code: no vendor identity
-    print(json.dumps({"port": servers.port, "enrol_port": servers.enrol_port, "code": code,
+    codes, vendor = [], None
+    if join is None:
+        for g in range(gateways):
+            codes.append(registry.add(f"gw-bench-{g}", now))
+            registry.provision(f"gw-bench-{g}", [f"M-ACC{i:04d}" for i in range(g, ACCOUNTS, gateways)], [], now)
+        vendor = str(payg_service.write_vendor_identity(svc.store, keys, "SHOP1", d / "vendor", now))
+    print(json.dumps({"port": servers.port, "enrol_port": servers.enrol_port, "codes": codes,
                       "ca": keys.ca_fingerprint, "vendor": vendor}), flush=True)
     for _ in sys.stdin:            # runs until the client closes our stdin
-        print(json.dumps({"cpu": time.process_time(), "commits": getattr(svc.store, "commits", 0),
+        print(json.dumps({"cpu": time.process_time(), "sys": os.times().system, "commits": getattr(svc.store, "commits", 0),
                           "transactions": getattr(svc.store, "committed_transactions", 0)}), flush=True)
     servers.stop(0)
     return 0
 
 
 class Phase:
-    """CPU time per request of both processes, group commits and the load average over one measurement."""
+    """CPU time per request of the server processes (together) and the client, group commits (and
+    how the PAYG transactions split between server processes) and the load average over one
+    measurement."""
 
-    def __init__(self, proc) -> None:
-        self.proc = proc
+    def __init__(self, procs) -> None:
+        self.procs = procs
         self.server0, self.client0 = self.server(), time.process_time()
 
-    def server(self) -> dict:
-        self.proc.stdin.write("stats\n")
-        self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())
+    def server(self) -> list[dict]:
+        out = []
+        for proc in self.procs:
+            proc.stdin.write("stats\n")
+            proc.stdin.flush()
+            out.append(json.loads(proc.stdout.readline()))
+        return out
 
     def figures(self, n: int) -> str:
         s1, c1 = self.server(), time.process_time()
-        commits = s1["commits"] - self.server0["commits"]
-        txns = s1["transactions"] - self.server0["transactions"]
-        group = f", {txns} PAYG txns in {commits} commits" if commits else ""
-        return (f"cpu/req server {1e3 * (s1['cpu'] - self.server0['cpu']) / n:.3f} ms client "
+        cpu = sum(b["cpu"] - a["cpu"] for a, b in zip(self.server0, s1))
+        kernel = sum(b["sys"] - a["sys"] for a, b in zip(self.server0, s1))
+        commits = sum(b["commits"] - a["commits"] for a, b in zip(self.server0, s1))
+        txns = [b["transactions"] - a["transactions"] for a, b in zip(self.server0, s1)]
+        group = f", {sum(txns)} PAYG txns in {commits} commits" if commits else ""
+        if commits and len(txns) > 1:
+            group += f" (per process {'/'.join(map(str, txns))})"
+        return (f"cpu/req server {1e3 * cpu / n:.3f} ms (kernel {1e3 * kernel / n:.3f}) client "
                 f"{1e3 * (c1 - self.client0) / n:.3f} ms{group}, load {os.getloadavg()[0]:.1f}")
 
 
-def bench_grpc(rate: int, seconds: float, rpc_workers: int | None = None) -> None:
+def bench_grpc(rate: int, seconds: float, rpc_workers: int | None = None, processes: int = 1,
+               gateways: int = 1, quick: bool = False) -> None:
     import grpc
 
-    from meterlink.gateway.enrol import enroll, secure_channel
+    from meterlink.gateway.enrol import channel_credentials, enroll
     from meterlink.gateway.payg import _blacklist_from_json, _card_list_from_json
+    from meterlink.headend.payg_service import vendor_channel_credentials
     from meterlink.v1 import payg_pb2, payg_pb2_grpc
     with tempfile.TemporaryDirectory() as tmp:
         extra = ["--rpc-workers", str(rpc_workers)] if rpc_workers else []
-        proc = subprocess.Popen([sys.executable, __file__, "--serve", tmp, *extra], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, text=True)
+        procs = [subprocess.Popen([sys.executable, __file__, "--serve", tmp, "--gateways", str(gateways), *extra],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)]
+        channels, vendor_channels = [], []
         try:
-            info = json.loads(proc.stdout.readline())
-            identity = enroll(f"127.0.0.1:{info['enrol_port']}", info["code"], Path(tmp) / "gw",
-                              ca_fingerprint=info["ca"])
-            channel = secure_channel(f"127.0.0.1:{info['port']}", identity)
-            grpc.channel_ready_future(channel).result(timeout=10)
-            cc = payg_pb2_grpc.CreditControlStub(channel)
-            vendor_channel = channel                   # the vendor SHOP1's own certificate where the product has them
-            if info["vendor"]:
-                from meterlink.headend.payg_service import vendor_channel_credentials
-                vendor_channel = grpc.secure_channel(f"127.0.0.1:{info['port']}",
-                                                     vendor_channel_credentials(info["vendor"]))
-            vend = payg_pb2_grpc.VendingStub(vendor_channel)
-            ping = channel.unary_unary(PING)
+            info = json.loads(procs[0].stdout.readline())
+            for _ in range(processes - 1):       # further server processes on the same database and port
+                procs.append(subprocess.Popen([sys.executable, __file__, "--serve", tmp, "--join", str(info["port"]),
+                                               *extra], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+                json.loads(procs[-1].stdout.readline())
+            target = f"127.0.0.1:{info['port']}"
+            own = [("grpc.use_local_subchannel_pool", 1)]      # one TCP connection per channel
+            for g, code in enumerate(info["codes"]):            # each gateway its own certificate and connection
+                identity = enroll(f"127.0.0.1:{info['enrol_port']}", code, Path(tmp) / f"gw{g}",
+                                  ca_fingerprint=info["ca"])
+                channels.append(grpc.secure_channel(target, channel_credentials(identity), options=own))
+            for channel in channels:
+                grpc.channel_ready_future(channel).result(timeout=10)
+            ccs = [payg_pb2_grpc.CreditControlStub(channel) for channel in channels]
+            # the vendor SHOP1's terminals: its certificate, as many connections as gateways
+            vendor_channels = [grpc.secure_channel(target, vendor_channel_credentials(info["vendor"]), options=own)
+                               for _ in channels]
+            vends = [payg_pb2_grpc.VendingStub(channel) for channel in vendor_channels]
+            pings = [channel.unary_unary(PING) for channel in channels]
+            rr = itertools.count()                              # round robin over the connections
             card = Ed25519PrivateKey.from_private_bytes(CARD_SEED)
             numbers: dict[str, int] = {}
             digests: dict[str, bytes] = {}
@@ -302,10 +332,11 @@ def bench_grpc(rate: int, seconds: float, rpc_workers: int | None = None) -> Non
                     n = numbers.get(acc, 0)
                     numbers[acc] = n + 1
                 used = payg_pb2.UsedUnits(used_minor=40, used_wh=1600) if n else None
-                req = payg_pb2.CreditControlRequest(gateway_id="gw-bench", session_id=f"S-{acc}", request_number=n,
-                                                    account_id=acc, meter_id=f"M-{acc}", currency="GBP", used=used,
-                                                    card_lists_digest=digests.get(acc, b""))
-                return cc.Reserve if n == 0 else cc.Update, req
+                g = i % ACCOUNTS % gateways                         # meter i is provisioned to gateway i % G
+                req = payg_pb2.CreditControlRequest(gateway_id=f"gw-bench-{g}", session_id=f"S-{acc}",
+                                                    request_number=n, account_id=acc, meter_id=f"M-{acc}",
+                                                    currency="GBP", used=used, card_lists_digest=digests.get(acc, b""))
+                return ccs[g].Reserve if n == 0 else ccs[g].Update, req
 
             def keep_lists(acc: str, answer) -> None:
                 """As a gateway does: remember the card lists delivered, so later answers omit them."""
@@ -333,22 +364,22 @@ def bench_grpc(rate: int, seconds: float, rpc_workers: int | None = None) -> Non
 
             class Auth_call:
                 def __call__(self, body):
-                    return vend.Authorise(body, timeout=30)
+                    return vends[next(rr) % gateways].Authorise(body, timeout=30)
 
                 def future(self, body):
-                    f = vend.Authorise.future(body, timeout=30)
+                    f = vends[next(rr) % gateways].Authorise.future(body, timeout=30)
                     f.add_done_callback(lambda f: count("authorised" if f.result().authorised else f.result().reason))
                     return f
 
             class Ping_call:
                 def __call__(self, body):
-                    return ping(body, timeout=30)
+                    return pings[next(rr) % gateways](body, timeout=30)
 
                 def future(self, body):
-                    return ping.future(body, timeout=30)
+                    return pings[next(rr) % gateways].future(body, timeout=30)
 
             def sale_body(i: int, tag: str):
-                ch = vend.Challenge(payg_pb2.ChallengeRequest(vendor_id="SHOP1"), timeout=10).challenge
+                ch = vends[0].Challenge(payg_pb2.ChallengeRequest(vendor_id="SHOP1"), timeout=10).challenge
                 r = sale_request(ch, i, card, tag)
                 return payg_pb2.AuthoriseRequest(vendor_id=r.vendor_id, sale_id=r.sale_id, card_id=r.card_id,
                                                  account_id=r.account_id, amount_minor=r.amount_minor,
@@ -358,35 +389,38 @@ def bench_grpc(rate: int, seconds: float, rpc_workers: int | None = None) -> Non
             ccall, acall, pcall = CC_call(), Auth_call(), Ping_call()
             for i in range(2 * ACCOUNTS):                           # warm up: every session reserved
                 ccall(i)
-            for r in (rate, rate // 4):                               # the goal rate, and a quarter of it
+            for r in (rate,) if quick else (rate, rate // 4):       # the goal rate, and a quarter of it
                 n = int(r * seconds)
-                phase = Phase(proc)
+                phase = Phase(procs)
                 lat = open_loop(pcall, [b"ping"] * n, r)
                 report(f"gRPC/mTLS trivial Ping @ {r}/s open loop", lat[0],
                        f"achieved {lat[1]:.0f}/s; {phase.figures(n)}")
                 codes.clear()
-                phase = Phase(proc)
+                phase = Phase(procs)
                 lat = open_loop(ccall, list(range(n)), r)
                 report(f"gRPC/mTLS credit control @ {r}/s open loop", lat[0],
                        f"achieved {lat[1]:.0f}/s results {dict(codes)}; {phase.figures(n)}")
                 bodies = [sale_body(i, f"o{r}-") for i in range(n)]     # challenges fetched beforehand
                 codes.clear()
-                phase = Phase(proc)
+                phase = Phase(procs)
                 lat = open_loop(acall, bodies, r)
                 report(f"gRPC/mTLS top-up authorisation @ {r}/s open loop", lat[0],
                        f"achieved {lat[1]:.0f}/s results {dict(codes)}; {phase.figures(n)}")
-            for name, fn, body in (("trivial Ping", pcall, lambda i: b"ping"), ("credit control", ccall, lambda i: i),
-                                   ("sales (Challenge + Authorise)", acall, lambda i: sale_body(i, "c-"))):
+            for name, fn, body in () if quick else (
+                    ("trivial Ping", pcall, lambda i: b"ping"), ("credit control", ccall, lambda i: i),
+                    ("sales (Challenge + Authorise)", acall, lambda i: sale_body(i, "c-"))):
                 for threads in (4, 16):
-                    phase = Phase(proc)
+                    phase = Phase(procs)
                     done, per_s = closed_loop(fn, body, threads, seconds)
                     print(f"gRPC/mTLS {name} closed loop {threads:2d} threads: {per_s:7.0f} req/s sustained; "
                           f"{phase.figures(done)}", flush=True)
-            channel.close()
-            vendor_channel.close()
         finally:
-            proc.stdin.close()
-            proc.wait(timeout=20)
+            for channel in channels + vendor_channels:
+                channel.close()
+            for proc in procs:
+                proc.stdin.close()
+            for proc in procs:
+                proc.wait(timeout=20)
 
 
 def open_loop(fn, bodies: list, rate: int) -> tuple[list[int], float]:
@@ -492,9 +526,17 @@ def main() -> int:
                                       "on the account (e.g. 0,10000,100000); -n requests each")
     ap.add_argument("--rpc-workers", type=int, help="worker threads of the gRPC server process (default: "
                                                        "make_server's 8)")
+    ap.add_argument("--join", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--server-processes", type=int, default=1, metavar="N",
+                    help="head-end server processes on the one database and port (as `serve --processes N`)")
+    ap.add_argument("--gateways", type=int, default=1, metavar="G",
+                    help="gateways (each its own certificate and TLS connection; the 200 meters split between "
+                         "them) and as many vendor terminal connections")
+    ap.add_argument("--quick", action="store_true", help="gRPC: only the open-loop lines at --rate (no quarter "
+                                                         "rate, no closed loop)")
     args = ap.parse_args()
     if args.serve:
-        return serve(args.serve, args.rpc_workers)
+        return serve(args.serve, args.rpc_workers, args.join, args.gateways)
     print(f"cpus: {os.cpu_count()}, load average: {os.getloadavg()[0]:.1f} (shared machine: figures are noisy)")
     if args.history:
         bench_history([int(x) for x in args.history.split(",")], args.n)
@@ -502,8 +544,9 @@ def main() -> int:
     if not args.grpc_only:
         bench_core(args.n)
     if not args.core_only:
-        print(f"gRPC server worker threads: {args.rpc_workers or 'default (8)'}", flush=True)
-        bench_grpc(args.rate, args.seconds, args.rpc_workers)
+        print(f"gRPC server worker threads: {args.rpc_workers or 'default (8)'}, server processes: "
+              f"{args.server_processes}, gateway connections: {args.gateways}", flush=True)
+        bench_grpc(args.rate, args.seconds, args.rpc_workers, args.server_processes, args.gateways, args.quick)
     return 0
 
 

@@ -38,11 +38,69 @@ def _positive_int(text: str) -> int:
     return value
 
 
+_NOT_FOR_REPLICAS = {"help", "processes", "listen", "metrics_listen", "replica", "func", "serve_parser", "no_rating"}
+
+
+def _replica_argv(args, listen: str) -> list[str]:
+    """The command line of a further `serve` process: this one's options, on the port `listen` this
+    one already bound, without --processes, metrics and rating (the first process keeps those)."""
+    argv = [sys.executable, "-m", "meterlink.headend.cli"] + (["-v"] if getattr(args, "verbose", False) else [])
+    argv += ["serve", "--listen", listen, "--no-rating", "--replica"]
+    for action in args.serve_parser._actions:
+        value = getattr(args, action.dest, None)
+        if action.dest in _NOT_FOR_REPLICAS or not action.option_strings or value == action.default:
+            continue
+        argv += [action.option_strings[0]] if isinstance(action, argparse._StoreTrueAction) else \
+            [action.option_strings[0], str(value)]
+    return argv
+
+
+def _start_replicas(args, n: int, listen: str) -> list:
+    """`serve --processes N`: N further processes serving the same port (SO_REUSEPORT: the kernel
+    spreads the incoming connections over the processes) and database; returns them once each
+    listens. Their PAYG writes queue on the database's write lock (PaygStore: flock + BEGIN IMMEDIATE
+    on SQLite, an advisory lock on PostgreSQL), so every rule (idempotency, reservations,
+    balances) holds across processes as it does across threads."""
+    import os
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}   # systemd hears the first one only
+    procs = []
+    try:
+        for _ in range(n):
+            proc = subprocess.Popen(_replica_argv(args, listen), stdout=subprocess.PIPE, text=True, env=env)
+            procs.append(proc)
+            started = proc.stdout.readline().strip()
+            proc.stdout.close()
+            if not started:
+                raise MeterlinkError(f"serve --processes: a further process on {listen} did not start "
+                                     f"(exit status {proc.wait(timeout=30)})")
+    except BaseException:
+        _stop_replicas(procs)
+        raise
+    return procs
+
+
+def _stop_replicas(procs: list) -> None:
+    import signal
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=45)
+        except Exception:
+            proc.kill()
+            proc.wait()
+
+
 def cmd_serve(args) -> int:
     cfg = load_config(args.config)
     clock = clock_from_spec(args.clock)
     repo = open_repository(args.database or cfg.database)
     from .gatewayops import start_secure
+    replica = getattr(args, "replica", False)
+    if replica:
+        args.metrics_listen = None
     metrics = None
     if getattr(args, "metrics_listen", None):   # Prometheus /metrics: records, duplicates, refusals, latency
         from meterlink.metrics import HeadendMetrics
@@ -64,8 +122,20 @@ def cmd_serve(args) -> int:
     from .rating_worker import start_for_serve     # rate readings as they arrive (--no-rating: off)
     rating = start_for_serve(args, args.database or cfg.database, clock, repo)
     host = (args.listen or cfg.listen).rpartition(":")[0]
+    replicas = []
+    if not replica and (getattr(args, "processes", None) or 1) > 1:
+        try:
+            replicas = _start_replicas(args, args.processes - 1, f"{host}:{port}")
+        except BaseException:
+            stop_server(server, grace=0)
+            if rating is not None:
+                rating.stop()
+            raise
     print(f"{host}:{port}", flush=True)
-    if secure is not None:
+    if replica:                                    # the first process read our address and closed the pipe
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    if secure is not None and not replica:
         print(f"enrol {secure.enrol_port} ca-sha256 {secure.keys.ca_fingerprint}", flush=True)
     if metrics is not None:
         from meterlink.metrics import serve_metrics
@@ -79,6 +149,7 @@ def cmd_serve(args) -> int:
     stop.wait()
     notifier.stopping()
     bound_shutdown(20)                             # a stop that hangs dumps every thread's stack and exits 1
+    _stop_replicas(replicas)                       # they stop as this one does (SIGTERM)
     stop_server(server, grace=2)                   # every handler has returned before the stores close
     if rating is not None:
         rating.stop()
@@ -466,13 +537,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--rpc-workers", type=_positive_int, metavar="N",
                        help="worker threads of the gRPC server (default 8); fewer threads switch less: with --payg, 3 "
                             "cost less server CPU per credit-control request at 1000/s (docs/payg.md, Benchmark)")
+    serve.add_argument("--processes", type=_positive_int, default=1, metavar="N",
+                       help="serve the port from N processes (default 1) on the one database: the kernel spreads "
+                            "the gateways' connections over them (SO_REUSEPORT), so the gRPC and PAYG work uses "
+                            "more than one core; the first process alone rates, serves --metrics-listen and "
+                            "prints the addresses (docs/payg.md, Benchmark)")
+    serve.add_argument("--replica", action="store_true", help=argparse.SUPPRESS)   # one of --processes' further ones
     serve.add_argument("--pki-dir", help="serve mutual TLS with the head-end CA in this directory (or [pki] dir)")
     serve.add_argument("--enrol-listen", help="HOST:PORT of the server-TLS enrolment port, overrides [pki]")
     serve.add_argument("--metrics-listen", help="HOST:PORT of a Prometheus /metrics endpoint, e.g. 127.0.0.1:9109 "
                                                 "(port 0 picks one; printed as 'metrics URL')")
     from .rating_worker import add_serve_arguments
     add_serve_arguments(serve)
-    serve.set_defaults(func=cmd_serve)
+    serve.set_defaults(func=cmd_serve, serve_parser=serve)
     mg = sub.add_parser("migrate", help="apply pending schema migrations (versioned, checksummed, one transaction)",
                         epilog="example: meterlink-headend migrate --database postgresql://postgres@127.0.0.1:5432/meterlink")
     mg.add_argument("--config", default="headend.toml", help="config file (default headend.toml)")

@@ -19,7 +19,9 @@ psycopg 3): statements are written with ``?`` placeholders and converted for psy
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import secrets
 import sqlite3
 import zlib
@@ -206,6 +208,8 @@ class PaygStore:
         self._reading = _Reading(self)
         self.commits = 0                        # durable COMMITs, and the transactions they carried
         self.committed_transactions = 0
+        self._xlock: int | None = None          # SQLite file: fd of the PAYG write lock shared by processes
+        self._xheld = False
         if is_postgres_url(database):
             import psycopg
             self.path = str(database)
@@ -229,11 +233,16 @@ class PaygStore:
             raw.execute("PRAGMA synchronous=FULL")      # WAL fsynced at every commit: durable before the answer
             raw.executescript(SCHEMA.replace("{SERIAL}", "INTEGER PRIMARY KEY AUTOINCREMENT"))
             self._db = _Conn(raw, postgres=False)
+            if path != ":memory:":
+                self._xlock = os.open(path + "-payglock", os.O_RDWR | os.O_CREAT, 0o600)
             self._integrity_errors = (sqlite3.IntegrityError,)
         self._adopt_balances()
 
     def close(self) -> None:
         self._db.close()
+        if self._xlock is not None:
+            os.close(self._xlock)
+            self._xlock = None
 
     # ------------------------------------------------------------------ running balances
 
@@ -352,8 +361,24 @@ class PaygStore:
                 self._db.execute("ROLLBACK")
                 raise
         else:
-            self._db.execute("BEGIN IMMEDIATE")
+            # Several processes writing one SQLite file (`serve --processes N`) queue on an flock of
+            # ``PATH-payglock`` first: a blocked flock wakes as soon as the holder's COMMIT is done,
+            # where SQLite's busy handler, polling BEGIN IMMEDIATE, sleeps 1, 2, 5, 10... ms.
+            if self._xlock is not None:
+                fcntl.flock(self._xlock, fcntl.LOCK_EX)
+                self._xheld = True
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                self._unlock()
+                raise
         self._batch = _Batch()
+
+    def _unlock(self) -> None:
+        """Release the processes' write lock (after COMMIT or ROLLBACK), if held."""
+        if self._xheld:
+            self._xheld = False
+            fcntl.flock(self._xlock, fcntl.LOCK_UN)
 
     def _commit_batch(self) -> None:
         """COMMIT the open group (caller holds `_lock`) and wake its members."""
@@ -371,6 +396,7 @@ class PaygStore:
             except Exception:
                 pass
         finally:
+            self._unlock()
             batch.done.set()
 
     def _rollback_batch(self) -> None:
@@ -380,6 +406,7 @@ class PaygStore:
             self._db.execute("ROLLBACK")
         except Exception:
             pass
+        self._unlock()
         batch.done.set()
 
     def _abort_batch(self, exc: BaseException) -> None:
@@ -391,6 +418,7 @@ class PaygStore:
             self._db.execute("ROLLBACK")
         except Exception:
             pass
+        self._unlock()
         batch.done.set()
 
     def _await(self, batch: "_Batch") -> None:
