@@ -10,10 +10,18 @@ the readings as duplicates and the head advances then (exactly once either way).
 
 Tables:
   gateway_chain_head (gateway_id PK, head_seq, head_hash, updated_at_ms)   -- the ack
-  gateway_chain_hash (gateway_id, seq, hash) PK (gateway_id, seq)          -- every record's hash
+  gateway_chain_hash (gateway_id, seq, hash) PK (gateway_id, seq)          -- record hashes (see below)
   gateway_event      (gateway_id, seq, prev_hash, kind, meter_id, at_ms, payload, obis, record_hash, received_at_ms)
                      -- events; a tombstone (pruned run) as kind 'tombstone', at_ms = the run's first seq
   gateway_key        (gateway_id PK, public_key, trusted_at_ms)             -- Ed25519, raw 32 bytes
+
+A record's hash is the next record's prev_hash, and the head's is in gateway_chain_head; so when the
+readings are stored with the chain in one transaction (`commit_with_readings` on the same database),
+their prev_hash column in gateway_record already holds every reading's hash but the head's, and only
+events and tombstones get a gateway_chain_hash row (one B-tree insert less per reading). `record_hash`
+answers from gateway_chain_hash, else from the head, else from the next record's prev_hash (reading,
+event, or a tombstone whose run starts there). Otherwise (`commit`, a repository elsewhere) every
+record gets its gateway_chain_hash row as before.
 """
 
 from __future__ import annotations
@@ -63,11 +71,23 @@ def last_seq(new) -> int:
     return new.seqs[-1] if type(new) is ReadingColumns else new[-1].seq
 
 
+def next_prev_hash(event_row, seq: int) -> bytes | None:
+    """The hash of record `seq` from the first gateway_event row after it, (seq, kind, at_ms, prev_hash): its
+    prev_hash if that row is record seq + 1, or a tombstone whose pruned run starts at seq + 1; else None."""
+    if event_row is None:
+        return None
+    e_seq, kind, at_ms, prev = event_row
+    starts = at_ms if kind == "tombstone" else e_seq
+    return bytes(prev) if starts == seq + 1 else None
+
+
 class HeadMoved(MeterlinkError):
     """Another request advanced this gateway's chain head between verification and commit (retry)."""
 
 
 class SqliteChainStore:
+    accepts_columns = True        # verified batches may come as chain.ReadingColumns (readings only)
+
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
         if self.path != ":memory:":
@@ -90,10 +110,28 @@ class SqliteChainStore:
         return (row[0], bytes(row[1])) if row else (0, GENESIS)
 
     def record_hash(self, gateway_id: str, seq: int) -> bytes | None:
+        """The hash of held record `seq` (None when not held): its gateway_chain_hash row, the head's hash, or
+        the prev_hash of the record after it (module docstring)."""
         with self._lock:
-            row = self._db.execute("SELECT hash FROM gateway_chain_hash WHERE gateway_id=? AND seq=?",
-                                   (gateway_id, seq)).fetchone()
-        return bytes(row[0]) if row else None
+            db = self._db
+            row = db.execute("SELECT hash FROM gateway_chain_hash WHERE gateway_id=? AND seq=?",
+                             (gateway_id, seq)).fetchone()
+            if row:
+                return bytes(row[0])
+            head = db.execute("SELECT head_seq, head_hash FROM gateway_chain_head WHERE gateway_id=?",
+                              (gateway_id,)).fetchone()
+            if head is None or not 1 <= seq <= head[0]:
+                return None
+            if seq == head[0]:
+                return bytes(head[1])
+            if db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='gateway_record'").fetchone():
+                row = db.execute("SELECT prev_hash FROM gateway_record WHERE gateway_id=? AND seq=?",
+                                 (gateway_id, seq + 1)).fetchone()
+                if row:
+                    return bytes(row[0])
+            row = db.execute("SELECT seq, kind, at_ms, prev_hash FROM gateway_event WHERE gateway_id=? AND seq>? "
+                             "ORDER BY seq LIMIT 1", (gateway_id, seq)).fetchone()
+        return next_prev_hash(row, seq)
 
     def commit(self, gateway_id: str, expected_head: int, new: list[ChainRecord], received_at_ms: int,
                hashes: list[bytes] | None = None) -> int:
@@ -103,7 +141,7 @@ class SqliteChainStore:
         """
         if not new:
             return expected_head
-        write = self._writer(gateway_id, expected_head, new, received_at_ms, hashes)
+        write = self._writer(gateway_id, expected_head, new, received_at_ms, hashes, False)
         with self._lock:
             db = self._db
             db.execute("BEGIN IMMEDIATE")
@@ -129,7 +167,7 @@ class SqliteChainStore:
         ingest_rows_then = getattr(repo, "ingest_rows_then", None)
         if ingest_rows_then is not None and self._same_file(repo):
             ingest_rows_then(gateway_id, chain_rows(gateway_id, new, received_at_ms),
-                             self._writer(gateway_id, expected_head, new, received_at_ms, hashes))
+                             self._writer(gateway_id, expected_head, new, received_at_ms, hashes, True))
             return last_seq(new)
         readings = stored_readings(gateway_id, new)
         if readings:
@@ -146,18 +184,24 @@ class SqliteChainStore:
             return False
 
     def _writer(self, gateway_id: str, expected_head: int, new: list[ChainRecord], received_at_ms: int,
-                hashes: list[bytes] | None):
-        """The statements of `commit` as a function of a connection already inside a write transaction."""
+                hashes: list[bytes] | None, readings_here: bool):
+        """The statements of `commit` as a function of a connection already inside a write transaction.
+        `readings_here`: the readings of `new` go into gateway_record in the same transaction, so they need no
+        gateway_chain_hash row (module docstring)."""
         cols = new if type(new) is ReadingColumns else None     # readings only: no events, no tombstones
         if hashes is None:
             hashes = cols.hashes if cols is not None else [hash_of(r) for r in new]
         seqs = cols.seqs if cols is not None else [r.seq for r in new]
         first, last, n = seqs[0], seqs[-1], len(new)
-        joined = b"".join(hashes)
-        # the usual batch: seqs first..last without a jump (no tombstone), 32-byte SHA-256 hashes -> one
-        # statement over one blob; otherwise one row per record
-        run = (last - first + 1 == n and set(map(len, hashes)) == {32} and seqs == list(range(first, last + 1)))
-        rows = None if run else list(zip([gateway_id] * n, seqs, hashes))
+        if readings_here:             # hash rows for events and tombstones only
+            joined, rows = b"", [(gateway_id, r.seq, h) for r, h in zip(() if cols is not None else new, hashes)
+                                 if type(r.body) is not Reading]
+        else:
+            joined = b"".join(hashes)
+            # the usual batch: seqs first..last without a jump (no tombstone), 32-byte SHA-256 hashes -> one
+            # statement over one blob; otherwise one row per record
+            run = (last - first + 1 == n and set(map(len, hashes)) == {32} and seqs == list(range(first, last + 1)))
+            rows = None if run else list(zip([gateway_id] * n, seqs, hashes))
         others = []
         for r in (() if cols is not None else new):
             b = r.body
@@ -177,7 +221,7 @@ class SqliteChainStore:
                 raise HeadMoved(f"gateway {gateway_id}: head moved from {expected_head} to {row[0] if row else 0}")
             if rows is None:
                 db.execute(INSERT_HASH_RUN, (gateway_id, first, joined, n - 1))
-            else:
+            elif rows:
                 db.executemany("INSERT INTO gateway_chain_hash VALUES (?,?,?)", rows)
             if others:
                 db.executemany("INSERT INTO gateway_event VALUES (?,?,?,?,?,?,?,?,?,?)", others)

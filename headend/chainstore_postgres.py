@@ -12,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import struct
 
-from meterlink.chain import GENESIS, ChainRecord, Event, Tombstone, hash_of
+from meterlink.chain import GENESIS, ChainRecord, Event, ReadingColumns, Tombstone, hash_of
 from meterlink.clock import to_ms
 from meterlink.errors import ConfigError
+from meterlink.readings import Reading
 
-from .chainstore import HeadMoved, stored_readings
+from .chainstore import HeadMoved, last_seq, next_prev_hash, stored_readings
 from .repo_postgres import COPY_SIGNATURE, COPY_TRAILER, _Pool, redact
 
 SCHEMA = """
@@ -65,6 +66,8 @@ def hash_copy_data(gateway_id: str, rows: list[tuple[str, int, bytes]]) -> bytes
 
 
 class PostgresChainStore:
+    accepts_columns = True        # verified batches may come as chain.ReadingColumns (see SqliteChainStore)
+
     def __init__(self, url: str, pool_size: int = 8) -> None:
         self.url, self.display_url = url, redact(url)
         self._pool = _Pool(url, pool_size, self.display_url)
@@ -83,10 +86,27 @@ class PostgresChainStore:
         return (row[0], bytes(row[1])) if row else (0, GENESIS)
 
     def record_hash(self, gateway_id: str, seq: int) -> bytes | None:
+        """The hash of held record `seq` (None when not held): its gateway_chain_hash row, the head's hash, or
+        the prev_hash of the record after it (as `SqliteChainStore.record_hash`, whose module says why)."""
         with self._pool.connection() as conn:
             row = conn.execute("SELECT hash FROM gateway_chain_hash WHERE gateway_id = %s AND seq = %s",
                                (gateway_id, seq)).fetchone()
-        return bytes(row[0]) if row else None
+            if row:
+                return bytes(row[0])
+            head = conn.execute("SELECT head_seq, head_hash FROM gateway_chain_head WHERE gateway_id = %s",
+                                (gateway_id,)).fetchone()
+            if head is None or not 1 <= seq <= head[0]:
+                return None
+            if seq == head[0]:
+                return bytes(head[1])
+            if conn.execute("SELECT to_regclass('gateway_record')").fetchone()[0] is not None:
+                row = conn.execute("SELECT prev_hash FROM gateway_record WHERE gateway_id = %s AND seq = %s",
+                                   (gateway_id, seq + 1)).fetchone()
+                if row:
+                    return bytes(row[0])
+            row = conn.execute("SELECT seq, kind, at_ms, prev_hash FROM gateway_event WHERE gateway_id = %s "
+                               "AND seq > %s ORDER BY seq LIMIT 1", (gateway_id, seq)).fetchone()
+        return next_prev_hash(row, seq)
 
     def commit(self, gateway_id: str, expected_head: int, new: list[ChainRecord], received_at_ms: int,
                hashes: list[bytes] | None = None) -> int:
@@ -97,7 +117,7 @@ class PostgresChainStore:
         """
         if not new:
             return expected_head
-        write = self._writer(gateway_id, expected_head, new, received_at_ms, hashes)
+        write = self._writer(gateway_id, expected_head, new, received_at_ms, hashes, False)
         with self._pool.connection() as conn:
             with conn.transaction():
                 write(conn)
@@ -121,31 +141,39 @@ class PostgresChainStore:
             ingest_chain_then = getattr(repo, "ingest_chain_then", None)
             if ingest_chain_then is not None:        # readings straight from the chain records
                 ingest_chain_then(gateway_id, new, received_at_ms,
-                                  self._writer(gateway_id, expected_head, new, received_at_ms, hashes))
-                return new[-1].seq
+                                  self._writer(gateway_id, expected_head, new, received_at_ms, hashes, True))
+                return last_seq(new)
             ingest_then = getattr(repo, "ingest_then", None)
             if ingest_then is not None:
                 ingest_then(gateway_id, stored_readings(gateway_id, new), received_at_ms,
-                            self._writer(gateway_id, expected_head, new, received_at_ms, hashes))
-                return new[-1].seq
+                            self._writer(gateway_id, expected_head, new, received_at_ms, hashes, True))
+                return last_seq(new)
         readings = stored_readings(gateway_id, new)
         if readings:
             repo.ingest(gateway_id, readings, received_at_ms)
         return self.commit(gateway_id, expected_head, new, received_at_ms, hashes)
 
     def _writer(self, gateway_id: str, expected_head: int, new: list[ChainRecord], received_at_ms: int,
-                hashes: list[bytes] | None):
-        """The statements of `commit` as a function of a connection already inside a transaction."""
+                hashes: list[bytes] | None, readings_here: bool):
+        """The statements of `commit` as a function of a connection already inside a transaction.
+        `readings_here`: the readings of `new` go into gateway_record in the same transaction, so they need no
+        gateway_chain_hash row (as in chainstore.py)."""
+        cols = new if type(new) is ReadingColumns else None     # readings only: no events, no tombstones
         if hashes is None:
-            hashes = [hash_of(r) for r in new]
-        first, last, n = new[0].seq, new[-1].seq, len(new)
+            hashes = cols.hashes if cols is not None else [hash_of(r) for r in new]
+        seqs = cols.seqs if cols is not None else [r.seq for r in new]
+        first, last, n = seqs[0], seqs[-1], len(new)
         # the usual batch: seqs first..last without a jump (no tombstone), 32-byte hashes -> one INSERT over
         # the joined hashes (the server walks them); otherwise the binary COPY of one row per record
-        run = (last - first + 1 == n and set(map(len, hashes)) == {32} and set(map(type, hashes)) == {bytes}
-               and [r.seq for r in new] == list(range(first, last + 1)))
-        rows = None if run else [(gateway_id, r.seq, h) for r, h in zip(new, hashes)]
+        run = (not readings_here and last - first + 1 == n and set(map(len, hashes)) == {32}
+               and set(map(type, hashes)) == {bytes} and seqs == list(range(first, last + 1)))
+        if readings_here:             # hash rows for events and tombstones only
+            rows = [(gateway_id, r.seq, h) for r, h in zip(() if cols is not None else new, hashes)
+                    if type(r.body) is not Reading]
+        else:
+            rows = None if run else list(zip([gateway_id] * n, seqs, hashes))
         others = []
-        for r in new:
+        for r in (() if cols is not None else new):
             b = r.body
             if isinstance(b, Event):
                 others.append((gateway_id, r.seq, r.prev_hash, b.kind, b.meter_id, to_ms(b.at), b.payload, "",
@@ -161,7 +189,7 @@ class PostgresChainStore:
             cur = conn.cursor()
             if rows is None:
                 cur.execute(INSERT_HASH_RUN, (gateway_id, first, b"".join(hashes), n - 1))
-            else:
+            elif rows:
                 data = hash_copy_data(gateway_id, rows)
                 with cur.copy("COPY gateway_chain_hash (gateway_id, seq, hash) FROM STDIN (FORMAT BINARY)") as copy:
                     if data is not None:

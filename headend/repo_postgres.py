@@ -28,6 +28,7 @@ from typing import Iterator
 import psycopg
 from psycopg.pq import TransactionStatus
 
+from meterlink.chain import ReadingColumns
 from meterlink.clock import Clock, SystemClock, to_ms
 from meterlink.errors import ConfigError
 from meterlink.readings import Reading
@@ -92,6 +93,39 @@ def copy_data(gateway_id: str, records: list, received_at_ms: int, body: str = "
         append(COPY_TRAILER)
         return b"".join(parts)
     except (struct.error, UnicodeEncodeError, AttributeError, TypeError, OverflowError):
+        return None
+
+
+def copy_columns(gateway_id: str, cols: ReadingColumns, received_at_ms: int, keep: list[int] | None = None) -> bytes | None:
+    """`copy_data` for a batch of readings as columns (chain.ReadingColumns), only the rows at indexes `keep`
+    (all when None): one struct per (meter, obis, unit), strings encoded once. None when a value does not
+    fit (the caller then takes the row-by-row COPY)."""
+    try:
+        gw = gateway_id.encode()
+        shapes = {}
+        for k in set(zip(cols.meters, cols.obis, cols.units)):
+            m, o, u = (x.encode() for x in k)
+            st = _ROW_STRUCTS.get((len(gw), 32, len(m), len(o), len(u)))
+            if st is None:
+                st = _ROW_STRUCTS[(len(gw), 32, len(m), len(o), len(u))] = struct.Struct(
+                    f">hi{len(gw)}siqi32si{len(m)}si{len(o)}siqiqi{len(u)}siiiq")
+            shapes[k] = (st.pack, len(m), m, len(o), o, len(u), u)
+        rows = zip(zip(cols.meters, cols.obis, cols.units), cols.seqs, cols.prevs, cols.taken_at_ms, cols.values,
+                   cols.qualities)
+        if keep is not None:
+            rows = [r for i, r in enumerate(rows) if i in keep]
+        lg = len(gw)
+        parts = [COPY_SIGNATURE]
+        append = parts.append
+        for k, seq, prev, ms, value, quality in rows:
+            pack, lm, m, lo, o, lu, u = shapes[k]
+            if len(prev) != 32:
+                return None
+            append(pack(10, lg, gw, 8, seq, 32, prev, lm, m, lo, o, 8, ms, 8, value, lu, u, 4, quality, 8,
+                        received_at_ms))
+        append(COPY_TRAILER)
+        return b"".join(parts)
+    except (struct.error, UnicodeEncodeError, TypeError, OverflowError):
         return None
 
 
@@ -229,6 +263,8 @@ class PostgresReadingRepository:
         """`ingest_then` straight from verified chain records (their Reading bodies; events and tombstones
         are the chain store's), without building StoredRecords first: the chain store's one-transaction
         path (`PostgresChainStore.commit_with_readings`). The verifier guarantees the seqs."""
+        if type(new) is ReadingColumns:       # readings only, as columns (the usual batch)
+            return self._ingest(gateway_id, new, received_at_ms, then, "columns")
         return self._ingest(gateway_id, [r for r in new if type(r.body) is Reading], received_at_ms, then, "body")
 
     def _ingest(self, gateway_id: str, records: list, received_at_ms: int, then, body: str) -> IngestResult:
@@ -241,26 +277,35 @@ class PostgresReadingRepository:
                                    (gateway_id,)).fetchone()
                 then(conn)
             return IngestResult(row[0] if row else 0, 0, 0)
-        seqs = [r.seq for r in records]
+        cols = records if body == "columns" else None     # chain.ReadingColumns: verified, distinct seqs
+        seqs = cols.seqs if cols is not None else [r.seq for r in records]
         with self._pool.connection() as conn, conn.transaction():
             with conn.pipeline():
                 lock = conn.execute(LOCK_GATEWAY, (gateway_id,))
                 held_cur = conn.execute(HELD_IN_RANGE, (gateway_id, min(seqs), max(seqs)))
             acked = lock.fetchone()[0]
             held = {row[0] for row in held_cur}
-            fresh = []
-            for r in records:
-                if r.seq not in held:
-                    held.add(r.seq)                       # a seq repeated inside the batch goes in once
-                    fresh.append(r)
-            accepted = len(fresh)
+            if cols is not None:
+                keep = None if not held else [i for i, seq in enumerate(seqs) if seq not in held]
+                accepted = len(seqs) if keep is None else len(keep)
+                data = copy_columns(gateway_id, cols, received_at_ms, None if keep is None else set(keep))
+                get = attrgetter("body")
+            else:
+                fresh = []
+                for r in records:
+                    if r.seq not in held:
+                        held.add(r.seq)                   # a seq repeated inside the batch goes in once
+                        fresh.append(r)
+                accepted = len(fresh)
+                data = copy_data(gateway_id, fresh, received_at_ms, body)
             cur = conn.cursor()
-            data = copy_data(gateway_id, fresh, received_at_ms, body)
             with cur.copy(COPY_RECORDS) as copy:
                 if data is not None:
                     copy.write(data)                      # the whole batch, pre-encoded, in one buffer
                 else:                                     # a value the fast encoder refuses: row by row,
                     copy.set_types(COPY_TYPES)            # psycopg then sends (or rejects) it exactly
+                    if cols is not None:
+                        fresh = cols.records() if keep is None else [cols.records()[i] for i in keep]
                     for r in fresh:
                         rd = get(r)
                         copy.write_row((gateway_id, r.seq, r.prev_hash, rd.meter_id, rd.obis,

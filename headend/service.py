@@ -164,12 +164,12 @@ class GatewaySyncService(sync_pb2_grpc.GatewaySyncServicer):
     def _decode(self, request):
         """(records, hashes) of a request, or the Verdict refusing it as malformed.
 
-        The usual catch-up batch (readings of one layout, well-formed) comes as ReadingColumns, which
-        verify_batch and the SQLite chain store take as they are (no ChainRecord/Reading per record).
+        The usual batch (readings only, well-formed) comes as ReadingColumns, which verify_batch and the
+        chain stores (SQLite, PostgreSQL) take as they are (no ChainRecord/Reading per record).
         """
         try:
             wire = request.chain_records
-            if wire and not len(request.records) and isinstance(self.chain, SqliteChainStore):
+            if wire and not len(request.records) and getattr(self.chain, "accepts_columns", False):
                 cols = decode_wire_columns(list(wire))
                 if cols is not None:
                     return cols, cols.hashes

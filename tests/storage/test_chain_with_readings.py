@@ -62,3 +62,34 @@ def test_postgres_copy_streams_fall_back_to_row_encoding_with_the_same_result(ba
     hashes = [bytearray(hash_of(r)) for r in recs]                                     # not bytes: row-by-row hash COPY
     assert chain.commit_with_readings(repo, "gw-x", 0, recs, 5, hashes) == 6
     assert chain.record_hash("gw-x", 6) == hash_of(recs[-1]) and repo.acked_seq("gw-x") == 4
+
+
+def _hash_row_seqs(repo, gateway_id: str) -> list[int]:
+    sql = f"SELECT seq FROM gateway_chain_hash WHERE gateway_id = '{gateway_id}' ORDER BY seq"
+    if hasattr(repo, "_pool"):
+        with repo._pool.connection() as conn:
+            return [s for (s,) in conn.execute(sql)]
+    return [s for (s,) in repo._db.execute(sql)]
+
+
+def test_readings_stored_with_the_chain_need_no_hash_row_and_every_held_hash_is_still_answered(stores):
+    """Readings committed with the chain keep their hash only as the next record's prev_hash (or the head):
+    `record_hash` answers every held seq all the same, across events, a tombstone run and batch boundaries,
+    for records and for column batches; hash rows are written for events and tombstones only."""
+    from meterlink.chain import ChainRecord, Tombstone, decode_wire_columns, wire_bytes
+    repo, chain = stores
+    recs = link(_bodies(40))                          # events at seqs 5, 10, 15, ...
+    pruned = ChainRecord(24, recs[20].prev_hash, Tombstone(21, hash_of(recs[23])))   # 21..24 pruned unsent
+    sent = recs[:20] + [pruned] + recs[24:30]
+    hashes = [hash_of(r) for r in sent]
+    assert chain.commit_with_readings(repo, "gw-h", 0, sent[:12], 5, hashes[:12]) == 12
+    assert chain.commit_with_readings(repo, "gw-h", 12, sent[12:], 6, hashes[12:]) == 30
+    cols = decode_wire_columns([wire_bytes(r) for r in recs[30:34]])                # seqs 31..34, readings
+    assert cols is not None
+    assert chain.commit_with_readings(repo, "gw-h", 30, cols, 7, cols.hashes) == 34
+    for seq in range(1, 35):
+        assert chain.record_hash("gw-h", seq) == (None if 21 <= seq <= 23 else hash_of(recs[seq - 1])), seq
+    assert chain.record_hash("gw-h", 35) is None and chain.record_hash("gw-h", 0) is None
+    assert chain.record_hash("gw-none", 1) is None
+    assert _hash_row_seqs(repo, "gw-h") == [5, 10, 15, 20, 24, 25, 30]          # events and the tombstone
+    assert len(repo.readings("MTR-W")) == 16 + 4 + 4
