@@ -295,9 +295,9 @@ def _uniform_reading_struct(blobs: Sequence[bytes]):
 _MAX_LAYOUTS = 32
 
 
-def _unpack_readings(blobs: Sequence[bytes]) -> list[tuple] | None:
-    """Every blob unpacked as a reading record (struct fields), or None when one is not a well-formed reading
-    record of the layout its size suggests. One layout: one iter_unpack over the joined bytes; several (a poll
+def _unpack_readings(blobs: Sequence[bytes]) -> tuple[tuple, ...] | None:
+    """Every blob unpacked as a reading record, as columns (one tuple per struct field), or None when one is
+    not a well-formed reading record of the layout its size suggests. One layout: one iter_unpack over the joined bytes; several (a poll
     round of registers whose OBIS codes and units differ in length): one unpack per record with the struct
     of its size, sniffed once per size. Each record's unpacked magic, kind and string lengths are checked
     against the layout it was unpacked with, so two layouts of the same size cannot be confused."""
@@ -314,16 +314,14 @@ def _unpack_readings(blobs: Sequence[bytes]) -> list[tuple] | None:
     if len(layouts) == 1:
         st, lens = layout
         rows = list(st.iter_unpack(b"".join(blobs)))
-        if {(r[0], r[3], r[4], r[6], r[10]) for r in rows} != {(RECORD_MAGIC, KIND_READING, *lens)}:
-            return None
-        return rows
-    unpack = {size: st.unpack for size, (st, _) in layouts.items()}
-    rows = [unpack[len(b)](b) for b in blobs]
-    if ({(r[0], r[3]) for r in rows} != {(RECORD_MAGIC, KIND_READING)}
-            or not {(len(b), r[4], r[6], r[10]) for b, r in zip(blobs, rows)}
-            <= {(size, *lens) for size, (_, lens) in layouts.items()}):
+    else:
+        unpack = {size: st.unpack for size, (st, _) in layouts.items()}
+        rows = [unpack[len(b)](b) for b in blobs]
+    cols = tuple(zip(*rows))
+    if (set(cols[0]) != {RECORD_MAGIC} or set(cols[3]) != {KIND_READING}
+            or not set(zip(sizes, cols[4], cols[6], cols[10])) <= {(size, *lens) for size, (_, lens) in layouts.items()}):
         return None
-    return rows
+    return cols
 
 
 def decode_wire_batch(blobs: Sequence[bytes]) -> tuple[list[ChainRecord], list[bytes]]:
@@ -427,10 +425,10 @@ def decode_wire_columns(blobs: Sequence[bytes]) -> ReadingColumns | None:
     received bytes)."""
     if not blobs:
         return None
-    rows = _unpack_readings(blobs)
-    if rows is None:
+    cols = _unpack_readings(blobs)
+    if cols is None:
         return None
-    magic, seqs, prevs, kinds, mls, ms_, ols, os_, times, values, uls, us, qualities = zip(*rows)
+    magic, seqs, prevs, kinds, mls, ms_, ols, os_, times, values, uls, us, qualities = cols
     if min(seqs) < 1:
         return None
     try:
