@@ -42,6 +42,7 @@ Grant sizing (`size_grant`)
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -606,39 +607,69 @@ class CreditControl:
 
     def __init__(self, ledger: L.LedgerStore, sessions: SessionStore, policy: GrantPolicy, vat: L.PrepaidVat,
                  account_active: Callable[[str], bool] = lambda account_id: True,
-                 tokens: "TokenReservations | None" = None) -> None:
+                 tokens: "TokenReservations | None" = None, inputs: Callable | None = None) -> None:
         self.ledger, self.sessions, self.policy, self.vat = ledger, sessions, policy, vat
         self.account_active = account_active
         self.tokens = tokens
+        # inputs(account, currency, session_id, reported token refs, now) -> (prepaid credit, arrears,
+        # open grants of the account's other sessions, outstanding tokens): the four figures `decide`
+        # needs in one read, equal to what the ledger, sessions and tokens give one by one
+        self.inputs = inputs
+        self._read = threading.local()      # .balances: (account, currency, credit, arrears) this thread's
+                                            # last `handle` read (`read_balances`)
 
     def handle(self, request: CreditControlRequest, now: datetime) -> Outcome:
         session = self.sessions.get(request.session_id)
         account = session.account_id if session else request.account_id
         currency = session.currency if session else request.currency
         prepaid, arrears_acct = L.prepaid(account), L.arrears_account(account)
-        if hasattr(self.ledger, "balances"):           # both in one read where the store can
-            both = self.ledger.balances((prepaid, arrears_acct), currency)
-            credit, arrears = -both[prepaid], both[arrears_acct]
-        else:
-            credit = -self.ledger.balance(prepaid, currency)
-            arrears = self.ledger.balance(arrears_acct, currency)
-        if hasattr(self.sessions, "reserved_by_others"):
-            others = self.sessions.reserved_by_others(account, request.session_id)
-        else:
-            others = sum(s.reserved_minor for s in self.sessions.open_sessions(account)
-                         if s.session_id != request.session_id)
         refs = tuple(r for r, _ in request.tokens)
-        outstanding = self.tokens.outstanding_minor(account, exclude=refs, now=now) if self.tokens else 0
+        if self.inputs is not None:                    # all four in one read where the store can
+            credit, arrears, others, outstanding = self.inputs(account, currency, request.session_id, refs, now)
+        else:
+            if hasattr(self.ledger, "balances"):           # both in one read where the store can
+                both = self.ledger.balances((prepaid, arrears_acct), currency)
+                credit, arrears = -both[prepaid], both[arrears_acct]
+            else:
+                credit = -self.ledger.balance(prepaid, currency)
+                arrears = self.ledger.balance(arrears_acct, currency)
+            if hasattr(self.sessions, "reserved_by_others"):
+                others = self.sessions.reserved_by_others(account, request.session_id)
+            else:
+                others = sum(s.reserved_minor for s in self.sessions.open_sessions(account)
+                             if s.session_id != request.session_id)
+            outstanding = self.tokens.outstanding_minor(account, exclude=refs, now=now) if self.tokens else 0
+        self._read.balances = (account, currency, credit, arrears)
         confirmed = self.tokens.confirmed_minor(request.meter_id, request.tokens) if self.tokens else None
         outcome = decide(session, request, credit_minor=credit, reserved_by_others_minor=others, policy=self.policy,
                          vat=self.vat, now=now, account_active=self.account_active(account),
                          outstanding_tokens_minor=outstanding, reported_tokens_minor=confirmed,
                          arrears_minor=arrears)
+        self._read.booked = ()
         if outcome.transactions:
-            self.ledger.append(outcome.transactions)
+            self._read.booked = self.ledger.append(outcome.transactions)
         if outcome.session is not None:
             self.sessions.put(outcome.session)
         return outcome
+
+    def balances_after(self, account_id: str, currency: str) -> tuple[int, int] | None:
+        """(prepaid credit, arrears) of `account_id` after the calling thread's last `handle`, without
+        reading them again: the balances it read plus the postings it booked (what the ledger's
+        `append` returned as new). None when that call was for another account or currency, or the
+        ledger does not say what it booked."""
+        seen, booked = getattr(self._read, "balances", None), getattr(self._read, "booked", None)
+        if seen is None or seen[:2] != (account_id, currency) or not isinstance(booked, (tuple, list)):
+            return None
+        credit, arrears = seen[2], seen[3]
+        prepaid, arrears_acct = L.prepaid(account_id), L.arrears_account(account_id)
+        for t in booked:
+            for p in t.postings:
+                if p.currency == currency:
+                    if p.account == prepaid:
+                        credit -= p.amount_minor
+                    elif p.account == arrears_acct:
+                        arrears += p.amount_minor
+        return credit, arrears
 
     def _typed(self, request: CreditControlRequest, expected: RequestType, now: datetime) -> Outcome:
         if request.request_type != expected:

@@ -108,7 +108,8 @@ class CreditControlService(payg_pb2_grpc.CreditControlServicer):
         self._peers: dict = {}
         self._digests: dict = {}        # card-list content -> `card_lists_digest` (`_card_lists`)
         self.cc = CC.CreditControl(store, S.SqlSessionStore(store), policy, store.vat,
-                                   account_active=self._active, tokens=S.StoreTokenReservations(store))
+                                   account_active=self._active, tokens=S.StoreTokenReservations(store),
+                                   inputs=store.credit_inputs)
 
     def _active(self, account_id: str) -> bool:
         known = getattr(self._bound, "value", None)       # read with the meter binding, same transaction
@@ -180,9 +181,12 @@ class CreditControlService(payg_pb2_grpc.CreditControlServicer):
                     if token_id not in reported:
                         tokens.append(S.issue_token(self.store, reference, req.meter_id, req.account_id, amount,
                                                     req.currency, self.token_key, now).encode())
-            prepaid, arrears_acct = L.prepaid(req.account_id), L.arrears_account(req.account_id)
-            both = self.store.balances((prepaid, arrears_acct), req.currency)       # one read
-            balance, arrears = -both[prepaid], both[arrears_acct]
+            after = self.cc.balances_after(req.account_id, req.currency)     # read before + booked since
+            if after is None:
+                prepaid, arrears_acct = L.prepaid(req.account_id), L.arrears_account(req.account_id)
+                both = self.store.balances((prepaid, arrears_acct), req.currency)       # one read
+                after = -both[prepaid], both[arrears_acct]
+            balance, arrears = after
             lists = self._card_lists(req, bytes(request.card_lists_digest), now)
         pb = answer_to_proto(out.answer, tokens, balance, arrears)
         if lists is not None:

@@ -85,6 +85,7 @@ CREATE TABLE IF NOT EXISTS payg_token (
     token_id TEXT PRIMARY KEY, reference TEXT NOT NULL UNIQUE, meter_id TEXT NOT NULL, counter BIGINT NOT NULL,
     account_id TEXT NOT NULL, amount_minor BIGINT NOT NULL, currency TEXT NOT NULL, issued_at_ms BIGINT NOT NULL,
     expires_at_ms BIGINT NOT NULL, applied_at_ms BIGINT, UNIQUE (meter_id, counter));
+CREATE INDEX IF NOT EXISTS payg_token_account ON payg_token(account_id);
 CREATE TABLE IF NOT EXISTS payg_cc_session (
     session_id TEXT PRIMARY KEY, account_id TEXT NOT NULL, open BIGINT NOT NULL, reserved_minor BIGINT NOT NULL,
     version BIGINT NOT NULL, data TEXT NOT NULL);
@@ -519,6 +520,26 @@ class PaygStore:
                     f"({', '.join('?' * len(out))})", (currency, *out)).fetchall():
                 out[account] = int(value)
         return out
+
+    def credit_inputs(self, account_id: str, currency: str, session_id: str, exclude_tokens: Sequence[str] = (),
+                      now: datetime | None = None) -> tuple[int, int, int, int]:
+        """What credit control needs about an account, in one read: (prepaid credit = −balance of
+        ``customer:{a}:prepaid``, arrears = balance of ``customer:{a}:arrears``, open grants of the
+        account's sessions other than `session_id` (`SqlSessionStore.reserved_by_others`), issued
+        tokens not applied and unexpired at `now`, other than `exclude_tokens`
+        (`StoreTokenReservations.outstanding_minor`))."""
+        not_in = f" AND token_id NOT IN ({', '.join('?' * len(exclude_tokens))})" if exclude_tokens else ""
+        with self._read():
+            row = self._db.execute(
+                "SELECT (SELECT balance_minor FROM payg_balance WHERE account = ? AND currency = ?), "
+                "(SELECT balance_minor FROM payg_balance WHERE account = ? AND currency = ?), "
+                "(SELECT COALESCE(SUM(reserved_minor), 0) FROM payg_cc_session WHERE account_id = ? AND open = 1 "
+                "AND session_id <> ?), "
+                "(SELECT COALESCE(SUM(amount_minor), 0) FROM payg_token WHERE account_id = ? AND applied_at_ms IS NULL "
+                f"AND expires_at_ms > ?{not_in})",
+                (L.prepaid(account_id), currency, L.arrears_account(account_id), currency, account_id, session_id,
+                 account_id, to_ms(now) if now is not None else -1, *exclude_tokens)).fetchone()
+        return -int(row[0] or 0), int(row[1] or 0), int(row[2]), int(row[3])
 
     def transactions(self, start: datetime | None = None, end: datetime | None = None) -> Iterator[L.Transaction]:
         """All transactions (or those with start <= at < end), in instant order."""

@@ -115,3 +115,40 @@ def test_balances_reads_several_accounts_at_once_like_balance(store):
     mixed = accounts + (L.vendor_receivable("SHOP1"),)                  # not a running balance: summed
     assert store.balances(mixed, "GBP") == {a: store.balance(a, "GBP") for a in mixed}
     assert store.balances(accounts[:2], "EUR") == {accounts[0]: 0, accounts[1]: 0}
+
+
+def test_credit_inputs_in_one_read_equal_the_four_reads_and_the_balances_after_equal_a_fresh_read(store):
+    """`PaygStore.credit_inputs` (what the gRPC servicer's credit control reads) gives what the ledger,
+    the sessions and the token reservations give one by one; `CreditControl.balances_after` (read
+    before + booked) equals reading the balances again after the request, over usage, debt repaid,
+    arrears recovered and tokens reported."""
+    key = Ed25519PrivateKey.generate()
+    store.append([L.top_up("seed", T0, "ACC1", "SHOP1", 5_000, "GBP", store.vat)])
+    store.put_account("ACC1", "GBP")
+    store.register_arrears("ACC1", "old", 700, T0, "previous supply")
+    tokens = [S.issue_token(store, f"sale:SHOP1:{i}", "M1", "ACC1", 100 * (i + 1), "GBP", key, T0) for i in range(3)]
+    sessions, res = S.SqlSessionStore(store), S.StoreTokenReservations(store)
+    one = CC.CreditControl(store, sessions, POLICY, store.vat, tokens=res, inputs=store.credit_inputs)
+    handle(one, store, CC.initial("S1", "ACC1", "M1", "GBP"), T0)
+    handle(one, store, CC.initial("S2", "ACC1", "M2", "GBP"), T0)
+    later = T0 + timedelta(hours=1)
+    for exclude, now in (((), later), ((tokens[0].token_id,), later), ((tokens[1].token_id, tokens[2].token_id), later),
+                         ((), tokens[0].expires_at)):
+        prepaid = -store.balance(L.prepaid("ACC1"), "GBP")
+        assert store.credit_inputs("ACC1", "GBP", "S1", exclude, now) == (
+            prepaid, store.balance(L.arrears_account("ACC1"), "GBP"), sessions.reserved_by_others("ACC1", "S1"),
+            res.outstanding_minor("ACC1", exclude=exclude, now=now))
+    assert store.credit_inputs("NOBODY", "GBP", "S9") == (0, 0, 0, 0)
+    upd = CC.CreditControlRequest("S1", CC.RequestType.UPDATE_REQUEST, 1, "ACC1", "M1", "GBP", 900, 3000,
+                                  to_debt_minor=150, repaid_debt_minor=0, recovered_arrears_minor=60,
+                                  tokens=((tokens[0].token_id, 100),))
+    for cc, req in ((one, upd), (one, upd),                                     # the second: a retransmission
+                    (one, CC.CreditControlRequest("S2", CC.RequestType.TERMINATION_REQUEST, 1, "ACC1", "M2", "GBP",
+                                                  50, 100, repaid_debt_minor=20))):
+        with store.transaction():
+            out = cc.handle(req, later)
+            after = cc.balances_after("ACC1", "GBP")
+            both = store.balances((L.prepaid("ACC1"), L.arrears_account("ACC1")), "GBP")
+        assert out.answer.ok and after == (-both[L.prepaid("ACC1")], both[L.arrears_account("ACC1")])
+    assert cc.balances_after("ACC1", "EUR") is None and cc.balances_after("ACC2", "GBP") is None
+    assert store.verify_balances() == []
