@@ -26,18 +26,27 @@ batch is acked (what an operator ran by hand before serve rated by itself); --ra
 ingest side alone (decode + verify + store + ack: the pipeline's "acked at" without a rating worker
 competing for the cores or the SQLite write lock).
 
+The benchmark's prebuilt records and requests are frozen out of the garbage collector (gc.freeze) while
+the clock runs: a head-end holds no such heap, and full collections over it would be charged to ingest.
+
 Besides wall-clock readings/s it prints the CPU seconds spent (this process + the rating process + the
 PostgreSQL backends, from /proc), readings per CPU-second and CPU microseconds per reading, and the load average: on a
 shared machine the wall figure moves with the neighbours, the CPU figure much less.
 
+--push stream sends each gateway's batches in one PushStream call, as gateway/sync.py does when it catches
+up (the servicer decodes the next batch on a second thread while the current one commits); the default
+is one unary Push per batch.
+
 Usage: .venv/bin/python bench/bench_ingest.py [--readings N] [--backend sqlite|postgres|both]
                                               [--database postgresql://...] [--only pipeline|store]
-                                              [--rating process|thread|after] [--meters N] [--registers four|import]
+                                              [--rating process|thread|after|none] [--push unary|stream]
+                                              [--meters N] [--registers four|import]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import shlex
 import sys
@@ -111,6 +120,8 @@ def run(url: str, backend: str, total: int, batch: int, gateways: int, label: st
         for t in warm:
             t.join()
     server0 = _pg_backend_cpu(url) if backend == "postgres" else 0.0
+    gc.collect()
+    gc.freeze()                                       # as in run_pipeline
     barrier = threading.Barrier(gateways + 1)
     errors: list = []
 
@@ -134,6 +145,7 @@ def run(url: str, backend: str, total: int, batch: int, gateways: int, label: st
     server = (_pg_backend_cpu(url) - server0) if backend == "postgres" else 0.0
     if errors:
         raise errors[0]
+    gc.unfreeze()
     stored = sum(repo.acked_seq(g) for g in work)
     repo.close()
     n = per_gateway * gateways
@@ -172,14 +184,18 @@ def bench_bindings(meter_ids: list[str]):
 
 
 class _Context:
-    """The servicer's view of a call: only `abort` is used (a refused or failed batch ends the benchmark)."""
+    """The servicer's view of a call: `abort` (a refused or failed batch ends the benchmark) and, for
+    PushStream, `is_active`."""
 
     def abort(self, code, detail):
         raise RuntimeError(f"push aborted: {code}: {detail}")
 
+    def is_active(self) -> bool:
+        return True
+
 
 def run_pipeline(url: str, backend: str, total: int, batch: int, gateways: int, label: str,
-                 rating: str = "process", meters: int = 16, registers=REGISTERS) -> dict:
+                 rating: str = "process", meters: int = 16, registers=REGISTERS, stream: bool = False) -> dict:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from meterlink.chain import public_bytes
@@ -219,6 +235,9 @@ def run_pipeline(url: str, backend: str, total: int, batch: int, gateways: int, 
         for t in warm:
             t.join()
     rater_pid = worker._proc.pid if rating == "process" else None     # the rating process's CPU is counted too
+    gc.collect()
+    gc.freeze()        # the benchmark's own prebuilt records and requests are not the head-end's heap: keep them
+                       # out of the collector's full passes (they cost ~1 us/reading of gen-2 traversal otherwise)
     server0 = (_pg_backend_cpu(url) if backend == "postgres" else 0.0) + (_proc_cpu(rater_pid) if rater_pid else 0.0)
     barrier = threading.Barrier(gateways + 1)
     errors: list = []
@@ -227,8 +246,12 @@ def run_pipeline(url: str, backend: str, total: int, batch: int, gateways: int, 
     def push(gateway: str, blobs: list[bytes]) -> None:
         barrier.wait()
         try:
-            for blob in blobs:
-                ack = service.Push(sync_pb2.PushRequest.FromString(blob), ctx)
+            if stream:         # one PushStream call, as gateway/sync.py catches up: the next batch is parsed,
+                acks = list(service.PushStream((sync_pb2.PushRequest.FromString(b) for b in blobs), ctx))
+                assert len(acks) == len(blobs), f"{len(acks)} acks for {len(blobs)} batches"    # decoded ahead
+            else:
+                acks = (service.Push(sync_pb2.PushRequest.FromString(blob), ctx) for blob in blobs)
+            for ack in acks:
                 assert not ack.refused and ack.accepted > 0, ack
         except Exception as exc:              # noqa: BLE001 - reported below
             errors.append(exc)
@@ -251,6 +274,7 @@ def run_pipeline(url: str, backend: str, total: int, batch: int, gateways: int, 
         if worker is not None:
             worker.stop()
         raise errors[0]
+    gc.unfreeze()
     rated_stats = {"runs": 0, "rated_readings": 0, "intervals": 0, "rating_s": 0.0}
     if worker is not None:
         stats = worker.stats
@@ -321,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="pipeline: rate in serve's rating process (default), in a thread (serve --rating-in-thread), "
                          "only after every batch is acked (one process run; the old way, for comparison), or not at "
                          "all (none: the ingest side alone, decode + verify + store + ack)")
+    ap.add_argument("--push", choices=("unary", "stream"), default="unary",
+                    help="pipeline: each batch its own Push call (default), or each gateway's batches in one PushStream "
+                         "call, as the gateway sends a catch-up (the next batch is decoded while one commits)")
     args = ap.parse_args(argv)
     print("command:", shlex.join([sys.executable.replace(str(ROOT) + "/", ""), "bench/bench_ingest.py",
                                   *(argv if argv is not None else sys.argv[1:])]))
@@ -349,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
                 where = {"process": "serve's rating process", "thread": "a thread of this process",
                          "after": "ONE process run after every batch is acked",
                          "none": "no process at all (--rating none: the ingest side alone)"}[args.rating]
-                print(f"verify + store + rate (push requests -> GatewaySyncService.Push; rating in {where}; "
+                print(f"verify + store + rate (push requests -> GatewaySyncService."
+                      f"{'PushStream' if args.push == 'stream' else 'Push'}; rating in {where}; "
                       f"{args.meters} meters x {'4 registers' if args.registers == 'four' else '1.8.0'} per gateway), "
                       f"{backend}:")
                 print(f"{'backend':9} {'scenario':32} {'readings':>9} {'wall s':>7} {'readings/s':>11} {'cpu s':>7} "
@@ -358,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
                 purl = f"sqlite:///{tmp}/pipeline-{i}.db" if backend == "sqlite" else fresh_url(args.database, url)
                 r = run_pipeline(purl, backend, args.readings, batch, gateways, f"p{i}-{int(time.time() * 1000) % 10**8}",
                                  rating=args.rating, meters=args.meters,
-                                 registers=REGISTERS if args.registers == "four" else ("1.8.0",))
+                                 registers=REGISTERS if args.registers == "four" else ("1.8.0",),
+                                 stream=args.push == "stream")
                 kind = "ingest" if args.rating == "none" else "pipeline"
                 best[(backend, kind)] = max(best.get((backend, kind), 0.0), r["rate"])
                 print(f"{backend:9} {name:32} {r['readings']:>9} {r['wall']:>7.2f} {r['rate']:>11,.0f} "
