@@ -30,7 +30,6 @@ from zoneinfo import ZoneInfo
 
 from meterlink.clock import from_ms, to_ms
 from meterlink.errors import ConfigError, ValidationError
-from meterlink.readings import Reading
 
 from .billing import (AccountBill, Adjustment, BillRun, DateRange, RowKey, UsageRow, bind_intervals, check_rebinding,
                       item_from_pending, local_midnight, merge_rows, parse_period, pending_contributions, rebind,
@@ -50,6 +49,7 @@ RATING_LOCK_KEY = 0x6D6C_7261_7469_6E67 >> 1
 BILL_CHUNK = 500           # accounts whose stored aggregates a bill run loads at once
 PROCESS_CHUNK_METERS = 200     # `process` stores at most this many meters' rows per transaction ...
 PROCESS_CHUNK_READINGS = 50_000  # ... or the rows derived from about this many readings
+READ_GROUP_METERS = 64         # `process` reads the new readings of up to this many meters in one query
 AGG_COLS = "account_id, local_date, band, kind, wh, amount_dec, unit_price, days"
 _NOT_HELD = " AND ".join(f"(',' || flags || ',') NOT LIKE '%,{f},%'" for f in sorted(HOLD_FLAGS))
 
@@ -105,6 +105,15 @@ class _Db:
             else:
                 with self.conn.cursor() as cur:
                     cur.executemany(self._sql(sql), rows)
+
+    def copy(self, table: str, columns: Sequence[str], rows: Sequence[Sequence]) -> None:
+        """PostgreSQL: `rows` into `table` by COPY (one stream instead of a statement per row)."""
+        if not rows:
+            return
+        with self.lock, self.conn.cursor() as cur:
+            with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as cp:
+                for r in rows:
+                    cp.write_row(r)
 
     @contextmanager
     def tx(self, exclusive: bool = False) -> Iterator[None]:
@@ -354,8 +363,11 @@ class BillingStore:
     def insert_new_rows(self, rows: Sequence[tuple]) -> None:
         """New plain rows (meter, obis, start_ms, end_ms, wh, account_id): not estimated, no flag, revision 0,
         nothing billed; the caller knows no row of theirs is stored (a duplicate fails, it never overwrites)."""
-        self.db.many("INSERT INTO interval_usage (meter_id, obis, start_ms, end_ms, wh, account_id) "
-                     "VALUES (?,?,?,?,?,?)", rows)
+        if self.db.dialect == "postgres":
+            self.db.copy("interval_usage", ("meter_id", "obis", "start_ms", "end_ms", "wh", "account_id"), rows)
+        else:
+            self.db.many("INSERT INTO interval_usage (meter_id, obis, start_ms, end_ms, wh, account_id) "
+                         "VALUES (?,?,?,?,?,?)", rows)
 
     # ------------------------------------------------------------------ exceptions
     def queue_exceptions(self, excs: Iterable[VeeException], now: datetime) -> int:
@@ -721,116 +733,132 @@ class BillingStore:
                 return out
             limit = None                               # records after the snapshot in the way: look at all
 
-    def instants_before_many(self, meter_id: str, before_ms: Mapping[str, int], n: int = 2, *,
-                             snapshot: Mapping[str, int] | None = None) -> dict[str, list[int]]:
-        """`reading_instants_before` of several registers of one meter (obis -> before_ms), in one query;
-        a register whose first 4n records before the instant do not settle it is asked on its own."""
-        regs = sorted(before_ms)
-        if not regs:
-            return {}
+    def instants_before_all(self, before_ms: Mapping[tuple[str, str], int], n: int = 2, *,
+                            snapshot: Mapping[str, int] | None = None) -> dict[tuple[str, str], list[int]]:
+        """`reading_instants_before` of many registers ((meter, obis) -> before_ms) in one query per 100
+        registers; a register whose first 4n records before the instant do not settle it (records after the
+        snapshot in the way) is asked on its own."""
+        keys = sorted(before_ms)
         limit = 4 * n
-        part = ("SELECT * FROM (SELECT obis, taken_at_ms, gateway_id, seq FROM gateway_record WHERE meter_id=? "
-                f"AND obis=? AND taken_at_ms<? ORDER BY taken_at_ms DESC LIMIT {limit}) AS r{{i}}")
-        sql = " UNION ALL ".join(part.format(i=i) for i in range(len(regs)))
-        args: list = []
-        for o in regs:
-            args += [meter_id, o, before_ms[o]]
-        got: dict[str, list] = {o: [] for o in regs}
-        for o, t, g, seq in self.db.q(sql, args):
-            got[o].append((t, g, seq))
-        out: dict[str, list[int]] = {}
-        for o in regs:
-            rows = sorted(got[o], key=lambda r: -r[0])
+        part = ("SELECT * FROM (SELECT meter_id, obis, taken_at_ms, gateway_id, seq FROM gateway_record WHERE "
+                f"meter_id=? AND obis=? AND taken_at_ms<? ORDER BY taken_at_ms DESC LIMIT {limit}) AS r{{i}}")
+        got: dict[tuple[str, str], list] = {k: [] for k in keys}
+        for lo in range(0, len(keys), 100):
+            some = keys[lo:lo + 100]
+            args: list = []
+            for m, o in some:
+                args += [m, o, before_ms[(m, o)]]
+            for m, o, t, g, seq in self.db.q(" UNION ALL ".join(part.format(i=i) for i in range(len(some))), args):
+                got[(m, o)].append((t, g, seq))
+        out: dict[tuple[str, str], list[int]] = {}
+        for key in keys:
+            rows = sorted(got[key], key=lambda r: -r[0])
             mine: list[int] = []
             for t, g, seq in rows:
                 if (snapshot is None or seq <= snapshot.get(g, seq)) and (not mine or mine[-1] != t):
                     mine.append(int(t))
                     if len(mine) == n:
                         break
-            if len(mine) < n and len(rows) == limit:      # records after the snapshot in the way
-                mine = self.reading_instants_before(meter_id, o, before_ms[o], n, snapshot=snapshot)
-            out[o] = mine
+            if len(mine) < n and len(rows) == limit:
+                mine = self.reading_instants_before(key[0], key[1], before_ms[key], n, snapshot=snapshot)
+            out[key] = mine
         return out
 
-    def snapshot_readings(self, meter_id: str, starts: Mapping[str, int | None],
-                          snapshot: Mapping[str, int] | None) -> list[Reading]:
-        """The meter's readings of the registers in `starts` (obis -> from instant ms, None = whole history),
-        in the order `repo.readings` gives them; with `snapshot` (gateway -> highest seq) only the records in
-        it (sources it does not name count whole, as in `reading_instants_before`). One query for all the
-        registers. The readings are `_StoredReading` tuples (Reading's fields, no re-validation of what
-        ingest validated)."""
-        if not starts:
-            return []
-        regs = sorted(starts)
-        sql = (f"SELECT meter_id, obis, taken_at_ms, value, unit, quality, gateway_id, seq FROM gateway_record "
-               f"WHERE meter_id=? AND obis IN ({','.join('?' * len(regs))})")
-        args: list = [meter_id, *regs]
-        if all(v is not None for v in starts.values()):
-            sql += " AND taken_at_ms>=?"
-            args.append(min(starts.values()))
-        order = ' ORDER BY taken_at_ms, obis COLLATE "C", gateway_id COLLATE "C", seq' \
-            if self.db.dialect == "postgres" else " ORDER BY taken_at_ms, obis, gateway_id, seq"
-        cache = _READ_INSTANTS
-        if len(cache) > 500_000:
-            cache.clear()
-        out = []
-        for m, o, t, v, u, q, g, seq in self.db.q(sql + order, args):
-            if (snapshot is None or seq <= snapshot.get(g, seq)) and (starts[o] is None or t >= starts[o]):
-                at = cache.get(t)
-                if at is None:
-                    at = cache[t] = _EPOCH + t * _ONE_MS
-                out.append(_StoredReading(m, o, at, v, u, q))
+    def plain_columns(self, starts: Mapping[str, Mapping[str, int | None]],
+                      snapshot: Mapping[str, int] | None) -> dict[str, dict[str, tuple[list[int], list]] | None]:
+        """The usual case's read: for several meters' registers (as `snapshot_columns`) only instants and
+        values, meter -> obis -> (taken_at_ms list, value list), a value None where the reading is not a plain
+        energy reading (quality set, or a unit VEE refuses); one query per 100 registers, three numbers per
+        reading. Same records as `snapshot_columns` (snapshot and `starts` filters), each register by instant;
+        rows at one instant are in no particular order (the usual case has none: its caller then reads
+        the meter with `snapshot_columns`). Meters without records are left out."""
+        keys = [(m, o, t) for m in sorted(starts) for o, t in sorted(starts[m].items())]
+        units = ", ".join(f"'{u}'" for u in sorted(ENERGY_UNITS))
+        snap_sql, snap_args, by_row = "", [], snapshot is not None and len(snapshot) > 32
+        if snapshot is not None and not by_row and snapshot:      # a few gateways: filtered by the database
+            snap_sql = " AND seq <= CASE gateway_id " + "WHEN ? THEN ? " * len(snapshot) + "ELSE seq END"
+            for g, upto in sorted(snapshot.items()):
+                snap_args += [g, upto]
+        extra = ", gateway_id, seq" if by_row else ""
+        out: dict[str, dict[str, tuple[list[int], list]] | None] = {}
+        for lo in range(0, len(keys), 100):
+            some = keys[lo:lo + 100]
+            parts, args = [], []
+            for i, (m, o, t) in enumerate(some):
+                parts.append(f"SELECT * FROM (SELECT {i} AS k, taken_at_ms, CASE WHEN quality=0 AND unit IN ({units}) "
+                             f"THEN value END AS v{extra} FROM gateway_record WHERE meter_id=? AND obis=?"
+                             + ("" if t is None else " AND taken_at_ms>=?") + snap_sql
+                             + f" ORDER BY taken_at_ms) AS r{i}")
+                args += [m, o] + ([] if t is None else [t]) + snap_args
+            cols: dict[int, tuple[list[int], list]] = {}
+            key, times, values = None, None, None
+            for row in self.db.q(" UNION ALL ".join(parts), args):
+                if by_row and row[4] > snapshot.get(row[3], row[4]):
+                    continue
+                if row[0] != key:
+                    key = row[0]
+                    got = cols.get(key)
+                    if got is None:
+                        got = cols[key] = ([], [])
+                    times, values = got
+                times.append(row[1])
+                values.append(row[2])
+            for i, (times, values) in cols.items():
+                m, o, _ = some[i]
+                out.setdefault(m, {})[o] = (times, values)
         return out
 
-    def snapshot_columns(self, meter_id: str, starts: Mapping[str, int | None],
-                         snapshot: Mapping[str, int] | None) -> dict[str, list[tuple[int, int, str, int]]]:
-        """`snapshot_readings` as plain rows per register: obis -> [(taken_at_ms, value, unit, quality)], each
-        register's rows in the order `snapshot_readings` gives them (instant, then gateway and seq); the same
-        records (snapshot and `starts` filters), no objects made per reading."""
-        if not starts:
-            return {}
-        regs = sorted(starts)
-        sql = (f"SELECT obis, taken_at_ms, value, unit, quality, gateway_id, seq FROM gateway_record "
-               f"WHERE meter_id=? AND obis IN ({','.join('?' * len(regs))})")
-        args: list = [meter_id, *regs]
-        if all(v is not None for v in starts.values()):
-            sql += " AND taken_at_ms>=?"
-            args.append(min(starts.values()))
-        order = ' ORDER BY obis COLLATE "C", taken_at_ms, gateway_id COLLATE "C", seq' \
-            if self.db.dialect == "postgres" else " ORDER BY obis, taken_at_ms, gateway_id, seq"
-        out: dict[str, list[tuple[int, int, str, int]]] = {}
-        rows = self.db.q(sql + order, args)
-        if snapshot is None and len(set(starts.values())) == 1:
-            for o, t, v, u, q, _g, _seq in rows:
-                got = out.get(o)
-                if got is None:
-                    got = out[o] = []
-                got.append((t, v, u, q))
-            return out
-        for o, t, v, u, q, g, seq in rows:
-            if (snapshot is None or seq <= snapshot.get(g, seq)) and (starts[o] is None or t >= starts[o]):
-                got = out.get(o)
-                if got is None:
-                    got = out[o] = []
-                got.append((t, v, u, q))
-        return out
-
-    def rows_since(self, meter_id: str, windows: Mapping[str, datetime | None]) -> dict[RowKey, UsageRow]:
-        """The meter's stored rows of the registers in `windows` (obis -> from start, None = all), one query."""
-        if not windows:
-            return {}
+    def snapshot_columns(self, starts: Mapping[str, Mapping[str, int | None]],
+                         snapshot: Mapping[str, int] | None) -> dict[str, dict[str, list[tuple[int, int, str, int]]]]:
+        """The readings of several meters' registers (meter -> obis -> from instant ms, None = whole history)
+        as plain rows: meter -> obis -> [(taken_at_ms, value, unit, quality)], each register's rows in the
+        order `repo.readings` gives them (instant, then gateway and seq); with `snapshot` (gateway -> highest
+        seq) only the records in it (sources it does not name, which `process` keeps no cursor for, e.g. file
+        imports, count whole). One query (an OR of index ranges), no object made per reading (no
+        re-validation of what ingest validated)."""
         terms, args = [], []
-        for obis, since in sorted(windows.items()):      # whole terms: each one an index range (an OR of them)
-            if since is None:
-                terms.append("(meter_id=? AND obis=?)")
-                args += [meter_id, obis]
-            else:
-                terms.append("(meter_id=? AND obis=? AND start_ms>=?)")
-                args += [meter_id, obis, to_ms(since)]
-        out: dict[RowKey, UsageRow] = {}
-        for r in self.db.q(f"SELECT {ROW_COLS} FROM interval_usage WHERE {' OR '.join(terms)}", args):
-            row = _row(r)
-            out[row.key] = row
+        for m in sorted(starts):
+            for o, t in sorted(starts[m].items()):
+                if t is None:
+                    terms.append("(meter_id=? AND obis=?)")
+                    args += [m, o]
+                else:
+                    terms.append("(meter_id=? AND obis=? AND taken_at_ms>=?)")
+                    args += [m, o, t]
+        if not terms:
+            return {}
+        order = ' ORDER BY meter_id, obis, taken_at_ms, gateway_id COLLATE "C", seq' \
+            if self.db.dialect == "postgres" else " ORDER BY meter_id, obis, taken_at_ms, gateway_id, seq"
+        out: dict[str, dict[str, list[tuple[int, int, str, int]]]] = {}
+        key = got = None
+        for m, o, t, v, u, q, g, seq in self.db.q(
+                "SELECT meter_id, obis, taken_at_ms, value, unit, quality, gateway_id, seq FROM gateway_record "
+                f"WHERE {' OR '.join(terms)}{order}", args):
+            if snapshot is not None and seq > snapshot.get(g, seq):
+                continue
+            if (m, o) != key:
+                key = (m, o)
+                got = out.setdefault(m, {}).setdefault(o, [])
+            got.append((t, v, u, q))
+        return out
+
+    def rows_since(self, windows: Mapping[str, Mapping[str, datetime | None]]) -> dict[str, dict[RowKey, UsageRow]]:
+        """Stored rows of several meters' registers (meter -> obis -> from start, None = all), per meter; one
+        query per 100 registers (an OR of whole index ranges: each term names meter and register)."""
+        terms: list[tuple[str, list]] = []
+        for m in sorted(windows):
+            for obis, since in sorted(windows[m].items()):
+                if since is None:
+                    terms.append(("(meter_id=? AND obis=?)", [m, obis]))
+                else:
+                    terms.append(("(meter_id=? AND obis=? AND start_ms>=?)", [m, obis, to_ms(since)]))
+        out: dict[str, dict[RowKey, UsageRow]] = {}
+        for lo in range(0, len(terms), 100):
+            some = terms[lo:lo + 100]
+            for r in self.db.q(f"SELECT {ROW_COLS} FROM interval_usage WHERE {' OR '.join(t for t, _ in some)}",
+                               [a for _, args in some for a in args]):
+                row = _row(r)
+                out.setdefault(row.meter_id, {})[row.key] = row
         return out
 
     def chain_gaps(self) -> list[tuple[str, int, int]]:
@@ -957,56 +985,87 @@ def process_readings(repo, store: BillingStore, markets: Mapping[str, Market], n
                 store.set_process_cursor(g, upto, gaps)
             pairs: list = []                       # (old, new) row changes of the chunk, rated per account below
             plain: dict[str, list] = {}            # account -> new plain rows as columns (the usual case)
+            new_rows: list[tuple] = []
+            changed_rows: list[UsageRow] = []
+            stored_of = store.rows_since({item[0]: item[1] for item in chunk})
             for meter_id, windows, result, fresh, released in chunk:
-                stored = store.rows_since(meter_id, windows)
+                stored = stored_of.get(meter_id, {})
                 if result is None:                 # the usual case: `fresh` holds the registers' boundaries
                     changed, new = _merge_regular(meter_id, windows, fresh, stored, bindings, plain)
-                    store.insert_new_rows(new)
-                    changed_total += len(new)
+                    new_rows += new
                 else:
                     changed = merge_rows(stored, fresh, released)
                     queued += store.queue_exceptions(result.exceptions, now)
-                store.save_rows(changed.values())
+                changed_rows += changed.values()
                 pairs += [(stored.get(k), r) for k, r in changed.items()]
-                if meter_id in full:
-                    store.db.x("DELETE FROM process_full WHERE meter_id=?", (meter_id,))
-                changed_total += len(changed)
+            store.insert_new_rows(new_rows)
+            store.save_rows(changed_rows)
+            store.db.many("DELETE FROM process_full WHERE meter_id=?", [(item[0],) for item in chunk if item[0] in full])
+            changed_total += len(new_rows) + len(changed_rows)
             rerated.update(_rate_changes(store, bindings, markets, tariffs, states, pairs, plain))
         chunk.clear()
         chunk_readings = 0
 
-    for meter_id in sorted(work):
-        config = vee_config(bindings, markets, meter_id)
-        exchanges = exchanges_of.get(meter_id, [])
-        step_ms = int(config.interval.total_seconds() * 1000)
-        starts: dict[str, int | None] = {}
-        windows = {}
-        regs = [o for o in ("1.8.0", "2.8.0") if o in work[meter_id]]
-        befores = {} if exchanges else store.instants_before_many(
-            meter_id, {o: work[meter_id][o] for o in regs if work[meter_id][o] is not None}, snapshot=snapshot)
-        for obis in regs:
-            before = befores.get(obis, ())
-            since = before[1] if len(before) == 2 else None
-            starts[obis] = since
-            windows[obis] = None if since is None else from_ms(_grid_ceil_ms(since, step_ms))
-        columns = store.snapshot_columns(meter_id, starts, snapshot)
-        count = sum(len(rows) for rows in columns.values())
-        n_readings += count
-        regular = None
-        if not exchanges and meter_id not in released_meters:
-            regular = _regular_registers(columns, step_ms, config.max_power_w)
-        if regular is not None:                    # the usual case, derived on columns (same intervals)
-            chunk.append((meter_id, windows, None, regular, None))
-        else:
-            result = derive_intervals(_stored_readings(meter_id, columns), config, exchanges)
-            fresh = [r for r in bind_intervals(result.intervals, bindings)
-                     if r.obis in windows and (windows[r.obis] is None or r.start >= windows[r.obis])]
-            released = released_keys(fresh, [e for e in released_from if e.meter_id == meter_id])
-            chunk.append((meter_id, windows, result, fresh, released))
-        chunk_readings += count
-        n_meters += 1
-        if len(chunk) >= PROCESS_CHUNK_METERS or chunk_readings >= PROCESS_CHUNK_READINGS:
-            flush()
+    def incremental(meter_id: str) -> bool:        # derived from where new readings arrived, not whole
+        return not exchanges_of.get(meter_id) and all(t is not None for t in work[meter_id].values())
+
+    order = sorted(work)
+    at = 0
+    while at < len(order):
+        group = order[at:at + 1]                   # meters read together: incremental ones, up to READ_GROUP_METERS
+        while incremental(group[0]) and len(group) < READ_GROUP_METERS and at + len(group) < len(order) \
+                and incremental(order[at + len(group)]):
+            group.append(order[at + len(group)])
+        at += len(group)
+        meta, asks = {}, {}
+        for meter_id in group:
+            config = vee_config(bindings, markets, meter_id)
+            exchanges = exchanges_of.get(meter_id, [])
+            meta[meter_id] = (config, exchanges, int(config.interval.total_seconds() * 1000))
+            if not exchanges:
+                asks.update({(meter_id, o): t for o, t in work[meter_id].items() if t is not None})
+        befores = store.instants_before_all(asks, snapshot=snapshot)
+        starts_of: dict[str, dict[str, int | None]] = {}
+        windows_of: dict[str, dict[str, datetime | None]] = {}
+        for meter_id in group:
+            step_ms = meta[meter_id][2]
+            starts, windows = starts_of[meter_id], windows_of[meter_id] = {}, {}
+            for obis in ("1.8.0", "2.8.0"):
+                if obis not in work[meter_id]:
+                    continue
+                before = befores.get((meter_id, obis), ())
+                since = before[1] if len(before) == 2 else None
+                starts[obis] = since
+                windows[obis] = None if since is None else from_ms(_grid_ceil_ms(since, step_ms))
+        usual = {m: starts_of[m] for m in group if not meta[m][1] and m not in released_meters}
+        plain = store.plain_columns(usual, snapshot) if usual else {}
+        regular_of: dict[str, tuple[dict, int]] = {}
+        for meter_id in usual:
+            columns = plain.get(meter_id, {})
+            regular = _regular_registers(columns, meta[meter_id][2], meta[meter_id][0].max_power_w)
+            if regular is not None:                # the usual case, derived on columns (same intervals)
+                regular_of[meter_id] = (regular, sum(len(c[0]) for c in columns.values()))
+        general = {m: starts_of[m] for m in group if m not in regular_of}
+        columns_of = store.snapshot_columns(general, snapshot) if general else {}
+        for meter_id in group:
+            config, exchanges, step_ms = meta[meter_id]
+            windows = windows_of[meter_id]
+            if meter_id in regular_of:
+                regular, count = regular_of[meter_id]
+                chunk.append((meter_id, windows, None, regular, None))
+            else:
+                columns = columns_of.get(meter_id, {})
+                count = sum(len(rows) for rows in columns.values())
+                result = derive_intervals(_stored_readings(meter_id, columns), config, exchanges)
+                fresh = [r for r in bind_intervals(result.intervals, bindings)
+                         if r.obis in windows and (windows[r.obis] is None or r.start >= windows[r.obis])]
+                released = released_keys(fresh, [e for e in released_from if e.meter_id == meter_id])
+                chunk.append((meter_id, windows, result, fresh, released))
+            n_readings += count
+            chunk_readings += count
+            n_meters += 1
+            if len(chunk) >= PROCESS_CHUNK_METERS or chunk_readings >= PROCESS_CHUNK_READINGS:
+                flush()
     flush(final=True)
     return ProcessResult(n_meters, changed_total, queued, n_readings, len(rerated))
 
@@ -1026,16 +1085,16 @@ def _stored_readings(meter_id: str, columns: Mapping[str, list[tuple[int, int, s
     return out
 
 
-def _regular_registers(columns: Mapping[str, list[tuple[int, int, str, int]]], step_ms: int,
+def _regular_registers(columns: Mapping[str, tuple[list[int], list]], step_ms: int,
                        max_power_w: int | None) -> dict[str, tuple[list[int], list[int]]] | None:
     """obis -> (boundary instants ms, register values) when every register of the meter is the usual case
-    (`vee.regular_intervals`: real energy readings, one per boundary, rising plausibly), else None."""
+    (`plain_columns` found only plain energy readings and `vee.regular_intervals` takes them: one reading per
+    boundary, rising plausibly), else None."""
     out = {}
-    for obis, rows in columns.items():
-        for _t, _v, u, q in rows:
-            if q or u not in ENERGY_UNITS:
-                return None
-        got = regular_intervals([r[0] for r in rows], [r[1] for r in rows], step_ms, max_power_w)
+    for obis, (times, values) in columns.items():
+        if None in values:
+            return None
+        got = regular_intervals(times, values, step_ms, max_power_w)
         if got is None:
             return None
         out[obis] = got
