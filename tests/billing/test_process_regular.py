@@ -126,13 +126,21 @@ def _readings(rnd: random.Random) -> list[Reading]:
     return [r for r in out if not (r.meter_id == "M1" and r.obis == "1.8.0" and r.taken_at == lost)]
 
 
-def _run(tmp_path, name, regular: bool, seed: int, monkeypatch):
+def _url(backend, tmp_path, name):
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path}/{name}.db"
+    from pgserver import PG_UNAVAILABLE, fresh_schema_url
+    if PG_UNAVAILABLE:
+        pytest.skip(PG_UNAVAILABLE)
+    return fresh_schema_url()
+
+
+def _run(url, regular: bool, seed: int, monkeypatch):
     rnd = random.Random(seed)
     readings = _readings(rnd)
     late = [r for r in readings if r.meter_id == "M1" and utc(2026, 10, 24, 10) <= r.taken_at < utc(2026, 10, 24, 14)]
     first = [r for r in readings if r not in late]
     rnd.shuffle(late)
-    url = f"sqlite:///{tmp_path}/{name}.db"
     repo, store = open_repository(url, migrate=True), BillingStore(url)
     bindings = (gb_bindings(start=utc(2026, 10, 1), accounts=("A1", "A2"))
                 .move_in("SP1", "A1", utc(2026, 10, 1), utc(2026, 10, 25, 17))       # move-out on a boundary,
@@ -165,12 +173,53 @@ def _run(tmp_path, name, regular: bool, seed: int, monkeypatch):
     return state, taken
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_process_on_columns_stores_and_rates_exactly_what_the_general_path_does(tmp_path, monkeypatch, seed):
-    general, _ = _run(tmp_path, "general", False, seed, monkeypatch)
-    regular, taken = _run(tmp_path, "regular", True, seed, monkeypatch)
+@pytest.mark.parametrize("backend, seed", [("sqlite", 1), ("sqlite", 2), ("sqlite", 3), ("postgres", 4)])
+def test_process_on_columns_stores_and_rates_exactly_what_the_general_path_does(tmp_path, monkeypatch, backend, seed):
+    general, _ = _run(_url(backend, tmp_path, "general"), False, seed, monkeypatch)
+    regular, taken = _run(_url(backend, tmp_path, "regular"), True, seed, monkeypatch)
     assert any(t is not None for t in taken) and any(t is None for t in taken)    # both paths were taken
     assert regular == general
     results, rows, aggs, usage, excs = regular
     assert {a for a in aggs} == {"A1", "A2"} and any(r[4] is None for r in rows.values())   # parked rows too
     assert {e[2] for e in excs} == {"decrease"}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+@pytest.mark.parametrize("gateways", [3, 40])               # the snapshot filtered by the database / row by row
+def test_plain_columns_reads_the_records_snapshot_columns_reads(tmp_path, backend, gateways):
+    """Same records (snapshot and start filters) as the general read, a None value for a reading that is not
+    a plain energy reading, and no meter that has no record."""
+    url = _url(backend, tmp_path, "plain")
+    repo, store = open_repository(url, migrate=True), BillingStore(url)
+    rnd = random.Random(gateways)
+    seqs = {}
+    for i in range(400):
+        g = f"GW{rnd.randrange(gateways)}"
+        seqs[g] = seqs.get(g, 0) + 1
+        meter, obis = rnd.choice(["M1", "M2", "M3"]), rnd.choice(["1.8.0", "2.8.0"])
+        unit, quality = ("Wh", 0) if rnd.random() < 0.95 else rnd.choice([("varh", 0), ("Wh", 1), ("W", 0)])
+        r = Reading(meter, obis, utc(2026, 11, 1) + timedelta(minutes=5 * rnd.randrange(200)), rnd.randrange(10**6),
+                    unit, quality)
+        repo.ingest(g, [StoredRecord(g, seqs[g], b"\0" * 32, r)], 0)
+    snapshot = {g: max(1, n - rnd.randrange(4)) for g, n in seqs.items()}          # some records after it
+    del snapshot["GW0"]                                  # a source the run keeps no cursor for: counts whole
+    starts = {"M1": {"1.8.0": None, "2.8.0": T0_MS + 3 * 3_600_000}, "M2": {"1.8.0": T0_MS + 10**9},
+              "M4": {"1.8.0": None}}
+    for snap in (snapshot, None):
+        general = store.snapshot_columns(starts, snap)
+        plain = store.plain_columns(starts, snap)
+        expected = {m: {o: ([t for t, *_ in rows], [v if q == 0 and u in ("Wh", "varh") else None
+                                                  for t, v, u, q in rows]) for o, rows in regs.items()}
+                    for m, regs in general.items()}
+        for regs in plain.values():                      # rows at one instant: in no particular order
+            for o, (times, values) in regs.items():
+                regs[o] = tuple(map(list, zip(*sorted(zip(times, values), key=lambda tv: (tv[0], tv[1] is None,
+                                                                                       tv[1] or 0))))) \
+                    if times else (times, values)
+        for regs in expected.values():
+            for o, (times, values) in regs.items():
+                regs[o] = tuple(map(list, zip(*sorted(zip(times, values), key=lambda tv: (tv[0], tv[1] is None,
+                                                                                       tv[1] or 0)))))
+        assert plain == expected and "M4" not in plain and any(None in v for r in plain.values() for _, v in r.values())
+    store.close()
+    repo.close()
