@@ -5,6 +5,7 @@ Usage:
   .venv/bin/python bench/bench_payg.py --core-only
   .venv/bin/python bench/bench_payg.py --rate 1000 --seconds 5
   .venv/bin/python bench/bench_payg.py --history 0,10000,100000   # cost per request vs ledger history
+  .venv/bin/python bench/bench_payg.py --grpc-only --server-processes 2 --gateways 16 [--quick]
 
 Core: every call goes through the real shell path (PaygStore on a SQLite file in WAL mode with
 synchronous=FULL, group commit, Ed25519 card verification for sales); "servicer" is the gRPC
@@ -19,7 +20,11 @@ open-loop rate (default 1000/s: futures, latency =
 answer - scheduled send, so a late client or server is counted) and reports p50/p99, the result
 codes, the CPU time per request of the server and client processes and the load average; then
 closed loop with several threads for the maximum sustained rate. The server reports how many
-durable commits carried how many PAYG transactions (group commit).
+durable commits carried how many PAYG transactions (group commit). `--server-processes N` runs N
+server processes on the one database and port as `serve --processes N` does (the kernel spreads
+connections over them); `--gateways G` enrols G gateways (the meters split between them), each
+with its own certificate and connection, and opens G vendor connections, so that the connections
+can spread; CPU per request is then the sum over the server processes.
 """
 
 from __future__ import annotations
@@ -217,8 +222,6 @@ def serve(directory: str, rpc_workers: int | None = None, join: int | None = Non
     from meterlink.headend.registry import open_registry
     from meterlink.headend.store import open_repository
     d = Path(directory)
-    if os.environ.get("BENCH_SWITCH"):
-        sys.setswitchinterval(float(os.environ["BENCH_SWITCH"]))
     clock = SystemClock()
     db = f"sqlite:///{d}/headend.db"
     svc = Service(db, seed=join is None)
