@@ -300,7 +300,8 @@ def _unpack_readings(blobs: Sequence[bytes]) -> tuple[tuple, ...] | None:
     not a well-formed reading record of the layout its size suggests. One layout: one iter_unpack over the joined bytes; several (a poll
     round of registers whose OBIS codes and units differ in length): one unpack per record with the struct
     of its size, sniffed once per size. Each record's unpacked magic, kind and string lengths are checked
-    against the layout it was unpacked with, so two layouts of the same size cannot be confused."""
+    against the layout it was unpacked with, so two layouts of the same size cannot be confused: when they
+    differ, every record is unpacked again with the layout sniffed from its own length fields."""
     sizes = list(map(len, blobs))
     sample = dict(zip(sizes, blobs))
     if len(sample) > _MAX_LAYOUTS:
@@ -318,9 +319,17 @@ def _unpack_readings(blobs: Sequence[bytes]) -> tuple[tuple, ...] | None:
         unpack = {size: st.unpack for size, (st, _) in layouts.items()}
         rows = [unpack[len(b)](b) for b in blobs]
     cols = tuple(zip(*rows))
-    if (set(cols[0]) != {RECORD_MAGIC} or set(cols[3]) != {KIND_READING}
-            or not set(zip(sizes, cols[4], cols[6], cols[10])) <= {(size, *lens) for size, (_, lens) in layouts.items()}):
+    if set(cols[0]) != {RECORD_MAGIC} or set(cols[3]) != {KIND_READING}:
         return None
+    if not set(zip(sizes, cols[4], cols[6], cols[10])) <= {(size, *lens) for size, (_, lens) in layouts.items()}:
+        # two layouts of the same size (e.g. meter ids of different lengths): sniff every record's own layout
+        each = list(map(_reading_layout, blobs))
+        if None in each:
+            return None
+        cols = tuple(zip(*[st.unpack(b) for (st, _), b in zip(each, blobs)]))
+        if (set(cols[0]) != {RECORD_MAGIC} or set(cols[3]) != {KIND_READING}
+                or list(zip(cols[4], cols[6], cols[10])) != [lens for _, lens in each]):
+            return None
     return cols
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import weakref
 from pathlib import Path
 
 from meterlink.chain import GENESIS, ChainRecord, Event, ReadingColumns, Tombstone, hash_of
@@ -98,6 +99,7 @@ class SqliteChainStore:
         tune(self._db)
         self._db.executescript(SCHEMA)
         self._lock = threading.RLock()
+        self._same: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()    # repository -> on this file?
 
     def close(self) -> None:
         self._db.close()
@@ -175,6 +177,16 @@ class SqliteChainStore:
         return self.commit(gateway_id, expected_head, new, received_at_ms, hashes)
 
     def _same_file(self, repo) -> bool:
+        """True when `repo` is a SQLite repository on this store's file (asked once per repository)."""
+        try:
+            return self._same[repo]
+        except KeyError:
+            same = self._same[repo] = self._check_same_file(repo)
+            return same
+        except TypeError:             # not weak-referenceable: ask every time
+            return self._check_same_file(repo)
+
+    def _check_same_file(self, repo) -> bool:
         other = getattr(repo, "path", None)
         if not isinstance(other, str) or ":memory:" in (other, self.path) or other == "":
             return False

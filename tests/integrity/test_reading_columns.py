@@ -49,14 +49,16 @@ def test_a_poll_round_of_several_layouts_decodes_as_columns_too():
 
 
 def test_two_layouts_of_the_same_size_are_not_confused():
-    """1.8.0 + Wh and 32.7.0 + W make records of the same size with different string boundaries: either
-    decoded right as columns or left to the record path, never mixed up."""
+    """1.8.0 + Wh and 32.7.0 + W make records of the same size with different string boundaries: decoded
+    right as columns (each record with its own layout), never mixed up."""
     bodies = [Reading("MTR001", "1.8.0", START, 5, "Wh"), Reading("MTR001", "32.7.0", START, 6, "W"),
               Reading("MTR001", "1.7.0", START, 7, "W")]
     wire = [wire_bytes(r) for r in link(bodies)]
     assert len(wire[0]) == len(wire[1])
     cols = decode_wire_columns(wire)
-    assert cols is None or (cols.records(), cols.hashes) == decode_wire_batch(wire)
+    assert cols is not None and (cols.records(), cols.hashes) == decode_wire_batch(wire)
+    wire[1] = wire[1][:47] + b"\xff" + wire[1][48:]                 # and a bad byte in one of them still refuses
+    assert decode_wire_columns(wire) is None
 
 
 @pytest.mark.parametrize("layouts", ["one", "several"])

@@ -93,3 +93,21 @@ def test_readings_stored_with_the_chain_need_no_hash_row_and_every_held_hash_is_
     assert chain.record_hash("gw-none", 1) is None
     assert _hash_row_seqs(repo, "gw-h") == [5, 10, 15, 20, 24, 25, 30]          # events and the tombstone
     assert len(repo.readings("MTR-W")) == 16 + 4 + 4
+
+
+def test_postgres_copy_stream_from_columns_is_the_one_from_records():
+    """`copy_columns` (a column batch, several layouts, optionally only some rows) encodes exactly the bytes
+    `copy_data` encodes for the same verified records; a prev_hash that is not 32 bytes is left to the
+    row-by-row path."""
+    from meterlink.chain import decode_wire_columns, wire_bytes
+    from meterlink.headend.repo_postgres import copy_columns, copy_data
+    regs = [("1.8.0", "Wh"), ("32.7.0", "mV"), ("1.7.0", "W")]
+    recs = link(Reading(f"MTR-{i % 2:02d}", regs[i % 3][0], T0 + timedelta(minutes=15 * (i // 6)),
+                        7 * i - 2, regs[i % 3][1], i % 5) for i in range(30))
+    cols = decode_wire_columns([wire_bytes(r) for r in recs])
+    assert cols is not None
+    assert copy_columns("gw-c", cols, 99) == copy_data("gw-c", recs, 99, "body")
+    keep = {0, 3, 4, 17, 29}
+    assert copy_columns("gw-c", cols, 99, keep) == copy_data("gw-c", [recs[i] for i in sorted(keep)], 99, "body")
+    cols.prevs[5] = b"short"
+    assert copy_columns("gw-c", cols, 99) is None
