@@ -1,7 +1,7 @@
 """EXPERIMENT, not the product: credit control on a grpc.aio server whose event loop runs each request's body inline and group-commits by one executor hop per group, against the product's sync server — CPU per request over loopback mutual TLS.
 
 Usage:
-  .venv/bin/python bench/proto_aio_payg.py [--rate 1000] [--seconds 3] [--gateways 4]
+  .venv/bin/python bench/proto_aio_payg.py [--rate 1000] [--seconds 3] [--gateways 4] [--server-processes 2]
 
 Both servers are separate processes seeded like bench_payg.py (200 accounts, bound meters, the token
 key, G gateways with the meters split between them). "sync" is bench_payg.py's own server (the
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_payg as B  # noqa: E402
 
 
-def serve_aio(directory: str, gateways: int) -> int:
+def serve_aio(directory: str, gateways: int, join: int | None = None) -> int:
     import grpc
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -47,10 +47,11 @@ def serve_aio(directory: str, gateways: int) -> int:
     d = Path(directory)
     clock = SystemClock()
     db = f"sqlite:///{d}/headend.db"
-    store = B.Service(db).store
+    store = B.Service(db, seed=join is None).store
     now = clock.now().replace(microsecond=0)
-    for i in range(B.ACCOUNTS):
-        store.bind_meter(f"M-ACC{i:04d}", f"ACC{i:04d}", now)
+    if join is None:
+        for i in range(B.ACCOUNTS):
+            store.bind_meter(f"M-ACC{i:04d}", f"ACC{i:04d}", now)
     registry = open_registry(db)
     keys = pki.ensure_headend_pki(d / "pki", ["localhost", "127.0.0.1"], now)
     enrol_server, enrol_port = make_enrolment_server(registry, keys, clock, "127.0.0.1:0")
@@ -59,7 +60,7 @@ def serve_aio(directory: str, gateways: int) -> int:
                                            token_key=Ed25519PrivateKey.from_private_bytes(B.TOKEN_KEY_SEED),
                                            registry=registry)
     codes = []
-    for g in range(gateways):
+    for g in range(gateways if join is None else 0):
         codes.append(registry.add(f"gw-bench-{g}", now))
         registry.provision(f"gw-bench-{g}", [f"M-ACC{i:04d}" for i in range(g, B.ACCOUNTS, gateways)], [], now)
 
@@ -127,7 +128,7 @@ def serve_aio(directory: str, gateways: int) -> int:
         payg_pb2_grpc.add_CreditControlServicer_to_server(Servicer(), server)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
             "bench.Ping", {"Ping": grpc.unary_unary_rpc_method_handler(ping)}),))
-        port = server.add_secure_port("127.0.0.1:0", mtls_server_credentials(keys))
+        port = server.add_secure_port(f"127.0.0.1:{join or 0}", mtls_server_credentials(keys))
         await server.start()
         print(json.dumps({"port": port, "enrol_port": enrol_port, "codes": codes, "ca": keys.ca_fingerprint}),
               flush=True)
@@ -141,7 +142,7 @@ def serve_aio(directory: str, gateways: int) -> int:
     return 0
 
 
-def drive(kind: str, rate: int, seconds: float, gateways: int) -> None:
+def drive(kind: str, rate: int, seconds: float, gateways: int, processes: int = 1) -> None:
     """Open loop Ping, then credit control (Reserve once per session, then Update, with the card-list
     digest like a gateway) at `rate`, against the `kind` server; one line each as bench_payg.py."""
     import grpc
@@ -153,10 +154,14 @@ def drive(kind: str, rate: int, seconds: float, gateways: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = ([sys.executable, __file__, "--serve-aio", tmp, "--gateways", str(gateways)] if kind == "aio" else
                [sys.executable, B.__file__, "--serve", tmp, "--gateways", str(gateways)])
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)]
         channels = []
         try:
-            info = json.loads(proc.stdout.readline())
+            info = json.loads(procs[0].stdout.readline())
+            for _ in range(processes - 1):          # further servers on the same database and port
+                procs.append(subprocess.Popen(cmd + ["--join", str(info["port"])], stdin=subprocess.PIPE,
+                                              stdout=subprocess.PIPE, text=True))
+                json.loads(procs[-1].stdout.readline())
             for g, code in enumerate(info["codes"]):
                 identity = enroll(f"127.0.0.1:{info['enrol_port']}", code, Path(tmp) / f"gw{g}",
                                   ca_fingerprint=info["ca"])
@@ -203,31 +208,36 @@ def drive(kind: str, rate: int, seconds: float, gateways: int) -> None:
             n = int(rate * seconds)
             for name, fn, bodies in (("trivial Ping", Ping(), [b"ping"] * n),
                                      ("credit control", CreditControl(), list(range(n)))):
-                phase = B.Phase([proc])
+                phase = B.Phase(procs)
                 lat, per_s = B.open_loop(fn, bodies, rate)
                 B.report(f"{kind:4} {name} @ {rate}/s open loop", lat, f"achieved {per_s:.0f}/s; {phase.figures(n)}")
         finally:
             for c in channels:
                 c.close()
-            proc.stdin.close()
-            proc.wait(timeout=20)
+            for proc in procs:
+                proc.stdin.close()
+            for proc in procs:
+                proc.wait(timeout=20)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  epilog="example: .venv/bin/python bench/proto_aio_payg.py --rate 1000 --seconds 3")
     ap.add_argument("--serve-aio", help=argparse.SUPPRESS)
+    ap.add_argument("--join", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--server-processes", type=int, default=1, metavar="N",
+                    help="server processes of each kind on one database and port (as bench_payg.py)")
     ap.add_argument("--rate", type=int, default=1000)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--gateways", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2, help="sync/aio pairs, back to back")
     args = ap.parse_args()
     if args.serve_aio:
-        return serve_aio(args.serve_aio, args.gateways)
+        return serve_aio(args.serve_aio, args.gateways, args.join)
     print(f"cpus: {os.cpu_count()}, load average: {os.getloadavg()[0]:.1f} (shared machine: figures are noisy)")
     for _ in range(args.rounds):
         for kind in ("sync", "aio"):
-            drive(kind, args.rate, args.seconds, args.gateways)
+            drive(kind, args.rate, args.seconds, args.gateways, args.server_processes)
     return 0
 
 
