@@ -640,13 +640,29 @@ class BillingStore:
             if usage:
                 usage_rows += [(account, m, o, p, wh) for (m, o, p), wh in usage.items()]
                 usage_accounts.append((account,))
-        self.db.many(f"INSERT INTO day_band_aggregate ({AGG_COLS}) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT "
-                     "(account_id, local_date, band, kind) DO UPDATE SET wh=excluded.wh, "
-                     "amount_dec=excluded.amount_dec, unit_price=excluded.unit_price, days=excluded.days", upsert)
+        upsert_sql = ("ON CONFLICT (account_id, local_date, band, kind) DO UPDATE SET wh=excluded.wh, "
+                      "amount_dec=excluded.amount_dec, unit_price=excluded.unit_price, days=excluded.days")
+        usage_sql = ("ON CONFLICT (account_id, meter_id, obis, usage_period) DO UPDATE SET "
+                     "wh=pending_usage.wh+excluded.wh")
+        if self.db.dialect == "postgres":          # one statement each over arrays, not a statement per row
+            if upsert:
+                self.db.x(f"INSERT INTO day_band_aggregate ({AGG_COLS}) SELECT * FROM unnest(?::text[], ?::date[], "
+                          f"?::text[], ?::text[], ?::bigint[], ?::numeric[], ?::numeric[], ?::int[]) {upsert_sql}",
+                          [list(c) for c in zip(*upsert)])
+            if delete:
+                self.db.x("DELETE FROM day_band_aggregate WHERE (account_id, local_date, band, kind) IN "
+                          "(SELECT * FROM unnest(?::text[], ?::date[], ?::text[], ?::text[]))",
+                          [list(c) for c in zip(*delete)])
+            if usage_rows:
+                self.db.x("INSERT INTO pending_usage SELECT * FROM unnest(?::text[], ?::text[], ?::text[], ?::text[], "
+                          f"?::bigint[]) {usage_sql}", [list(c) for c in zip(*usage_rows)])
+                self.db.x("DELETE FROM pending_usage WHERE wh=0 AND account_id = ANY(?::text[])",
+                          [[a for a, in usage_accounts]])
+            return refused
+        self.db.many(f"INSERT INTO day_band_aggregate ({AGG_COLS}) VALUES (?,?,?,?,?,?,?,?) {upsert_sql}", upsert)
         self.db.many("DELETE FROM day_band_aggregate WHERE account_id=? AND local_date=? AND band=? AND kind=?",
                      delete)
-        self.db.many("INSERT INTO pending_usage VALUES (?,?,?,?,?) ON CONFLICT (account_id, meter_id, obis, "
-                     "usage_period) DO UPDATE SET wh=pending_usage.wh+excluded.wh", usage_rows)
+        self.db.many(f"INSERT INTO pending_usage VALUES (?,?,?,?,?) {usage_sql}", usage_rows)
         self.db.many("DELETE FROM pending_usage WHERE account_id=? AND wh=0", usage_accounts)
         return refused
 
@@ -763,6 +779,95 @@ class BillingStore:
                 mine = self.reading_instants_before(key[0], key[1], before_ms[key], n, snapshot=snapshot)
             out[key] = mine
         return out
+
+    def plain_windows(self, news: Mapping[str, Mapping[str, int | None]], snapshot: Mapping[str, int] | None,
+                      n: int = 2) -> dict[str, dict[str, tuple[int | None, list[int], list]]]:
+        """`instants_before_all` and `plain_columns` in one query, for the usual case with a snapshot the
+        database filters (None or <= 32 gateways): meter -> obis (-> earliest new instant ms, None = whole
+        history) -> (since, taken_at_ms list, value list) where `since` is the n-th latest distinct instant
+        before the new one (None when there are fewer: the whole history) and the rows are the register's
+        records from `since` on, as `plain_columns` gives them. Per register the 4n newest records before the
+        new instant are read with the records from it on; a meter with a register those do not settle (the
+        4n rows end at `since`, more rows there may be cut off) is left out: ask it the two-step way."""
+        if snapshot is not None and len(snapshot) > 32:
+            raise ValueError("plain_windows: the snapshot of more than 32 gateways is filtered row by row")
+        keys = [(m, o, t) for m in sorted(news) for o, t in sorted(news[m].items())]
+        units = ", ".join(f"'{u}'" for u in sorted(ENERGY_UNITS))
+        limit = 4 * n
+        if self.db.dialect == "postgres":
+            return self._settle_windows(keys, self._pg_windows(keys, snapshot, units, limit), n, limit)
+        snap_sql, snap_args = "", []
+        if snapshot:
+            snap_sql = " AND seq <= CASE gateway_id " + "WHEN ? THEN ? " * len(snapshot) + "ELSE seq END"
+            for g, upto in sorted(snapshot.items()):
+                snap_args += [g, upto]
+        head = (f"SELECT * FROM (SELECT {{k}} AS k, taken_at_ms, CASE WHEN quality=0 AND unit IN ({units}) THEN value "
+                f"END AS v FROM gateway_record WHERE meter_id=? AND obis=?")
+        got: dict[int, tuple[list[int], list]] = {}
+        for lo in range(0, len(keys), 100):
+            some = keys[lo:lo + 100]
+            parts, args = [], []
+            for i, (m, o, t) in enumerate(some):
+                if t is None:
+                    parts.append(head.format(k=2 * i + 1) + snap_sql + f" ORDER BY taken_at_ms) AS r{2 * i + 1}")
+                    args += [m, o, *snap_args]
+                    continue
+                parts.append(head.format(k=2 * i) + " AND taken_at_ms<?" + snap_sql
+                             + f" ORDER BY taken_at_ms DESC LIMIT {limit}) AS r{2 * i}")
+                parts.append(head.format(k=2 * i + 1) + " AND taken_at_ms>=?" + snap_sql
+                             + f" ORDER BY taken_at_ms) AS r{2 * i + 1}")
+                args += [m, o, t, *snap_args, m, o, t, *snap_args]
+            _collect(self.db.q(" UNION ALL ".join(parts), args), got, 2 * lo)
+        return self._settle_windows(keys, got, n, limit)
+
+    def _pg_windows(self, keys: list, snapshot: Mapping[str, int] | None, units: str,
+                    limit: int) -> dict[int, tuple[list[int], list]]:
+        """PostgreSQL's `plain_windows` read: the registers and the snapshot as arrays joined LATERAL to the
+        index, one statement text whatever the sizes (planned once, not per register)."""
+        snap = sorted((snapshot or {}).items())
+        cols = (f"taken_at_ms, CASE WHEN quality=0 AND unit IN ({units}) THEN value END AS v FROM gateway_record r "
+                "WHERE r.meter_id = w.m AND r.obis = w.o AND NOT EXISTS (SELECT 1 FROM snap WHERE snap.g = "
+                "r.gateway_id AND r.seq > snap.upto)")
+        sql = ("WITH snap AS (SELECT * FROM unnest(?::text[], ?::bigint[]) AS s(g, upto)), "
+               "w AS (SELECT * FROM unnest(?::int[], ?::text[], ?::text[], ?::bigint[]) AS w(k, m, o, t)) "
+               f"SELECT 2 * w.k, b.taken_at_ms, b.v FROM w CROSS JOIN LATERAL (SELECT {cols} "
+               f"AND r.taken_at_ms < w.t ORDER BY r.taken_at_ms DESC LIMIT {limit}) b WHERE w.t IS NOT NULL "
+               f"UNION ALL SELECT 2 * w.k + 1, a.taken_at_ms, a.v FROM w CROSS JOIN LATERAL (SELECT {cols} "
+               "AND r.taken_at_ms >= COALESCE(w.t, -9223372036854775808) ORDER BY r.taken_at_ms) a")
+        got: dict[int, tuple[list[int], list]] = {}
+        for lo in range(0, len(keys), 500):
+            some = keys[lo:lo + 500]
+            _collect(self.db.q(sql, [[g for g, _ in snap], [u for _, u in snap], list(range(lo, lo + len(some))),
+                                     [m for m, _, _ in some], [o for _, o, _ in some], [t for _, _, t in some]]),
+                     got, 0)
+        return got
+
+    @staticmethod
+    def _settle_windows(keys: list, got: Mapping[int, tuple[list[int], list]], n: int,
+                        limit: int) -> dict[str, dict[str, tuple[int | None, list[int], list]]]:
+        """`plain_windows`' answer from the rows read: key 2i = register i's rows before its new instant
+        (newest first, at most `limit`), 2i+1 = its rows from the new instant on."""
+        out: dict[str, dict[str, tuple[int | None, list[int], list]]] = {}
+        unsure: set[str] = set()
+        for i, (m, o, t_new) in enumerate(keys):
+            b_times, b_values = got.get(2 * i, ((), ()))
+            a_times, a_values = got.get(2 * i + 1, ([], []))
+            since = None
+            if t_new is not None:
+                order = sorted(range(len(b_times)), key=lambda j: -b_times[j])
+                distinct: list[int] = []
+                for j in order:
+                    if not distinct or distinct[-1] != b_times[j]:
+                        distinct.append(b_times[j])
+                if len(b_times) == limit and (len(distinct) < n or distinct[n - 1] == distinct[-1]):
+                    unsure.add(m)                       # the rows at `since` (or before) may be cut off
+                    continue
+                since = distinct[n - 1] if len(distinct) >= n else None
+                keep = [j for j in reversed(order) if since is None or b_times[j] >= since]
+                a_times = [b_times[j] for j in keep] + a_times
+                a_values = [b_values[j] for j in keep] + a_values
+            out.setdefault(m, {})[o] = (since, a_times, a_values)
+        return {m: regs for m, regs in out.items() if m not in unsure}
 
     def plain_columns(self, starts: Mapping[str, Mapping[str, int | None]],
                       snapshot: Mapping[str, int] | None) -> dict[str, dict[str, tuple[list[int], list]] | None]:
@@ -1022,9 +1127,14 @@ def process_readings(repo, store: BillingStore, markets: Mapping[str, Market], n
             config = vee_config(bindings, markets, meter_id)
             exchanges = exchanges_of.get(meter_id, [])
             meta[meter_id] = (config, exchanges, int(config.interval.total_seconds() * 1000))
-            if not exchanges:
+        usual = [m for m in group if not meta[m][1] and m not in released_meters]
+        # the usual case with a snapshot the database filters: where to start and what is there, in one query
+        one = store.plain_windows({m: work[m] for m in usual}, snapshot) \
+            if usual and (snapshot is None or len(snapshot) <= 32) else {}
+        for meter_id in group:
+            if meter_id not in one and not meta[meter_id][1]:
                 asks.update({(meter_id, o): t for o, t in work[meter_id].items() if t is not None})
-        befores = store.instants_before_all(asks, snapshot=snapshot)
+        befores = store.instants_before_all(asks, snapshot=snapshot) if asks else {}
         starts_of: dict[str, dict[str, int | None]] = {}
         windows_of: dict[str, dict[str, datetime | None]] = {}
         for meter_id in group:
@@ -1033,12 +1143,17 @@ def process_readings(repo, store: BillingStore, markets: Mapping[str, Market], n
             for obis in ("1.8.0", "2.8.0"):
                 if obis not in work[meter_id]:
                     continue
-                before = befores.get((meter_id, obis), ())
-                since = before[1] if len(before) == 2 else None
+                if meter_id in one:
+                    since = one[meter_id][obis][0]
+                else:
+                    before = befores.get((meter_id, obis), ())
+                    since = before[1] if len(before) == 2 else None
                 starts[obis] = since
                 windows[obis] = None if since is None else from_ms(_grid_ceil_ms(since, step_ms))
-        usual = {m: starts_of[m] for m in group if not meta[m][1] and m not in released_meters}
-        plain = store.plain_columns(usual, snapshot) if usual else {}
+        rest = {m: starts_of[m] for m in usual if m not in one}
+        plain = store.plain_columns(rest, snapshot) if rest else {}
+        for meter_id, regs in one.items():
+            plain[meter_id] = {o: (times, values) for o, (_, times, values) in regs.items() if times}
         regular_of: dict[str, tuple[dict, int]] = {}
         for meter_id in usual:
             columns = plain.get(meter_id, {})
@@ -1068,6 +1183,20 @@ def process_readings(repo, store: BillingStore, markets: Mapping[str, Market], n
                 flush()
     flush(final=True)
     return ProcessResult(n_meters, changed_total, queued, n_readings, len(rerated))
+
+
+def _collect(rows: Iterable[tuple], got: dict[int, tuple[list[int], list]], offset: int) -> None:
+    """(key, instant, value) rows -> got[offset + key] = (instants, values), in the order read."""
+    key = times = values = None
+    for k, t, v in rows:
+        if k != key:
+            key = k
+            pair = got.get(offset + k)
+            if pair is None:
+                pair = got[offset + k] = ([], [])
+            times, values = pair
+        times.append(t)
+        values.append(v)
 
 
 def _stored_readings(meter_id: str, columns: Mapping[str, list[tuple[int, int, str, int]]]) -> list[_StoredReading]:

@@ -58,8 +58,9 @@ class DayBandAggregate:
         if other.unit_price != self.unit_price:
             raise ValueError(f"aggregate {self.key}: unit price {self.unit_price} vs {other.unit_price}; "
                              f"aggregates rated with different tariffs must be kept apart (use rerate)")
-        return replace(self, wh=self.wh + other.wh, amount_dec=_CTX.add(self.amount_dec, other.amount_dec),
-                       days=self.days + other.days)
+        return DayBandAggregate(self.account_id, self.local_date, self.band, self.wh + other.wh,
+                                _CTX.add(self.amount_dec, other.amount_dec), self.kind, self.unit_price,
+                                self.days + other.days)
 
     def negated(self) -> "DayBandAggregate":
         return replace(self, wh=-self.wh, amount_dec=-self.amount_dec, days=-self.days)

@@ -66,9 +66,11 @@ def test_regular_intervals_are_the_intervals_derive_intervals_gives_when_it_take
     exact = derive_intervals(readings, cfg)
     fast = regular_intervals(times, values, STEP_MS, max_power_w)
     if fast is None:
-        # refused only when the general way has something to say: an estimate, a flag or an exception
+        # refused only when the general way has something to say (an estimate, a flag, an exception) or a
+        # boundary has no reading (estimated, when it has intervals)
+        bounds = range(-(-times[0] // STEP_MS) * STEP_MS, times[-1] + 1, STEP_MS)
         assert exact.exceptions or any(iv.estimated or iv.flags for iv in exact.intervals) or \
-            any(a >= b for a, b in zip(times, times[1:]))
+            any(a >= b for a, b in zip(times, times[1:])) or set(bounds) - set(times)
         return
     bounds, marks = fast
     assert exact.exceptions == ()
@@ -221,5 +223,44 @@ def test_plain_columns_reads_the_records_snapshot_columns_reads(tmp_path, backen
                 regs[o] = tuple(map(list, zip(*sorted(zip(times, values), key=lambda tv: (tv[0], tv[1] is None,
                                                                                        tv[1] or 0)))))
         assert plain == expected and "M4" not in plain and any(None in v for r in plain.values() for _, v in r.values())
+    store.close()
+    repo.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_plain_windows_finds_the_start_and_reads_what_the_two_step_read_does(tmp_path, backend):
+    """One query (plain_windows) == instants_before_all then plain_columns, with readings repeated by several
+    gateways, records after the snapshot and registers with few readings; a meter whose 8 rows before the new
+    instant end at the start it finds is left to the two-step read."""
+    url = _url(backend, tmp_path, "windows")
+    repo, store = open_repository(url, migrate=True), BillingStore(url)
+    rnd, seqs = random.Random(5), {}
+    meters = [f"M{i}" for i in range(12)]
+    for i in range(1500):
+        g = rnd.choice(["GW0", "GW1", "GW2"])
+        seqs[g] = seqs.get(g, 0) + 1
+        m = "M0" if rnd.random() < 0.4 else meters[min(rnd.randrange(14), 11)]   # M0: many gateways' copies
+        r = Reading(m, rnd.choice(["1.8.0", "2.8.0"]), utc(2026, 11, 1) + timedelta(minutes=15 * rnd.randrange(60)),
+                    rnd.randrange(10**6), "Wh", 0 if rnd.random() < 0.97 else 1)
+        repo.ingest(g, [StoredRecord(g, seqs[g], b"\0" * 32, r)], 0)
+    t_mid = int(utc(2026, 11, 1, 8).timestamp()) * 1000
+    news = {m: {"1.8.0": t_mid + 60_000 * rnd.randrange(-300, 300), "2.8.0": rnd.choice([None, t_mid])}
+            for m in meters}
+    left_out = 0
+    for snap in ({"GW0": seqs["GW0"] - 20, "GW1": seqs["GW1"]}, None):
+        one = store.plain_windows(news, snap)
+        left_out += len(set(meters) - set(one))
+        asks = {(m, o): t for m in one for o, t in news[m].items() if t is not None}
+        befores = store.instants_before_all(asks, snapshot=snap)
+        starts = {m: {o: (None if t is None or len(befores[(m, o)]) < 2 else befores[(m, o)][1])
+                      for o, t in news[m].items()} for m in one}
+        two = store.plain_columns(starts, snap)
+        for m, regs in one.items():
+            assert {o: since for o, (since, _, _) in regs.items()} == starts[m]
+            got = {o: sorted(zip(times, [-1 if v is None else v for v in values]))
+                   for o, (_, times, values) in regs.items() if times}
+            assert got == {o: sorted(zip(times, [-1 if v is None else v for v in values]))
+                           for o, (times, values) in two.get(m, {}).items()}
+    assert 0 < left_out < 2 * len(meters)               # both: settled in one query, and left to two steps
     store.close()
     repo.close()
