@@ -786,14 +786,15 @@ class BillingStore:
         database filters (None or <= 32 gateways): meter -> obis (-> earliest new instant ms, None = whole
         history) -> (since, taken_at_ms list, value list) where `since` is the n-th latest distinct instant
         before the new one (None when there are fewer: the whole history) and the rows are the register's
-        records from `since` on, as `plain_columns` gives them. Per register the 4n newest records before the
+        records from `since` on, as `plain_columns` gives them. Per register the n+1 newest records before the
         new instant are read with the records from it on; a meter with a register those do not settle (the
-        4n rows end at `since`, more rows there may be cut off) is left out: ask it the two-step way."""
+        rows end at `since`, more rows there may be cut off: several records at one instant) is left out:
+        ask it the two-step way."""
         if snapshot is not None and len(snapshot) > 32:
             raise ValueError("plain_windows: the snapshot of more than 32 gateways is filtered row by row")
         keys = [(m, o, t) for m in sorted(news) for o, t in sorted(news[m].items())]
         units = ", ".join(f"'{u}'" for u in sorted(ENERGY_UNITS))
-        limit = 4 * n
+        limit = n + 1                       # enough when the newest instants are distinct (the usual case)
         if self.db.dialect == "postgres":
             return self._settle_windows(keys, self._pg_windows(keys, snapshot, units, limit), n, limit)
         snap_sql, snap_args = "", []
