@@ -36,15 +36,20 @@ offline card top-ups not yet reported (the head-end books those at the next sync
 ``balance_remaining = max(credit_balance, reported_balance + card top-ups − window spending since)``
 (the window is part of the balance, so never less than it; no report yet: the window alone).
 
+Daily standing charges (`charge_standing`, with a pulled tariff only): every local supply day
+once, at its local midnight or the first evaluation after it (missed days too), drawn in the
+same order as consumption and rounded with the same carried residue; reported apart in `Usage`.
+
 Window identity (checked by a property test): at any instant
   credit_balance == last grant + Σ tokens since its report point − window spending since then
-where window spending = consumption from credit + debt/emergency repayments + arrears recovered.
+where window spending = consumption and standing charges from credit + debt/emergency repayments
++ arrears recovered.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Callable, Literal, Protocol, Union
 from zoneinfo import ZoneInfo
@@ -63,6 +68,16 @@ class IntervalPrice(Protocol):
     """Prices consumption over an interval (a pulled tariff: `gateway.pricing.TariffPrice`)."""
 
     def amount(self, wh: int, since: datetime | None, at: datetime) -> Decimal: ...
+
+
+class StandingCharge(Protocol):
+    """A daily standing charge (a pulled tariff: `gateway.pricing.TariffPrice`): the exact gross
+    minor units of one local supply day in the zone `standing_zone`."""
+
+    @property
+    def standing_zone(self) -> str: ...
+
+    def standing_gross(self, day: date) -> Decimal: ...
 
 
 Price = Union[Decimal, int, str, PriceFn, IntervalPrice]
@@ -118,9 +133,12 @@ class PrepaymentConfig:
 class Usage:
     """Used service units and repayments since a report point (all int minor units / Wh, >= 0).
 
-    used_minor == from_credit + from_emergency + to_debt. Window spending (what left the grant
-    window) == from_credit + repaid_debt + repaid_emergency + recovered_arrears. `tokens` are
-    (reference, amount) of top-ups applied, in order."""
+    used_minor == from_credit + from_emergency + to_debt (consumption). Standing charges are
+    reported apart: `standing_minor` for `standing_days` local days (`standing_first_day` ..
+    `standing_last_day`, ISO dates), of which `standing_from_emergency` and `standing_to_debt`;
+    the rest (`standing_from_credit`) came from the window. Window spending (what left the grant
+    window) == from_credit + standing_from_credit + repaid_debt + repaid_emergency +
+    recovered_arrears. `tokens` are (reference, amount) of top-ups applied, in order."""
 
     used_minor: int = 0
     used_wh: int = 0
@@ -131,10 +149,21 @@ class Usage:
     repaid_emergency: int = 0
     recovered_arrears: int = 0
     tokens: tuple[tuple[str, int], ...] = ()
+    standing_minor: int = 0
+    standing_days: int = 0
+    standing_from_emergency: int = 0
+    standing_to_debt: int = 0
+    standing_first_day: str | None = None
+    standing_last_day: str | None = None
+
+    @property
+    def standing_from_credit(self) -> int:
+        return self.standing_minor - self.standing_from_emergency - self.standing_to_debt
 
     @property
     def window_spend(self) -> int:
-        return self.from_credit + self.repaid_debt + self.repaid_emergency + self.recovered_arrears
+        return (self.from_credit + self.standing_from_credit + self.repaid_debt + self.repaid_emergency
+                + self.recovered_arrears)
 
     @property
     def token_minor(self) -> int:
@@ -145,13 +174,19 @@ class Usage:
         return self == Usage()
 
     def plus(self, other: "Usage") -> "Usage":
-        return Usage(*(getattr(self, f) + getattr(other, f) for f in (
-            "used_minor", "used_wh", "from_credit", "from_emergency", "to_debt", "repaid_debt",
-            "repaid_emergency", "recovered_arrears")), tokens=self.tokens + other.tokens)
+        days = [d for d in (self.standing_first_day, self.standing_last_day,
+                            other.standing_first_day, other.standing_last_day) if d is not None]
+        return Usage(**{f: getattr(self, f) + getattr(other, f) for f in _USAGE_SUMS},
+                     tokens=self.tokens + other.tokens,
+                     standing_first_day=min(days) if days else None, standing_last_day=max(days) if days else None)
 
     def add(self, **kw) -> "Usage":
         tokens = kw.pop("tokens", ())
         return replace(self, tokens=self.tokens + tuple(tokens), **{k: getattr(self, k) + v for k, v in kw.items()})
+
+
+_USAGE_SUMS = ("used_minor", "used_wh", "from_credit", "from_emergency", "to_debt", "repaid_debt", "repaid_emergency",
+               "recovered_arrears", "standing_minor", "standing_days", "standing_from_emergency", "standing_to_debt")
 
 
 @dataclass(frozen=True)
@@ -198,6 +233,18 @@ class Charged(CreditEvent):
     to_accumulated_debt: int
     since: datetime | None = None                 # start of the priced consumption (previous reading)
     exact_minor: Decimal | None = None            # the exact gross price before rounding (residue carried)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StandingCharged(CreditEvent):
+    """One local supply day's standing charge, drawn at the first evaluation on or after the day's
+    local midnight: credit, then accepted emergency credit, then accumulated debt."""
+    day: date                                     # the local supply day charged (tariff zone)
+    amount_minor: int
+    from_credit: int
+    from_emergency_credit: int
+    to_accumulated_debt: int
+    exact_minor: Decimal | None = None            # the exact gross day charge before rounding (residue carried)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -350,6 +397,8 @@ class AccountState:
     unreported: Usage = Usage()                   # since the last report point (not yet sent)
     in_flight: Usage | None = None                # the report sent and not yet answered
     reported_balance: int | None = None           # head-end prepaid balance after the last answered report
+    standing_charged_through: date | None = None  # last local day whose standing charge is settled
+    standing_suspended: bool = False              # the flat fallback price was in force since then
 
     @property
     def balance_remaining(self) -> int:
@@ -518,10 +567,7 @@ def charge(state: AccountState, wh: int, price: Price, at: datetime, *,
         priced = Decimal(wh - from_grant) * unit / 1000
     exact = priced + state.charge_residue
     amount = max(0, round_minor(exact, state.cfg.rounding))
-    take_credit = min(amount, state.credit_balance)
-    rest = amount - take_credit
-    take_ec = min(rest, state.emergency_credit_available)
-    to_debt = rest - take_ec
+    take_credit, take_ec, to_debt = _draw(state, amount)
     state = replace(state, granted_wh=state.granted_wh - from_grant, charge_residue=exact - amount,
                     credit_balance=state.credit_balance - take_credit,
                     emergency_credit_used=state.emergency_credit_used + take_ec,
@@ -535,6 +581,68 @@ def charge(state: AccountState, wh: int, price: Price, at: datetime, *,
         events.append(OverUsage(account=state.account, at=at, wh=wh - from_grant, amount_minor=to_debt,
                                 relay=state.relay))
     return _flags(state, at, events), events
+
+
+def _draw(state: AccountState, amount: int) -> tuple[int, int, int]:
+    """The money order of a charge: (from credit, from accepted emergency credit, to debt)."""
+    take_credit = min(amount, state.credit_balance)
+    take_ec = min(amount - take_credit, state.emergency_credit_available)
+    return take_credit, take_ec, amount - take_credit - take_ec
+
+
+def charge_standing(state: AccountState, standing: StandingCharge | None,
+                    at: datetime) -> tuple[AccountState, Events]:
+    """Charge the daily standing charge of every local supply day not yet charged, up to and
+    including the local day of `at` (the day is charged at its local midnight, or at the first
+    evaluation after it: a gateway that was off charges each missed day once, here).
+
+    Days are local dates in `standing.standing_zone` (a 23 h or 25 h DST day is one day). The first
+    day ever charged is the local day of the first call with a standing charge: days before the
+    gateway knew a tariff are never charged. `standing=None` (the flat fallback price, no tariff):
+    nothing is charged, and the days while it is in force are skipped for good (when a tariff is
+    in force again, the first day charged is the day of that evaluation, never a day already
+    charged). Each day's exact gross (`standing_gross`) is rounded once with the consumption's
+    residue (`charge_residue`) and drawn like consumption: credit, accepted emergency credit, then
+    accumulated debt (never a disconnection by itself; `decide_supply` decides as after any charge).
+    """
+    state, events = _advance(state, at)
+    at = state.at
+    if standing is None:
+        if state.standing_charged_through is not None and not state.standing_suspended:
+            state = replace(state, standing_suspended=True)
+        return state, events
+    today = at.astimezone(ZoneInfo(standing.standing_zone)).date()
+    through = state.standing_charged_through
+    if through is None:
+        first = today
+    elif state.standing_suspended:
+        first = max(through + timedelta(days=1), today)
+    else:
+        first = through + timedelta(days=1)
+    day = first
+    while day <= today:
+        exact_day = to_decimal(standing.standing_gross(day))
+        if exact_day < 0:
+            raise ValidationError(f"account {state.account}: negative standing charge {exact_day} on {day}")
+        exact = exact_day + state.charge_residue
+        amount = max(0, round_minor(exact, state.cfg.rounding))
+        take_credit, take_ec, to_debt = _draw(state, amount)
+        iso = day.isoformat()
+        u = state.unreported
+        state = replace(state, charge_residue=exact - amount, credit_balance=state.credit_balance - take_credit,
+                        emergency_credit_used=state.emergency_credit_used + take_ec,
+                        accumulated_debt=state.accumulated_debt + to_debt,
+                        unreported=replace(u.add(standing_minor=amount, standing_days=1,
+                                                 standing_from_emergency=take_ec, standing_to_debt=to_debt),
+                                           standing_first_day=u.standing_first_day or iso, standing_last_day=iso))
+        events.append(StandingCharged(account=state.account, at=at, day=day, amount_minor=amount,
+                                      from_credit=take_credit, from_emergency_credit=take_ec,
+                                      to_accumulated_debt=to_debt, exact_minor=exact_day))
+        day += timedelta(days=1)
+    charged = day > first
+    state = replace(state, standing_charged_through=today if through is None else max(through, today),
+                    standing_suspended=False)
+    return (_flags(state, at, events) if charged else state), events
 
 
 def accept_emergency_credit(state: AccountState, at: datetime) -> tuple[AccountState, Events]:
@@ -631,6 +739,9 @@ def _replace_window(state: AccountState, amount: int) -> AccountState:
         u = replace(u, from_credit=u.from_credit - shift, to_debt=u.to_debt + shift)
         debt, ec, arrears = state.accumulated_debt + shift, state.emergency_credit_used, state.arrears
         deficit -= shift
+        shift = min(deficit, u.standing_from_credit)      # standing charges from the window, likewise
+        u = replace(u, standing_to_debt=u.standing_to_debt + shift)
+        debt, deficit = debt + shift, deficit - shift
         back = min(deficit, u.recovered_arrears)
         u, arrears, deficit = replace(u, recovered_arrears=u.recovered_arrears - back), arrears + back, deficit - back
         back = min(deficit, u.repaid_emergency)

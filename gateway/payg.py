@@ -27,7 +27,7 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Callable
@@ -89,6 +89,8 @@ def _jsonable(value):
         return d
     if isinstance(value, datetime):
         return utc(value).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    if isinstance(value, date):
+        return value.isoformat()
     if isinstance(value, Decimal):
         return str(value)
     return value
@@ -203,6 +205,7 @@ def read_import_wh(master, unit: int, profile, obis: str = "1.8.0") -> int:
 # --------------------------------------------------------------------------- persisted state
 
 _DT_FIELDS = {"at", "grant_valid_until", "friendly_warning_until"}
+_DATE_FIELDS = {"standing_charged_through"}
 _DEC_FIELDS = {"time_recovery_residue", "charge_residue"}
 
 
@@ -225,6 +228,8 @@ def state_from_json(data: dict, cfg: C.PrepaymentConfig) -> C.AccountState:
             v = parse_instant(v)
         elif k in _DEC_FIELDS:
             v = Decimal(v)
+        elif k in _DATE_FIELDS and v is not None:
+            v = date.fromisoformat(v)
         elif k in ("unreported", "in_flight") and v is not None:
             v = usage_from_json(v)
         kw[k] = v
@@ -382,6 +387,7 @@ class PaygMeter:
         """Read the relay, re-evaluate credit at the current instant, and only then switch (if needed)."""
         now = self.clock.now()
         read_back = self.relay.read()
+        self._standing(now)
         if import_wh is not None and self.last_import_wh is not None:
             self._charge(import_wh, now)
         elif import_wh is not None:
@@ -391,7 +397,15 @@ class PaygMeter:
                  self.state.credit_balance, self.state.available_credit)
         return self._enforce(C.reevaluate(self.state, self.friendly, now, relay_read_back=read_back))
 
+    def _standing(self, now: datetime) -> None:
+        """Charge the standing charge of every local day not yet charged (`credit.charge_standing`):
+        the pulled tariff's; none while the flat fallback price is in force."""
+        standing = self.price if hasattr(self.price, "standing_gross") else None
+        self.state, events = C.charge_standing(self.state, standing, now)
+        self._emit(events)
+
     def _charge(self, import_wh: int, now: datetime) -> None:
+        self._standing(now)
         if self.last_import_wh is None:
             self.last_import_wh, self.last_import_at = import_wh, now
             return
@@ -452,7 +466,9 @@ class PaygMeter:
         self._save()
 
     def evaluate(self) -> C.Decision:
-        return self._enforce(C.decide_supply(self.state, self.friendly, self.clock.now()))
+        now = self.clock.now()
+        self._standing(now)
+        return self._enforce(C.decide_supply(self.state, self.friendly, now))
 
     def _then_decide(self, new_state: C.AccountState, events) -> list[C.CreditEvent]:
         self.state = new_state

@@ -50,7 +50,10 @@ def usage_to_proto(u: C.Usage) -> payg_pb2.UsedUnits:
         used_minor=u.used_minor, used_wh=u.used_wh, from_emergency_minor=u.from_emergency, to_debt_minor=u.to_debt,
         repaid_debt_minor=u.repaid_debt, repaid_emergency_minor=u.repaid_emergency,
         recovered_arrears_minor=u.recovered_arrears,
-        top_ups=[payg_pb2.AppliedTopUp(reference=r, amount_minor=a) for r, a in u.tokens])
+        top_ups=[payg_pb2.AppliedTopUp(reference=r, amount_minor=a) for r, a in u.tokens],
+        standing_minor=u.standing_minor, standing_days=u.standing_days,
+        standing_from_emergency_minor=u.standing_from_emergency, standing_to_debt_minor=u.standing_to_debt,
+        standing_first_day=u.standing_first_day or "", standing_last_day=u.standing_last_day or "")
 
 
 @dataclass
@@ -477,7 +480,7 @@ class PaygDaemonHook:
                     else:
                         self.meters[mid].set_price(
                             self._flat[mid], f"the FALLBACK flat price_minor_per_kwh {c.price_minor_per_kwh} "
-                            f"(gateway.toml): no tariff pulled for account {c.account} yet")
+                            f"(gateway.toml), no standing charge deducted: no tariff pulled for account {c.account} yet")
                         if self._flat[mid] == 0:
                             log.warning("PAYG meter %s: the fallback price is 0: consumption is free until a "
                                         "tariff is pulled", mid)

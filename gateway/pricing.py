@@ -15,16 +15,19 @@ pure functions, so its charges agree with the head-end's rating to the minor uni
   charges with: ``gross = net x (1 + vat_rate)``; rounding happens once, in `credit.charge`, with
   the residue carried, so the sum of a meter's charges is the exact sum rounded once.
 
-Tiers (blocks of a billing period) and standing charges are not applied offline (the head-end
-books standing charges itself). Which tariff prices which account comes from the ``payg.tariff``
-configuration change (headend/configpub.py), kept in `configpull.ConfigState.payg_tariffs`.
+The daily standing charge of the tariff version in force on a local day (the tariff's zone, one
+charge per local date whatever its length, as `rating.standing_charges`) is grossed up the same
+way (`standing_gross`) and charged by `credit.charge_standing`, once per local day, at the first
+evaluation on or after its local midnight. Tiers (blocks of a billing period) are not applied
+offline. Which tariff prices which account comes from the ``payg.tariff`` configuration change
+(headend/configpub.py), kept in `configpull.ConfigState.payg_tariffs`.
 """
 
 from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 
 from meterlink.clock import utc
@@ -85,6 +88,16 @@ class TariffPrice:
     def amount(self, wh: int, since: datetime | None, at: datetime) -> Decimal:
         """Exact gross (VAT-inclusive) minor units of `wh` consumed over ``[since, at)``."""
         return self.net(wh, since, at) * (1 + self.vat_rate)
+
+    @property
+    def standing_zone(self) -> str:
+        """The zone whose local dates are the supply days of the standing charge (the tariff's)."""
+        return self.tariff.timezone
+
+    def standing_gross(self, day: date) -> Decimal:
+        """Exact gross (VAT-inclusive) minor units of the standing charge of local day `day`: the
+        version in force that day, ``standing_charge x (1 + vat_rate)``, not rounded."""
+        return self.tariff.version_for(day).standing_charge * (1 + self.vat_rate)
 
 
 def _grid_floor(t: datetime, step_us: int) -> datetime:

@@ -17,6 +17,10 @@ Rules
   key ``cc:{session}:{n}:usage``). Usage beyond the grant is **over-usage**: detected in the same
   request, booked to the customer's debt (key ``cc:{session}:{n}:over-usage``) and returned as an
   `OverUsage` event.
+* Daily standing charges the gateway charged (`standing_minor`, apart from `used_minor`) are
+  booked to ``revenue:standing`` + VAT like consumption's parts: from the window Dr prepaid
+  (``…:standing``), from emergency credit Dr emergency-credit (``…:standing-emergency``), to debt
+  Dr debt (``…:standing-debt``); a window overspend is taken from consumption first.
 * Open grants are reservations: a grant is never larger than
   ``available = prepaid credit − grants held open by the account's other sessions``, so the sum of
   open grants never exceeds the balance. A grant stays reserved until its usage is reported
@@ -155,20 +159,37 @@ class CreditControlRequest:
     repaid_emergency_minor: int = 0
     recovered_arrears_minor: int = 0
     tokens: tuple[tuple[str, int], ...] = ()     # (reference, amount) of top-ups applied at the meter
+    # daily standing charges charged at the gateway (gross), apart from used_minor: standing_minor ==
+    # from the window + standing_from_emergency_minor + standing_to_debt_minor, for standing_days
+    # local days standing_first_day..standing_last_day (ISO dates, informational)
+    standing_minor: int = 0
+    standing_days: int = 0
+    standing_from_emergency_minor: int = 0
+    standing_to_debt_minor: int = 0
+    standing_first_day: str = ""
+    standing_last_day: str = ""
 
     @property
     def from_window_minor(self) -> int:
         return self.used_minor - self.from_emergency_minor - self.to_debt_minor
 
     @property
+    def standing_from_window_minor(self) -> int:
+        return self.standing_minor - self.standing_from_emergency_minor - self.standing_to_debt_minor
+
+    @property
     def window_spend_minor(self) -> int:
-        return (self.from_window_minor + self.repaid_debt_minor + self.repaid_emergency_minor
-                + self.recovered_arrears_minor)
+        return (self.from_window_minor + self.standing_from_window_minor + self.repaid_debt_minor
+                + self.repaid_emergency_minor + self.recovered_arrears_minor)
 
     def fingerprint(self) -> tuple:
-        return (int(self.request_type), self.account_id, self.meter_id, self.currency, self.used_minor, self.used_wh,
-                self.from_emergency_minor, self.to_debt_minor, self.repaid_debt_minor, self.repaid_emergency_minor,
-                self.recovered_arrears_minor, tuple(self.tokens))
+        fp = (int(self.request_type), self.account_id, self.meter_id, self.currency, self.used_minor, self.used_wh,
+              self.from_emergency_minor, self.to_debt_minor, self.repaid_debt_minor, self.repaid_emergency_minor,
+              self.recovered_arrears_minor, tuple(self.tokens))
+        if self.standing_minor or self.standing_days:     # (requests without: the fingerprint stored before)
+            fp += (self.standing_minor, self.standing_days, self.standing_from_emergency_minor,
+                   self.standing_to_debt_minor, self.standing_first_day, self.standing_last_day)
+        return fp
 
 
 def initial(session_id: str, account_id: str, meter_id: str, currency: str) -> CreditControlRequest:
@@ -348,7 +369,9 @@ def decide(session: Session | None, request: CreditControlRequest, *, credit_min
                            f"unknown CC-Request-Type {req.request_type!r}")
     if (req.request_number < 0 or req.used_minor < 0 or req.used_wh < 0 or req.from_window_minor < 0
             or min(req.from_emergency_minor, req.to_debt_minor, req.repaid_debt_minor, req.repaid_emergency_minor,
-                   req.recovered_arrears_minor) < 0 or any(a <= 0 for _, a in req.tokens)):
+                   req.recovered_arrears_minor, req.standing_days, req.standing_from_emergency_minor,
+                   req.standing_to_debt_minor, req.standing_from_window_minor) < 0
+            or any(a <= 0 for _, a in req.tokens)):
         return _refuse(req, ResultCode.INVALID_AVP_VALUE, f"session {req.session_id} request {req.request_number}: "
                        f"negative request number or used units")
 
@@ -360,7 +383,7 @@ def decide(session: Session | None, request: CreditControlRequest, *, credit_min
                            f"session {req.session_id}: CCR-Initial must be request number 0, got {req.request_number}")
         if not account_active:
             return _refuse(req, ResultCode.END_USER_SERVICE_DENIED, f"account {req.account_id} is not active")
-        if req.used_minor or req.used_wh or req.window_spend_minor or req.tokens:
+        if req.used_minor or req.used_wh or req.window_spend_minor or req.tokens or req.standing_minor:
             # a deviation from RFC 4006: the gateway reports what happened before any session
             # (tokens typed in, emergency credit, debt) against an empty grant, so nothing is lost
             session = Session(req.session_id, req.account_id, req.meter_id, req.currency, now, -1)
@@ -416,12 +439,16 @@ def _book_and_grant(session: Session, req: CreditControlRequest, *, credit_minor
     window = granted + tokens_minor                      # what the gateway was allowed to spend
     spend = req.window_spend_minor
     over_window = max(0, spend - window)                 # beyond the window: a gateway that overspent
-    if over_window > req.from_window_minor:
+    charged_from_window = req.from_window_minor + req.standing_from_window_minor
+    if over_window > charged_from_window:
         return _refuse(req, ResultCode.INVALID_AVP_VALUE,
                        f"session {req.session_id} request {req.request_number}: repayments "
-                       f"{spend - req.from_window_minor} exceed the window {window}")
-    from_window = req.from_window_minor - over_window
-    over = req.to_debt_minor + over_window
+                       f"{spend - charged_from_window} exceed the window {window}")
+    over_energy = min(over_window, req.from_window_minor)   # the overspend is consumption first, then standing
+    from_window = req.from_window_minor - over_energy
+    over = req.to_debt_minor + over_energy
+    standing_from_window = req.standing_from_window_minor - (over_window - over_energy)
+    standing_to_debt = req.standing_to_debt_minor + (over_window - over_energy)
     recovered = req.recovered_arrears_minor
     if arrears_minor is not None:
         recovered = min(recovered, max(0, arrears_minor))  # never more than is outstanding
@@ -435,6 +462,14 @@ def _book_and_grant(session: Session, req: CreditControlRequest, *, credit_minor
     if req.from_emergency_minor:
         txns.append(L.emergency_consumption_charge(f"{base}:emergency", now, req.account_id,
                                                    req.from_emergency_minor, req.currency, vat))
+    if req.standing_minor:
+        memo = f"{req.standing_days} day(s) {req.standing_first_day}..{req.standing_last_day}"
+        for suffix, paid_from, gross in ((":standing", "prepaid", standing_from_window),
+                                         (":standing-emergency", "emergency-credit", req.standing_from_emergency_minor),
+                                         (":standing-debt", "debt", standing_to_debt)):
+            if gross:
+                txns.append(L.standing_charge(base + suffix, now, req.account_id, req.currency, vat,
+                                              gross_minor=gross, paid_from=paid_from, memo=memo))
     if req.repaid_debt_minor:
         txns.append(L.debt_recovery(f"{base}:debt-repaid", now, req.account_id, req.repaid_debt_minor, req.currency))
     if recovered:
@@ -450,7 +485,8 @@ def _book_and_grant(session: Session, req: CreditControlRequest, *, credit_minor
                                 req.used_minor, over, granted_wh, req.used_wh,
                                 None if granted_wh is None else max(0, req.used_wh - granted_wh), key))
     since = grant.issued_at if grant else (session.usage[-1].at if session.usage else session.opened_at)
-    usage = (session.usage + (UsageReport(since, now, req.used_minor, req.used_wh),))[-policy.usage_kept:]
+    usage = (session.usage + (UsageReport(since, now, req.used_minor + req.standing_minor, req.used_wh),)
+             )[-policy.usage_kept:]
 
     if req.request_type == RequestType.TERMINATION_REQUEST:
         answer = _answer(req, ResultCode.SUCCESS)

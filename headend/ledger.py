@@ -46,7 +46,7 @@ In both cases the customer's balance is gross (what the customer paid and sees).
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import Iterable, Iterator, Literal, Mapping, Protocol, Sequence
@@ -388,11 +388,24 @@ def consumption_charge(business_key: str, at: datetime, customer: str, currency:
     return _charge(business_key, at, "consumption", prepaid(customer), REVENUE_ENERGY, n, v, currency, vat)
 
 
+STANDING_PAID_FROM = {"prepaid": ("standing-charge", prepaid),
+                      "emergency-credit": ("standing-charge-emergency", emergency_credit_account),
+                      "debt": ("standing-charge-debt", debt)}
+
+
 def standing_charge(business_key: str, at: datetime, customer: str, currency: str, vat: PrepaidVat, *,
-                    net: Decimal | int | None = None, gross_minor: int | None = None) -> Transaction:
-    """A standing-charge day, paid from prepaid credit: Dr prepaid, Cr revenue:standing, Cr VAT."""
+                    net: Decimal | int | None = None, gross_minor: int | None = None,
+                    paid_from: str = "prepaid", memo: str = "") -> Transaction:
+    """Standing-charge days: Dr the account they were paid from (gross), Cr revenue:standing (net),
+    Cr VAT. `paid_from`: "prepaid" (credit, kind standing-charge), "emergency-credit" (advanced,
+    owed back; kind standing-charge-emergency) or "debt" (accumulated debt; kind standing-charge-debt)."""
+    if paid_from not in STANDING_PAID_FROM:
+        raise LedgerError(f"{business_key!r}: standing charge paid_from {paid_from!r} not one of "
+                          f"{', '.join(STANDING_PAID_FROM)}")
+    kind, account = STANDING_PAID_FROM[paid_from]
     n, v = _split(business_key, net, gross_minor, vat)
-    return _charge(business_key, at, "standing-charge", prepaid(customer), REVENUE_STANDING, n, v, currency, vat)
+    t = _charge(business_key, at, kind, account(customer), REVENUE_STANDING, n, v, currency, vat)
+    return replace(t, memo=memo) if memo else t
 
 
 def over_usage_debt(business_key: str, at: datetime, customer: str, gross_minor: int, currency: str,

@@ -78,7 +78,10 @@ def request_from_proto(pb: payg_pb2.CreditControlRequest, rtype: CC.RequestType)
         u.used_minor, u.used_wh, from_emergency_minor=u.from_emergency_minor, to_debt_minor=u.to_debt_minor,
         repaid_debt_minor=u.repaid_debt_minor, repaid_emergency_minor=u.repaid_emergency_minor,
         recovered_arrears_minor=u.recovered_arrears_minor,
-        tokens=tuple((t.reference, t.amount_minor) for t in u.top_ups))
+        tokens=tuple((t.reference, t.amount_minor) for t in u.top_ups),
+        standing_minor=u.standing_minor, standing_days=u.standing_days,
+        standing_from_emergency_minor=u.standing_from_emergency_minor, standing_to_debt_minor=u.standing_to_debt_minor,
+        standing_first_day=u.standing_first_day, standing_last_day=u.standing_last_day)
 
 
 def answer_to_proto(answer: CC.CreditControlAnswer, tokens: list[str], balance_minor: int,

@@ -3,7 +3,8 @@
 The gateway side is the real pure account (`gateway/credit.py`) with real signed tokens
 (`gateway/tokens.py`); the head-end side is the real `CreditControl` over a real `PaygStore`
 (SQLite) with token reservations. Exchanges can be lost (offline stretch, lost answers), the
-customer takes emergency credit, tokens are sold and typed in at arbitrary moments."""
+customer takes emergency credit, tokens are sold and typed in at arbitrary moments; a daily
+standing charge is charged at the gateway for every local day and booked once at the head-end."""
 
 from __future__ import annotations
 
@@ -32,7 +33,19 @@ def request_from_usage(session: str, n: int, rtype: CC.RequestType, usage: C.Usa
         session, rtype, n, "ACC1", "M1", "GBP", usage.used_minor, usage.used_wh,
         from_emergency_minor=usage.from_emergency, to_debt_minor=usage.to_debt,
         repaid_debt_minor=usage.repaid_debt, repaid_emergency_minor=usage.repaid_emergency,
-        recovered_arrears_minor=usage.recovered_arrears, tokens=usage.tokens)
+        recovered_arrears_minor=usage.recovered_arrears, tokens=usage.tokens,
+        standing_minor=usage.standing_minor, standing_days=usage.standing_days,
+        standing_from_emergency_minor=usage.standing_from_emergency, standing_to_debt_minor=usage.standing_to_debt,
+        standing_first_day=usage.standing_first_day or "", standing_last_day=usage.standing_last_day or "")
+
+
+class Standing:
+    """A daily standing charge of 45.67 net + 5 % VAT per local day in Europe/London."""
+
+    standing_zone = "Europe/London"
+
+    def standing_gross(self, day) -> Decimal:
+        return Decimal("45.67") * Decimal("1.05")
 
 
 class Pair:
@@ -45,7 +58,7 @@ class Pair:
         self.gw = C.AccountState(account="M1", cfg=C.PrepaymentConfig(max_credit_balance=1_000_000))
         self.window = T.ReplayWindow()
         self.session, self.n, self.open = "S1", -1, False
-        self.sold = self.charged = self.spent = 0
+        self.sold = self.charged = self.spent = self.standing = 0
         self.undelivered: list = []
         self.now = T0
 
@@ -61,6 +74,8 @@ class Pair:
         self.undelivered = []
 
     def consume(self, wh: int) -> None:
+        self.gw, standing = C.charge_standing(self.gw, Standing(), self.now)     # each local day once
+        self.standing += sum(e.amount_minor for e in standing if isinstance(e, C.StandingCharged))
         self.gw, events = C.charge(self.gw, wh, PRICE, self.now)
         self.charged += sum(e.amount_minor for e in events if isinstance(e, C.Charged))
         if self.gw.emergency_credit_offered and not self.gw.emergency_credit_accepted:
@@ -112,6 +127,9 @@ class Pair:
                     if t.kind in ("consumption", "emergency-consumption", "over-usage-debt")
                     for p in t.postings if p.amount_minor > 0)
         assert gross == self.charged
+        standing = sum(p.amount_minor for t in ledger if t.kind.startswith("standing-charge")
+                       for p in t.postings if p.amount_minor > 0)
+        assert standing == self.standing
         assert L.totals_by_currency(ledger) == {"GBP": 0}
 
 

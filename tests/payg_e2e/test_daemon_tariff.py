@@ -111,8 +111,9 @@ def test_the_running_gateway_prices_with_the_pulled_tariff_and_a_card_top_up_at_
         procs.remove(gw)
 
         journal = Journal(tmp_path / "gw.db")
-        charges = [json.loads(r.body.payload) for r in journal.records()
-                   if isinstance(r.body, Event) and r.body.kind == "credit.charged"]
+        records = [r.body for r in journal.records() if isinstance(r.body, Event)]
+        charges = [json.loads(b.payload) for b in records if b.kind == "credit.charged"]
+        standing = [json.loads(b.payload) for b in records if b.kind == "credit.standing_charged"]
         journal.close()
         state = json.loads((tmp_path / "payg" / "T-1.json").read_text())["state"]
         assert len(charges) >= 12 and all(c["since"] for c in charges)
@@ -128,9 +129,16 @@ def test_the_running_gateway_prices_with_the_pulled_tariff_and_a_card_top_up_at_
                 assert exact == Decimal(c["wh"]) * RATES[band] * (1 + store.vat.rate) / 1000, c
                 bands_seen.add(band)
         assert bands_seen == {"even", "odd"}
-        total = sum(c["amount_minor"] for c in charges)
-        assert total == round_minor(sum(Decimal(c["exact_minor"]) for c in charges), "half_up")
-        assert Decimal(state["charge_residue"]) == sum(Decimal(c["exact_minor"]) for c in charges) - total
+        # the tariff's standing charge (50.00 a day + 5 % = 52.5), once per local day from the first
+        # evaluation with the pulled tariff, rounded with the consumption's carried residue
+        days = [c["day"] for c in standing]
+        assert 1 <= len(days) <= 2 and days == sorted(set(days)), standing
+        assert all(Decimal(c["exact_minor"]) == Decimal("52.5") for c in standing)
+        assert state["standing_charged_through"] == days[-1]
+        total = sum(c["amount_minor"] for c in charges + standing)
+        exact = sum(Decimal(c["exact_minor"]) for c in charges + standing)
+        assert total == round_minor(exact, "half_up")
+        assert Decimal(state["charge_residue"]) == exact - total
         ledger = list(store.transactions())
         assert sum(1 for t in ledger if t.business_key == key) == 1
         assert L.totals_by_currency(ledger) == {"GBP": 0}

@@ -5,8 +5,8 @@ to the PAYG account with the PAYG ledger's VAT rate and the market's 30-minute g
 pulls the signed configuration over mutual TLS, verifies it and prices every reading with it. Three
 days offline with readings at irregular instants crossing band boundaries, then reconnection: the
 head-end ledger books exactly what the gateway charged, and that equals the head-end's own rating
-of the same readings (VEE intervals -> rating.rate_intervals -> + VAT, rounded once) to the minor
-unit -- while a flat price (the fallback) or pricing each reading at its end instant would not."""
+of the same readings plus one standing charge per local day (VEE intervals -> rating.rate_intervals
++ rating.standing_charges -> + VAT, rounded once) to the minor unit -- while a flat price (the fallback) or pricing each reading at its end instant would not."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from meterlink.gateway.profiles import load_profile
 from meterlink.gateway.transport import open_master
 from meterlink.headend import ledger as L
 from meterlink.headend import payg_store as S
+from meterlink.headend import rating
 from meterlink.headend.configpub import publish_payg_tariff, publish_tariff
 from meterlink.headend.rating import rate_intervals
 from meterlink.headend.tariff import bundled_tariffs
@@ -46,6 +47,11 @@ def economy7_text() -> str:
 
 def consumption_gross(ledger) -> int:
     return sum(p.amount_minor for t in ledger if t.kind in ("consumption", "emergency-consumption", "over-usage-debt")
+               for p in t.postings if p.amount_minor > 0)
+
+
+def standing_gross(ledger) -> int:
+    return sum(p.amount_minor for t in ledger if t.kind.startswith("standing-charge")
                for p in t.postings if p.amount_minor > 0)
 
 
@@ -122,8 +128,11 @@ def test_three_days_offline_priced_with_the_pulled_two_band_tariff_agree_with_th
         assert pm.state.in_flight is None and pm.state.unreported.empty
 
         charged = sum(e.amount_minor for e, _ in pm.journal if isinstance(e, C.Charged))
+        standing = [e for e, _ in pm.journal if isinstance(e, C.StandingCharged)]
+        standing_charged = sum(e.amount_minor for e in standing)
         ledger = list(hd.store.transactions())
         assert consumption_gross(ledger) == charged              # the head-end booked what the gateway charged
+        assert standing_gross(ledger) == standing_charged        # ... and each standing charge
         assert L.totals_by_currency(ledger) == {"GBP": 0}
         assert L.balance(ledger, L.debt("ACC1"), "GBP") == pm.state.accumulated_debt
         assert L.balance(ledger, L.emergency_credit_account("ACC1"), "GBP") == pm.state.emergency_credit_used
@@ -134,13 +143,33 @@ def test_three_days_offline_priced_with_the_pulled_two_band_tariff_agree_with_th
         bands = {a.band for a in aggs.values() if a.wh}
         assert bands == {"day", "night"}                        # both bands, boundaries crossed inside readings
         exact_net = sum(a.amount_dec for a in aggs.values())
-        assert charged == round_minor(exact_net * (1 + vat), "half_up")
+        # standing: one charge per LOCAL day from the day the gateway first priced with the tariff
+        # (its boot, the first reading's instant) to the day of the last reading, as the head-end
+        # rates them (rating.standing_charges); each day charged once by the gateway, offline too
+        zone = price.tariff.zone
+        first_day, last_day = (r.taken_at.astimezone(zone).date() for r in (readings[0], readings[-1]))
+        days = rating.standing_charges(price.tariff, "ACC1", first_day, last_day + timedelta(days=1))
+        assert [e.day for e in standing] == sorted(d for (_, d, _) in days)
+        assert 4 <= len(days) <= 5                               # 3 days offline + the online hours
+        standing_net = sum(a.amount_dec for a in days.values())  # 52.14 a day (version 2026-01-01)
+        assert standing_net == Decimal("52.14") * len(days)
+        # The agreement, everything rounded once (with 4 days, e.g.: standing 4 x 52.14 = 208.56 net,
+        # x 1.05 = 218.988; total = round((exact energy net + 208.56) x 1.05)). The gateway's charges
+        # share one rounding residue, so energy and standing are not rounded apart.
+        total = charged + standing_charged
+        assert total == round_minor((exact_net + standing_net) * (1 + vat), "half_up")
+        # each day's charge takes the carried residue in (|r_before - r_after| < 1 per day)
+        assert abs(standing_charged - standing_net * (1 + vat)) < len(days)
+        print(f"\nagreement: energy net {exact_net} + standing {len(days)} x 52.14 = {standing_net} net; "
+              f"x {1 + vat} = {(exact_net + standing_net) * (1 + vat)} -> {total} minor units "
+              f"(energy {charged} + standing {standing_charged}), head-end ledger "
+              f"{consumption_gross(ledger) + standing_gross(ledger)}")
         # what the alternatives would have charged: neither agrees
         flat = round_minor(Decimal(register - 10_000) * Decimal("999") / 1000, "half_up")
         at_end = round_minor(sum(Decimal(b.value - a.value) * price.tariff.band_at(
-            b.taken_at.astimezone(price.tariff.zone)).rate * (1 + vat) / 1000 for a, b in zip(readings, readings[1:])),
-            "half_up")
-        assert charged != flat and charged != at_end
+            b.taken_at.astimezone(price.tariff.zone)).rate * (1 + vat) / 1000 for a, b in zip(readings, readings[1:]))
+            + standing_net * (1 + vat), "half_up")
+        assert total != flat and total != at_end
         assert json.loads((tmp_path / "MTR-1.json").read_text())["last_import_at"] is not None
     finally:
         channel.close()

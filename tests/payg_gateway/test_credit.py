@@ -297,7 +297,18 @@ ops = st.lists(st.one_of(
     st.tuples(st.just("accept_ec")),
     st.tuples(st.just("arrears"), st.integers(0, 10_000)),
     st.tuples(st.just("decide")),
+    st.tuples(st.just("standing"), st.sampled_from(["45.67", "54.747", "0"])),
 ), max_size=40)
+
+
+class _Standing:
+    standing_zone = "Europe/London"
+
+    def __init__(self, gross: str) -> None:
+        self.gross = Decimal(gross)
+
+    def standing_gross(self, day) -> Decimal:
+        return self.gross
 
 
 def _total(acked: C.Usage, s: C.AccountState) -> C.Usage:
@@ -316,7 +327,7 @@ def test_the_credit_window_and_the_reported_usage_account_for_every_minor_unit(s
     s, _ = C.apply_topup(s, start_credit, "opening", T0) if start_credit else (s, [])
     at = T0
     acked = C.Usage()
-    charged = 0
+    charged = standing = 0
     base_window, base_tokens, base_spend = 0, 0, 0
     for i, op in enumerate(seq):
         at += timedelta(hours=3)
@@ -344,17 +355,21 @@ def test_the_credit_window_and_the_reported_usage_account_for_every_minor_unit(s
             s, events = C.accept_emergency_credit(s, at)
         elif op[0] == "arrears":
             s, events = C.set_arrears(s, op[1], at)
+        elif op[0] == "standing":
+            s, events = C.charge_standing(s, _Standing(op[1]), at)
         else:
             d = C.decide_supply(s, None, at)
             s, events = d.state, list(d.events)
         charged += sum(e.amount_minor for e in events if isinstance(e, C.Charged))
+        standing += sum(e.amount_minor for e in events if isinstance(e, C.StandingCharged))
         t = _total(acked, s)
         assert min(s.credit_balance, s.accumulated_debt, s.emergency_credit_used, s.arrears) >= 0
         assert s.emergency_credit_used <= cfg.emergency_credit_limit
         assert s.credit_balance == base_window + (t.token_minor - base_tokens) - (t.window_spend - base_spend)
         assert t.used_minor == charged == t.from_credit + t.from_emergency + t.to_debt
-        assert s.accumulated_debt == t.to_debt - t.repaid_debt
-        assert s.emergency_credit_used == t.from_emergency - t.repaid_emergency
+        assert t.standing_minor == standing and min(t.standing_from_credit, t.standing_to_debt) >= 0
+        assert s.accumulated_debt == t.to_debt + t.standing_to_debt - t.repaid_debt
+        assert s.emergency_credit_used == t.from_emergency + t.standing_from_emergency - t.repaid_emergency
 
 
 def test_a_grant_arriving_expired_still_acknowledges_the_report_it_answers():

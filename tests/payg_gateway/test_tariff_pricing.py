@@ -156,6 +156,7 @@ def test_the_daemon_hook_prices_with_the_pulled_tariff_and_logs_the_fallback(tmp
     pm = hook.meters["H-1"]
     assert pm.price == Decimal("100") and hook.price_in_force["H-1"] == "flat"
     assert "FALLBACK flat price_minor_per_kwh 100" in caplog.text
+    assert "no standing charge deducted" in caplog.text
     hook.config_state_path = tmp_path / "config-state.json"
     save_state(hook.config_state_path, state_with(("tariff.set", {"name": "gb-economy7", "toml": text("economy7")}),
                                                   ASSIGN))

@@ -27,7 +27,7 @@ class AppliedTopUp(_message.Message):
     def __init__(self, reference: _Optional[str] = ..., amount_minor: _Optional[int] = ...) -> None: ...
 
 class UsedUnits(_message.Message):
-    __slots__ = ("used_minor", "used_wh", "from_emergency_minor", "to_debt_minor", "repaid_debt_minor", "repaid_emergency_minor", "recovered_arrears_minor", "top_ups")
+    __slots__ = ("used_minor", "used_wh", "from_emergency_minor", "to_debt_minor", "repaid_debt_minor", "repaid_emergency_minor", "recovered_arrears_minor", "top_ups", "standing_minor", "standing_days", "standing_from_emergency_minor", "standing_to_debt_minor", "standing_first_day", "standing_last_day")
     USED_MINOR_FIELD_NUMBER: _ClassVar[int]
     USED_WH_FIELD_NUMBER: _ClassVar[int]
     FROM_EMERGENCY_MINOR_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,12 @@ class UsedUnits(_message.Message):
     REPAID_EMERGENCY_MINOR_FIELD_NUMBER: _ClassVar[int]
     RECOVERED_ARREARS_MINOR_FIELD_NUMBER: _ClassVar[int]
     TOP_UPS_FIELD_NUMBER: _ClassVar[int]
+    STANDING_MINOR_FIELD_NUMBER: _ClassVar[int]
+    STANDING_DAYS_FIELD_NUMBER: _ClassVar[int]
+    STANDING_FROM_EMERGENCY_MINOR_FIELD_NUMBER: _ClassVar[int]
+    STANDING_TO_DEBT_MINOR_FIELD_NUMBER: _ClassVar[int]
+    STANDING_FIRST_DAY_FIELD_NUMBER: _ClassVar[int]
+    STANDING_LAST_DAY_FIELD_NUMBER: _ClassVar[int]
     used_minor: int
     used_wh: int
     from_emergency_minor: int
@@ -44,7 +50,13 @@ class UsedUnits(_message.Message):
     repaid_emergency_minor: int
     recovered_arrears_minor: int
     top_ups: _containers.RepeatedCompositeFieldContainer[AppliedTopUp]
-    def __init__(self, used_minor: _Optional[int] = ..., used_wh: _Optional[int] = ..., from_emergency_minor: _Optional[int] = ..., to_debt_minor: _Optional[int] = ..., repaid_debt_minor: _Optional[int] = ..., repaid_emergency_minor: _Optional[int] = ..., recovered_arrears_minor: _Optional[int] = ..., top_ups: _Optional[_Iterable[_Union[AppliedTopUp, _Mapping]]] = ...) -> None: ...
+    standing_minor: int
+    standing_days: int
+    standing_from_emergency_minor: int
+    standing_to_debt_minor: int
+    standing_first_day: str
+    standing_last_day: str
+    def __init__(self, used_minor: _Optional[int] = ..., used_wh: _Optional[int] = ..., from_emergency_minor: _Optional[int] = ..., to_debt_minor: _Optional[int] = ..., repaid_debt_minor: _Optional[int] = ..., repaid_emergency_minor: _Optional[int] = ..., recovered_arrears_minor: _Optional[int] = ..., top_ups: _Optional[_Iterable[_Union[AppliedTopUp, _Mapping]]] = ..., standing_minor: _Optional[int] = ..., standing_days: _Optional[int] = ..., standing_from_emergency_minor: _Optional[int] = ..., standing_to_debt_minor: _Optional[int] = ..., standing_first_day: _Optional[str] = ..., standing_last_day: _Optional[str] = ...) -> None: ...
 
 class CreditControlRequest(_message.Message):
     __slots__ = ("gateway_id", "session_id", "request_number", "account_id", "meter_id", "currency", "used", "gateway_at_ms", "card_lists_digest")
