@@ -30,7 +30,7 @@ Grant sizing (`size_grant`)
 --------------------------
 ::
 
-    burn      = used minor units / hours covered, over the usage reports of the last
+    burn      = used minor units (consumption + standing charges) / hours covered, over the usage reports of the last
                 `burn_rate_window` (no history yet: `initial_burn_rate_minor_per_h`)
     target    = ceil(burn × validity_hours × headroom)
     bounded   = min(max(target, min_grant_minor), max_grant_minor)

@@ -207,3 +207,4 @@ def test_the_shell_charges_standing_with_the_pulled_tariff_persists_the_day_and_
     assert days == [date(2026, 3, 10), date(2026, 3, 11), date(2026, 3, 12)]
     assert pm3.state.unreported.standing_days == 4
     assert pm3.state.standing_charged_through == date(2026, 3, 12)
+    assert P.status(tmp_path / "M1.json")["standing_charged_through"] == "2026-03-12"
