@@ -6,7 +6,9 @@ How it runs:
   * the worker thread wakes on that flag (or every `poll_s` seconds, for readings another process
     stored: file imports), clears it and runs ONE incremental `process` over everything not yet
     rated. Commits that land during a run set the flag again, so a burst of pushes costs one run per
-    run-time, not one run per push (coalescing); a run derives only the snapshot it took at its start
+    run-time, not one run per push (coalescing), and runs start at most every `min_interval_s` (0.2 s:
+    a run's fixed cost per meter and gateway is then paid a few times a second, not after every
+    commit; rating lags ingest by that much at most); a run derives only the snapshot it took at its start
     (per gateway, seq <= its cursor), so what lands during it is derived once, by the next run;
   * replicas on one database rate one at a time: the run holds a cross-process lock (PostgreSQL: a
     session advisory lock keyed by database schema; SQLite: an flock on ``<file>-rating.lock``).
@@ -190,9 +192,11 @@ class RatingWorker:
     interpreter's GIL; the thread only coalesces wake-ups and waits for the child's answer."""
 
     def __init__(self, url: str, markets: Mapping, tariffs: Mapping, clock: Clock, *, poll_s: float = 300.0,
-                 lock_retry_s: float = 0.05, max_backoff_s: float = 30.0, separate_process: bool = False) -> None:
+                 lock_retry_s: float = 0.05, max_backoff_s: float = 30.0, separate_process: bool = False,
+                 min_interval_s: float = 0.2) -> None:
         self.url, self.markets, self.tariffs, self.clock = url, markets, tariffs, clock
         self.poll_s, self.lock_retry_s, self.max_backoff_s = poll_s, lock_retry_s, max_backoff_s
+        self.min_interval_s = min_interval_s
         self.separate_process = separate_process
         self.stats = RatingStats()
         self._rater = None if separate_process else _Rater(url, markets, tariffs)
@@ -263,6 +267,7 @@ class RatingWorker:
     # -- the thread --------------------------------------------------------------------------
     def _loop(self) -> None:
         backoff = 0.0
+        started = None
         while True:
             with self._cond:
                 if not self._wanted and not self._stopping:
@@ -271,11 +276,17 @@ class RatingWorker:
                     self._cond.wait(self.poll_s if backoff == 0 else backoff)
                     if not self._wanted and not self._stopping:
                         self._wanted = True              # poll: readings stored by others
+                # at most one run per min_interval_s: a burst of commits is rated in fewer, larger runs (each
+                # run has a fixed cost per meter and gateway: reading bindings, cursors, a commit)
+                while started is not None and not self._stopping and \
+                        time.monotonic() - started < self.min_interval_s:
+                    self._cond.wait(self.min_interval_s - (time.monotonic() - started))
                 if self._stopping:
                     self._idle = True
                     self._cond.notify_all()
                     return
                 self._wanted, self._idle = False, False
+            started = time.monotonic()
             try:
                 if self.run_once() is None:
                     return                               # stopping while waiting for the lock
