@@ -77,7 +77,9 @@ class _Db:
             self.dialect = "sqlite"
             self.conn = sqlite3.connect(sqlite_path(url), check_same_thread=False, isolation_level=None, timeout=30)
             self.conn.execute("PRAGMA foreign_keys=ON")
-            self.conn.execute("PRAGMA synchronous=FULL" if durable else "PRAGMA synchronous=NORMAL")
+            wal = self.conn.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal"
+            # NORMAL only in WAL mode, where a crash may lose the last commits but never corrupts the file
+            self.conn.execute("PRAGMA synchronous=FULL" if durable or not wal else "PRAGMA synchronous=NORMAL")
             # `process` re-reads the newest readings of every register it derives: a page cache bigger than
             # the default 2 MiB keeps their pages (memory is taken as pages are read, up to 64 MiB)
             self.conn.execute("PRAGMA cache_size=-65536")

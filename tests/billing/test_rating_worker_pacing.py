@@ -38,3 +38,18 @@ def test_a_stream_of_commits_is_rated_in_runs_at_least_min_interval_apart(tmp_pa
     assert min(gaps) >= 0.05 - 0.002                     # paced (monotonic clock, a little slack)
     assert len(starts) < 1 + 31 // 2                     # far fewer runs than commits
     assert starts[-1] >= last                            # the last commit was rated after it landed
+
+
+def test_only_the_rating_workers_store_commits_without_waiting_for_disk(tmp_path):
+    """The worker's store (derived rows, aggregates and cursors, redone after a crash) commits without an
+    fsync in WAL mode; a store for bills and bindings keeps synchronous=FULL."""
+    url = f"sqlite:///{tmp_path}/headend.db"
+    open_repository(url, migrate=True).close()
+    worker = RatingWorker(url, MARKETS, TARIFFS, SimClock(utc(2026, 12, 2)), poll_s=3600)
+    plain = BillingStore(url)
+    try:
+        assert worker._rater.store.db.q("PRAGMA synchronous") == [(1,)]          # NORMAL
+        assert plain.db.q("PRAGMA synchronous") == [(2,)]                         # FULL
+    finally:
+        plain.close()
+        worker._rater.close()
