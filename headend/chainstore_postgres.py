@@ -121,7 +121,7 @@ class PostgresChainStore:
         with self._pool.connection() as conn:
             with conn.transaction():
                 write(conn)
-        return new[-1].seq
+        return last_seq(new)
 
     def commit_with_readings(self, repo, gateway_id: str, expected_head: int, new: list[ChainRecord],
                              received_at_ms: int, hashes: list[bytes] | None = None) -> int:
