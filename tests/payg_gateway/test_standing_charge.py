@@ -208,3 +208,18 @@ def test_the_shell_charges_standing_with_the_pulled_tariff_persists_the_day_and_
     assert pm3.state.unreported.standing_days == 4
     assert pm3.state.standing_charged_through == date(2026, 3, 12)
     assert P.status(tmp_path / "M1.json")["standing_charged_through"] == "2026-03-12"
+
+
+def test_a_state_file_from_before_standing_charges_loads_and_charges_from_the_day_of_the_upgrade():
+    # a state written by a gateway without standing charges: no standing_* fields, usage without them
+    old = P.state_to_json(replace(C.AccountState("M1"), credit_balance=500,
+                                  unreported=C.Usage(used_minor=5, used_wh=20, from_credit=5)))
+    for k in ("standing_charged_through", "standing_suspended"):
+        del old[k]
+    old["unreported"] = {k: v for k, v in old["unreported"].items() if not k.startswith("standing_")}
+    state = P.state_from_json(old, C.PrepaymentConfig())
+    assert state.standing_charged_through is None and not state.standing_suspended
+    assert state.unreported == C.Usage(used_minor=5, used_wh=20, from_credit=5)
+    state, charged = run(state, [datetime(2026, 3, 12, 8, tzinfo=UTC)])     # days before the upgrade: never
+    assert [e.day for e in charged] == [date(2026, 3, 12)] and state.credit_balance == 500 - 55
+    assert (state.unreported.used_minor, state.unreported.standing_minor) == (5, 55)
