@@ -55,29 +55,51 @@ def _replica_argv(args, listen: str) -> list[str]:
     return argv
 
 
+def _spawn_replica(args, listen: str):
+    """Start one further `serve` process on `listen` (returns at once; _replica_listening waits for it)."""
+    import os
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}   # systemd hears the first one only
+    return subprocess.Popen(_replica_argv(args, listen), stdout=subprocess.PIPE, text=True, env=env)
+
+
+def _replica_listening(proc) -> bool:
+    """Block until a further process prints its address (True: it listens) or exits first (False)."""
+    started = proc.stdout.readline().strip()
+    proc.stdout.close()
+    if started:
+        logging.getLogger("meterlink.headend").info("further serve process pid %d listening on %s", proc.pid, started)
+    return bool(started)
+
+
 def _start_replicas(args, n: int, listen: str) -> list:
     """`serve --processes N`: N further processes serving the same port (SO_REUSEPORT: the kernel
     spreads the incoming connections over the processes) and database; returns them once each
     listens. Their PAYG writes queue on the database's write lock (PaygStore: flock + BEGIN IMMEDIATE
     on SQLite, an advisory lock on PostgreSQL), so every rule (idempotency, reservations,
-    balances) holds across processes as it does across threads."""
-    import os
-    import subprocess
-    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}   # systemd hears the first one only
+    balances) holds across processes as it does across threads. A failure to start stops them all
+    (at start the cause is a configuration one); afterwards `_supervise_replicas` restarts one that exits."""
     procs = []
     try:
         for _ in range(n):
-            proc = subprocess.Popen(_replica_argv(args, listen), stdout=subprocess.PIPE, text=True, env=env)
+            proc = _spawn_replica(args, listen)
             procs.append(proc)
-            started = proc.stdout.readline().strip()
-            proc.stdout.close()
-            if not started:
+            if not _replica_listening(proc):
                 raise MeterlinkError(f"serve --processes: a further process on {listen} did not start "
                                      f"(exit status {proc.wait(timeout=30)})")
     except BaseException:
         _stop_replicas(procs)
         raise
     return procs
+
+
+def _supervise_replicas(args, procs: list, listen: str, stop, metrics):
+    """Restart a further process that exits while the first one serves (kill -9, OOM, crash), on the same port,
+    1 s after its exit doubling to 60 s for each exit in a row (reset once one has served 60 s); logged at
+    WARNING, counted in the first process's metrics (meterlink_headend_process_exits_total / _restarts_total)."""
+    from .supervise import Supervisor
+    return Supervisor(procs, lambda: _spawn_replica(args, listen), _replica_listening, stopping=stop.is_set,
+                      registry=metrics.registry if metrics is not None else None).start()
 
 
 def _stop_replicas(procs: list) -> None:
@@ -87,10 +109,13 @@ def _stop_replicas(procs: list) -> None:
             proc.send_signal(signal.SIGTERM)
     for proc in procs:
         try:
-            proc.wait(timeout=45)
+            code = proc.wait(timeout=45)
         except Exception:
             proc.kill()
-            proc.wait()
+            code = proc.wait()
+        if code != 0:
+            logging.getLogger("meterlink.headend").warning("further serve process %d stopped with exit status %s",
+                                                           proc.pid, code)
 
 
 def cmd_serve(args) -> int:
@@ -122,10 +147,11 @@ def cmd_serve(args) -> int:
     from .rating_worker import start_for_serve     # rate readings as they arrive (--no-rating: off)
     rating = start_for_serve(args, args.database or cfg.database, clock, repo)
     host = (args.listen or cfg.listen).rpartition(":")[0]
-    replicas = []
+    supervisor = None
     if not replica and (getattr(args, "processes", None) or 1) > 1:
         try:
-            replicas = _start_replicas(args, args.processes - 1, f"{host}:{port}")
+            supervisor = _supervise_replicas(args, _start_replicas(args, args.processes - 1, f"{host}:{port}"),
+                                             f"{host}:{port}", stop, metrics)
         except BaseException:
             stop_server(server, grace=0)
             if rating is not None:
@@ -149,7 +175,8 @@ def cmd_serve(args) -> int:
     stop.wait()
     notifier.stopping()
     bound_shutdown(20)                             # a stop that hangs dumps every thread's stack and exits 1
-    _stop_replicas(replicas)                       # they stop as this one does (SIGTERM)
+    if supervisor is not None:                     # no restart from now on; they stop as this one does (SIGTERM)
+        _stop_replicas(supervisor.stop())
     stop_server(server, grace=2)                   # every handler has returned before the stores close
     if rating is not None:
         rating.stop()
@@ -541,7 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve the port from N processes (default 1) on the one database: the kernel spreads "
                             "the gateways' connections over them (SO_REUSEPORT), so the gRPC and PAYG work uses "
                             "more than one core; the first process alone rates, serves --metrics-listen and "
-                            "prints the addresses (docs/payg.md, Benchmark)")
+                            "prints the addresses, and restarts a further one that exits (after 1 s, doubling to "
+                            "60 s while they keep exiting; logged, counted in the metrics) (docs/payg.md, "
+                            "Several serve processes)")
     serve.add_argument("--replica", action="store_true", help=argparse.SUPPRESS)   # one of --processes' further ones
     serve.add_argument("--pki-dir", help="serve mutual TLS with the head-end CA in this directory (or [pki] dir)")
     serve.add_argument("--enrol-listen", help="HOST:PORT of the server-TLS enrolment port, overrides [pki]")

@@ -133,3 +133,84 @@ def test_two_serve_processes_share_the_port_and_keep_credit_control_exact(tmp_pa
         assert sum(1 for t in store.transactions() if t.business_key.startswith("cc:")) == 3 * ACCOUNTS
     finally:
         store.close()
+
+
+def _replica_pids(pid: int) -> list[int]:
+    out = []
+    for child in subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], text=True,
+                                capture_output=True).stdout.split():
+        try:
+            if "--replica" in Path(f"/proc/{child}/cmdline").read_text():
+                out.append(int(child))
+        except OSError:                  # exited meanwhile
+            pass
+    return out
+
+
+def _listening_on(port: int) -> set[str]:
+    """Socket inodes of the TCP sockets listening on `port`."""
+    out = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if int(f[1].rpartition(":")[2], 16) == port and f[3] == "0A":
+                out.add(f[9])
+    return out
+
+
+def test_a_killed_further_process_is_restarted_on_the_port_and_sigterm_still_stops_all(tmp_path):
+    """kill -9 of the further process: the first logs it, starts a new one on the same port within ~1 s and
+    counts the restart in its metrics; SIGTERM to the first then stops both, status 0 (a further process that
+    stops otherwise is logged as such, which the log must not show)."""
+    import os
+    import time
+    import urllib.request
+
+    log = tmp_path / "serve.log"
+    with open(log, "w") as err:
+        serve = subprocess.Popen([str(BIN / "meterlink-headend"), "-v", "serve", "--listen", "127.0.0.1:0",
+                                  "--database", f"sqlite:///{tmp_path / 'headend.db'}", "--config", "/dev/null",
+                                  "--processes", "2", "--no-rating", "--metrics-listen", "127.0.0.1:0"],
+                                 stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        address = serve.stdout.readline().strip()
+        metrics_url = serve.stdout.readline().split()[-1]
+        assert address and metrics_url.startswith("http://"), log.read_text()
+        port = int(address.rpartition(":")[2])
+
+        def restarts() -> float:
+            body = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+            return float(next(line.split()[1] for line in body.splitlines()
+                              if line.startswith("meterlink_headend_process_restarts_total ")))
+
+        [old] = _replica_pids(serve.pid)
+        assert f"further serve process pid {old} listening on {address}" in log.read_text()
+        assert restarts() == 0
+        os.kill(old, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while restarts() < 1:
+            assert time.monotonic() < deadline, log.read_text()
+            assert serve.poll() is None, log.read_text()
+            time.sleep(0.1)
+        [new] = _replica_pids(serve.pid)
+        assert new != old
+        text = log.read_text()
+        assert f"further serve process {old} was killed by signal 9 (SIGKILL)" in text
+        assert f"further serve process restarted: pid {new} (restart 1)" in text
+        listening = _listening_on(port)             # both processes listen on the one port again
+        assert _socket_inodes(serve.pid) & listening and _socket_inodes(new) & listening
+        channel = grpc.insecure_channel(address)
+        grpc.channel_ready_future(channel).result(timeout=10)
+        channel.close()
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        try:
+            code = serve.wait(timeout=25)              # bound_shutdown(20) ends a hung stop with status 1
+        except subprocess.TimeoutExpired:
+            serve.kill()
+            raise AssertionError(f"serve did not stop on SIGTERM: {log.read_text()}") from None
+        finally:
+            serve.stdout.close()
+    assert code == 0, log.read_text()
+    assert not Path(f"/proc/{new}").exists()
+    assert "stopped with exit status" not in log.read_text()     # the further one stopped with status 0
