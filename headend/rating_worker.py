@@ -268,14 +268,19 @@ class RatingWorker:
     def _loop(self) -> None:
         backoff = 0.0
         started = None
+        retry_at = None                                  # after a failed run: no new run before this
         while True:
             with self._cond:
                 if not self._wanted and not self._stopping:
                     self._idle = True
                     self._cond.notify_all()
-                    self._cond.wait(self.poll_s if backoff == 0 else backoff)
+                    self._cond.wait(self.poll_s)
                     if not self._wanted and not self._stopping:
                         self._wanted = True              # poll: readings stored by others
+                # a failed run is retried after its pause, however many commits arrive meanwhile (a database
+                # that is down would fail every run: no run per commit, no log line per commit)
+                while retry_at is not None and not self._stopping and time.monotonic() < retry_at:
+                    self._cond.wait(retry_at - time.monotonic())
                 # at most one run per min_interval_s: a burst of commits is rated in fewer, larger runs (each
                 # run has a fixed cost per meter and gateway: reading bindings, cursors, a commit)
                 while started is not None and not self._stopping and \
@@ -290,11 +295,12 @@ class RatingWorker:
             try:
                 if self.run_once() is None:
                     return                               # stopping while waiting for the lock
-                backoff = 0.0
+                backoff, retry_at = 0.0, None
             except Exception as exc:                    # noqa: BLE001 - logged, retried
                 self.stats.failures += 1
                 self.stats.last_error = f"{type(exc).__name__}: {exc}"
                 backoff = min(self.max_backoff_s, max(0.5, backoff * 2))
+                retry_at = time.monotonic() + backoff
                 log.error("rating run failed (%s); retrying in %.1f s", self.stats.last_error, backoff)
                 with self._cond:
                     self._wanted = True

@@ -262,3 +262,30 @@ def test_process_by_hand_waits_for_a_replica_that_is_rating(url):
     store = BillingStore(url, migrate=False)
     assert sum(store.pending_usage()["A1"].values()) == 24 * 417
     store.close()
+
+
+def test_a_failing_run_is_retried_after_its_pause_not_at_every_commit(tmp_path, monkeypatch):
+    """A run that fails (the database is down, say) is retried after a growing pause (0.5 s, then 1 s, ...),
+    however many commits wake the worker meanwhile: no run and no error line per commit."""
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    open_repository(url).close()                          # the schema (SQLite migrates when opened)
+    worker = RatingWorker(url, MARKETS, TARIFFS, SimClock(NOW), poll_s=3600, max_backoff_s=30.0,
+                          min_interval_s=0.01)
+    calls: list[float] = []
+
+    def failing():
+        calls.append(time.monotonic())
+        raise RuntimeError("database is down")
+    monkeypatch.setattr(worker, "run_once", failing)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 1.2
+        while time.monotonic() < deadline:               # a commit every 20 ms
+            worker.notify()
+            time.sleep(0.02)
+        # runs at about 0 s and 0.5 s; the third waits for 0.5 + 1.0 s, after the window
+        assert len(calls) == 2, [round(c - calls[0], 3) for c in calls]
+        assert calls[1] - calls[0] >= 0.5
+        assert worker.stats.failures == 2 and "database is down" in worker.stats.last_error
+    finally:
+        worker.stop()
