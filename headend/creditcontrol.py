@@ -373,7 +373,7 @@ def decide(session: Session | None, request: CreditControlRequest, *, credit_min
                    req.standing_to_debt_minor, req.standing_from_window_minor) < 0
             or any(a <= 0 for _, a in req.tokens)):
         return _refuse(req, ResultCode.INVALID_AVP_VALUE, f"session {req.session_id} request {req.request_number}: "
-                       f"negative request number or used units")
+                       f"negative {', '.join(_negative_fields(req))}")
 
     if session is None:
         if req.request_type != RequestType.INITIAL_REQUEST:
@@ -424,6 +424,23 @@ def decide(session: Session | None, request: CreditControlRequest, *, credit_min
                            policy=policy, vat=vat, now=now, account_active=account_active,
                            outstanding_tokens_minor=outstanding_tokens_minor,
                            reported_tokens_minor=reported_tokens_minor, arrears_minor=arrears_minor)
+
+
+def _negative_fields(req: CreditControlRequest) -> list[str]:
+    """The request's fields that must not be negative but are (a refusal's detail names them)."""
+    out = [name for name in ("request_number", "used_minor", "used_wh", "from_emergency_minor", "to_debt_minor",
+                             "repaid_debt_minor", "repaid_emergency_minor", "recovered_arrears_minor",
+                             "standing_days", "standing_from_emergency_minor", "standing_to_debt_minor")
+           if getattr(req, name) < 0]
+    if req.from_window_minor < 0:
+        out.append(f"consumption from the window (used_minor {req.used_minor} - from_emergency_minor "
+                   f"{req.from_emergency_minor} - to_debt_minor {req.to_debt_minor})")
+    if req.standing_from_window_minor < 0:
+        out.append(f"standing charge from the window (standing_minor {req.standing_minor} - "
+                   f"standing_from_emergency_minor {req.standing_from_emergency_minor} - standing_to_debt_minor "
+                   f"{req.standing_to_debt_minor})")
+    out += [f"or zero top-up {ref} ({a})" for ref, a in req.tokens if a <= 0]
+    return out
 
 
 def _book_and_grant(session: Session, req: CreditControlRequest, *, credit_minor: int, reserved_by_others_minor: int,

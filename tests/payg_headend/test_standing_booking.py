@@ -150,6 +150,11 @@ def test_negative_or_inconsistent_standing_parts_are_refused_and_book_nothing(st
     reserve(cc, store)
     out = handle(cc, store, report(standing_minor=50, standing_days=1, standing_to_debt_minor=60), T0)
     assert out.answer.result_code == CC.ResultCode.INVALID_AVP_VALUE and standing_txns(store) == {}
+    assert "standing charge from the window (standing_minor 50 - standing_from_emergency_minor 0 - " \
+           "standing_to_debt_minor 60)" in out.answer.detail
+    out = handle(cc, store, report(standing_minor=10, standing_days=-1, used_wh=-5), T0)
+    assert out.answer.result_code == CC.ResultCode.INVALID_AVP_VALUE and standing_txns(store) == {}
+    assert out.answer.detail.endswith("negative used_wh, standing_days")
 
 
 def test_the_gateway_report_carries_the_standing_fields_over_the_wire_unchanged():
