@@ -60,7 +60,28 @@ def _spawn_replica(args, listen: str):
     import os
     import subprocess
     env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}   # systemd hears the first one only
+    env[_PARENT_ENV] = str(os.getpid())
     return subprocess.Popen(_replica_argv(args, listen), stdout=subprocess.PIPE, text=True, env=env)
+
+
+_PARENT_ENV = "METERLINK_SERVE_FIRST_PID"
+
+
+def _stop_with_the_first_process() -> None:
+    """In a further process (Linux): SIGTERM when the first process dies, even by SIGKILL, so no orphan keeps
+    serving the port without supervision (prctl PR_SET_PDEATHSIG; the first process spawns each further one
+    from a thread that lives until the head-end stops). A first process already gone: exit at once."""
+    import ctypes
+    import os
+    import signal
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)          # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):                        # not Linux: the supervisor's SIGTERM only
+        return
+    first = os.environ.get(_PARENT_ENV)
+    if first and os.getppid() != int(first):
+        raise SystemExit(f"serve --replica: the first process {first} has exited")
 
 
 def _replica_listening(proc) -> bool:
@@ -125,6 +146,7 @@ def cmd_serve(args) -> int:
     from .gatewayops import start_secure
     replica = getattr(args, "replica", False)
     if replica:
+        _stop_with_the_first_process()
         args.metrics_listen = None
     metrics = None
     if getattr(args, "metrics_listen", None):   # Prometheus /metrics: records, duplicates, refusals, latency

@@ -24,6 +24,8 @@ class Process(Protocol):
 
     def wait(self) -> int: ...
 
+    def kill(self) -> None: ...
+
 
 @dataclass(frozen=True)
 class Backoff:
@@ -135,25 +137,36 @@ class Supervisor:
             while True:
                 if self._sleep(delay) or self.stopping():
                     return
-                proc = self._spawn_unless_stopping(index)
-                if proc is None:
-                    return
-                if self._ready(proc):
-                    break
-                code = proc.wait()
+                try:
+                    proc = self._spawn_unless_stopping(index)
+                except Exception as exc:             # fork/exec failed (EMFILE, ENOMEM…): retried like an exit
+                    failure = f"could not be started ({exc!r})"
+                else:
+                    if proc is None:
+                        return
+                    if self._listens(proc):
+                        break
+                    failure = f"{proc.pid} did not start: it {describe_exit(proc.wait())}"
                 if self.stopping():
                     return
                 failures += 1
                 delay = self.backoff.delay(failures)
                 self._count_exit()
-                log.warning("%s %d did not start: it %s; next attempt in %g s", self.what, proc.pid,
-                            describe_exit(code), delay)
+                log.warning("%s %s; next attempt in %g s", self.what, failure, delay)
             since = self._clock()
             with self._lock:
                 self.restarts += 1
             if self._restart_counter is not None:
                 self._restart_counter.inc()
             log.warning("%s restarted: pid %d (restart %d)", self.what, proc.pid, self.restarts)
+
+    def _listens(self, proc) -> bool:
+        try:
+            return self._ready(proc)
+        except Exception:
+            log.exception("%s %d: reading whether it listens failed; killing it", self.what, proc.pid)
+            proc.kill()                          # then waited for like one that exited at start
+            return False
 
     def _count_exit(self) -> None:
         with self._lock:

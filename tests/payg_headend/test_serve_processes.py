@@ -214,3 +214,39 @@ def test_a_killed_further_process_is_restarted_on_the_port_and_sigterm_still_sto
     assert code == 0, log.read_text()
     assert not Path(f"/proc/{new}").exists()
     assert "stopped with exit status" not in log.read_text()     # the further one stopped with status 0
+
+
+def test_further_processes_stop_when_the_first_is_killed(tmp_path):
+    """kill -9 of the first process: the further one gets SIGTERM (PR_SET_PDEATHSIG) and stops, so no
+    unsupervised orphan keeps serving the port."""
+    import os
+    import time
+
+    log = tmp_path / "serve.log"
+    with open(log, "w") as err:
+        serve = subprocess.Popen([str(BIN / "meterlink-headend"), "serve", "--listen", "127.0.0.1:0",
+                                  "--database", f"sqlite:///{tmp_path / 'headend.db'}", "--config", "/dev/null",
+                                  "--processes", "2", "--no-rating"], stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        address = serve.stdout.readline().strip()
+        assert address, log.read_text()
+        port = int(address.rpartition(":")[2])
+        [further] = _replica_pids(serve.pid)
+        assert _socket_inodes(further) & _listening_on(port)
+    finally:
+        serve.kill()
+        serve.wait()
+        serve.stdout.close()
+    def state() -> str:                    # "Z": exited, a zombie awaiting its new parent's wait
+        try:
+            return Path(f"/proc/{further}/stat").read_text().rpartition(")")[2].split()[0]
+        except OSError:
+            return "gone"
+
+    deadline = time.monotonic() + 20
+    while state() not in ("gone", "Z", "X"):
+        if time.monotonic() > deadline:
+            os.kill(further, signal.SIGKILL)
+            raise AssertionError(f"further process {further} did not stop: {log.read_text()}")
+        time.sleep(0.05)
+    assert not _listening_on(port)

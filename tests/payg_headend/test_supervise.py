@@ -148,3 +148,41 @@ def test_backoff_and_exit_descriptions():
     assert b.delay(10_000) == 60
     assert describe_exit(-9) == "was killed by signal 9 (SIGKILL)"
     assert describe_exit(3) == "exited with status 3"
+
+
+def test_a_spawn_that_raises_is_retried_with_backoff_not_the_end_of_supervision(caplog):
+    clock = FakeClock()
+    h = Harness(FakeProc(7, clock, runs_for=100, code=-9), [(1, 0, True)], sleeps_allowed=3)
+    calls = []
+    real_spawn = h.spawn
+
+    def flaky_spawn():
+        calls.append(clock.t)
+        if len(calls) < 3:
+            raise OSError(24, "Too many open files")
+        return real_spawn()
+    h.sup._spawn = flaky_spawn
+    with caplog.at_level(logging.WARNING, logger="meterlink.headend.supervise"):
+        h.sup.watch(0)
+    assert [s for _, s in h.sleeps] == [1, 2, 4] and len(calls) == 3 and h.sup.restarts == 1
+    assert "could not be started (OSError(24, 'Too many open files')); next attempt in 2 s" in caplog.text
+
+
+def test_a_process_whose_readiness_cannot_be_read_is_killed_and_retried(caplog):
+    clock = FakeClock()
+    killed = []
+
+    class Unreadable(FakeProc):
+        def kill(self) -> None:
+            killed.append(self.pid)
+
+    h = Harness(FakeProc(7, clock, runs_for=100, code=-9), [], sleeps_allowed=2)
+    h.sup._spawn = lambda: Unreadable(50, clock, runs_for=0, code=-9)
+
+    def ready(proc):
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+    h.sup._ready = ready
+    with caplog.at_level(logging.WARNING, logger="meterlink.headend.supervise"):
+        h.sup.watch(0)
+    assert killed == [50, 50] and h.sup.restarts == 0 and h.sup.exits == 3
+    assert "further serve process 50 did not start: it was killed by signal 9 (SIGKILL)" in caplog.text
