@@ -15,7 +15,8 @@ Chart of accounts (`{c}` customer account id, `{v}` vendor id; normal side in br
 -------------------------------------------------------------------------------------
 ``customer:{c}:prepaid``           [credit]  the customer's spendable prepaid credit (a liability);
                                              `customer_credit` = minus its balance
-``customer:{c}:debt``              [debit]   debt owed by the customer (over-usage, friendly-credit use)
+``customer:{c}:debt``              [debit]   debt owed by the customer (over-usage, friendly-credit use,
+                                             standing charges neither credit nor emergency credit paid)
 ``customer:{c}:emergency-credit``  [debit]   emergency credit advanced and not yet repaid
 ``customer:{c}:arrears``           [debit]   arrears registered at the head-end (debt from a previous
                                              supply, over-usage booked centrally; against
