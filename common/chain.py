@@ -297,9 +297,9 @@ _MAX_LAYOUTS = 32
 
 def _unpack_readings(blobs: Sequence[bytes]) -> tuple[tuple, ...] | None:
     """Every blob unpacked as a reading record, as columns (one tuple per struct field), or None when one is
-    not a well-formed reading record of the layout its size suggests. One layout: one iter_unpack over the joined bytes; several (a poll
-    round of registers whose OBIS codes and units differ in length): one unpack per record with the struct
-    of its size, sniffed once per size. Each record's unpacked magic, kind and string lengths are checked
+    not a well-formed reading record of the layout its size suggests. One layout: one iter_unpack over the
+    joined bytes; several (a poll round of registers whose OBIS codes and units differ in length): one
+    unpack per record with the struct of its size, sniffed once per size. Each record's unpacked magic, kind and string lengths are checked
     against the layout it was unpacked with, so two layouts of the same size cannot be confused: when they
     differ, every record is unpacked again with the layout sniffed from its own length fields."""
     sizes = list(map(len, blobs))
