@@ -77,7 +77,7 @@ class StandingCharge(Protocol):
     @property
     def standing_zone(self) -> str: ...
 
-    def standing_gross(self, day: date) -> Decimal: ...
+    def standing_gross(self, day: date) -> Decimal | None: ...   # None: no standing charge that day
 
 
 Price = Union[Decimal, int, str, PriceFn, IntervalPrice]
@@ -621,7 +621,11 @@ def charge_standing(state: AccountState, standing: StandingCharge | None,
         first = through + timedelta(days=1)
     day = first
     while day <= today:
-        exact_day = to_decimal(standing.standing_gross(day))
+        gross = standing.standing_gross(day)
+        if gross is None:                     # before the tariff's first version: that day is not charged
+            day += timedelta(days=1)
+            continue
+        exact_day = to_decimal(gross)
         if exact_day < 0:
             raise ValidationError(f"account {state.account}: negative standing charge {exact_day} on {day}")
         exact = exact_day + state.charge_residue
@@ -639,7 +643,7 @@ def charge_standing(state: AccountState, standing: StandingCharge | None,
                                       from_credit=take_credit, from_emergency_credit=take_ec,
                                       to_accumulated_debt=to_debt, exact_minor=exact_day))
         day += timedelta(days=1)
-    charged = day > first
+    charged = any(isinstance(e, StandingCharged) for e in events)
     state = replace(state, standing_charged_through=today if through is None else max(through, today),
                     standing_suspended=False)
     return (_flags(state, at, events) if charged else state), events

@@ -19,6 +19,7 @@ session whose CCR-Initial carries the unanswered usage (`credit.abandon_report`)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -467,6 +468,8 @@ class PaygDaemonHook:
             for mid, c in self.configs.items():
                 try:
                     tp = price_for_account(state, c.account, c.currency)
+                    if tp is not None:                   # before the tariff's first version: the fallback
+                        tp = dataclasses.replace(tp, before_start=self._flat[mid])
                 except Exception as exc:  # noqa: BLE001 - an unusable assignment keeps the old price
                     log.error("PAYG meter %s: %s; keeping %s", mid, exc, self.price_in_force.get(mid))
                     continue

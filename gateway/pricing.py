@@ -52,6 +52,10 @@ class TariffPrice:
     vat_rate: Decimal
     interval: timedelta = timedelta(minutes=15)
     config_version: int = 0              # the configuration change that assigned it
+    # flat gross minor units per kWh for consumption before the tariff's first version (a tariff pulled
+    # ahead of its start): the gateway's fallback price, as if the tariff were not pulled yet; None: such
+    # consumption cannot be priced (ValidationError)
+    before_start: Decimal | None = None
 
     def describe(self) -> str:
         return (f"tariff {self.tariff_name!r} ({self.tariff.id}, {self.tariff.timezone}) + VAT {self.vat_rate}, "
@@ -86,17 +90,36 @@ class TariffPrice:
         return total
 
     def amount(self, wh: int, since: datetime | None, at: datetime) -> Decimal:
-        """Exact gross (VAT-inclusive) minor units of `wh` consumed over ``[since, at)``."""
-        return self.net(wh, since, at) * (1 + self.vat_rate)
+        """Exact gross (VAT-inclusive) minor units of `wh` consumed over ``[since, at)``; the grid
+        intervals that start before the tariff's first version (local date) at `before_start`."""
+        first = self.tariff.versions[0].valid_from
+        zone = self.tariff.zone
+        net, flat = Decimal(0), Decimal(0)
+        for start, share in self.pieces(wh, since, at):
+            if not share:
+                continue
+            if start.astimezone(zone).date() < first:
+                if self.before_start is None:
+                    raise ValidationError(f"tariff {self.tariff_name!r}: no version in force on "
+                                          f"{start.astimezone(zone).date()} (first valid_from {first})")
+                flat += Decimal(share) * self.before_start / 1000
+            else:
+                net += rate_interval(Interval("", "1.8.0", start, start + self.interval, share),
+                                     self.tariff, "").amount_dec
+        return net * (1 + self.vat_rate) + flat
 
     @property
     def standing_zone(self) -> str:
         """The zone whose local dates are the supply days of the standing charge (the tariff's)."""
         return self.tariff.timezone
 
-    def standing_gross(self, day: date) -> Decimal:
+    def standing_gross(self, day: date) -> Decimal | None:
         """Exact gross (VAT-inclusive) minor units of the standing charge of local day `day`: the
-        version in force that day, ``standing_charge x (1 + vat_rate)``, not rounded."""
+        version in force that day, ``standing_charge x (1 + vat_rate)``, not rounded; None before
+        the tariff's first version (a tariff pulled ahead of its start: no standing charge that day,
+        and relay decisions go on meanwhile)."""
+        if day < self.tariff.versions[0].valid_from:
+            return None
         return self.tariff.version_for(day).standing_charge * (1 + self.vat_rate)
 
 

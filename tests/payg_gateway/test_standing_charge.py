@@ -9,7 +9,10 @@ from dataclasses import replace
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 
+import pytest
+
 from meterlink.clock import SimClock
+from meterlink.errors import ValidationError
 from meterlink.gateway import credit as C
 from meterlink.gateway import payg as P
 from meterlink.gateway.friendly import friendly_config_from_mapping
@@ -223,3 +226,39 @@ def test_a_state_file_from_before_standing_charges_loads_and_charges_from_the_da
     state, charged = run(state, [datetime(2026, 3, 12, 8, tzinfo=UTC)])     # days before the upgrade: never
     assert [e.day for e in charged] == [date(2026, 3, 12)] and state.credit_balance == 500 - 55
     assert (state.unreported.used_minor, state.unreported.standing_minor) == (5, 55)
+
+
+def test_a_tariff_pulled_before_its_first_version_charges_nothing_until_it_starts_and_decisions_go_on():
+    # a tariff whose first (only) version starts on Thursday 12 March 2026, pulled on Monday the 9th
+    later = replace(E7, versions=(replace(E7.version_for(date(2026, 3, 12)), valid_from=date(2026, 3, 12)),))
+    price = TariffPrice(later, "gb-economy7", Decimal("0.05"), timedelta(minutes=30))
+    assert price.standing_gross(date(2026, 3, 11)) is None and price.standing_gross(date(2026, 3, 12)) == DAY_2026
+    t0 = datetime(2026, 3, 9, 10, tzinfo=UTC)
+    state = replace(C.AccountState("M1"), credit_balance=0, relay="closed")
+    state, charged = run(state, [t0, t0 + timedelta(days=1)], standing=price)   # no exception, nothing charged
+    assert charged == [] and state.unreported.standing_days == 0
+    assert state.standing_charged_through == date(2026, 3, 10)
+    assert C.decide_supply(state, None, t0 + timedelta(days=1)).relay == "open"   # credit exhausted: decided
+    # from its first day on, each day once: the 11th is before the tariff, the 12th and 13th are charged
+    state, charged = run(state, [t0 + timedelta(days=4)], standing=price)
+    assert [e.day for e in charged] == [date(2026, 3, 12), date(2026, 3, 13)]
+    assert state.unreported.standing_days == 2
+
+
+def test_consumption_before_the_tariffs_first_version_is_priced_at_the_fallback_and_after_it_by_the_tariff():
+    later = replace(E7, versions=(replace(E7.version_for(date(2026, 3, 12)), valid_from=date(2026, 3, 12)),))
+    flat = Decimal("30")
+    price = TariffPrice(later, "gb-economy7", Decimal("0.05"), timedelta(minutes=30), before_start=flat)
+    started = TariffPrice(E7, "gb-economy7", Decimal("0.05"), timedelta(minutes=30))
+    # 2 kWh over the last hour of 11 March (local = UTC in March): all before the start, at the flat gross price
+    t = datetime(2026, 3, 12, tzinfo=UTC)
+    assert price.amount(2000, t - timedelta(hours=1), t) == Decimal(2000) * flat / 1000
+    # an hour from 12 March 00:00: the tariff itself, as a tariff in force since long before prices it
+    assert price.amount(2000, t, t + timedelta(hours=1)) == started.amount(2000, t, t + timedelta(hours=1))
+    # across the start: the pre-start half at the flat price, the rest by the tariff (apportioned as VEE does)
+    across = price.amount(2000, t - timedelta(hours=1), t + timedelta(hours=1))
+    assert across == Decimal(1000) * flat / 1000 + started.amount(1000, t, t + timedelta(hours=1))
+    # without a fallback the pre-start consumption cannot be priced, and the error says why
+    with pytest.raises(ValidationError, match="no version in force on 2026-03-11"):
+        TariffPrice(later, "gb-economy7", Decimal("0.05"), timedelta(minutes=30)).amount(
+            2000, t - timedelta(hours=1), t)
