@@ -48,7 +48,7 @@ from __future__ import annotations
 import json
 import threading
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 from enum import IntEnum
 from typing import Callable, Iterable, Iterator, Protocol
@@ -375,6 +375,11 @@ def decide(session: Session | None, request: CreditControlRequest, *, credit_min
         return _refuse(req, ResultCode.INVALID_AVP_VALUE, f"session {req.session_id} request {req.request_number}: "
                        f"negative {', '.join(_negative_fields(req))}")
 
+    problem = _standing_problem(req)
+    if problem:
+        return _refuse(req, ResultCode.INVALID_AVP_VALUE, f"session {req.session_id} request {req.request_number}: "
+                       f"{problem}")
+
     if session is None:
         if req.request_type != RequestType.INITIAL_REQUEST:
             return _refuse(req, ResultCode.UNKNOWN_SESSION_ID, f"unknown session {req.session_id}")
@@ -424,6 +429,25 @@ def decide(session: Session | None, request: CreditControlRequest, *, credit_min
                            policy=policy, vat=vat, now=now, account_active=account_active,
                            outstanding_tokens_minor=outstanding_tokens_minor,
                            reported_tokens_minor=reported_tokens_minor, arrears_minor=arrears_minor)
+
+
+def _standing_problem(req: CreditControlRequest) -> str | None:
+    """Why the standing-charge part of a report is inconsistent, or None: an amount needs at least one
+    day, and reported days need their first and last local day (ISO dates, first <= last) spanning at
+    least that many days (days the gateway skipped, e.g. on its fallback price, make the span longer)."""
+    if not (req.standing_minor or req.standing_days or req.standing_first_day or req.standing_last_day):
+        return None
+    if req.standing_days < 1:
+        return f"standing charge {req.standing_minor} for {req.standing_days} day(s): at least one day is needed"
+    try:
+        first, last = date.fromisoformat(req.standing_first_day), date.fromisoformat(req.standing_last_day)
+    except ValueError:
+        return (f"standing charge days {req.standing_first_day!r}..{req.standing_last_day!r} are not "
+                f"ISO dates (YYYY-MM-DD)")
+    if last < first or (last - first).days + 1 < req.standing_days:
+        return (f"standing charge of {req.standing_days} day(s) does not fit between its first day {first} "
+                f"and last day {last}")
+    return None
 
 
 def _negative_fields(req: CreditControlRequest) -> list[str]:

@@ -174,3 +174,23 @@ def test_the_gateway_report_carries_the_standing_fields_over_the_wire_unchanged(
         session_id="S1", request_number=1, account_id="ACC1", meter_id="M1", currency="GBP",
         used=usage_to_proto(C.Usage(used_minor=10, used_wh=30))), CC.RequestType.UPDATE_REQUEST)
     assert len(plain.fingerprint()) == 12 and len(req.fingerprint()) == 18
+
+
+@pytest.mark.parametrize("parts, says", [
+    (dict(standing_minor=55, standing_days=0, standing_first_day="2026-03-09", standing_last_day="2026-03-09"),
+     "standing charge 55 for 0 day(s): at least one day is needed"),
+    (dict(standing_minor=55, standing_days=1), "standing charge days '' .. '' are not ISO dates".replace(" .. ", "..")),
+    (dict(standing_minor=55, standing_days=1, standing_first_day="09/03/2026", standing_last_day="2026-03-09"),
+     "standing charge days '09/03/2026'..'2026-03-09' are not ISO dates"),
+    (dict(standing_minor=110, standing_days=2, standing_first_day="2026-03-10", standing_last_day="2026-03-10"),
+     "standing charge of 2 day(s) does not fit between its first day 2026-03-10 and last day 2026-03-10"),
+    (dict(standing_minor=55, standing_days=1, standing_first_day="2026-03-10", standing_last_day="2026-03-09"),
+     "does not fit between its first day 2026-03-10 and last day 2026-03-09"),
+])
+def test_standing_days_that_do_not_add_up_are_refused_with_the_reason_and_book_nothing(store, parts, says):
+    cc = control(store)
+    reserve(cc, store)
+    before = len(list(store.transactions()))
+    out = handle(cc, store, report(**parts), T0)
+    assert out.answer.result_code == CC.ResultCode.INVALID_AVP_VALUE and says in out.answer.detail
+    assert standing_txns(store) == {} and len(list(store.transactions())) == before
