@@ -143,9 +143,9 @@ def run(url: str, backend: str, total: int, batch: int, gateways: int, label: st
         t.join()
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     server = (_pg_backend_cpu(url) - server0) if backend == "postgres" else 0.0
+    gc.unfreeze()
     if errors:
         raise errors[0]
-    gc.unfreeze()
     stored = sum(repo.acked_seq(g) for g in work)
     repo.close()
     n = per_gateway * gateways
@@ -270,11 +270,11 @@ def run_pipeline(url: str, backend: str, total: int, batch: int, gateways: int, 
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     server = ((_pg_backend_cpu(url) if backend == "postgres" else 0.0)
               + (_proc_cpu(rater_pid) if rater_pid else 0.0) - server0)
+    gc.unfreeze()
     if errors:
         if worker is not None:
             worker.stop()
         raise errors[0]
-    gc.unfreeze()
     rated_stats = {"runs": 0, "rated_readings": 0, "intervals": 0, "rating_s": 0.0}
     if worker is not None:
         stats = worker.stats

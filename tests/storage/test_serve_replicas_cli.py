@@ -9,10 +9,8 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
-import pytest
 from storage_records import T0
 
-from meterlink.errors import ConfigError
 from meterlink.gateway.journal import Journal
 from meterlink.gateway.sync import Pusher, load_or_create_key, write_public_key
 from meterlink.readings import Reading
@@ -54,13 +52,6 @@ def _stop(proc: subprocess.Popen, log: Path) -> None:
 
 
 def test_two_serve_processes_on_one_database_share_the_work(backend, repo_url, tmp_path):
-    if backend == "postgres":
-        from meterlink.headend.chainstore import open_chain_store
-        try:
-            open_chain_store(repo_url).close()
-        except ConfigError as exc:
-            pytest.skip(f"the service's chain store is not wired for PostgreSQL yet "
-                        f"(headend/chainstore.open_chain_store: {exc})")
     assert _headend("migrate", "--database", repo_url).returncode == 0
     key = load_or_create_key(tmp_path / "gw.key")
     write_public_key(key, tmp_path / "gw.pub")
