@@ -299,6 +299,9 @@ class PaygMeter:
         self.journal: list[tuple[C.CreditEvent, str | None]] = []   # (event, relay command id)
         self.unpublished: list[CrmRecord] = []
         self.defer_decisions = False              # True until boot: grants/tokens applied, relay untouched
+        # an answer of the head-end said it books used.standing_*: standing charges are deducted only then
+        # (an older head-end drops them; until the first answer the days are skipped like fallback days)
+        self.headend_books_standing = False
         self._load()
 
     # ---------------------------------------------------------------- persistence
@@ -314,6 +317,7 @@ class PaygMeter:
         at = data.get("last_import_at")
         self.last_import_at = parse_instant(at) if at else None
         self.command_seq = data["command_seq"]
+        self.headend_books_standing = bool(data.get("headend_books_standing", False))
         self.unpublished = [CrmRecord(r["topic"], r["payload"]) for r in data.get("unpublished", [])]
         if data.get("card_list"):
             self.card_list = _card_list_from_json(data["card_list"])
@@ -327,6 +331,7 @@ class PaygMeter:
             "meter": self.meter_id, "state": state_to_json(self.state),
             "window": {"floor": self.window.floor, "seen": sorted(self.window.seen), "size": self.window.size},
             "last_import_wh": self.last_import_wh, "command_seq": self.command_seq,
+            "headend_books_standing": self.headend_books_standing,
             "last_import_at": _jsonable(self.last_import_at) if self.last_import_at else None,
             "unreported": [self.state.unreported.used_minor + (self.state.in_flight or C.Usage()).used_minor,
                            self.state.unreported.used_wh + (self.state.in_flight or C.Usage()).used_wh],
@@ -399,8 +404,9 @@ class PaygMeter:
 
     def _standing(self, now: datetime) -> None:
         """Charge the standing charge of every local day not yet charged (`credit.charge_standing`):
-        the pulled tariff's; none while the flat fallback price is in force."""
-        standing = self.price if hasattr(self.price, "standing_gross") else None
+        the pulled tariff's; none while the flat fallback price is in force or while the head-end has
+        not said it books standing charges (`headend_books_standing`)."""
+        standing = self.price if hasattr(self.price, "standing_gross") and self.headend_books_standing else None
         self.state, events = C.charge_standing(self.state, standing, now)
         self._emit(events)
 
@@ -416,6 +422,18 @@ class PaygMeter:
         self.state, events = C.charge(self.state, delta, self.price, now, since=self.last_import_at)
         self.last_import_wh, self.last_import_at = import_wh, now
         self._emit(events)
+
+    def set_headend_books_standing(self, books: bool) -> None:
+        """What the last credit-control answer said (`books_standing_charges`); kept in the state file."""
+        if books == self.headend_books_standing:
+            return
+        self.headend_books_standing = books
+        if books:
+            log.info("PAYG meter %s: the head-end books standing charges: deducting them from today", self.meter_id)
+        else:
+            log.warning("PAYG meter %s: the head-end does not book standing charges (an older version): none "
+                        "deducted until it does", self.meter_id)
+        self._save()
 
     def set_price(self, price: C.Price, description: str) -> None:
         """Price consumption from the next reading on with `price` (the pulled tariff, or the

@@ -140,6 +140,7 @@ class CreditSession:
     def _answer(self, ans: payg_pb2.CreditControlAnswer, usage: C.Usage, terminate: bool) -> SyncResult:
         code = ans.result_code
         arrears = ans.arrears_minor if ans.HasField("arrears_minor") else None
+        self.meter.set_headend_books_standing(ans.books_standing_charges)
         if code in (UNKNOWN_SESSION, OUT_OF_ORDER, INVALID_VALUE):
             log.warning("meter %s: session %s request %d answered %d (%s): starting a new session",
                         self.meter.meter_id, self.session_id, self.number, code, ans.detail)

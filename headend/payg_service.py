@@ -89,7 +89,8 @@ def answer_to_proto(answer: CC.CreditControlAnswer, tokens: list[str], balance_m
     pb = payg_pb2.CreditControlAnswer(session_id=answer.session_id, request_number=answer.request_number,
                                       result_code=int(answer.result_code),
                                       final_unit_action=_FUA_TO_PB[answer.final_unit_action],
-                                      detail=answer.detail, tokens=tokens, balance_minor=balance_minor)
+                                      detail=answer.detail, tokens=tokens, balance_minor=balance_minor,
+                                      books_standing_charges=True)   # used.standing_* are booked (creditcontrol)
     if arrears_minor is not None:
         pb.arrears_minor = max(0, arrears_minor)
     g = answer.grant

@@ -193,7 +193,11 @@ def test_the_shell_charges_standing_with_the_pulled_tariff_persists_the_day_and_
     pm.on_reading(1_100)
     assert standing_events(e for e, _ in pm.journal) == []                # flat fallback: none
     pm.set_price(PRICE, PRICE.describe())
-    clock.advance(timedelta(minutes=30))
+    clock.advance(timedelta(minutes=15))
+    pm.on_reading(1_150)
+    assert standing_events(e for e, _ in pm.journal) == []                # no answer yet said it books them
+    pm.set_headend_books_standing(True)                                   # an answer's books_standing_charges
+    clock.advance(timedelta(minutes=15))
     pm.on_reading(1_200)
     assert [e.day for e in standing_events(e for e, _ in pm.journal)] == [date(2026, 3, 9)]
     # restart later the same day: the day is not charged again; then off until 12 March 08:00
@@ -211,6 +215,16 @@ def test_the_shell_charges_standing_with_the_pulled_tariff_persists_the_day_and_
     assert pm3.state.unreported.standing_days == 4
     assert pm3.state.standing_charged_through == date(2026, 3, 12)
     assert P.status(tmp_path / "M1.json")["standing_charged_through"] == "2026-03-12"
+    # an answer from an older head-end (books_standing_charges false): nothing more is deducted, and those
+    # days are never charged later (that head-end could not have booked them); a newer answer resumes today
+    pm3.set_headend_books_standing(False)
+    clock.set(datetime(2026, 3, 14, 8, tzinfo=UTC))
+    pm3.on_reading(1_600)
+    assert [e.day for e in standing_events(e for e, _ in pm3.journal)] == days
+    pm3.set_headend_books_standing(True)
+    clock.set(datetime(2026, 3, 15, 8, tzinfo=UTC))
+    pm3.on_reading(1_700)
+    assert [e.day for e in standing_events(e for e, _ in pm3.journal)] == [*days, date(2026, 3, 15)]
 
 
 def test_a_state_file_from_before_standing_charges_loads_and_charges_from_the_day_of_the_upgrade():
@@ -262,3 +276,47 @@ def test_consumption_before_the_tariffs_first_version_is_priced_at_the_fallback_
     with pytest.raises(ValidationError, match="no version in force on 2026-03-11"):
         TariffPrice(later, "gb-economy7", Decimal("0.05"), timedelta(minutes=30)).amount(
             2000, t - timedelta(hours=1), t)
+
+
+def test_standing_charges_wait_for_an_answer_saying_the_headend_books_them(tmp_path):
+    """A head-end older than the standing fields answers without `books_standing_charges`: it would drop
+    used.standing_*, so the gateway deducts none (ledger and gateway stay equal); a current one says so."""
+    from meterlink.clock import to_ms
+    from meterlink.gateway.payg_sync import CreditSession
+    from meterlink.v1 import payg_pb2
+
+    clock = SimClock(datetime(2026, 3, 9, 10, tzinfo=UTC))
+
+    class Relay:
+        def read(self):
+            return "closed"
+
+        def command(self, position, command_id):
+            return None
+
+    class Stub:                                       # the head-end's answers, as the wire carries them
+        def __init__(self):
+            self.books = False
+
+        def answer(self, req, timeout=None):
+            now = to_ms(clock.now())
+            return payg_pb2.CreditControlAnswer(
+                session_id=req.session_id, request_number=req.request_number, result_code=2001,
+                granted=payg_pb2.GrantedUnits(amount_minor=500, validity_time_s=86400, issued_at_ms=now,
+                                              expires_at_ms=now + 86_400_000),
+                balance_minor=2000, books_standing_charges=self.books)
+        Reserve = Update = Terminate = answer
+
+    pm = P.PaygMeter("M1", Relay(), clock, cfg=C.PrepaymentConfig(), friendly=None, price=PRICE,
+                     head_end_key=bytes(32), state_path=tmp_path / "M1.json")
+    session = CreditSession(pm, None, gateway_id="GW1", account="ACC1", state_path=tmp_path / "M1.session.json")
+    session.stub = stub = Stub()
+    pm.boot(1_000)
+    assert session.sync().outcome == "granted"
+    clock.advance(timedelta(days=1))
+    pm.on_reading(1_500)
+    assert standing_events(e for e, _ in pm.journal) == [] and not pm.headend_books_standing
+    stub.books = True                                 # the head-end was upgraded
+    assert session.sync().outcome == "granted" and pm.headend_books_standing
+    assert [e.day for e in standing_events(e for e, _ in pm.journal)] == [date(2026, 3, 10)]
+    assert pm.usage_report().standing_days == 1       # ... and reported in the next update

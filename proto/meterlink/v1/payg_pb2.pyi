@@ -97,7 +97,7 @@ class GrantedUnits(_message.Message):
     def __init__(self, amount_minor: _Optional[int] = ..., wh: _Optional[int] = ..., has_wh: _Optional[bool] = ..., validity_time_s: _Optional[int] = ..., issued_at_ms: _Optional[int] = ..., expires_at_ms: _Optional[int] = ...) -> None: ...
 
 class CreditControlAnswer(_message.Message):
-    __slots__ = ("session_id", "request_number", "result_code", "granted", "final_unit_action", "detail", "tokens", "balance_minor", "card_list", "blacklist", "arrears_minor")
+    __slots__ = ("session_id", "request_number", "result_code", "granted", "final_unit_action", "detail", "tokens", "balance_minor", "card_list", "blacklist", "arrears_minor", "books_standing_charges")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_NUMBER_FIELD_NUMBER: _ClassVar[int]
     RESULT_CODE_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +109,7 @@ class CreditControlAnswer(_message.Message):
     CARD_LIST_FIELD_NUMBER: _ClassVar[int]
     BLACKLIST_FIELD_NUMBER: _ClassVar[int]
     ARREARS_MINOR_FIELD_NUMBER: _ClassVar[int]
+    BOOKS_STANDING_CHARGES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     request_number: int
     result_code: int
@@ -120,7 +121,8 @@ class CreditControlAnswer(_message.Message):
     card_list: str
     blacklist: str
     arrears_minor: int
-    def __init__(self, session_id: _Optional[str] = ..., request_number: _Optional[int] = ..., result_code: _Optional[int] = ..., granted: _Optional[_Union[GrantedUnits, _Mapping]] = ..., final_unit_action: _Optional[_Union[FinalUnitAction, str]] = ..., detail: _Optional[str] = ..., tokens: _Optional[_Iterable[str]] = ..., balance_minor: _Optional[int] = ..., card_list: _Optional[str] = ..., blacklist: _Optional[str] = ..., arrears_minor: _Optional[int] = ...) -> None: ...
+    books_standing_charges: bool
+    def __init__(self, session_id: _Optional[str] = ..., request_number: _Optional[int] = ..., result_code: _Optional[int] = ..., granted: _Optional[_Union[GrantedUnits, _Mapping]] = ..., final_unit_action: _Optional[_Union[FinalUnitAction, str]] = ..., detail: _Optional[str] = ..., tokens: _Optional[_Iterable[str]] = ..., balance_minor: _Optional[int] = ..., card_list: _Optional[str] = ..., blacklist: _Optional[str] = ..., arrears_minor: _Optional[int] = ..., books_standing_charges: _Optional[bool] = ...) -> None: ...
 
 class ChallengeRequest(_message.Message):
     __slots__ = ("vendor_id",)
