@@ -574,6 +574,7 @@ def status(state_path: str | Path) -> dict:
                                  "used_minor": st.emergency_credit_used},
             "accumulated_debt_minor": st.accumulated_debt, "arrears_minor": st.arrears,
             "standing_charged_through": data["state"].get("standing_charged_through"),
+            "headend_books_standing": bool(data.get("headend_books_standing", False)),
             "grant": {"session": st.grant_session, "request_number": st.grant_number,
                       "valid_until": data["state"].get("grant_valid_until")},
             "unreported_usage": {"minor": data.get("unreported", [0, 0])[0], "wh": data.get("unreported", [0, 0])[1]},
@@ -596,6 +597,8 @@ def _cmd_status(args) -> int:
     print(f"  emergency credit: offered {ec['offered']}, accepted {ec['accepted']}, used {ec['used_minor']}")
     if info["standing_charged_through"]:
         print(f"  standing charge charged through {info['standing_charged_through']} (local day)")
+    if not info["headend_books_standing"]:
+        print("  standing charges not deducted: no answer yet from a head-end that books them")
     print(f"  unreported usage {info['unreported_usage']['minor']} minor / {info['unreported_usage']['wh']} Wh, "
           f"{info['unpublished_crm_events']} CRM event(s) waiting")
     return 0

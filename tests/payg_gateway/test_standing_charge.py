@@ -215,9 +215,11 @@ def test_the_shell_charges_standing_with_the_pulled_tariff_persists_the_day_and_
     assert pm3.state.unreported.standing_days == 4
     assert pm3.state.standing_charged_through == date(2026, 3, 12)
     assert P.status(tmp_path / "M1.json")["standing_charged_through"] == "2026-03-12"
+    assert P.status(tmp_path / "M1.json")["headend_books_standing"] is True
     # an answer from an older head-end (books_standing_charges false): nothing more is deducted, and those
     # days are never charged later (that head-end could not have booked them); a newer answer resumes today
     pm3.set_headend_books_standing(False)
+    assert P.status(tmp_path / "M1.json")["headend_books_standing"] is False
     clock.set(datetime(2026, 3, 14, 8, tzinfo=UTC))
     pm3.on_reading(1_600)
     assert [e.day for e in standing_events(e for e, _ in pm3.journal)] == days
