@@ -328,7 +328,7 @@ class PaygStore:
             finally:
                 self._owner = None
             if first and failed is not None:      # nothing else in the group: roll it all back
-                self._rollback_batch()
+                self._abort_batch()
                 raise failed
             try:
                 if failed is not None:
@@ -400,21 +400,14 @@ class PaygStore:
             self._unlock()
             batch.done.set()
 
-    def _rollback_batch(self) -> None:
-        """Roll back a group whose only member failed (nobody waits for it)."""
-        batch, self._batch = self._batch, None
-        try:
-            self._db.execute("ROLLBACK")
-        except Exception:
-            pass
-        self._unlock()
-        batch.done.set()
-
-    def _abort_batch(self, exc: BaseException) -> None:
+    def _abort_batch(self, exc: BaseException | None = None) -> None:
+        """Roll the open group back; `exc` reaches the members waiting for its COMMIT (None: a group whose
+        only member failed, nobody waits for it)."""
         batch, self._batch = self._batch, None
         if batch is None:
             return
-        batch.error = exc
+        if exc is not None:
+            batch.error = exc
         try:
             self._db.execute("ROLLBACK")
         except Exception:
