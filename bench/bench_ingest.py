@@ -109,38 +109,53 @@ def _pg_backend_cpu(url: str) -> float:
     return total + sum(_proc_cpu(pid) for pid in pids)
 
 
-def run(url: str, backend: str, total: int, batch: int, gateways: int, label: str) -> dict:
-    repo = open_repository(url, migrate=True)
-    per_gateway = total // gateways
-    work = {f"{label}-gw{g}": batches(gateway_records(f"{label}-gw{g}", per_gateway), batch) for g in range(gateways)}
-    if backend == "postgres":          # open the pool's connections before the clock starts
-        warm = [threading.Thread(target=repo.acked_seq, args=("warm",)) for _ in range(gateways)]
-        for t in warm:
-            t.start()
-        for t in warm:
-            t.join()
-    server0 = _pg_backend_cpu(url) if backend == "postgres" else 0.0
-    gc.collect()
-    gc.freeze()                                       # as in run_pipeline
-    barrier = threading.Barrier(gateways + 1)
+def _warm_pool(repo, gateways: int) -> None:
+    """Open the PostgreSQL pool's connections (one per gateway thread) before the clock starts."""
+    warm = [threading.Thread(target=repo.acked_seq, args=("warm",)) for _ in range(gateways)]
+    for t in warm:
+        t.start()
+    for t in warm:
+        t.join()
+
+
+def _push_concurrently(work: dict, push) -> tuple[float, float, list]:
+    """`push(gateway, its batches)` in one thread per gateway, all released at once; returns the process
+    CPU and wall clock readings taken at the release and the exceptions the threads raised."""
+    barrier = threading.Barrier(len(work) + 1)
     errors: list = []
 
-    def push(gateway: str, bs: list) -> None:
+    def one(gateway, batches_) -> None:
         barrier.wait()
         try:
-            for b in bs:
-                res = repo.ingest(gateway, b, 1)
-                assert res.accepted == len(b), res
-        except Exception as exc:              # noqa: BLE001 - reported below
+            push(gateway, batches_)
+        except Exception as exc:              # noqa: BLE001 - reported by the caller
             errors.append(exc)
 
-    threads = [threading.Thread(target=push, args=item) for item in work.items()]
+    threads = [threading.Thread(target=one, args=item) for item in work.items()]
     for t in threads:
         t.start()
     cpu0, t0 = time.process_time(), time.perf_counter()
     barrier.wait()
     for t in threads:
         t.join()
+    return cpu0, t0, errors
+
+
+def run(url: str, backend: str, total: int, batch: int, gateways: int, label: str) -> dict:
+    repo = open_repository(url, migrate=True)
+    per_gateway = total // gateways
+    work = {f"{label}-gw{g}": batches(gateway_records(f"{label}-gw{g}", per_gateway), batch) for g in range(gateways)}
+    if backend == "postgres":
+        _warm_pool(repo, gateways)
+    server0 = _pg_backend_cpu(url) if backend == "postgres" else 0.0
+    gc.collect()
+    gc.freeze()                                       # as in run_pipeline
+    def push(gateway: str, bs: list) -> None:
+        for b in bs:
+            res = repo.ingest(gateway, b, 1)
+            assert res.accepted == len(b), res
+
+    cpu0, t0, errors = _push_concurrently(work, push)
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     server = (_pg_backend_cpu(url) - server0) if backend == "postgres" else 0.0
     gc.unfreeze()
@@ -228,41 +243,25 @@ def run_pipeline(url: str, backend: str, total: int, batch: int, gateways: int, 
         if not worker.wait_idle(600):                 # the start-up run (nothing to rate yet) before the clock
             raise RuntimeError(f"rating worker did not settle: {worker.stats}")
         base = (worker.stats.readings, worker.stats.rows_changed, worker.stats.busy_s)
-    if backend == "postgres":                         # open the pool's connections before the clock starts
-        warm = [threading.Thread(target=repo.acked_seq, args=("warm",)) for _ in range(gateways)]
-        for t in warm:
-            t.start()
-        for t in warm:
-            t.join()
+    if backend == "postgres":
+        _warm_pool(repo, gateways)
     rater_pid = worker._proc.pid if rating == "process" else None     # the rating process's CPU is counted too
     gc.collect()
     gc.freeze()        # the benchmark's own prebuilt records and requests are not the head-end's heap: keep them
                        # out of the collector's full passes (they cost ~1 us/reading of gen-2 traversal otherwise)
     server0 = (_pg_backend_cpu(url) if backend == "postgres" else 0.0) + (_proc_cpu(rater_pid) if rater_pid else 0.0)
-    barrier = threading.Barrier(gateways + 1)
-    errors: list = []
     ctx = _Context()
 
     def push(gateway: str, blobs: list[bytes]) -> None:
-        barrier.wait()
-        try:
-            if stream:         # one PushStream call, as gateway/sync.py catches up: the next batch is parsed,
-                acks = list(service.PushStream((sync_pb2.PushRequest.FromString(b) for b in blobs), ctx))
-                assert len(acks) == len(blobs), f"{len(acks)} acks for {len(blobs)} batches"    # decoded ahead
-            else:
-                acks = (service.Push(sync_pb2.PushRequest.FromString(blob), ctx) for blob in blobs)
-            for ack in acks:
-                assert not ack.refused and ack.accepted > 0, ack
-        except Exception as exc:              # noqa: BLE001 - reported below
-            errors.append(exc)
+        if stream:         # one PushStream call, as gateway/sync.py catches up: the next batch is parsed,
+            acks = list(service.PushStream((sync_pb2.PushRequest.FromString(b) for b in blobs), ctx))
+            assert len(acks) == len(blobs), f"{len(acks)} acks for {len(blobs)} batches"    # decoded ahead
+        else:
+            acks = (service.Push(sync_pb2.PushRequest.FromString(blob), ctx) for blob in blobs)
+        for ack in acks:
+            assert not ack.refused and ack.accepted > 0, ack
 
-    threads = [threading.Thread(target=push, args=item) for item in work.items()]
-    for t in threads:
-        t.start()
-    cpu0, t0 = time.process_time(), time.perf_counter()
-    barrier.wait()
-    for t in threads:
-        t.join()
+    cpu0, t0, errors = _push_concurrently(work, push)
     stored_at = time.perf_counter() - t0
     if rating == "after":
         worker.notify()                               # the one `process` over everything, now
