@@ -17,14 +17,15 @@ BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
-def wait_until(predicate, timeout: float, step: float = 0.1):
+def wait_until(predicate, timeout: float = 10.0, step: float = 0.05):
+    """Poll `predicate` every `step` s until it is truthy (-> its value) or `timeout` s passed (-> its last value)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(step)
-    return None
+    return predicate()
 
 
 def evening_peak_start(now: datetime | None = None) -> datetime:

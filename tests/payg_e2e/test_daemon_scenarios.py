@@ -14,9 +14,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
-import sys
 import threading
-import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -38,22 +36,13 @@ from meterlink.sim.meter import MeterModel
 from meterlink.sim.server import TcpServer
 from meterlink.v1 import payg_pb2, payg_pb2_grpc
 
+from .processes import BIN, wait_until
+
 UTC = timezone.utc
 LONDON = ZoneInfo("Europe/London")
-BIN = Path(sys.executable).parent
 FRIENDLY = ('[friendly_credit]\ntimezone = "Europe/London"\ncountry = "GB"\npublic_holidays = false\n'
             'windows = [{ days = ["weekday"], start = "18:00", end = "10:00" }, '
             '{ days = ["weekend"], start = "00:00", end = "24:00" }]\n')
-
-
-def wait_until(predicate, timeout: float = 10.0, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    return predicate()
 
 
 def next_local(after: datetime, weekday: int, hour: int) -> datetime:
