@@ -26,6 +26,16 @@ PRICE = TariffPrice(E7, "gb-economy7", Decimal("0.05"), timedelta(minutes=30))
 DAY_2026 = Decimal("52.14") * Decimal("1.05")        # 54.747 gross minor units per day (version 2026-01-01)
 
 
+class ClosedRelay:
+    """A meter relay that reads closed and accepts every command."""
+
+    def read(self):
+        return "closed"
+
+    def command(self, position, command_id):
+        return None
+
+
 def standing_events(events):
     return [e for e in events if isinstance(e, C.StandingCharged)]
 
@@ -177,15 +187,8 @@ def test_a_new_grant_that_cannot_cover_window_standing_charges_turns_them_into_d
 def test_the_shell_charges_standing_with_the_pulled_tariff_persists_the_day_and_charges_missed_days_at_boot(tmp_path):
     clock = SimClock(datetime(2026, 3, 9, 10, tzinfo=UTC))
 
-    class Relay:
-        def read(self):
-            return "closed"
-
-        def command(self, position, command_id):
-            return None
-
     def meter(price):
-        return P.PaygMeter("M1", Relay(), clock, cfg=C.PrepaymentConfig(), friendly=None, price=price,
+        return P.PaygMeter("M1", ClosedRelay(), clock, cfg=C.PrepaymentConfig(), friendly=None, price=price,
                            head_end_key=bytes(32), state_path=tmp_path / "M1.json")
 
     pm = meter(Decimal(30))
@@ -289,13 +292,6 @@ def test_standing_charges_wait_for_an_answer_saying_the_headend_books_them(tmp_p
 
     clock = SimClock(datetime(2026, 3, 9, 10, tzinfo=UTC))
 
-    class Relay:
-        def read(self):
-            return "closed"
-
-        def command(self, position, command_id):
-            return None
-
     class Stub:                                       # the head-end's answers, as the wire carries them
         def __init__(self):
             self.books = False
@@ -309,7 +305,7 @@ def test_standing_charges_wait_for_an_answer_saying_the_headend_books_them(tmp_p
                 balance_minor=2000, books_standing_charges=self.books)
         Reserve = Update = Terminate = answer
 
-    pm = P.PaygMeter("M1", Relay(), clock, cfg=C.PrepaymentConfig(), friendly=None, price=PRICE,
+    pm = P.PaygMeter("M1", ClosedRelay(), clock, cfg=C.PrepaymentConfig(), friendly=None, price=PRICE,
                      head_end_key=bytes(32), state_path=tmp_path / "M1.json")
     session = CreditSession(pm, None, gateway_id="GW1", account="ACC1", state_path=tmp_path / "M1.session.json")
     session.stub = stub = Stub()
