@@ -392,11 +392,10 @@ class PaygMeter:
         """Read the relay, re-evaluate credit at the current instant, and only then switch (if needed)."""
         now = self.clock.now()
         read_back = self.relay.read()
-        self._standing(now)
-        if import_wh is not None and self.last_import_wh is not None:
-            self._charge(import_wh, now)
-        elif import_wh is not None:
-            self.last_import_wh, self.last_import_at = import_wh, now
+        if import_wh is None:
+            self._standing(now)
+        else:
+            self._charge(import_wh, now)                  # standing days first, then the consumption since
         self.defer_decisions = False
         log.info("meter %s boot: relay reads %s, credit %d, available %d", self.meter_id, read_back,
                  self.state.credit_balance, self.state.available_credit)
