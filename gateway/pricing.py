@@ -80,18 +80,10 @@ class TariffPrice:
         shares = apportion(wh, [(e1 - e0) // _US for e0, e1 in zip(edges, edges[1:])])
         return [(_grid_floor(e0, step_us), share) for e0, share in zip(edges, shares)]
 
-    def net(self, wh: int, since: datetime | None, at: datetime) -> Decimal:
-        """Exact net minor units of `wh` consumed over ``[since, at)`` (head-end rating, no rounding)."""
-        total = Decimal(0)
-        for start, share in self.pieces(wh, since, at):
-            if share:
-                total += rate_interval(Interval("", "1.8.0", start, start + self.interval, share),
-                                       self.tariff, "").amount_dec
-        return total
-
-    def amount(self, wh: int, since: datetime | None, at: datetime) -> Decimal:
-        """Exact gross (VAT-inclusive) minor units of `wh` consumed over ``[since, at)``; the grid
-        intervals that start before the tariff's first version (local date) at `before_start`."""
+    def _priced(self, wh: int, since: datetime | None, at: datetime) -> tuple[Decimal, Decimal]:
+        """(exact net minor units the tariff prices, exact flat gross minor units at `before_start`) of
+        `wh` consumed over ``[since, at)``: the grid intervals that start (local date) before the tariff's
+        first version go to the flat part, or raise ValidationError when there is no `before_start`."""
         first = self.tariff.versions[0].valid_from
         zone = self.tariff.zone
         net, flat = Decimal(0), Decimal(0)
@@ -106,6 +98,17 @@ class TariffPrice:
             else:
                 net += rate_interval(Interval("", "1.8.0", start, start + self.interval, share),
                                      self.tariff, "").amount_dec
+        return net, flat
+
+    def net(self, wh: int, since: datetime | None, at: datetime) -> Decimal:
+        """Exact net minor units the tariff prices of `wh` consumed over ``[since, at)`` (head-end rating,
+        no rounding; intervals before its first version are not the tariff's: see `amount`)."""
+        return self._priced(wh, since, at)[0]
+
+    def amount(self, wh: int, since: datetime | None, at: datetime) -> Decimal:
+        """Exact gross (VAT-inclusive) minor units of `wh` consumed over ``[since, at)``; the grid
+        intervals that start before the tariff's first version (local date) at `before_start`."""
+        net, flat = self._priced(wh, since, at)
         return net * (1 + self.vat_rate) + flat
 
     @property
