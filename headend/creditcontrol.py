@@ -21,6 +21,17 @@ Rules
   booked to ``revenue:standing`` + VAT like consumption's parts: from the window Dr prepaid
   (``…:standing``), from emergency credit Dr emergency-credit (``…:standing-emergency``), to debt
   Dr debt (``…:standing-debt``); a window overspend is taken from consumption first.
+* An account's standing charge for a local day is booked at most once, whatever session or
+  gateway reports it (a gateway restored from an old backup or with a new SD card, two gateways
+  for one account): the store keeps the last day booked per account (`StandingBook`). A report
+  whose days overlap it books only the new days: the part not booked is the reported amount ×
+  days already booked / days reported, rounded with the market's rounding mode (`vat.rounding`);
+  it is taken off the window part first; what the gateway took from emergency credit or debt is
+  booked as the gateway holds it (so both sides keep the same registers) and the rest of the
+  part not booked is credited back to prepaid (``…:standing-refund``, Dr revenue:standing + VAT).
+  Days inside the span whose gateway skipped some days are counted as the already booked ones
+  (never booked twice). The answer's balance is the ledger's, so the gateway's view follows; a
+  `StandingNotBooked` event names the account, days and amount.
 * Open grants are reservations: a grant is never larger than
   ``available = prepaid credit − grants held open by the account's other sessions``, so the sum of
   open grants never exceeds the balance. A grant stays reserved until its usage is reported
@@ -30,8 +41,10 @@ Grant sizing (`size_grant`)
 --------------------------
 ::
 
-    burn      = used minor units (consumption + standing charges) / hours covered, over the usage reports of the last
-                `burn_rate_window` (no history yet: `initial_burn_rate_minor_per_h`)
+    burn      = consumption minor units / hours covered + standing minor units per day reported / 24 h,
+                over the usage reports of the last `burn_rate_window` (no hours covered yet:
+                `initial_burn_rate_minor_per_h`); standing charges count one day per 24 h, so
+                a catch-up of several days in one report does not inflate the rate
     target    = ceil(burn × validity_hours × headroom)
     bounded   = min(max(target, min_grant_minor), max_grant_minor)
     available = prepaid credit − other sessions' open grants
@@ -216,12 +229,16 @@ class CreditControlAnswer:
 
 @dataclass(frozen=True)
 class UsageReport:
-    """Used service units for the interval [since, at), kept for the burn rate."""
+    """Used service units for the interval [since, at), kept for the burn rate: consumption
+    (`used_minor`; reports stored before the standing fields include their standing charges) and
+    the standing charges reported apart (`standing_minor` for `standing_days` days)."""
 
     since: datetime
     at: datetime
     used_minor: int
     used_wh: int
+    standing_minor: int = 0
+    standing_days: int = 0
 
 
 @dataclass(frozen=True)
@@ -241,6 +258,30 @@ class OverUsage:
     over_wh: int | None
     business_key: str
     kind: str = "over-usage"
+
+
+@dataclass(frozen=True)
+class StandingNotBooked:
+    """Event: a report's standing-charge days the account already had booked (another session or
+    gateway reported them): `days_not_booked` of the reported `days` (`first_day`..`last_day`,
+    booked through `booked_through` before), `amount_minor` of the reported amount not booked, of
+    which `refunded_minor` was credited back to prepaid under `business_key` (the rest was simply
+    not taken from the window)."""
+
+    session_id: str
+    account_id: str
+    meter_id: str
+    request_number: int
+    at: datetime
+    first_day: str
+    last_day: str
+    days: int
+    days_not_booked: int
+    booked_through: str
+    amount_minor: int
+    refunded_minor: int
+    business_key: str
+    kind: str = "standing-not-booked"
 
 
 @dataclass(frozen=True)
@@ -281,8 +322,9 @@ class Outcome:
     answer: CreditControlAnswer
     session: Session | None = None
     transactions: tuple[L.Transaction, ...] = ()
-    events: tuple[OverUsage, ...] = ()
+    events: tuple[OverUsage | StandingNotBooked, ...] = ()
     replayed: bool = False
+    standing_booked_through: date | None = None     # the account's last standing day booked now (None: unchanged)
 
 
 # --------------------------------------------------------------------------- pure functions
@@ -294,16 +336,23 @@ def _hours(delta: timedelta) -> Decimal:
 
 
 def burn_rate(usage: Iterable[UsageReport], now: datetime, window: timedelta, default: Decimal) -> Decimal:
-    """Recent consumption in minor units per hour: reports ending inside the window, used / hours covered."""
+    """Recent spending in minor units per hour over the reports ending inside the window:
+    consumption / hours covered, plus the standing charge per day reported / 24 (one day's standing
+    charge per day, however many days one report caught up); `default` when no hours are covered."""
     start = now - window
-    used, hours = 0, Decimal(0)
+    used, hours, standing, days = 0, Decimal(0), 0, 0
     for r in usage:
         if r.at > start and r.at <= now:
             used += r.used_minor
             hours += _hours(r.at - r.since)
+            standing += r.standing_minor
+            days += r.standing_days
     if hours <= 0:
         return to_decimal(default)
-    return Decimal(used) / hours
+    rate = Decimal(used) / hours
+    if days > 0:
+        rate += Decimal(standing) / days / 24
+    return rate
 
 
 def size_grant(available_minor: int, burn_minor_per_h: Decimal, policy: GrantPolicy,
@@ -345,7 +394,8 @@ def _grant_answer(req: CreditControlRequest, available: int, burn: Decimal, poli
 def decide(session: Session | None, request: CreditControlRequest, *, credit_minor: int,
            reserved_by_others_minor: int, policy: GrantPolicy, vat: L.PrepaidVat, now: datetime,
            account_active: bool = True, outstanding_tokens_minor: int = 0,
-           reported_tokens_minor: int | None = None, arrears_minor: int | None = None) -> Outcome:
+           reported_tokens_minor: int | None = None, arrears_minor: int | None = None,
+           standing_booked_through: date | None = None) -> Outcome:
     """Answer one CCR from the session's state and the account's credit; the whole credit-control core.
 
     `credit_minor` is the account's prepaid credit now (customer view), `reserved_by_others_minor`
@@ -357,8 +407,11 @@ def decide(session: Session | None, request: CreditControlRequest, *, credit_min
     the account's head-end arrears outstanding before this request (None: no cap): reported
     arrears recoveries are booked against it (``{key}:arrears-recovered``, Dr prepaid / Cr arrears)
     up to what is outstanding; a recovery beyond it (arrears lowered at the head-end meanwhile) is
-    not booked and stays in the prepaid balance. Nothing is stored here: the caller appends
-    `transactions` and stores `session` together (one database transaction).
+    not booked and stays in the prepaid balance. `standing_booked_through` is the last local day
+    whose standing charge the account has booked (None: none yet): reported days up to it are not
+    booked again (module doc); `Outcome.standing_booked_through` is the day to store after.
+    Nothing is stored here: the caller appends `transactions`, stores `session` and the day
+    together (one database transaction).
     """
     req = request
     if not isinstance(req.request_type, RequestType):
@@ -396,7 +449,8 @@ def decide(session: Session | None, request: CreditControlRequest, *, credit_min
                                    reserved_by_others_minor=reserved_by_others_minor, policy=policy, vat=vat,
                                    now=now, account_active=account_active,
                                    outstanding_tokens_minor=outstanding_tokens_minor,
-                                   reported_tokens_minor=reported_tokens_minor, arrears_minor=arrears_minor)
+                                   reported_tokens_minor=reported_tokens_minor, arrears_minor=arrears_minor,
+                                   standing_booked_through=standing_booked_through)
         burn = to_decimal(policy.initial_burn_rate_minor_per_h)
         answer = _grant_answer(req, credit_minor - reserved_by_others_minor - outstanding_tokens_minor, burn,
                                policy, now)
@@ -428,7 +482,8 @@ def decide(session: Session | None, request: CreditControlRequest, *, credit_min
     return _book_and_grant(session, req, credit_minor=credit_minor, reserved_by_others_minor=reserved_by_others_minor,
                            policy=policy, vat=vat, now=now, account_active=account_active,
                            outstanding_tokens_minor=outstanding_tokens_minor,
-                           reported_tokens_minor=reported_tokens_minor, arrears_minor=arrears_minor)
+                           reported_tokens_minor=reported_tokens_minor, arrears_minor=arrears_minor,
+                           standing_booked_through=standing_booked_through)
 
 
 def _standing_problem(req: CreditControlRequest) -> str | None:
@@ -470,7 +525,7 @@ def _negative_fields(req: CreditControlRequest) -> list[str]:
 def _book_and_grant(session: Session, req: CreditControlRequest, *, credit_minor: int, reserved_by_others_minor: int,
                     policy: GrantPolicy, vat: L.PrepaidVat, now: datetime, account_active: bool,
                     outstanding_tokens_minor: int, reported_tokens_minor: int | None,
-                    arrears_minor: int | None = None) -> Outcome:
+                    arrears_minor: int | None = None, standing_booked_through: date | None = None) -> Outcome:
     """Book the used units of the grant being replaced, then answer with the next grant."""
 
     # --- usage of the grant being replaced (RFC 4006: the new grant replaces its unused rest)
@@ -495,8 +550,15 @@ def _book_and_grant(session: Session, req: CreditControlRequest, *, credit_minor
         recovered = min(recovered, max(0, arrears_minor))  # never more than is outstanding
     within = spend - over_window - (req.recovered_arrears_minor - recovered)   # what leaves the prepaid credit
     txns: list[L.Transaction] = []
-    events: list[OverUsage] = []
+    events: list[OverUsage | StandingNotBooked] = []
     base = f"cc:{req.session_id}:{req.request_number}"
+    # standing days the account has booked already (another session or gateway): not booked again;
+    # off the window part first, the rest (the gateway took it from EC or debt) credited back
+    days_done, not_booked = standing_already_booked(req, standing_booked_through, vat.rounding)
+    unbooked_window = min(not_booked, standing_from_window)
+    standing_from_window -= unbooked_window
+    refund = not_booked - unbooked_window
+    within -= not_booked
     if from_window:
         txns.append(L.consumption_charge(f"{base}:usage", now, req.account_id, req.currency, vat,
                                          gross_minor=from_window))
@@ -505,12 +567,23 @@ def _book_and_grant(session: Session, req: CreditControlRequest, *, credit_minor
                                                    req.from_emergency_minor, req.currency, vat))
     if req.standing_minor:
         memo = f"{req.standing_days} day(s) {req.standing_first_day}..{req.standing_last_day}"
+        if days_done:
+            memo += f" ({days_done} already booked through {standing_booked_through}: {not_booked} not booked)"
         for suffix, paid_from, gross in ((":standing", "prepaid", standing_from_window),
                                          (":standing-emergency", "emergency-credit", req.standing_from_emergency_minor),
                                          (":standing-debt", "debt", standing_to_debt)):
             if gross:
                 txns.append(L.standing_charge(base + suffix, now, req.account_id, req.currency, vat,
                                               gross_minor=gross, paid_from=paid_from, memo=memo))
+        if refund:
+            key = f"{base}:standing-refund"
+            charge = L.standing_charge(key, now, req.account_id, req.currency, vat, gross_minor=refund)
+            txns.append(replace(L.reverse(charge, key, now, kind="standing-charge-refund"), memo=memo))
+    if days_done:
+        events.append(StandingNotBooked(req.session_id, req.account_id, req.meter_id, req.request_number, now,
+                                        req.standing_first_day, req.standing_last_day, req.standing_days, days_done,
+                                        standing_booked_through.isoformat(), not_booked, refund,
+                                        f"{base}:standing-refund" if refund else ""))
     if req.repaid_debt_minor:
         txns.append(L.debt_recovery(f"{base}:debt-repaid", now, req.account_id, req.repaid_debt_minor, req.currency))
     if recovered:
@@ -526,8 +599,8 @@ def _book_and_grant(session: Session, req: CreditControlRequest, *, credit_minor
                                 req.used_minor, over, granted_wh, req.used_wh,
                                 None if granted_wh is None else max(0, req.used_wh - granted_wh), key))
     since = grant.issued_at if grant else (session.usage[-1].at if session.usage else session.opened_at)
-    usage = (session.usage + (UsageReport(since, now, req.used_minor + req.standing_minor, req.used_wh),)
-             )[-policy.usage_kept:]
+    usage = (session.usage + (UsageReport(since, now, req.used_minor, req.used_wh, req.standing_minor,
+                                          req.standing_days),))[-policy.usage_kept:]
 
     if req.request_type == RequestType.TERMINATION_REQUEST:
         answer = _answer(req, ResultCode.SUCCESS)
@@ -547,7 +620,26 @@ def _book_and_grant(session: Session, req: CreditControlRequest, *, credit_minor
                   used_wh_total=session.used_wh_total + req.used_wh,
                   over_usage_minor_total=session.over_usage_minor_total + over, usage=usage,
                   answers=(session.answers + ((req.request_number, req.fingerprint(), answer),))[-policy.answers_kept:])
-    return Outcome(answer, new, tuple(txns), tuple(events))
+    through = None
+    if req.standing_days:
+        last = date.fromisoformat(req.standing_last_day)
+        through = last if standing_booked_through is None else max(last, standing_booked_through)
+    return Outcome(answer, new, tuple(txns), tuple(events), standing_booked_through=through)
+
+
+def standing_already_booked(req: CreditControlRequest, booked_through: date | None,
+                            rounding: str = "half_up") -> tuple[int, int]:
+    """(days, minor units) of the report's standing charges the account has booked already (its
+    days booked through `booked_through`): the span's days up to it, at most the days reported
+    (a span longer than its days skipped some: those are counted among the booked ones, so no day
+    is booked twice), and that share of `standing_minor`, pro rata, rounded by `rounding`."""
+    if booked_through is None or not req.standing_days:
+        return 0, 0
+    first = date.fromisoformat(req.standing_first_day)
+    days = min(req.standing_days, max(0, (booked_through - first).days + 1))
+    if days == req.standing_days:
+        return days, req.standing_minor
+    return days, round_minor(Decimal(req.standing_minor) * days / req.standing_days, rounding)
 
 
 # --------------------------------------------------------------------------- storage contract + service
@@ -571,6 +663,28 @@ class TokenReservations(Protocol):
 
     def confirmed_minor(self, meter_id: str, tokens: tuple[tuple[str, int], ...]) -> int:
         """How much of the reported (reference, amount) the head-end knows as issued for this meter."""
+
+
+class StandingBook(Protocol):
+    """The last local day whose standing charge each account has booked (`PaygStore` implements it)."""
+
+    def standing_booked_through(self, account_id: str) -> date | None: ...
+
+    def book_standing_through(self, account_id: str, day: date) -> None: ...
+
+
+class InMemoryStandingBook:
+    """The reference `StandingBook` (tests, single process)."""
+
+    def __init__(self) -> None:
+        self._through: dict[str, date] = {}
+
+    def standing_booked_through(self, account_id: str) -> date | None:
+        return self._through.get(account_id)
+
+    def book_standing_through(self, account_id: str, day: date) -> None:
+        known = self._through.get(account_id)
+        self._through[account_id] = day if known is None else max(known, day)
 
 
 class InMemorySessionStore:
@@ -628,6 +742,8 @@ def session_to_json(s: Session) -> dict:
 
 
 def _usage_json(u: UsageReport) -> list:
+    if u.standing_days:
+        return [_ms(u.since), _ms(u.at), u.used_minor, u.used_wh, u.standing_minor, u.standing_days]
     return [_ms(u.since), _ms(u.at), u.used_minor, u.used_wh]
 
 
@@ -670,7 +786,7 @@ def session_from_json(d: dict) -> Session:
                     for n, fp, a in d["answers"])
     return Session(d["session_id"], d["account_id"], d["meter_id"], d["currency"], _instant(d["opened_at"]),
                    d["last"], d["terminated"], _grant_from(d["grant"]), *d["used"],
-                   usage=tuple(UsageReport(_instant(a), _instant(b), m, w) for a, b, m, w in d["usage"]),
+                   usage=tuple(UsageReport(_instant(u[0]), _instant(u[1]), *u[2:]) for u in d["usage"]),
                    answers=answers)
 
 
@@ -684,8 +800,14 @@ class CreditControl:
 
     def __init__(self, ledger: L.LedgerStore, sessions: SessionStore, policy: GrantPolicy, vat: L.PrepaidVat,
                  account_active: Callable[[str], bool] = lambda account_id: True,
-                 tokens: "TokenReservations | None" = None, inputs: Callable | None = None) -> None:
+                 tokens: "TokenReservations | None" = None, inputs: Callable | None = None,
+                 standing: "StandingBook | None" = None) -> None:
         self.ledger, self.sessions, self.policy, self.vat = ledger, sessions, policy, vat
+        # the days booked per account: given, or the ledger's store where it keeps them (PaygStore);
+        # without one, every reported standing day is booked (no cross-session check)
+        if standing is None and hasattr(ledger, "standing_booked_through"):
+            standing = ledger
+        self.standing = standing
         self.account_active = account_active
         self.tokens = tokens
         # inputs(account, currency, session_id, reported token refs, now) -> (prepaid credit, arrears,
@@ -718,13 +840,18 @@ class CreditControl:
             outstanding = self.tokens.outstanding_minor(account, exclude=refs, now=now) if self.tokens else 0
         self._read.balances = (account, currency, credit, arrears)
         confirmed = self.tokens.confirmed_minor(request.meter_id, request.tokens) if self.tokens else None
+        through = None
+        if self.standing is not None and request.standing_days:
+            through = self.standing.standing_booked_through(account)
         outcome = decide(session, request, credit_minor=credit, reserved_by_others_minor=others, policy=self.policy,
                          vat=self.vat, now=now, account_active=self.account_active(account),
                          outstanding_tokens_minor=outstanding, reported_tokens_minor=confirmed,
-                         arrears_minor=arrears)
+                         arrears_minor=arrears, standing_booked_through=through)
         self._read.booked = ()
         if outcome.transactions:
             self._read.booked = self.ledger.append(outcome.transactions)
+        if self.standing is not None and outcome.standing_booked_through is not None:
+            self.standing.book_standing_through(account, outcome.standing_booked_through)
         if outcome.session is not None:
             self.sessions.put(outcome.session)
         return outcome
@@ -796,6 +923,6 @@ def over_usage_report(events: Iterable[OverUsage], start: datetime, end: datetim
 
 __all__ = [
     "CreditControl", "CreditControlAnswer", "CreditControlRequest", "FinalUnitAction", "Grant", "GrantPolicy",
-    "InMemorySessionStore", "Outcome", "OverUsage", "OverUsageRow", "RequestType", "ResultCode", "Session",
-    "SessionStore", "TokenReservations", "UsageReport", "session_from_json", "session_json_text", "session_to_json", "burn_rate", "decide", "initial", "over_usage_report", "size_grant",
+    "InMemorySessionStore", "InMemoryStandingBook", "Outcome", "OverUsage", "OverUsageRow", "RequestType", "ResultCode", "Session",
+    "SessionStore", "StandingBook", "StandingNotBooked", "TokenReservations", "UsageReport", "session_from_json", "session_json_text", "session_to_json", "burn_rate", "decide", "initial", "standing_already_booked", "over_usage_report", "size_grant",
 ]

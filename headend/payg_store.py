@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import secrets
 import sqlite3
@@ -29,7 +30,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -40,6 +41,8 @@ from meterlink.errors import ConfigError, ValidationError
 from . import ledger as L
 from .store import is_postgres_url, sqlite_path
 from . import vendors as V
+
+log = logging.getLogger("meterlink.headend.payg")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS payg_txn (
@@ -99,6 +102,8 @@ CREATE TABLE IF NOT EXISTS payg_balance (
     account TEXT NOT NULL, currency TEXT NOT NULL, balance_minor BIGINT NOT NULL, postings BIGINT NOT NULL,
     PRIMARY KEY (account, currency));
 CREATE TABLE IF NOT EXISTS payg_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS payg_standing_booked (
+    account_id TEXT PRIMARY KEY, through_day TEXT NOT NULL);
 """
 
 # Running balances (`payg_balance`) are kept for the customer accounts only (``customer:…``: the
@@ -553,6 +558,25 @@ class PaygStore:
             if row is not None:
                 cur.append(row)
         return iter(out)
+
+    # ------------------------------------------------------------------ standing days booked
+
+    def standing_booked_through(self, account_id: str) -> date | None:
+        """The last local day (ISO date in `payg_standing_booked`) whose standing charge credit control
+        booked for the account, whatever session reported it; None: none since this table exists."""
+        with self._read():
+            row = self._db.execute("SELECT through_day FROM payg_standing_booked WHERE account_id = ?",
+                                   (account_id,)).fetchone()
+        return None if row is None else date.fromisoformat(row[0])
+
+    def book_standing_through(self, account_id: str, day: date) -> None:
+        """Record the account's standing charges booked through `day` (never moves back); run it in
+        the transaction that books them (`creditcontrol.CreditControl.handle` does)."""
+        with self.transaction() as db:
+            db.execute("INSERT INTO payg_standing_booked VALUES (?, ?) ON CONFLICT (account_id) DO UPDATE SET "
+                       "through_day = CASE WHEN excluded.through_day > payg_standing_booked.through_day "
+                       "THEN excluded.through_day ELSE payg_standing_booked.through_day END",
+                       (account_id, day.isoformat()))
 
     # ------------------------------------------------------------------ registry
 
@@ -1075,7 +1099,23 @@ def reconcile_offline_card_topups(store: PaygStore, topups: Sequence[OfflineCard
 
 
 def record_over_usage(store: PaygStore, event) -> None:
-    """Put a credit-control `OverUsage` event on the CRM export."""
+    """Put a credit-control event on the CRM export: `OverUsage` as ``over_usage``; a
+    `StandingNotBooked` (standing days the account had booked already) as
+    ``standing_charge_not_booked``, with a WARNING log line naming account, days and amount."""
+    if getattr(event, "kind", "") == "standing-not-booked":
+        log.warning("account %s meter %s: standing charge days %s..%s reported again by session %s request %d: "
+                    "%d of %d day(s) already booked through %s, %d not booked (%d of it refunded to prepaid%s)",
+                    event.account_id, event.meter_id, event.first_day, event.last_day, event.session_id,
+                    event.request_number, event.days_not_booked, event.days, event.booked_through,
+                    event.amount_minor, event.refunded_minor,
+                    f", {event.business_key}" if event.business_key else "")
+        store.record_event(event.at, "standing_charge_not_booked", event.account_id, {
+            "meter": event.meter_id, "session_id": event.session_id, "request_number": event.request_number,
+            "first_day": event.first_day, "last_day": event.last_day, "days": event.days,
+            "days_not_booked": event.days_not_booked, "booked_through": event.booked_through,
+            "amount_minor": event.amount_minor, "refunded_minor": event.refunded_minor,
+            "business_key": event.business_key})
+        return
     store.record_event(event.at, "over_usage", event.account_id, {
         "meter": event.meter_id, "session_id": event.session_id, "request_number": event.request_number,
         "granted_minor": event.granted_minor, "used_minor": event.used_minor, "amount_minor": event.over_minor,
