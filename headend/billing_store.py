@@ -21,6 +21,7 @@ import json
 import sqlite3
 from bisect import bisect_left
 import threading
+import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
@@ -49,6 +50,7 @@ RATING_LOCK_KEY = 0x6D6C_7261_7469_6E67 >> 1
 BILL_CHUNK = 500           # accounts whose stored aggregates a bill run loads at once
 PROCESS_CHUNK_METERS = 200     # `process` stores at most this many meters' rows per transaction ...
 PROCESS_CHUNK_READINGS = 50_000  # ... or the rows derived from about this many readings
+CHECKPOINT_EVERY_S = 0.25     # a SQLite store's write transactions checkpoint the WAL at most this often
 READ_GROUP_METERS = 64         # `process` reads the new readings of up to this many meters in one query
 AGG_COLS = "account_id, local_date, band, kind, wh, amount_dec, unit_price, days"
 _NOT_HELD = " AND ".join(f"(',' || flags || ',') NOT LIKE '%,{f},%'" for f in sorted(HOLD_FLAGS))
@@ -75,9 +77,17 @@ class _Db:
                 raise ConfigError("billing needs a database file (sqlite:///PATH), not an in-memory database")
             from .store import sqlite_path
             self.dialect = "sqlite"
+            from .writerqueue import writer_queue
             self.conn = sqlite3.connect(sqlite_path(url), check_same_thread=False, isolation_level=None, timeout=30)
             self.conn.execute("PRAGMA foreign_keys=ON")
             wal = self.conn.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal"
+            # write transactions queue with serve's ingest (headend/writerqueue.py); the WAL checkpoint SQLite
+            # runs inside a COMMIT is run after leaving the queue instead (`_checkpoint`), so copying pages back
+            # never keeps the ingest waiting for its turn
+            self.writers = writer_queue(sqlite_path(url)) if wal else None
+            self._checkpointed = 0.0
+            if self.writers:
+                self.conn.execute("PRAGMA wal_autocheckpoint=0")
             # NORMAL only in WAL mode, where a crash may lose the last commits but never corrupts the file
             self.conn.execute("PRAGMA synchronous=FULL" if durable or not wal else "PRAGMA synchronous=NORMAL")
             # `process` re-reads the newest readings of every register it derives: a page cache bigger than
@@ -124,18 +134,30 @@ class _Db:
         `process` and the bill run use so the pending aggregates and the rows always agree."""
         with self.lock:
             if self.dialect == "sqlite":
-                self.conn.execute("BEGIN IMMEDIATE")
-                try:
-                    yield
-                except BaseException:
-                    self.conn.execute("ROLLBACK")
-                    raise
-                self.conn.execute("COMMIT")
+                with self.writers.turn() if self.writers else nullcontext():
+                    self.conn.execute("BEGIN IMMEDIATE")
+                    try:
+                        yield
+                    except BaseException:
+                        self.conn.execute("ROLLBACK")
+                        raise
+                    self.conn.execute("COMMIT")
+                if self.writers:
+                    self._checkpoint()
             else:
                 with self.conn.transaction():
                     if exclusive:
                         self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (RATING_LOCK_KEY,)).fetchall()
                     yield
+
+    def _checkpoint(self) -> None:
+        """Copy the WAL's committed pages back into the database file (PASSIVE: never waits for readers or
+        writers), at most every CHECKPOINT_EVERY_S: in place of SQLite's automatic checkpoint (every 1000
+        pages), which would run inside the COMMIT, while this connection holds its turn of the writers' queue."""
+        now = time.monotonic()
+        if now - self._checkpointed >= CHECKPOINT_EVERY_S:
+            self._checkpointed = now
+            self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def day(self, d: date):
         return d.isoformat() if self.dialect == "sqlite" else d
@@ -145,6 +167,8 @@ class _Db:
 
     def close(self) -> None:
         self.conn.close()
+        if self.dialect == "sqlite" and self.writers:
+            self.writers.close()
 
 
 _EPOCH, _ONE_MS = datetime(1970, 1, 1, tzinfo=timezone.utc), timedelta(milliseconds=1)
@@ -1088,29 +1112,28 @@ def process_readings(repo, store: BillingStore, markets: Mapping[str, Market], n
         moved = [(g, c) for g, c in cursors.items() if final and known.get(g) != c]
         if not chunk and not moved:
             return
+        # read and computed without the write lock (ingest keeps committing meanwhile): the chunk's stored rows,
+        # merged with what was derived, and their rating deltas ...
+        windows = {item[0]: item[1] for item in chunk}
+        stored_of = store.rows_since(windows)
+        merged = _merge_chunk(chunk, stored_of, bindings)
+        rating = _rating_deltas(bindings, markets, tariffs, states, merged.pairs, merged.plain)
+        # ... then one short write transaction stores them; rows another writer changed meanwhile (a binding
+        # edit, a bill run) are merged and rated again under the lock, from what is stored now
         with store.db.tx(exclusive=True):
+            if chunk:
+                now_stored = store.rows_since(windows)
+                if now_stored != stored_of:
+                    merged = _merge_chunk(chunk, now_stored, bindings)
+                    rating = _rating_deltas(bindings, markets, tariffs, states, merged.pairs, merged.plain)
             for g, (upto, gaps) in moved:          # the run's last transaction also moves the cursors
                 store.set_process_cursor(g, upto, gaps)
-            pairs: list = []                       # (old, new) row changes of the chunk, rated per account below
-            plain: dict[str, list] = {}            # account -> new plain rows as columns (the usual case)
-            new_rows: list[tuple] = []
-            changed_rows: list[UsageRow] = []
-            stored_of = store.rows_since({item[0]: item[1] for item in chunk})
-            for meter_id, windows, result, fresh, released in chunk:
-                stored = stored_of.get(meter_id, {})
-                if result is None:                 # the usual case: `fresh` holds the registers' boundaries
-                    changed, new = _merge_regular(meter_id, windows, fresh, stored, bindings, plain)
-                    new_rows += new
-                else:
-                    changed = merge_rows(stored, fresh, released)
-                    queued += store.queue_exceptions(result.exceptions, now)
-                changed_rows += changed.values()
-                pairs += [(stored.get(k), r) for k, r in changed.items()]
-            store.insert_new_rows(new_rows)
-            store.save_rows(changed_rows)
+            queued += store.queue_exceptions(merged.exceptions, now)
+            store.insert_new_rows(merged.new_rows)
+            store.save_rows(merged.changed_rows)
             store.db.many("DELETE FROM process_full WHERE meter_id=?", [(item[0],) for item in chunk if item[0] in full])
-            changed_total += len(new_rows) + len(changed_rows)
-            rerated.update(_rate_changes(store, bindings, markets, tariffs, states, pairs, plain))
+            changed_total += len(merged.new_rows) + len(merged.changed_rows)
+            rerated.update(_store_rating(store, states, rating))
         chunk.clear()
         chunk_readings = 0
 
@@ -1299,43 +1322,97 @@ def _account_tariff(bindings: Bindings, markets: Mapping[str, Market], tariffs: 
     return None if tariff is None else (tariff, ZoneInfo(market.timezone))
 
 
-def _rate_changes(store: BillingStore, bindings: Bindings, markets: Mapping[str, Market],
-                  tariffs: Mapping[str, Tariff] | None, states: dict, changes: list,
-                  plain: Mapping[str, list] | None = None) -> set[str]:
-    """Rate (old, new) row changes into the pending aggregates, per account; returns accounts re-rated.
-    `plain`: account -> new plain rows as columns [(meter, obis, starts ms, wh)] (`_merge_regular`), rated
-    as (None, row) changes would be (`rating.rate_starts`)."""
-    rerated = set()
+class _MergedChunk(NamedTuple):
+    """A chunk of meters' derived intervals merged with their stored rows (`_merge_chunk`): what to store."""
+    pairs: list               # (old, new) row changes, rated per account
+    plain: dict               # account -> new plain rows as columns [(meter, obis, starts ms, wh)]
+    new_rows: list            # insert tuples of the new plain rows
+    changed_rows: list        # UsageRows to upsert
+    exceptions: list          # VEE exceptions to queue
+
+
+def _merge_chunk(chunk: Sequence[tuple], stored_of: Mapping[str, Mapping[RowKey, UsageRow]],
+                 bindings: Bindings) -> _MergedChunk:
+    """`process`' chunk (meter, windows, VEE result or None, fresh rows or regular registers, released keys)
+    merged with the stored rows `stored_of` (`rows_since` of its windows); no I/O."""
+    out = _MergedChunk([], {}, [], [], [])
+    for meter_id, windows, result, fresh, released in chunk:
+        stored = stored_of.get(meter_id, {})
+        if result is None:                 # the usual case: `fresh` holds the registers' boundaries
+            changed, new = _merge_regular(meter_id, windows, fresh, stored, bindings, out.plain)
+            out.new_rows.extend(new)
+        else:
+            changed = merge_rows(stored, fresh, released)
+            out.exceptions.extend(result.exceptions)
+        out.changed_rows.extend(changed.values())
+        out.pairs.extend((stored.get(k), r) for k, r in changed.items())
+    return out
+
+
+class _RatingDeltas(NamedTuple):
+    """`_rating_deltas`' answer: what `_store_rating` writes."""
+    deltas: dict              # account -> (aggregate deltas, usage deltas), added to the stored ones
+    found: dict               # account -> (tariff, zone) of every account rated
+    fresh: dict               # account -> new rows, for accounts never rated (their deltas may be the scratch)
+    rerate: list              # accounts rated from scratch from their rows (stale, or another tariff)
+    stale: list               # accounts without a loaded tariff: marked stale
+
+
+def _rating_deltas(bindings: Bindings, markets: Mapping[str, Market], tariffs: Mapping[str, Tariff] | None,
+                   states: Mapping[str, tuple[str, str, bool]], changes: list,
+                   plain: Mapping[str, list] | None = None) -> _RatingDeltas:
+    """Rate (old, new) row changes into pending-aggregate deltas, per account; no I/O (`states`: the accounts'
+    rating states as stored). `plain`: account -> new plain rows as columns [(meter, obis, starts ms, wh)]
+    (`_merge_regular`), rated as (None, row) changes would be (`rating.rate_starts`)."""
+    out = _RatingDeltas({}, {}, {}, [], [])
     by_account = split_by_account(changes)
     plain = plain or {}
-    deltas: dict[str, tuple[dict, dict]] = {}
-    found_of: dict[str, tuple[Tariff, ZoneInfo]] = {}
     for account in [*by_account, *(a for a in plain if a not in by_account)]:
         pairs = by_account.get(account, [])
         columns = plain.get(account, ())
         found = _account_tariff(bindings, markets, tariffs, account)
         if found is None:
-            store.mark_stale([account])
-            states[account] = ("", "", True)
+            out.stale.append(account)
             continue
         tariff, zone = found
+        out.found[account] = found
         state = states.get(account)
-        new_rows = sum(1 for old, _ in pairs if old is None) + sum(len(c[2]) for c in columns)
-        if state is None and store.unbilled_rows(account) == new_rows:
-            store._rated_with(account, tariff)       # never rated and all its unbilled rows are new here:
-            state = states[account] = (tariff.id, tariff_digest(tariff), False)   # the deltas are the scratch
-        if state is None or state[2] or state[1] != tariff_digest(tariff):
-            store.rerate_pending(account, tariff, zone)          # rows already saved: from scratch
-            states[account] = (tariff.id, tariff_digest(tariff), False)
-            rerated.add(account)
+        if state is not None and (state[2] or state[1] != tariff_digest(tariff)):
+            out.rerate.append(account)                  # rows saved first, then rated from scratch
             continue
+        if state is None:
+            out.fresh[account] = sum(1 for old, _ in pairs if old is None) + sum(len(c[2]) for c in columns)
         aggs, usage = pending_contributions(pairs, tariff, zone)
         if columns:
             aggs, usage = _add_plain(aggs, usage, columns, tariff, zone, account)
-        deltas[account] = (aggs, usage)
-        found_of[account] = (tariff, zone)
+        out.deltas[account] = (aggs, usage)
+    return out
+
+
+def _store_rating(store: BillingStore, states: dict, rating: _RatingDeltas) -> set[str]:
+    """Write `_rating_deltas`' answer (inside the transaction that saved the rows): add the deltas to the
+    pending aggregates, rate from scratch where they cannot be added; returns the accounts re-rated."""
+    rerated = set()
+    if rating.stale:
+        store.mark_stale(rating.stale)
+        states.update({a: ("", "", True) for a in rating.stale})
+    deltas = dict(rating.deltas)
+    rerate = list(rating.rerate)
+    for account, new_rows in rating.fresh.items():
+        tariff = rating.found[account][0]
+        if store.unbilled_rows(account) == new_rows:
+            store._rated_with(account, tariff)       # never rated and all its unbilled rows are new here:
+            states[account] = (tariff.id, tariff_digest(tariff), False)   # the deltas are the scratch
+        else:
+            del deltas[account]
+            rerate.append(account)
+    for account in rerate:
+        tariff, zone = rating.found[account]
+        store.rerate_pending(account, tariff, zone)              # rows already saved: from scratch
+        states[account] = (tariff.id, tariff_digest(tariff), False)
+        rerated.add(account)
     for account in store.add_pending_many(deltas):              # stored with another unit price
-        store.rerate_pending(account, *found_of[account])
+        store.rerate_pending(account, *rating.found[account])
         rerated.add(account)
     return rerated
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from meterlink.readings import Reading
 from .migrations import SCHEMA_MIGRATIONS_DDL, Migration, load_migrations, plan
 from .store import (ACK_WINDOW, IngestResult, StoredRecord, check_batch, epoch_ms, fire_hooks, gaps_from_islands,
                     readings_from_rows)
+from .writerqueue import writer_queue
 
 # ON CONFLICT on the key only: "INSERT OR IGNORE" would also silently drop a row that breaks NOT NULL.
 INSERT_RECORD = "INSERT INTO gateway_record VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (gateway_id, seq) DO NOTHING"
@@ -114,6 +116,7 @@ class SqliteReadingRepository:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
                                    timeout=busy_timeout_s)
+        self._writers, self._busy_timeout_s = writer_queue(self.path), busy_timeout_s   # queue with the rating process
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -129,6 +132,8 @@ class SqliteReadingRepository:
 
     def close(self) -> None:
         self._db.close()
+        if self._writers is not None:
+            self._writers.close()
 
     def __enter__(self) -> SqliteReadingRepository:
         return self
@@ -218,6 +223,10 @@ class SqliteReadingRepository:
         return job.result
 
     def _commit_group(self, jobs: list[_Job]) -> None:
+        with self._writers.turn(self._busy_timeout_s) if self._writers is not None else nullcontext():
+            self._commit_group_now(jobs)
+
+    def _commit_group_now(self, jobs: list[_Job]) -> None:
         db, savepoints = self._db, len(jobs) > 1
         try:
             db.execute("BEGIN IMMEDIATE")
