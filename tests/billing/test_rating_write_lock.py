@@ -7,8 +7,6 @@ import threading
 from dataclasses import replace
 from datetime import date
 
-import pytest
-
 import meterlink.headend.billing_store as billing_store
 from meterlink.headend.billing import bind_intervals
 from meterlink.headend.billing_store import BillingStore, process_readings, reconcile_period, run_billing
@@ -17,7 +15,10 @@ from meterlink.headend.store import open_repository, sqlite_path
 from meterlink.headend.vee import derive_intervals
 
 from billing_helpers import MARKETS, TARIFFS, VAT, gb_bindings, hourly_readings, utc
-from test_incremental_rating import CFG, NOW, db, ingest, scratch_aggregates  # noqa: F401 - db is a fixture
+import test_incremental_rating
+from test_incremental_rating import CFG, NOW, ingest, scratch_aggregates
+
+db = test_incremental_rating.db                  # the fixture: a repository and a store, SQLite and PostgreSQL
 
 
 def _second_repository(url):
