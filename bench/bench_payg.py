@@ -285,11 +285,15 @@ class Phase:
                 f"{1e3 * (c1 - self.client0) / n:.3f} ms{group}, load {os.getloadavg()[0]:.1f}")
 
 
+PATHS = ("ping", "cc", "stream", "auth")
+
+
 def bench_grpc(rate: int, seconds: float, rpc_workers: int | None = None, processes: int = 1,
-               gateways: int = 1, quick: bool = False) -> None:
+               gateways: int = 1, quick: bool = False, paths: frozenset = frozenset(PATHS)) -> None:
     import grpc
 
     from meterlink.gateway.enrol import channel_credentials, enroll
+    from meterlink.gateway.payg_sync import CreditControlLink
     from meterlink.gateway.payg import _blacklist_from_json, _card_list_from_json
     from meterlink.headend.payg_service import vendor_channel_credentials
     from meterlink.v1 import payg_pb2, payg_pb2_grpc
@@ -313,6 +317,7 @@ def bench_grpc(rate: int, seconds: float, rpc_workers: int | None = None, proces
             for channel in channels:
                 grpc.channel_ready_future(channel).result(timeout=10)
             ccs = [payg_pb2_grpc.CreditControlStub(channel) for channel in channels]
+            links = [CreditControlLink(channel) for channel in channels]     # the gateways' Session streams
             # the vendor SHOP1's terminals: its certificate, as many connections as gateways
             vendor_channels = [grpc.secure_channel(target, vendor_channel_credentials(info["vendor"]), options=own)
                                for _ in channels]
@@ -341,6 +346,12 @@ def bench_grpc(rate: int, seconds: float, rpc_workers: int | None = None, proces
                                                     currency="GBP", used=used, card_lists_digest=digests.get(acc, b""))
                 return ccs[g].Reserve if n == 0 else ccs[g].Update, req
 
+            def stream_request(i: int):
+                _, req = cc_request(i)
+                req.request_type = (payg_pb2.REQUEST_TYPE_INITIAL if req.request_number == 0
+                                    else payg_pb2.REQUEST_TYPE_UPDATE)
+                return links[int(req.gateway_id.rsplit("-", 1)[1])], req
+
             def keep_lists(acc: str, answer) -> None:
                 """As a gateway does: remember the card lists delivered, so later answers omit them."""
                 if answer.card_list and answer.blacklist:
@@ -358,6 +369,24 @@ def bench_grpc(rate: int, seconds: float, rpc_workers: int | None = None, proces
                 def future(self, i):
                     m, req = cc_request(i)
                     f = m.future(req, timeout=30)
+
+                    def done(f, acc=req.account_id):
+                        count(f.result().result_code)
+                        keep_lists(acc, f.result())
+                    f.add_done_callback(done)
+                    return f
+
+            class CC_stream:
+                """The same requests on each gateway's `CreditControl.Session` stream (CreditControlLink)."""
+                def __call__(self, i):
+                    link, req = stream_request(i)
+                    answer = link.submit(req).result(timeout=30)
+                    keep_lists(req.account_id, answer)
+                    return answer
+
+                def future(self, i):
+                    link, req = stream_request(i)
+                    f = link.submit(req)
 
                     def done(f, acc=req.account_id):
                         count(f.result().result_code)
@@ -389,35 +418,38 @@ def bench_grpc(rate: int, seconds: float, rpc_workers: int | None = None, proces
                                                  currency=r.currency, challenge=r.challenge,
                                                  card_signature=r.signature)
 
-            ccall, acall, pcall = CC_call(), Auth_call(), Ping_call()
+            ccall, acall, pcall, scall = CC_call(), Auth_call(), Ping_call(), CC_stream()
             for i in range(2 * ACCOUNTS):                           # warm up: every session reserved
                 ccall(i)
             for r in (rate,) if quick else (rate, rate // 4):       # the goal rate, and a quarter of it
                 n = int(r * seconds)
-                phase = Phase(procs)
-                lat = open_loop(pcall, [b"ping"] * n, r)
-                report(f"gRPC/mTLS trivial Ping @ {r}/s open loop", lat[0],
-                       f"achieved {lat[1]:.0f}/s; {phase.figures(n)}")
-                codes.clear()
-                phase = Phase(procs)
-                lat = open_loop(ccall, list(range(n)), r)
-                report(f"gRPC/mTLS credit control @ {r}/s open loop", lat[0],
-                       f"achieved {lat[1]:.0f}/s results {dict(codes)}; {phase.figures(n)}")
-                bodies = [sale_body(i, f"o{r}-") for i in range(n)]     # challenges fetched beforehand
-                codes.clear()
-                phase = Phase(procs)
-                lat = open_loop(acall, bodies, r)
-                report(f"gRPC/mTLS top-up authorisation @ {r}/s open loop", lat[0],
-                       f"achieved {lat[1]:.0f}/s results {dict(codes)}; {phase.figures(n)}")
-            for name, fn, body in () if quick else (
-                    ("trivial Ping", pcall, lambda i: b"ping"), ("credit control", ccall, lambda i: i),
-                    ("sales (Challenge + Authorise)", acall, lambda i: sale_body(i, "c-"))):
+                for path, name, fn in (("ping", "trivial Ping", pcall), ("cc", "credit control", ccall),
+                                       ("stream", "credit control Session stream", scall),
+                                       ("auth", "top-up authorisation", acall)):
+                    if path not in paths:
+                        continue
+                    bodies = ([b"ping"] * n if path == "ping" else list(range(n)) if path in ("cc", "stream")
+                              else [sale_body(i, f"o{r}-") for i in range(n)])     # challenges fetched beforehand
+                    codes.clear()
+                    phase = Phase(procs)
+                    lat = open_loop(fn, bodies, r)
+                    results = "" if path == "ping" else f" results {dict(codes)}"
+                    report(f"gRPC/mTLS {name} @ {r}/s open loop", lat[0],
+                           f"achieved {lat[1]:.0f}/s{results}; {phase.figures(n)}")
+            for path, name, fn, body in () if quick else (
+                    ("ping", "trivial Ping", pcall, lambda i: b"ping"), ("cc", "credit control", ccall, lambda i: i),
+                    ("stream", "credit control Session stream", scall, lambda i: i),
+                    ("auth", "sales (Challenge + Authorise)", acall, lambda i: sale_body(i, "c-"))):
+                if path not in paths:
+                    continue
                 for threads in (4, 16):
                     phase = Phase(procs)
                     done, per_s = closed_loop(fn, body, threads, seconds)
                     print(f"gRPC/mTLS {name} closed loop {threads:2d} threads: {per_s:7.0f} req/s sustained; "
                           f"{phase.figures(done)}", flush=True)
         finally:
+            for link in locals().get("links", ()):
+                link.close()
             for channel in channels + vendor_channels:
                 channel.close()
             for proc in procs:
@@ -535,6 +567,10 @@ def main() -> int:
     ap.add_argument("--gateways", type=int, default=1, metavar="G",
                     help="gateways (each its own certificate and TLS connection; the 200 meters split between "
                          "them) and as many vendor terminal connections")
+    ap.add_argument("--paths", default=",".join(PATHS),
+                    help="gRPC: which requests to measure, comma-separated: ping (trivial Ping), cc (credit "
+                         "control, unary), stream (credit control on CreditControl.Session streams, one per "
+                         "gateway), auth (top-up authorisation); default all")
     ap.add_argument("--quick", action="store_true", help="gRPC: only the open-loop lines at --rate (no quarter "
                                                          "rate, no closed loop)")
     args = ap.parse_args()
@@ -549,7 +585,11 @@ def main() -> int:
     if not args.core_only:
         print(f"gRPC server worker threads: {args.rpc_workers or 'default (8)'}, server processes: "
               f"{args.server_processes}, gateway connections: {args.gateways}", flush=True)
-        bench_grpc(args.rate, args.seconds, args.rpc_workers, args.server_processes, args.gateways, args.quick)
+        paths = frozenset(p for p in args.paths.split(",") if p)
+        if not paths <= set(PATHS):
+            ap.error(f"--paths: unknown {','.join(sorted(paths - set(PATHS)))}; choose from {','.join(PATHS)}")
+        bench_grpc(args.rate, args.seconds, args.rpc_workers, args.server_processes, args.gateways, args.quick,
+                   paths)
     return 0
 
 

@@ -30,7 +30,9 @@ once per call instead of twice (a parsed certificate per call and one plain regi
 from __future__ import annotations
 
 import logging
+import queue
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -52,7 +54,7 @@ log = logging.getLogger("meterlink.headend.payg")
 VENDING_METHODS = ("/meterlink.v1.Vending/Challenge", "/meterlink.v1.Vending/Authorise",
                    "/meterlink.v1.Vending/Reverse")
 CREDIT_CONTROL_METHODS = ("/meterlink.v1.CreditControl/Reserve", "/meterlink.v1.CreditControl/Update",
-                          "/meterlink.v1.CreditControl/Terminate")
+                          "/meterlink.v1.CreditControl/Terminate", "/meterlink.v1.CreditControl/Session")
 METER_NOT_BOUND = "METER_NOT_BOUND"
 VENDOR_URI_PREFIX = "urn:meterlink:vendor:"
 VENDOR_NOT_AUTHENTICATED = "VENDOR_NOT_AUTHENTICATED"
@@ -111,6 +113,7 @@ class CreditControlService(payg_pb2_grpc.CreditControlServicer):
         self._bound = threading.local()
         self._peers: dict = {}
         self._digests: dict = {}        # card-list content -> `card_lists_digest` (`_card_lists`)
+        self.engine = _StreamEngine(self)
         self.cc = CC.CreditControl(store, S.SqlSessionStore(store), policy, store.vat,
                                    account_active=self._active, tokens=S.StoreTokenReservations(store),
                                    inputs=store.credit_inputs)
@@ -167,6 +170,11 @@ class CreditControlService(payg_pb2_grpc.CreditControlServicer):
 
     def _handle(self, request, context, rtype: CC.RequestType) -> payg_pb2.CreditControlAnswer:
         self._check(request, context)
+        return self._handle_checked(request, context, rtype)
+
+    def _handle_checked(self, request, context, rtype: CC.RequestType) -> payg_pb2.CreditControlAnswer:
+        """`_handle` once the gateway's access was checked (`_check`, outside any store transaction:
+        the registry's own write transactions must not wait behind ours on one SQLite file)."""
         req = request_from_proto(request, rtype)
         now = _ms(self.clock.now())
         self._bound.value = None
@@ -245,6 +253,48 @@ class CreditControlService(payg_pb2_grpc.CreditControlServicer):
         if topups:
             S.reconcile_offline_card_topups(self.store, topups)
 
+    def Session(self, requests, context):
+        """Requests of any of the gateway's sessions on one stream, answered in order, each exactly as
+        its unary method would (same transaction, idempotency and booking); a refusal in-band
+        (`refusal`, `detail`) instead of ending the call, so the stream goes on.
+
+        Pipelined: a reader thread hands each request to the service's `_StreamEngine` as it
+        arrives, without waiting for the answers before it, and this generator sends the answers in
+        order as their batches commit — so a stream is not held to one durable COMMIT per request."""
+        call = _InBandCall(context)
+        pending: queue.SimpleQueue = queue.SimpleQueue()
+
+        def read() -> None:
+            try:
+                for request in requests:
+                    pending.put(self.engine.submit(request, call))
+            except Exception:  # noqa: BLE001 - the client cancelled or went away: the stream ends
+                pass
+            finally:
+                pending.put(None)
+
+        threading.Thread(target=read, name="cc-session-reader", daemon=True).start()
+        while (answer := pending.get()) is not None:
+            yield answer.result()
+
+    def _stream_check(self, request, call) -> payg_pb2.CreditControlAnswer | None:
+        """Before the engine's transaction: the answer to a request of a Session stream that is
+        refused outright (no request type, or the gateway's access: `_check`), else None."""
+        if request.request_type not in _STREAM_TYPES:
+            return payg_pb2.CreditControlAnswer(
+                session_id=request.session_id, request_number=request.request_number,
+                result_code=int(CC.ResultCode.INVALID_AVP_VALUE),
+                detail=f"request_type {request.request_type} on Session: say INITIAL, UPDATE or TERMINATION")
+        try:
+            self._check(request, call)
+        except _Refused as refused:
+            return _refused_answer(request, refused)
+        return None
+
+    def _stream_answer(self, request, call) -> payg_pb2.CreditControlAnswer:
+        """One checked request of a Session stream, inside the engine's open transaction (its own savepoint)."""
+        return self._handle_checked(request, call, _STREAM_TYPES[request.request_type])
+
     def Reserve(self, request, context):
         return self._handle(request, context, CC.RequestType.INITIAL_REQUEST)
 
@@ -253,6 +303,131 @@ class CreditControlService(payg_pb2_grpc.CreditControlServicer):
 
     def Terminate(self, request, context):
         return self._handle(request, context, CC.RequestType.TERMINATION_REQUEST)
+
+
+AUTHORIZATION_REJECTED = 5003      # Diameter result of a request refused in-band on Session
+_STREAM_TYPES = {payg_pb2.REQUEST_TYPE_INITIAL: CC.RequestType.INITIAL_REQUEST,
+                 payg_pb2.REQUEST_TYPE_UPDATE: CC.RequestType.UPDATE_REQUEST,
+                 payg_pb2.REQUEST_TYPE_TERMINATION: CC.RequestType.TERMINATION_REQUEST}
+
+
+class _StreamEngine:
+    """Runs the requests of every `CreditControl.Session` stream of a servicer on one thread, in
+    batches: all requests queued when a batch starts (at most `MAX_BATCH`) run in ONE store
+    transaction, each in its own SAVEPOINT (a failing or refused request rolls back only its own
+    writes), and their answers are released only after that transaction's durable COMMIT (a failed
+    COMMIT fails every request of the batch: none of them happened). One thread owns the work, so
+    requests do not contend for the connection, and a burst costs one COMMIT instead of one each.
+    The thread starts with the first stream request and lives as long as the process (a daemon)."""
+
+    MAX_BATCH = 64
+
+    def __init__(self, service: "CreditControlService") -> None:
+        self.service = service
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._start = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.batches = 0                  # batches run and requests answered (figures, tests)
+        self.requests = 0
+
+    def submit(self, request, call) -> Future:
+        f: Future = Future()
+        self._queue.put((request, call, f))
+        if self._thread is None:
+            with self._start:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="cc-session-engine", daemon=True)
+                    self._thread.start()
+        return f
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < self.MAX_BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._process(batch)
+            except BaseException as exc:  # noqa: BLE001 - never leave a request unanswered
+                log.exception("credit-control stream batch failed")
+                for _, _, f in batch:
+                    if not f.done():
+                        f.set_exception(exc)
+
+    def _process(self, batch: list) -> None:
+        store, service = self.service.store, self.service
+        done: list = []
+        checked = []
+        for request, call, f in batch:              # the access checks first, outside the transaction
+            refused = service._stream_check(request, call)
+            if refused is None:
+                checked.append((request, call, f))
+            else:
+                done.append((f, refused, None))
+        try:
+            with store.transaction() as db:
+                for request, call, f in checked:
+                    db.execute("SAVEPOINT cc_stream")
+                    try:
+                        done.append((f, service._stream_answer(request, call), None))
+                    except _Refused as refused:
+                        db.execute("ROLLBACK TO cc_stream")
+                        done.append((f, _refused_answer(request, refused), None))
+                    except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+                        db.execute("ROLLBACK TO cc_stream")
+                        log.exception("credit control on a stream failed: session %s request %d",
+                                      request.session_id, request.request_number)
+                        done.append((f, None, exc))
+                    db.execute("RELEASE cc_stream")
+        except BaseException as exc:      # the COMMIT or the connection failed: no request of it happened
+            for _, _, f in checked:
+                f.set_exception(exc)
+            checked = []
+            done = [d for d in done if not d[0].done()]
+        self.batches += 1
+        self.requests += len(batch)
+        for f, answer, exc in done:
+            if exc is None:
+                f.set_result(answer)
+            else:
+                f.set_exception(exc)
+
+
+def _refused_answer(request, refused: "_Refused") -> payg_pb2.CreditControlAnswer:
+    return payg_pb2.CreditControlAnswer(session_id=request.session_id, request_number=request.request_number,
+                                        result_code=AUTHORIZATION_REJECTED, refusal=refused.reason,
+                                        detail=refused.detail)
+
+
+class _Refused(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+class _InBandCall:
+    """The call context one request on `CreditControl.Session` sees: `abort` (a refusal) ends that
+    request with `_Refused` instead of the stream; the rest is the stream's own context."""
+
+    __slots__ = ("_context", "_reason")
+
+    def __init__(self, context) -> None:
+        self._context, self._reason = context, ""
+
+    def auth_context(self):
+        return self._context.auth_context()
+
+    def peer(self):
+        return self._context.peer()
+
+    def set_trailing_metadata(self, metadata) -> None:
+        self._reason = dict(metadata).get(REFUSAL_METADATA, "")
+
+    def abort(self, code, details: str):
+        reason, self._reason = self._reason, ""
+        raise _Refused(reason or code.name, details)
 
 
 @dataclass(frozen=True)

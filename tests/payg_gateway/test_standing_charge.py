@@ -303,12 +303,12 @@ def test_standing_charges_wait_for_an_answer_saying_the_headend_books_them(tmp_p
                 granted=payg_pb2.GrantedUnits(amount_minor=500, validity_time_s=86400, issued_at_ms=now,
                                               expires_at_ms=now + 86_400_000),
                 balance_minor=2000, books_standing_charges=self.books)
-        Reserve = Update = Terminate = answer
+        exchange = answer                             # CreditControlLink.exchange(req, timeout)
 
     pm = P.PaygMeter("M1", ClosedRelay(), clock, cfg=C.PrepaymentConfig(), friendly=None, price=PRICE,
                      head_end_key=bytes(32), state_path=tmp_path / "M1.json")
     session = CreditSession(pm, None, gateway_id="GW1", account="ACC1", state_path=tmp_path / "M1.session.json")
-    session.stub = stub = Stub()
+    session.link = stub = Stub()
     pm.boot(1_000)
     assert session.sync().outcome == "granted"
     clock.advance(timedelta(days=1))

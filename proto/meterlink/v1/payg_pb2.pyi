@@ -7,12 +7,23 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class RequestType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REQUEST_TYPE_UNSPECIFIED: _ClassVar[RequestType]
+    REQUEST_TYPE_INITIAL: _ClassVar[RequestType]
+    REQUEST_TYPE_UPDATE: _ClassVar[RequestType]
+    REQUEST_TYPE_TERMINATION: _ClassVar[RequestType]
+
 class FinalUnitAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FINAL_UNIT_ACTION_NONE: _ClassVar[FinalUnitAction]
     FINAL_UNIT_ACTION_TERMINATE: _ClassVar[FinalUnitAction]
     FINAL_UNIT_ACTION_REDIRECT: _ClassVar[FinalUnitAction]
     FINAL_UNIT_ACTION_RESTRICT_ACCESS: _ClassVar[FinalUnitAction]
+REQUEST_TYPE_UNSPECIFIED: RequestType
+REQUEST_TYPE_INITIAL: RequestType
+REQUEST_TYPE_UPDATE: RequestType
+REQUEST_TYPE_TERMINATION: RequestType
 FINAL_UNIT_ACTION_NONE: FinalUnitAction
 FINAL_UNIT_ACTION_TERMINATE: FinalUnitAction
 FINAL_UNIT_ACTION_REDIRECT: FinalUnitAction
@@ -59,7 +70,7 @@ class UsedUnits(_message.Message):
     def __init__(self, used_minor: _Optional[int] = ..., used_wh: _Optional[int] = ..., from_emergency_minor: _Optional[int] = ..., to_debt_minor: _Optional[int] = ..., repaid_debt_minor: _Optional[int] = ..., repaid_emergency_minor: _Optional[int] = ..., recovered_arrears_minor: _Optional[int] = ..., top_ups: _Optional[_Iterable[_Union[AppliedTopUp, _Mapping]]] = ..., standing_minor: _Optional[int] = ..., standing_days: _Optional[int] = ..., standing_from_emergency_minor: _Optional[int] = ..., standing_to_debt_minor: _Optional[int] = ..., standing_first_day: _Optional[str] = ..., standing_last_day: _Optional[str] = ...) -> None: ...
 
 class CreditControlRequest(_message.Message):
-    __slots__ = ("gateway_id", "session_id", "request_number", "account_id", "meter_id", "currency", "used", "gateway_at_ms", "card_lists_digest")
+    __slots__ = ("gateway_id", "session_id", "request_number", "account_id", "meter_id", "currency", "used", "gateway_at_ms", "card_lists_digest", "request_type")
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_NUMBER_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +80,7 @@ class CreditControlRequest(_message.Message):
     USED_FIELD_NUMBER: _ClassVar[int]
     GATEWAY_AT_MS_FIELD_NUMBER: _ClassVar[int]
     CARD_LISTS_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_TYPE_FIELD_NUMBER: _ClassVar[int]
     gateway_id: str
     session_id: str
     request_number: int
@@ -78,7 +90,8 @@ class CreditControlRequest(_message.Message):
     used: UsedUnits
     gateway_at_ms: int
     card_lists_digest: bytes
-    def __init__(self, gateway_id: _Optional[str] = ..., session_id: _Optional[str] = ..., request_number: _Optional[int] = ..., account_id: _Optional[str] = ..., meter_id: _Optional[str] = ..., currency: _Optional[str] = ..., used: _Optional[_Union[UsedUnits, _Mapping]] = ..., gateway_at_ms: _Optional[int] = ..., card_lists_digest: _Optional[bytes] = ...) -> None: ...
+    request_type: RequestType
+    def __init__(self, gateway_id: _Optional[str] = ..., session_id: _Optional[str] = ..., request_number: _Optional[int] = ..., account_id: _Optional[str] = ..., meter_id: _Optional[str] = ..., currency: _Optional[str] = ..., used: _Optional[_Union[UsedUnits, _Mapping]] = ..., gateway_at_ms: _Optional[int] = ..., card_lists_digest: _Optional[bytes] = ..., request_type: _Optional[_Union[RequestType, str]] = ...) -> None: ...
 
 class GrantedUnits(_message.Message):
     __slots__ = ("amount_minor", "wh", "has_wh", "validity_time_s", "issued_at_ms", "expires_at_ms")
@@ -97,7 +110,7 @@ class GrantedUnits(_message.Message):
     def __init__(self, amount_minor: _Optional[int] = ..., wh: _Optional[int] = ..., has_wh: _Optional[bool] = ..., validity_time_s: _Optional[int] = ..., issued_at_ms: _Optional[int] = ..., expires_at_ms: _Optional[int] = ...) -> None: ...
 
 class CreditControlAnswer(_message.Message):
-    __slots__ = ("session_id", "request_number", "result_code", "granted", "final_unit_action", "detail", "tokens", "balance_minor", "card_list", "blacklist", "arrears_minor", "books_standing_charges")
+    __slots__ = ("session_id", "request_number", "result_code", "granted", "final_unit_action", "detail", "tokens", "balance_minor", "card_list", "blacklist", "arrears_minor", "books_standing_charges", "refusal")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_NUMBER_FIELD_NUMBER: _ClassVar[int]
     RESULT_CODE_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +123,7 @@ class CreditControlAnswer(_message.Message):
     BLACKLIST_FIELD_NUMBER: _ClassVar[int]
     ARREARS_MINOR_FIELD_NUMBER: _ClassVar[int]
     BOOKS_STANDING_CHARGES_FIELD_NUMBER: _ClassVar[int]
+    REFUSAL_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     request_number: int
     result_code: int
@@ -122,7 +136,8 @@ class CreditControlAnswer(_message.Message):
     blacklist: str
     arrears_minor: int
     books_standing_charges: bool
-    def __init__(self, session_id: _Optional[str] = ..., request_number: _Optional[int] = ..., result_code: _Optional[int] = ..., granted: _Optional[_Union[GrantedUnits, _Mapping]] = ..., final_unit_action: _Optional[_Union[FinalUnitAction, str]] = ..., detail: _Optional[str] = ..., tokens: _Optional[_Iterable[str]] = ..., balance_minor: _Optional[int] = ..., card_list: _Optional[str] = ..., blacklist: _Optional[str] = ..., arrears_minor: _Optional[int] = ..., books_standing_charges: _Optional[bool] = ...) -> None: ...
+    refusal: str
+    def __init__(self, session_id: _Optional[str] = ..., request_number: _Optional[int] = ..., result_code: _Optional[int] = ..., granted: _Optional[_Union[GrantedUnits, _Mapping]] = ..., final_unit_action: _Optional[_Union[FinalUnitAction, str]] = ..., detail: _Optional[str] = ..., tokens: _Optional[_Iterable[str]] = ..., balance_minor: _Optional[int] = ..., card_list: _Optional[str] = ..., blacklist: _Optional[str] = ..., arrears_minor: _Optional[int] = ..., books_standing_charges: _Optional[bool] = ..., refusal: _Optional[str] = ...) -> None: ...
 
 class ChallengeRequest(_message.Message):
     __slots__ = ("vendor_id",)

@@ -49,6 +49,11 @@ class CreditControlStub:
                 request_serializer=meterlink_dot_v1_dot_payg__pb2.CreditControlRequest.SerializeToString,
                 response_deserializer=meterlink_dot_v1_dot_payg__pb2.CreditControlAnswer.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/meterlink.v1.CreditControl/Session',
+                request_serializer=meterlink_dot_v1_dot_payg__pb2.CreditControlRequest.SerializeToString,
+                response_deserializer=meterlink_dot_v1_dot_payg__pb2.CreditControlAnswer.FromString,
+                _registered_method=True)
 
 
 class CreditControlServicer:
@@ -72,6 +77,17 @@ class CreditControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Session(self, request_iterator, context):
+        """The same requests on one long-lived stream per gateway (as a Diameter peer connection carries
+        every session's CCRs): each request gets exactly one answer, in the order the requests were
+        sent, with `request_type` saying Reserve/Update/Terminate. Idempotency, booking and answers
+        are those of the unary methods; a refusal is answered in-band (`refusal`) and the stream goes
+        on. A gateway whose head-end answers UNIMPLEMENTED falls back to the unary methods.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CreditControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -87,6 +103,11 @@ def add_CreditControlServicer_to_server(servicer, server):
             ),
             'Terminate': grpc.unary_unary_rpc_method_handler(
                     servicer.Terminate,
+                    request_deserializer=meterlink_dot_v1_dot_payg__pb2.CreditControlRequest.FromString,
+                    response_serializer=meterlink_dot_v1_dot_payg__pb2.CreditControlAnswer.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
                     request_deserializer=meterlink_dot_v1_dot_payg__pb2.CreditControlRequest.FromString,
                     response_serializer=meterlink_dot_v1_dot_payg__pb2.CreditControlAnswer.SerializeToString,
             ),
@@ -170,6 +191,33 @@ class CreditControl:
             request,
             target,
             '/meterlink.v1.CreditControl/Terminate',
+            meterlink_dot_v1_dot_payg__pb2.CreditControlRequest.SerializeToString,
+            meterlink_dot_v1_dot_payg__pb2.CreditControlAnswer.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/meterlink.v1.CreditControl/Session',
             meterlink_dot_v1_dot_payg__pb2.CreditControlRequest.SerializeToString,
             meterlink_dot_v1_dot_payg__pb2.CreditControlAnswer.FromString,
             options,
