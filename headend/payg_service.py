@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import timedelta
@@ -329,9 +330,22 @@ class _StreamEngine:
         self._thread: threading.Thread | None = None
         self.batches = 0                  # batches run and requests answered (figures, tests)
         self.requests = 0
+        self._unanswered = 0              # submitted and not yet answered (`drain`)
+        self._idle = threading.Condition()
+
+    def drain(self, timeout: float = 20.0) -> bool:
+        """Wait until every request handed in so far has been answered (or `timeout` s): called by
+        `service.stop_server` after the handlers returned, before the store is closed."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._unanswered and time.monotonic() < deadline:
+                self._idle.wait(0.05)
+            return not self._unanswered
 
     def submit(self, request, call) -> Future:
         f: Future = Future()
+        with self._idle:
+            self._unanswered += 1
         self._queue.put((request, call, f))
         if self._thread is None:
             with self._start:
@@ -355,6 +369,9 @@ class _StreamEngine:
                 for _, _, f in batch:
                     if not f.done():
                         f.set_exception(exc)
+            with self._idle:
+                self._unanswered -= len(batch)
+                self._idle.notify_all()
 
     def _process(self, batch: list) -> None:
         store, service = self.service.store, self.service
@@ -622,6 +639,7 @@ def add_to_server(server: grpc.Server, store: S.PaygStore, clock: Clock, policy:
     vending = VendingService(store, clock, token_key=token_key)
     payg_pb2_grpc.add_CreditControlServicer_to_server(cc, server)
     payg_pb2_grpc.add_VendingServicer_to_server(vending, server)
+    server.drains = [*getattr(server, "drains", ()), cc.engine.drain]      # stop_server waits for the engine
     if auth is not None:
         exempt = frozenset(VENDING_METHODS)
         if registry is not None:            # the servicer checks the gateway itself (`_check`)

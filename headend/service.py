@@ -272,3 +272,5 @@ def stop_server(server: grpc.Server, grace: float = 2.0) -> None:
     executor = getattr(server, "executor", None)
     if executor is not None:
         executor.shutdown(wait=True)
+    for drain in getattr(server, "drains", ()):     # work handed off by handlers (PAYG stream engine)
+        drain()

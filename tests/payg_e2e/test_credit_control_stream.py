@@ -193,3 +193,26 @@ def test_a_stream_that_does_not_answer_is_reset_and_an_idle_one_closed():
         link.close()
         channel.close()
         server.stop(None)
+
+
+def test_stopping_the_server_waits_for_the_engine_to_answer_what_it_was_handed(gateway):
+    """`stop_server` drains the engine after the handlers returned, so the store is never closed
+    under a batch still running."""
+    hd, link, _ = gateway
+    engine = hd.services.credit_control.engine
+    assert engine.drain in hd.servers.server.drains
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with hd.store.transaction():
+            held.set()
+            release.wait(10)
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(5)
+    answer = link.submit(request(0))
+    wait_until(lambda: engine._queue.qsize() == 0 and engine._unanswered == 1)
+    assert engine.drain(timeout=0.1) is False                      # its batch waits for the store
+    release.set()
+    holder.join(5)
+    assert engine.drain(timeout=5) is True and answer.result(5).result_code == 2001
