@@ -153,10 +153,11 @@ class CreditControlLink:
     An exchange that gets no answer within its timeout resets the stream (the requests in flight
     on it fail and are sent again by their sessions later, which the head-end answers from its
     stored answers without booking twice). A stream with nothing in flight for `idle_s` seconds
-    is closed (each open stream holds a worker thread of the head-end's gRPC server: a gateway
-    exchanging every few minutes should not hold one all the time); the next exchange opens one."""
+    is closed (each open stream holds a worker thread of the head-end's gRPC server, so a gateway
+    should hold one for a burst of exchanges — its meters' exchanges after boot or when their
+    periodic syncs fall due together — not all the time); the next exchange opens one."""
 
-    def __init__(self, channel: grpc.Channel, *, stream: bool = True, idle_s: float = 10.0) -> None:
+    def __init__(self, channel: grpc.Channel, *, stream: bool = True, idle_s: float = 2.0) -> None:
         self.stub = payg_pb2_grpc.CreditControlStub(channel)
         self.streaming, self.idle_s = stream, idle_s
         self._lock = threading.Lock()
