@@ -268,7 +268,7 @@ class CreditControlService(payg_pb2_grpc.CreditControlServicer):
         def read() -> None:
             try:
                 for request in requests:
-                    pending.put(self.engine.submit(request, call))
+                    pending.put(self.engine.submit(request, call, _STREAM_TYPES.get(request.request_type)))
             except Exception:  # noqa: BLE001 - the client cancelled or went away: the stream ends
                 pass
             finally:
@@ -278,10 +278,10 @@ class CreditControlService(payg_pb2_grpc.CreditControlServicer):
         while (answer := pending.get()) is not None:
             yield answer.result()
 
-    def _stream_check(self, request, call) -> payg_pb2.CreditControlAnswer | None:
-        """Before the engine's transaction: the answer to a request of a Session stream that is
-        refused outright (no request type, or the gateway's access: `_check`), else None."""
-        if request.request_type not in _STREAM_TYPES:
+    def _stream_check(self, request, call, rtype) -> payg_pb2.CreditControlAnswer | None:
+        """Before the engine's transaction: the answer to a request that is refused outright (no
+        request type on a Session stream, or the gateway's access: `_check`), else None."""
+        if rtype is None:
             return payg_pb2.CreditControlAnswer(
                 session_id=request.session_id, request_number=request.request_number,
                 result_code=int(CC.ResultCode.INVALID_AVP_VALUE),
@@ -292,18 +292,23 @@ class CreditControlService(payg_pb2_grpc.CreditControlServicer):
             return _refused_answer(request, refused)
         return None
 
-    def _stream_answer(self, request, call) -> payg_pb2.CreditControlAnswer:
-        """One checked request of a Session stream, inside the engine's open transaction (its own savepoint)."""
-        return self._handle_checked(request, call, _STREAM_TYPES[request.request_type])
+    def _unary(self, request, context, rtype: CC.RequestType) -> payg_pb2.CreditControlAnswer:
+        """A unary request, run by the engine like a stream's (batched with whatever else is queued);
+        a refusal ends the call with PERMISSION_DENIED and the reason in `meterlink-refusal`."""
+        answer = self.engine.submit(request, _InBandCall(context), rtype).result()
+        if answer.refusal:
+            context.set_trailing_metadata(((REFUSAL_METADATA, answer.refusal),))
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, answer.detail)
+        return answer
 
     def Reserve(self, request, context):
-        return self._handle(request, context, CC.RequestType.INITIAL_REQUEST)
+        return self._unary(request, context, CC.RequestType.INITIAL_REQUEST)
 
     def Update(self, request, context):
-        return self._handle(request, context, CC.RequestType.UPDATE_REQUEST)
+        return self._unary(request, context, CC.RequestType.UPDATE_REQUEST)
 
     def Terminate(self, request, context):
-        return self._handle(request, context, CC.RequestType.TERMINATION_REQUEST)
+        return self._unary(request, context, CC.RequestType.TERMINATION_REQUEST)
 
 
 AUTHORIZATION_REJECTED = 5003      # Diameter result of a request refused in-band on Session
@@ -342,11 +347,12 @@ class _StreamEngine:
                 self._idle.wait(0.05)
             return not self._unanswered
 
-    def submit(self, request, call) -> Future:
+    def submit(self, request, call, rtype: CC.RequestType | None) -> Future:
+        """Queue one request (`rtype` None: a Session request without its type, answered 5004)."""
         f: Future = Future()
         with self._idle:
             self._unanswered += 1
-        self._queue.put((request, call, f))
+        self._queue.put((request, call, rtype, f))
         if self._thread is None:
             with self._start:
                 if self._thread is None:
@@ -366,7 +372,7 @@ class _StreamEngine:
                 self._process(batch)
             except BaseException as exc:  # noqa: BLE001 - never leave a request unanswered
                 log.exception("credit-control stream batch failed")
-                for _, _, f in batch:
+                for *_, f in batch:
                     if not f.done():
                         f.set_exception(exc)
             with self._idle:
@@ -377,18 +383,18 @@ class _StreamEngine:
         store, service = self.service.store, self.service
         done: list = []
         checked = []
-        for request, call, f in batch:              # the access checks first, outside the transaction
-            refused = service._stream_check(request, call)
+        for request, call, rtype, f in batch:      # the access checks first, outside the transaction
+            refused = service._stream_check(request, call, rtype)
             if refused is None:
-                checked.append((request, call, f))
+                checked.append((request, call, rtype, f))
             else:
                 done.append((f, refused, None))
         try:
             with store.transaction() as db:
-                for request, call, f in checked:
+                for request, call, rtype, f in checked:
                     db.execute("SAVEPOINT cc_stream")
                     try:
-                        done.append((f, service._stream_answer(request, call), None))
+                        done.append((f, service._handle_checked(request, call, rtype), None))
                     except _Refused as refused:
                         db.execute("ROLLBACK TO cc_stream")
                         done.append((f, _refused_answer(request, refused), None))
@@ -399,7 +405,7 @@ class _StreamEngine:
                         done.append((f, None, exc))
                     db.execute("RELEASE cc_stream")
         except BaseException as exc:      # the COMMIT or the connection failed: no request of it happened
-            for _, _, f in checked:
+            for *_, f in checked:
                 f.set_exception(exc)
             checked = []
             done = [d for d in done if not d[0].done()]
