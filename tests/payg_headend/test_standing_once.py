@@ -12,6 +12,8 @@ from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meterlink.clock import SimClock, from_ms
 from meterlink.gateway import credit as C
@@ -267,3 +269,55 @@ def test_a_multi_day_standing_catch_up_counts_one_days_standing_per_day_in_the_b
     # a day a day: a 24 h report carrying one day's standing charge counts it as before
     day = CC.UsageReport(T0, T0 + timedelta(hours=24), 480, 0, 48, 1)
     assert CC.burn_rate([day], T0 + timedelta(hours=24), timedelta(hours=24), Decimal(0)) == 22
+
+
+# --------------------------------------------------------------------------- property: any interleaving
+
+
+DAY_MINOR = 48
+DAY0 = date(2026, 3, 1)
+ranges = st.lists(st.tuples(st.sampled_from("AB"), st.integers(0, 12), st.integers(1, 5), st.integers(0, 2),
+                            st.integers(0, 2)), min_size=1, max_size=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ranges)
+def test_any_interleaving_of_two_sessions_reporting_days_books_each_day_at_most_once(reports):
+    """Two sessions (gateways) of one account report day ranges in any order, paid partly from
+    emergency credit and debt: the customer pays exactly the days the head-end had not booked (a
+    day at a time, in order: each day once), EC and debt are booked as the gateways hold them, the
+    duplicates are given back to prepaid, and the ledger sums to zero."""
+    ledger = L.InMemoryLedger([L.top_up("seed", T0, "ACC1", "SHOP1", 1_000_000, "GBP", L.PrepaidVat(Decimal("0.05")))])
+    policy = CC.GrantPolicy(min_grant_minor=10_000, max_grant_minor=10_000)
+    cc = CC.CreditControl(ledger, CC.InMemorySessionStore(), policy, L.PrepaidVat(Decimal("0.05")),
+                          standing=CC.InMemoryStandingBook())
+    now = T0
+    numbers = {s: 0 for s in "AB"}
+    for s in "AB":
+        assert cc.handle(CC.initial(s, "ACC1", "M1", "GBP"), now).answer.ok
+    through, new_days, ec, debt = None, 0, 0, 0
+    for session, start, days, ec_days, debt_days in reports:
+        first, last = DAY0 + timedelta(days=start), DAY0 + timedelta(days=start + days - 1)
+        ec_days = min(ec_days, days)
+        debt_days = min(debt_days, days - ec_days)
+        numbers[session] += 1
+        now += timedelta(minutes=10)
+        out = cc.handle(report(session, numbers[session], standing_minor=DAY_MINOR * days, standing_days=days,
+                               standing_from_emergency_minor=DAY_MINOR * ec_days,
+                               standing_to_debt_minor=DAY_MINOR * debt_days, standing_first_day=first.isoformat(),
+                               standing_last_day=last.isoformat()), now)
+        assert out.answer.ok, out.answer.detail
+        new = days if through is None else max(0, min(days, (last - through).days))
+        assert sum(e.days_not_booked for e in out.events) == days - new
+        new_days += new
+        through = last if through is None else max(through, last)
+        ec, debt = ec + DAY_MINOR * ec_days, debt + DAY_MINOR * debt_days
+    txns = list(ledger.transactions())
+    assert L.totals_by_currency(txns) == {"GBP": 0}
+    customer = sum(p.amount_minor for t in txns if t.kind.startswith("standing-charge") for p in t.postings
+                   if p.account.startswith("customer:"))
+    assert customer == DAY_MINOR * new_days                      # each day once
+    assert ledger.balance(L.emergency_credit_account("ACC1"), "GBP") == ec
+    assert ledger.balance(L.debt("ACC1"), "GBP") == debt
+    assert -ledger.balance(PREPAID, "GBP") == 1_000_000 - DAY_MINOR * new_days + ec + debt
+    assert cc.standing.standing_booked_through("ACC1") == through
