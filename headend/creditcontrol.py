@@ -923,6 +923,8 @@ def over_usage_report(events: Iterable[OverUsage], start: datetime, end: datetim
 
 __all__ = [
     "CreditControl", "CreditControlAnswer", "CreditControlRequest", "FinalUnitAction", "Grant", "GrantPolicy",
-    "InMemorySessionStore", "InMemoryStandingBook", "Outcome", "OverUsage", "OverUsageRow", "RequestType", "ResultCode", "Session",
-    "SessionStore", "StandingBook", "StandingNotBooked", "TokenReservations", "UsageReport", "session_from_json", "session_json_text", "session_to_json", "burn_rate", "decide", "initial", "standing_already_booked", "over_usage_report", "size_grant",
+    "InMemorySessionStore", "InMemoryStandingBook", "Outcome", "OverUsage", "OverUsageRow", "RequestType",
+    "ResultCode", "Session", "SessionStore", "StandingBook", "StandingNotBooked", "TokenReservations",
+    "UsageReport", "burn_rate", "decide", "initial", "over_usage_report", "session_from_json", "session_json_text",
+    "session_to_json", "size_grant", "standing_already_booked",
 ]

@@ -219,7 +219,7 @@ def test_an_overlapping_range_books_only_the_new_days(store):
     # a wholly booked range books nothing (and leaves the prepaid credit alone); a new day books in full
     before = -store.balance(PREPAID, "GBP")
     out = handle(cc, store, report("S1", 2, standing_minor=90, standing_days=2, standing_first_day="2026-03-12",
-                                   standing_last_day="2026-03-13"), T0 + timedelta(hours=4))   # within S1's window (100)
+                                   standing_last_day="2026-03-13"), T0 + timedelta(hours=4))   # S1's window: 100
     assert not [t for t in store.transactions() if t.business_key.startswith("cc:S1:2:")]
     assert -store.balance(PREPAID, "GBP") == before and out.events[0].days_not_booked == 2
     out = handle(cc, store, report("S2", 2, standing_minor=55, standing_days=1, standing_first_day="2026-03-14",
