@@ -115,6 +115,8 @@ class CreditControlService(payg_pb2_grpc.CreditControlServicer):
         self._peers: dict = {}
         self._digests: dict = {}        # card-list content -> `card_lists_digest` (`_card_lists`)
         self.engine = _StreamEngine(self)
+        self.streams_open = 0           # CreditControl.Session calls open now (each holds an rpc worker)
+        self._streams_lock = threading.Lock()
         self.cc = CC.CreditControl(store, S.SqlSessionStore(store), policy, store.vat,
                                    account_active=self._active, tokens=S.StoreTokenReservations(store),
                                    inputs=store.credit_inputs)
@@ -264,6 +266,11 @@ class CreditControlService(payg_pb2_grpc.CreditControlServicer):
         order as their batches commit — so a stream is not held to one durable COMMIT per request."""
         call = _InBandCall(context)
         pending: queue.SimpleQueue = queue.SimpleQueue()
+        with self._streams_lock:
+            self.streams_open += 1
+        if not context.add_callback(self._stream_closed):      # already over: nothing to serve
+            self._stream_closed()
+            return
 
         def read() -> None:
             try:
@@ -277,6 +284,10 @@ class CreditControlService(payg_pb2_grpc.CreditControlServicer):
         threading.Thread(target=read, name="cc-session-reader", daemon=True).start()
         while (answer := pending.get()) is not None:
             yield answer.result()
+
+    def _stream_closed(self) -> None:
+        with self._streams_lock:
+            self.streams_open -= 1
 
     def _stream_check(self, request, call, rtype) -> payg_pb2.CreditControlAnswer | None:
         """Before the engine's transaction: the answer to a request that is refused outright (no
@@ -416,6 +427,32 @@ class _StreamEngine:
                 f.set_result(answer)
             else:
                 f.set_exception(exc)
+
+
+class _CreditControlCollector:
+    """Prometheus metrics of the credit-control engine and streams (`serve --metrics-listen`)."""
+
+    def __init__(self, service: "CreditControlService") -> None:
+        self.service = service
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        engine = self.service.engine
+        yield CounterMetricFamily("meterlink_headend_payg_credit_control_requests",
+                                  "Credit-control requests answered (unary and Session streams)",
+                                  value=engine.requests)
+        yield CounterMetricFamily("meterlink_headend_payg_credit_control_batches",
+                                  "Engine batches: store transactions that carried credit-control requests",
+                                  value=engine.batches)
+        yield GaugeMetricFamily("meterlink_headend_payg_credit_control_unanswered",
+                                "Credit-control requests handed to the engine and not answered yet",
+                                value=engine._unanswered)
+        yield GaugeMetricFamily("meterlink_headend_payg_credit_control_streams",
+                                "CreditControl.Session streams open (each holds a gRPC worker thread: "
+                                "serve --rpc-workers)", value=self.service.streams_open)
 
 
 def _refused_answer(request, refused: "_Refused") -> payg_pb2.CreditControlAnswer:
@@ -646,6 +683,9 @@ def add_to_server(server: grpc.Server, store: S.PaygStore, clock: Clock, policy:
     payg_pb2_grpc.add_CreditControlServicer_to_server(cc, server)
     payg_pb2_grpc.add_VendingServicer_to_server(vending, server)
     server.drains = [*getattr(server, "drains", ()), cc.engine.drain]      # stop_server waits for the engine
+    metrics = getattr(server, "metrics", None)
+    if metrics is not None:
+        metrics.registry.register(_CreditControlCollector(cc))
     if auth is not None:
         exempt = frozenset(VENDING_METHODS)
         if registry is not None:            # the servicer checks the gateway itself (`_check`)

@@ -251,6 +251,7 @@ def make_server(repo: ReadingRepository, clock: Clock, listen: str, workers: int
     server = grpc.server(executor, interceptors=list(interceptors),
                          options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
     server.executor = executor     # stop_server: handlers must have returned before the stores are closed
+    server.metrics = metrics       # for SERVER_HOOKS that add their own (PAYG credit control)
     service = GatewaySyncService(repo, clock, chain, metrics, public_key)
     server.sync_service = service  # for callers that need the chain store (tests, CLI)
     sync_pb2_grpc.add_GatewaySyncServicer_to_server(service, server)

@@ -14,9 +14,14 @@ import pytest
 
 from meterlink.gateway.enrol import secure_channel
 from meterlink.gateway.payg_sync import CreditControlLink
+from meterlink.clock import SimClock
 from meterlink.headend import ledger as L
+from meterlink.headend import payg_service
 from meterlink.headend.gatewayauth import refusal_of
-from meterlink.v1 import payg_pb2
+from meterlink.headend.service import make_server
+from meterlink.headend.store import open_repository
+from meterlink.metrics import HeadendMetrics
+from meterlink.v1 import payg_pb2, payg_pb2_grpc
 
 from .processes import wait_until
 
@@ -52,14 +57,9 @@ def test_stream_requests_are_answered_like_the_unary_calls_and_booked_once(gatew
     assert a1 == a2 and a1.result_code == 2001 and a1.granted.amount_minor > 0
     assert link.exchange(request(1, used_minor=1, used_wh=1), 5).result_code == 5004    # same number, other content
     # the unary call answers the same request identically: one store, one idempotency
-    assert payg_pb2_grpc_stub(channel).Update(upd, timeout=5) == a1
+    assert payg_pb2_grpc.CreditControlStub(channel).Update(upd, timeout=5) == a1
     assert L.customer_credit(list(hd.store.transactions()), "ACC1", "GBP") == 5_000 - 120
     assert link.streaming and hd.services.credit_control.engine.requests == 5     # unary calls run there too
-
-
-def payg_pb2_grpc_stub(channel):
-    from meterlink.v1 import payg_pb2_grpc
-    return payg_pb2_grpc.CreditControlStub(channel)
 
 
 def test_a_refusal_is_answered_in_band_and_the_stream_goes_on(gateway):
@@ -216,3 +216,28 @@ def test_stopping_the_server_waits_for_the_engine_to_answer_what_it_was_handed(g
     release.set()
     holder.join(5)
     assert engine.drain(timeout=5) is True and answer.result(5).result_code == 2001
+
+
+def test_open_streams_and_engine_work_are_prometheus_metrics(gateway, tmp_path):
+    from prometheus_client import CollectorRegistry
+
+    hd, link, _ = gateway
+    registry = CollectorRegistry()
+    registry.register(payg_service._CreditControlCollector(hd.services.credit_control))
+    value = registry.get_sample_value
+    assert value("meterlink_headend_payg_credit_control_streams") == 0
+    assert link.exchange(request(0), 5).result_code == 2001
+    assert value("meterlink_headend_payg_credit_control_streams") == 1            # the link's stream is open
+    assert value("meterlink_headend_payg_credit_control_requests_total") == 1
+    assert value("meterlink_headend_payg_credit_control_batches_total") == 1
+    assert value("meterlink_headend_payg_credit_control_unanswered") == 0
+    link.close()
+    wait_until(lambda: value("meterlink_headend_payg_credit_control_streams") == 0, timeout=5)
+    assert value("meterlink_headend_payg_credit_control_streams") == 0
+    # serve --metrics-listen: the PAYG services register them on the server's metrics registry
+    metrics = HeadendMetrics.create()
+    repo = open_repository(f"sqlite:///{tmp_path / 'other.db'}")
+    server, _ = make_server(repo, SimClock(hd.clock.now()), "127.0.0.1:0", metrics=metrics)
+    payg_service.add_to_server(server, hd.store, hd.clock)
+    assert metrics.registry.get_sample_value("meterlink_headend_payg_credit_control_requests_total") == 0
+    repo.close()
