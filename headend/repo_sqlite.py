@@ -4,7 +4,8 @@ The embedded default: one file, WAL journal, ``synchronous=FULL`` (an ack is onl
 survives a power cut, because the gateway prunes what is acked). One connection per repository,
 guarded by a lock (gRPC serves from a thread pool); several processes may share the file: every
 write transaction is ``BEGIN IMMEDIATE``, so ingest and migrations of different processes serialise
-on SQLite's write lock and the ack is computed under it.
+on SQLite's write lock and the ack is computed under it. Ingest commits first queue with the billing
+store's transactions (serve's rating process) on ``<file>-writers.lock`` (headend/writerqueue.py).
 """
 
 from __future__ import annotations
