@@ -1091,7 +1091,10 @@ def process_readings(repo, store: BillingStore, markets: Mapping[str, Market], n
     touched accounts are marked stale and re-rated from their rows by the next run that has tariffs.
 
     Storing is done a chunk of meters per transaction (at most PROCESS_CHUNK_METERS meters or
-    PROCESS_CHUNK_READINGS readings), not one per meter: fewer commits (fsyncs), short write locks.
+    PROCESS_CHUNK_READINGS readings), not one per meter: fewer commits (fsyncs), short write locks. A chunk's
+    stored rows are read, merged and rated into deltas before its transaction (SQLite's write lock is the
+    ingest's too); the transaction re-reads them and merges and rates again only if another writer changed
+    them meanwhile, then writes rows, exceptions, aggregates and (the run's last one) the cursors.
     """
     bindings = store.bindings()
     released_from = [e for e in store.exceptions(status="resolved") if e.released]
