@@ -583,9 +583,13 @@ def main() -> int:
     if not args.grpc_only:
         bench_core(args.n)
     if not args.core_only:
+        paths = frozenset(p for p in args.paths.split(",") if p)
+        if args.rpc_workers is None and "stream" in paths and args.gateways + 2 > 8:
+            # each gateway's Session stream holds a worker while open, and a process serves at most
+            # workers - 2 streams (the others would go unary): room for every stream on one process
+            args.rpc_workers = args.gateways + 2
         print(f"gRPC server worker threads: {args.rpc_workers or 'default (8)'}, server processes: "
               f"{args.server_processes}, gateway connections: {args.gateways}", flush=True)
-        paths = frozenset(p for p in args.paths.split(",") if p)
         if not paths <= set(PATHS):
             ap.error(f"--paths: unknown {','.join(sorted(paths - set(PATHS)))}; choose from {','.join(PATHS)}")
         bench_grpc(args.rate, args.seconds, args.rpc_workers, args.server_processes, args.gateways, args.quick,

@@ -28,6 +28,7 @@ import os
 import queue
 import tempfile
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from decimal import Decimal
@@ -164,6 +165,9 @@ class CreditControlLink:
         self._stream: _Stream | None = None
         self._idle: threading.Timer | None = None
         self._uses = 0                      # exchanges started: an idle timer armed before a newer one is void
+        self._unary_until = 0.0             # monotonic: the head-end had no stream free, unary until then
+
+    STREAM_RETRY_S = 30.0
 
     def submit(self, req: payg_pb2.CreditControlRequest) -> Future:
         """Send `req` on the stream without waiting: the future resolves to its answer (a refusal
@@ -173,7 +177,7 @@ class CreditControlLink:
 
     def exchange(self, req: payg_pb2.CreditControlRequest, timeout: float) -> payg_pb2.CreditControlAnswer:
         """The answer to `req` (its `request_type` says which request it is); raises `grpc.RpcError`."""
-        if self.streaming:
+        if self.streaming and time.monotonic() >= self._unary_until:
             stream = self._open()
             f = stream.send(req)
             try:
@@ -185,10 +189,17 @@ class CreditControlLink:
                                 f"no credit-control answer within {timeout:g} s: stream reset") from None
             except grpc.RpcError as exc:
                 self._reset(stream)
-                if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    # the head-end's streams are all taken: this request (never run) and those of the
+                    # next STREAM_RETRY_S seconds go unary
+                    log.info("head-end has no credit-control stream free (%s): unary calls for %g s",
+                             exc.details(), self.STREAM_RETRY_S)
+                    self._unary_until = time.monotonic() + self.STREAM_RETRY_S
+                elif exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    log.warning("head-end has no CreditControl.Session: credit control over unary calls")
+                    self.streaming = False      # nothing was booked: the same request goes unary
+                else:
                     raise
-                log.warning("head-end has no CreditControl.Session: credit control over unary calls")
-                self.streaming = False          # nothing was booked: the same request goes unary
             else:
                 if ans.refusal:
                     raise LinkError(grpc.StatusCode.PERMISSION_DENIED, f"{ans.refusal}: {ans.detail}", ans.refusal)

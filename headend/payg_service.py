@@ -116,6 +116,7 @@ class CreditControlService(payg_pb2_grpc.CreditControlServicer):
         self._digests: dict = {}        # card-list content -> `card_lists_digest` (`_card_lists`)
         self.engine = _StreamEngine(self)
         self.streams_open = 0           # CreditControl.Session calls open now (each holds an rpc worker)
+        self.max_streams: int | None = None     # at most this many at once (add_to_server: workers - 2)
         self._streams_lock = threading.Lock()
         self.cc = CC.CreditControl(store, S.SqlSessionStore(store), policy, store.vat,
                                    account_active=self._active, tokens=S.StoreTokenReservations(store),
@@ -267,7 +268,13 @@ class CreditControlService(payg_pb2_grpc.CreditControlServicer):
         call = _InBandCall(context)
         pending: queue.SimpleQueue = queue.SimpleQueue()
         with self._streams_lock:
-            self.streams_open += 1
+            full = self.max_streams is not None and self.streams_open >= self.max_streams
+            if not full:
+                self.streams_open += 1
+        if full:                  # keep workers for unary calls: the gateway uses those meanwhile
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{self.max_streams} CreditControl.Session streams open on this process: "
+                          "use Reserve/Update/Terminate")
         if not context.add_callback(self._stream_closed):      # already over: nothing to serve
             self._stream_closed()
             return
@@ -683,6 +690,9 @@ def add_to_server(server: grpc.Server, store: S.PaygStore, clock: Clock, policy:
     payg_pb2_grpc.add_CreditControlServicer_to_server(cc, server)
     payg_pb2_grpc.add_VendingServicer_to_server(vending, server)
     server.drains = [*getattr(server, "drains", ()), cc.engine.drain]      # stop_server waits for the engine
+    executor = getattr(server, "executor", None)
+    if executor is not None:      # an open stream holds a worker thread: leave two for the unary calls
+        cc.max_streams = max(1, executor._max_workers - 2)
     metrics = getattr(server, "metrics", None)
     if metrics is not None:
         metrics.registry.register(_CreditControlCollector(cc))

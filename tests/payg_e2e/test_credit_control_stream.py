@@ -241,3 +241,24 @@ def test_open_streams_and_engine_work_are_prometheus_metrics(gateway, tmp_path):
     payg_service.add_to_server(server, hd.store, hd.clock)
     assert metrics.registry.get_sample_value("meterlink_headend_payg_credit_control_requests_total") == 0
     repo.close()
+
+
+def test_with_every_stream_taken_a_gateway_gets_unary_calls_not_a_wait(gateway, payg_headend):
+    """Each open stream holds a server worker thread: the servicer refuses a stream beyond its limit
+    (RESOURCE_EXHAUSTED, before reading anything) and the gateway sends that request, and the next
+    ones for a while, as unary calls."""
+    hd, link, channel = gateway
+    cc = hd.services.credit_control
+    assert cc.max_streams == 8 - 2                                  # make_secure_servers: 8 workers
+    cc.max_streams = 1
+    assert link.exchange(request(0), 5).result_code == 2001        # the one stream
+    other = CreditControlLink(channel)                             # another gateway process, say
+    try:
+        requests_before = cc.engine.requests
+        assert other.exchange(request(1, used_minor=50, used_wh=2000), 5).result_code == 2001
+        assert other._stream is None and other._unary_until > 0    # unary, and so for a while
+        assert other.exchange(request(2, used_minor=50, used_wh=2000), 5).result_code == 2001
+        assert cc.streams_open == 1 and cc.engine.requests == requests_before + 2
+        assert L.customer_credit(list(hd.store.transactions()), "ACC1", "GBP") == 5_000 - 100
+    finally:
+        other.close()
