@@ -313,7 +313,7 @@ class CreditControlService(payg_pb2_grpc.CreditControlServicer):
     def _unary(self, request, context, rtype: CC.RequestType) -> payg_pb2.CreditControlAnswer:
         """A unary request, run by the engine like a stream's (batched with whatever else is queued);
         a refusal ends the call with PERMISSION_DENIED and the reason in `meterlink-refusal`."""
-        answer = self.engine.submit(request, _InBandCall(context), rtype).result()
+        answer = self.engine.submit(request, _InBandCall(context), rtype, inline=True).result()
         if answer.refusal:
             context.set_trailing_metadata(((REFUSAL_METADATA, answer.refusal),))
             context.abort(grpc.StatusCode.PERMISSION_DENIED, answer.detail)
@@ -336,13 +336,17 @@ _STREAM_TYPES = {payg_pb2.REQUEST_TYPE_INITIAL: CC.RequestType.INITIAL_REQUEST,
 
 
 class _StreamEngine:
-    """Runs the requests of every `CreditControl.Session` stream of a servicer on one thread, in
-    batches: all requests queued when a batch starts (at most `MAX_BATCH`) run in ONE store
-    transaction, each in its own SAVEPOINT (a failing or refused request rolls back only its own
-    writes), and their answers are released only after that transaction's durable COMMIT (a failed
-    COMMIT fails every request of the batch: none of them happened). One thread owns the work, so
-    requests do not contend for the connection, and a burst costs one COMMIT instead of one each.
-    The thread starts with the first stream request and lives as long as the process (a daemon)."""
+    """Runs every credit-control request of a servicer, in batches: all requests queued when a
+    batch starts (at most `MAX_BATCH`) run in ONE store transaction, each in its own SAVEPOINT (a
+    failing or refused request rolls back only its own writes), and their answers are released
+    only after that transaction's durable COMMIT (a failed COMMIT fails every request of the batch:
+    none of them happened). One batch runs at a time (`_running`), so requests do not contend for
+    the connection, and a burst costs one COMMIT instead of one each.
+
+    Queued requests are run by the engine's thread (started with the first, a daemon). A unary
+    call that finds nothing submitted and unanswered runs its request on its own thread instead
+    (`inline`): at low load no hand-over between threads (about 0.3 ms CPU per request here).
+    Session streams always queue, so that a stream's requests keep arriving while a batch commits."""
 
     MAX_BATCH = 64
 
@@ -351,6 +355,7 @@ class _StreamEngine:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._start = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._running = threading.Lock()  # held while a batch runs (the engine's thread or an inline caller)
         self.batches = 0                  # batches run and requests answered (figures, tests)
         self.requests = 0
         self._unanswered = 0              # submitted and not yet answered (`drain`)
@@ -365,37 +370,51 @@ class _StreamEngine:
                 self._idle.wait(0.05)
             return not self._unanswered
 
-    def submit(self, request, call, rtype: CC.RequestType | None) -> Future:
-        """Queue one request (`rtype` None: a Session request without its type, answered 5004)."""
+    def submit(self, request, call, rtype: CC.RequestType | None, inline: bool = False) -> Future:
+        """Hand one request over (`rtype` None: a Session request without its type, answered 5004).
+        `inline`: run it on this thread, answered when this returns, if nothing else is submitted and
+        unanswered and no batch runs; otherwise (and without `inline`) queue it for the engine's thread."""
         f: Future = Future()
+        item = (request, call, rtype, f)
         with self._idle:
+            alone = inline and self._unanswered == 0 and self._running.acquire(blocking=False)
             self._unanswered += 1
-        self._queue.put((request, call, rtype, f))
+        if alone:
+            try:
+                self._run_batch([item])
+            finally:
+                self._running.release()
+            return f
+        self._queue.put(item)
         if self._thread is None:
             with self._start:
                 if self._thread is None:
-                    self._thread = threading.Thread(target=self._run, name="cc-session-engine", daemon=True)
+                    self._thread = threading.Thread(target=self._run, name="cc-engine", daemon=True)
                     self._thread.start()
         return f
 
     def _run(self) -> None:
         while True:
             batch = [self._queue.get()]
-            while len(batch) < self.MAX_BATCH:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            try:
-                self._process(batch)
-            except BaseException as exc:  # noqa: BLE001 - never leave a request unanswered
-                log.exception("credit-control stream batch failed")
-                for *_, f in batch:
-                    if not f.done():
-                        f.set_exception(exc)
-            with self._idle:
-                self._unanswered -= len(batch)
-                self._idle.notify_all()
+            with self._running:
+                while len(batch) < self.MAX_BATCH:
+                    try:
+                        batch.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                self._run_batch(batch)
+
+    def _run_batch(self, batch: list) -> None:
+        try:
+            self._process(batch)
+        except BaseException as exc:  # noqa: BLE001 - never leave a request unanswered
+            log.exception("credit-control batch failed")
+            for *_, f in batch:
+                if not f.done():
+                    f.set_exception(exc)
+        with self._idle:
+            self._unanswered -= len(batch)
+            self._idle.notify_all()
 
     def _process(self, batch: list) -> None:
         store, service = self.service.store, self.service

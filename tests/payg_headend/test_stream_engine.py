@@ -116,3 +116,26 @@ def test_a_request_without_its_type_is_answered_5004_and_books_nothing(service):
     answer, = run(service, [(request(1, 1, used=100), None)])
     assert answer.result().result_code == 5004 and "request_type" in answer.result().detail
     assert credit(service.store, "ACC1") == 5_000
+
+
+def test_a_unary_request_runs_on_its_own_thread_when_nothing_else_is_pending(service):
+    import threading
+    engine = service.engine
+    first = engine.submit(request(1, 1, used=100), payg_service._InBandCall(None), UPDATE, inline=True)
+    assert first.done() and first.result().result_code == 2001 and engine._thread is None    # no hand-over
+    held, release = threading.Event(), threading.Event()
+
+    def hold():                                   # another writer holds the store: a queued batch waits
+        with service.store.transaction():
+            held.set()
+            release.wait(10)
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(5)
+    queued = engine.submit(request(2, 1, used=100), payg_service._InBandCall(None), UPDATE)
+    behind = engine.submit(request(3, 1, used=100), payg_service._InBandCall(None), UPDATE, inline=True)
+    assert not behind.done()                      # something is pending: it queues behind it, in order
+    release.set()
+    holder.join(5)
+    assert queued.result(5).result_code == 2001 and behind.result(5).result_code == 2001
+    assert engine.drain(5) and credit(service.store, "ACC3") == 4_900
