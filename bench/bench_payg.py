@@ -6,16 +6,21 @@ Usage:
   .venv/bin/python bench/bench_payg.py --rate 1000 --seconds 5
   .venv/bin/python bench/bench_payg.py --history 0,10000,100000   # cost per request vs ledger history
   .venv/bin/python bench/bench_payg.py --grpc-only --server-processes 2 --gateways 16 [--quick]
+  .venv/bin/python bench/bench_payg.py --grpc-only --gateways 4 --paths ping,cc,stream   # unary vs Session stream
 
 Core: every call goes through the real shell path (PaygStore on a SQLite file in WAL mode with
 synchronous=FULL, group commit, Ed25519 card verification for sales); "servicer" is the gRPC
-servicer's own method called in-process (SQL sessions, token key, card lists), without gRPC.
+servicer's own method called in-process (SQL sessions, token key, card lists), without gRPC;
+"engine ... batches of 64" the same work as the servicer's engine runs it when requests queue up
+(one transaction and COMMIT per 64 requests), on the calling thread: the server's own CPU per request.
 gRPC: a server process (this file with --serve) runs the real head-end mutual-TLS server (gateway
 interceptor + registry) with the product's PAYG services as `serve --payg --payg-token-key` builds
 them (proto/meterlink/v1/payg.proto, headend/payg_service.py), plus a trivial `bench.Ping/Ping`
 method (the gRPC + TLS floor: no interceptor, no servicer work). The client process enrols as a
 gateway (one gateway, 200 provisioned meters bound to 200 accounts) and sells as vendor SHOP1 with
-its vendor certificate; it sends Ping, CreditControl Reserve/Update and Vending Authorise at a fixed
+its vendor certificate; it sends Ping, CreditControl Reserve/Update (unary, and the same requests
+on each gateway's CreditControl.Session stream through the gateway's CreditControlLink) and Vending
+Authorise at a fixed
 open-loop rate (default 1000/s: futures, latency =
 answer - scheduled send, so a late client or server is counted) and reports p50/p99, the result
 codes, the CPU time per request of the server and client processes and the load average; then
