@@ -1,4 +1,4 @@
-"""Persistence of bindings, interval usage, exceptions, billable items, invoices and export cursors (tables of migrations 0002-0005), and the thin steps that call the pure cores; SQL and orchestration only, no business rules.
+"""Persistence of bindings, interval usage, exceptions, billable items, invoices and export cursors (tables of migrations 0002-0006), and the thin steps that call the pure cores; SQL and orchestration only, no business rules.
 
 Works on SQLite (``sqlite:///PATH``) and PostgreSQL (``postgresql://...``) through one small
 adapter: the SQL is written once with ``?`` placeholders (turned into ``%s`` for psycopg) and
@@ -259,7 +259,8 @@ class BillingStore:
     def import_bindings(self, b: Bindings, markets: Mapping[str, Market], vat: VatTable) -> None:
         """Markets, VAT rates, entities upserted; installations and supplies replaced by `b`'s."""
         b.validate()
-        with self.db.tx():
+        with self.db.tx(exclusive=True):
+            self._bump_bindings()
             self.db.many("INSERT INTO market VALUES (?,?,?,?,?,?,?) ON CONFLICT (market_id) DO UPDATE SET "
                          "country=excluded.country, currency=excluded.currency, time_zone=excluded.time_zone, "
                          "rounding_mode=excluded.rounding_mode, rounding_stage=excluded.rounding_stage, "
@@ -306,6 +307,15 @@ class BillingStore:
         self.mark_stale({r.account_id for r in changed.values()} | {rows[k].account_id for k in changed})
         return len(changed)
 
+    def _bump_bindings(self) -> None:
+        """A binding edit's first statement, in its transaction (taken with the rating lock, `tx(exclusive=True)`,
+        so on PostgreSQL too it commits wholly before or after a `process` chunk's write transaction): raises
+        the bindings' generation, which tells a `process` run that read the bindings before that they changed."""
+        self.db.x("UPDATE bindings_generation SET generation = generation + 1")
+
+    def bindings_generation(self) -> int:
+        return int(self.db.q("SELECT generation FROM bindings_generation")[0][0])
+
     def bindings(self) -> Bindings:
         q = self.db.q
         customers = {r[0]: Customer(*r) for r in q("SELECT customer_id, market_id, name, email FROM customer")}
@@ -324,7 +334,8 @@ class BillingStore:
     def apply_bindings(self, new: Bindings) -> int:
         """Store an edited binding set (validated; billed usage may not move); returns rows re-bound."""
         new.validate()
-        with self.db.tx():
+        with self.db.tx(exclusive=True):
+            self._bump_bindings()
             self.db.many("INSERT INTO meter (meter_id, serial, register_max, max_power_w) VALUES (?,?,?,?) "
                          "ON CONFLICT (meter_id) DO NOTHING",
                          [(m.id, m.serial, m.register_max, m.max_power_w) for m in new.meters.values()])
@@ -332,7 +343,8 @@ class BillingStore:
             return self._rebind(new)
 
     def add_exchange_read(self, e: MeterExchange) -> None:
-        with self.db.tx():
+        with self.db.tx(exclusive=True):
+            self._bump_bindings()
             self.db.x("INSERT INTO meter_exchange_read VALUES (?,?,?,?,?,?,?)",
                       (e.meter_id, e.obis, to_ms(e.at), e.final_read, e.initial_read, e.old_serial, e.new_serial))
             self.needs_full([e.meter_id])
@@ -1029,6 +1041,11 @@ class BillingStore:
 
 # --------------------------------------------------------------------------- steps
 
+class _BindingsChanged(Exception):
+    """Raised in a `process` chunk's write transaction (rolling it back) when a binding edit committed since the
+    run read the bindings."""
+
+
 @dataclass(frozen=True)
 class ProcessResult:
     meters: int
@@ -1095,7 +1112,15 @@ def process_readings(repo, store: BillingStore, markets: Mapping[str, Market], n
     stored rows are read, merged and rated into deltas before its transaction (SQLite's write lock is the
     ingest's too); the transaction re-reads them and merges and rates again only if another writer changed
     them meanwhile, then writes rows, exceptions, aggregates and (the run's last one) the cursors.
+
+    Binding edits do not wait for a run: they raise the bindings' generation in their own transaction, which
+    takes the rating lock (`BillingStore._bump_bindings`), and the run reads the generation before the bindings.
+    A chunk whose transaction finds another generation was bound with replaced bindings: it is rolled back
+    unwritten, the run reads the bindings (exchange reads, rating states) again and derives, merges and rates
+    that chunk anew. Chunks written before the edit are the edit's to re-bind (it re-binds every stored row),
+    so the rows and aggregates end as if the edit had come before or after the whole run.
     """
+    generation = store.bindings_generation()          # first: an edit while the bindings are read is seen
     bindings = store.bindings()
     released_from = [e for e in store.exceptions(status="resolved") if e.released]
     released_meters = {e.meter_id for e in released_from}
@@ -1110,42 +1135,71 @@ def process_readings(repo, store: BillingStore, markets: Mapping[str, Market], n
     chunk: list = []
     chunk_readings = 0
 
-    def flush(final: bool = False) -> None:
+    def flush(final: bool = False) -> bool:
+        """Store the chunk (and, `final`, move the cursors); False, with nothing written, when the bindings
+        changed since the run read them: the caller then `rewind`s and derives the chunk again."""
         nonlocal queued, changed_total, chunk_readings
         moved = [(g, c) for g, c in cursors.items() if final and known.get(g) != c]
         if not chunk and not moved:
-            return
+            return True
         # read and computed without the write lock (ingest keeps committing meanwhile): the chunk's stored rows,
         # merged with what was derived, and their rating deltas ...
         windows = {item[0]: item[1] for item in chunk}
         stored_of = store.rows_since(windows)
         merged = _merge_chunk(chunk, stored_of, bindings)
         rating = _rating_deltas(bindings, markets, tariffs, states, merged.pairs, merged.plain)
-        # ... then one short write transaction stores them; rows another writer changed meanwhile (a binding
-        # edit, a bill run) are merged and rated again under the lock, from what is stored now
-        with store.db.tx(exclusive=True):
-            if chunk:
-                now_stored = store.rows_since(windows)
-                if now_stored != stored_of:
-                    merged = _merge_chunk(chunk, now_stored, bindings)
-                    rating = _rating_deltas(bindings, markets, tariffs, states, merged.pairs, merged.plain)
-            for g, (upto, gaps) in moved:          # the run's last transaction also moves the cursors
-                store.set_process_cursor(g, upto, gaps)
-            queued += store.queue_exceptions(merged.exceptions, now)
-            store.insert_new_rows(merged.new_rows)
-            store.save_rows(merged.changed_rows)
-            store.db.many("DELETE FROM process_full WHERE meter_id=?", [(item[0],) for item in chunk if item[0] in full])
-            changed_total += len(merged.new_rows) + len(merged.changed_rows)
-            rerated.update(_store_rating(store, states, rating))
+        # ... then one short write transaction stores them; rows another writer changed meanwhile (a bill run)
+        # are merged and rated again under the lock, from what is stored now; a binding edit meanwhile (another
+        # generation) rolls the transaction back before it wrote anything
+        try:
+            with store.db.tx(exclusive=True):
+                if chunk and store.bindings_generation() != generation:
+                    raise _BindingsChanged
+                if chunk:
+                    now_stored = store.rows_since(windows)
+                    if now_stored != stored_of:
+                        merged = _merge_chunk(chunk, now_stored, bindings)
+                        rating = _rating_deltas(bindings, markets, tariffs, states, merged.pairs, merged.plain)
+                for g, (upto, gaps) in moved:          # the run's last transaction also moves the cursors
+                    store.set_process_cursor(g, upto, gaps)
+                queued += store.queue_exceptions(merged.exceptions, now)
+                store.insert_new_rows(merged.new_rows)
+                store.save_rows(merged.changed_rows)
+                store.db.many("DELETE FROM process_full WHERE meter_id=?",
+                              [(item[0],) for item in chunk if item[0] in full])
+                changed_total += len(merged.new_rows) + len(merged.changed_rows)
+                rerated.update(_store_rating(store, states, rating))
+        except _BindingsChanged:
+            return False
         chunk.clear()
         chunk_readings = 0
+        return True
+
+    def rewind() -> int:
+        """After `flush` found the bindings changed: read them again (generation first), with what edits also
+        change (exchange reads, rating states: re-bound accounts are stale), drop the chunk and return the
+        position of its first meter, from which the run derives again."""
+        nonlocal generation, bindings, exchanges_of, states, n_meters, n_readings, chunk_readings
+        generation = store.bindings_generation()
+        bindings = store.bindings()
+        exchanges_of = store.all_exchange_reads()
+        states = store.rating_states()
+        n_meters -= len(chunk)
+        n_readings -= chunk_readings
+        chunk.clear()
+        chunk_readings = 0
+        return chunk_at
 
     def incremental(meter_id: str) -> bool:        # derived from where new readings arrived, not whole
         return not exchanges_of.get(meter_id) and all(t is not None for t in work[meter_id].values())
 
     order = sorted(work)
-    at = 0
-    while at < len(order):
+    at = chunk_at = 0                              # chunk_at: where in `order` the chunk's first meter is
+    while True:
+        if at == len(order):
+            if flush(final=True):
+                break
+            at = rewind()                          # the last chunk was bound with replaced bindings
         group = order[at:at + 1]                   # meters read together: incremental ones, up to READ_GROUP_METERS
         while incremental(group[0]) and len(group) < READ_GROUP_METERS and at + len(group) < len(order) \
                 and incremental(order[at + len(group)]):
@@ -1191,7 +1245,9 @@ def process_readings(repo, store: BillingStore, markets: Mapping[str, Market], n
                 regular_of[meter_id] = (regular, sum(len(c[0]) for c in columns.values()))
         general = {m: starts_of[m] for m in group if m not in regular_of}
         columns_of = store.snapshot_columns(general, snapshot) if general else {}
-        for meter_id in group:
+        for i, meter_id in enumerate(group):
+            if not chunk:
+                chunk_at = at - len(group) + i
             config, exchanges, step_ms = meta[meter_id]
             windows = windows_of[meter_id]
             if meter_id in regular_of:
@@ -1208,9 +1264,9 @@ def process_readings(repo, store: BillingStore, markets: Mapping[str, Market], n
             n_readings += count
             chunk_readings += count
             n_meters += 1
-            if len(chunk) >= PROCESS_CHUNK_METERS or chunk_readings >= PROCESS_CHUNK_READINGS:
-                flush()
-    flush(final=True)
+            if (len(chunk) >= PROCESS_CHUNK_METERS or chunk_readings >= PROCESS_CHUNK_READINGS) and not flush():
+                at = rewind()                      # derive the chunk again, with the bindings as they are now
+                break
     return ProcessResult(n_meters, changed_total, queued, n_readings, len(rerated))
 
 

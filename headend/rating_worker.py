@@ -23,7 +23,8 @@ How it runs:
     competing with the gRPC threads for serve's GIL; ``--rating-in-thread`` runs them in the thread.
 
 Reference data (markets, tariffs) is loaded once at start (``--markets``/``--tariff-dir`` of serve, the
-bundled files by default); bindings are read at each run (an edit takes effect at the next run).
+bundled files by default); bindings are read at each run, and again by a run a binding edit lands in (the chunk it
+was about to write is derived anew: billing_store.process_readings).
 """
 
 from __future__ import annotations
