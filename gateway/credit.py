@@ -138,7 +138,11 @@ class Usage:
     `standing_last_day`, ISO dates), of which `standing_from_emergency` and `standing_to_debt`;
     the rest (`standing_from_credit`) came from the window. Window spending (what left the grant
     window) == from_credit + standing_from_credit + repaid_debt + repaid_emergency +
-    recovered_arrears. `tokens` are (reference, amount) of top-ups applied, in order."""
+    recovered_arrears. `tokens` are (reference, amount) of top-ups applied, in order.
+    `import_wh_from`..`import_wh_to` is the 1.8.0 import register range (Wh, as read) the
+    consumption covers, ``used_wh == import_wh_to − import_wh_from``; None when the consumption
+    is not one contiguous range of readings (charged without registers, e.g. by a state file
+    written before these fields): the head-end then books it as reported."""
 
     used_minor: int = 0
     used_wh: int = 0
@@ -155,6 +159,8 @@ class Usage:
     standing_to_debt: int = 0
     standing_first_day: str | None = None
     standing_last_day: str | None = None
+    import_wh_from: int | None = None
+    import_wh_to: int | None = None
 
     @property
     def standing_from_credit(self) -> int:
@@ -176,13 +182,32 @@ class Usage:
     def plus(self, other: "Usage") -> "Usage":
         days = [d for d in (self.standing_first_day, self.standing_last_day,
                             other.standing_first_day, other.standing_last_day) if d is not None]
+        first, last = _register_range(self, other)
         return Usage(**{f: getattr(self, f) + getattr(other, f) for f in _USAGE_SUMS},
                      tokens=self.tokens + other.tokens,
-                     standing_first_day=min(days) if days else None, standing_last_day=max(days) if days else None)
+                     standing_first_day=min(days) if days else None, standing_last_day=max(days) if days else None,
+                     import_wh_from=first, import_wh_to=last)
 
     def add(self, **kw) -> "Usage":
         tokens = kw.pop("tokens", ())
         return replace(self, tokens=self.tokens + tuple(tokens), **{k: getattr(self, k) + v for k, v in kw.items()})
+
+
+def _register_range(earlier: Usage, later: Usage) -> tuple[int | None, int | None]:
+    """The register range of `earlier` then `later`: one contiguous range (the earlier one ends
+    where the later one starts), or (None, None) when a part with consumption has no range or the
+    two do not join."""
+    ranges = []
+    for u in (earlier, later):
+        if u.import_wh_from is not None and u.import_wh_to is not None:
+            ranges.append((u.import_wh_from, u.import_wh_to))
+        elif u.used_wh:
+            return None, None
+    if not ranges:
+        return None, None
+    if len(ranges) == 2 and ranges[0][1] != ranges[1][0]:
+        return None, None
+    return ranges[0][0], ranges[-1][1]
 
 
 _USAGE_SUMS = ("used_minor", "used_wh", "from_credit", "from_emergency", "to_debt", "repaid_debt", "repaid_emergency",
@@ -542,7 +567,7 @@ def _unit_price(price: Price, at: datetime, account: str) -> Decimal:
 # --------------------------------------------------------------------------- transitions
 
 def charge(state: AccountState, wh: int, price: Price, at: datetime, *,
-           since: datetime | None = None) -> tuple[AccountState, Events]:
+           since: datetime | None = None, register: tuple[int, int] | None = None) -> tuple[AccountState, Events]:
     """Price `wh` of consumption over ``[since, at)`` and draw it from the account.
 
     `price` is minor units per kWh (Decimal/str/int), a function `at -> Decimal` evaluated at
@@ -550,10 +575,18 @@ def charge(state: AccountState, wh: int, price: Price, at: datetime, *,
     minor units, e.g. `gateway.pricing.TariffPrice`, which apportions the Wh over the tariff's
     bands as the head-end's rating does). Draw order: Wh grant, credit balance, emergency credit
     (only once accepted), then accumulated debt (raised as OverUsage).
+    `register` is the 1.8.0 import register (from, to) in Wh the `wh` were read between; the
+    unreported usage carries the range (`Usage.import_wh_from`..`import_wh_to`) so the head-end
+    books consumption it has booked before only once.
     """
     _amount(wh, "wh")
     if wh < 0:
         raise ValidationError(f"account {state.account}: negative consumption {wh} Wh at {utc(at).isoformat()}")
+    if register is not None and register[1] - register[0] != wh:
+        raise ValidationError(f"account {state.account}: {wh} Wh charged for the import register range "
+                              f"{register[0]}..{register[1]} Wh")
+    if not wh:
+        register = None                  # nothing consumed: the unreported range stays as it is
     state, events = _advance(state, at)
     at = state.at
     from_grant = min(wh, state.granted_wh)
@@ -572,8 +605,10 @@ def charge(state: AccountState, wh: int, price: Price, at: datetime, *,
                     credit_balance=state.credit_balance - take_credit,
                     emergency_credit_used=state.emergency_credit_used + take_ec,
                     accumulated_debt=state.accumulated_debt + to_debt,
-                    unreported=state.unreported.add(used_minor=amount, used_wh=wh, from_credit=take_credit,
-                                                    from_emergency=take_ec, to_debt=to_debt))
+                    unreported=state.unreported.plus(Usage(used_minor=amount, used_wh=wh, from_credit=take_credit,
+                                                           from_emergency=take_ec, to_debt=to_debt,
+                                                           import_wh_from=register and register[0],
+                                                           import_wh_to=register and register[1])))
     events.append(Charged(account=state.account, at=at, wh=wh, wh_from_grant=from_grant, amount_minor=amount,
                           since=utc(since) if since is not None else None, exact_minor=priced,
                           from_credit=take_credit, from_emergency_credit=take_ec, to_accumulated_debt=to_debt))

@@ -418,7 +418,8 @@ class PaygMeter:
         if delta < 0:
             raise ValidationError(f"meter {self.meter_id}: import register went back from "
                                   f"{self.last_import_wh} to {import_wh} Wh (meter exchange or reset?)")
-        self.state, events = C.charge(self.state, delta, self.price, now, since=self.last_import_at)
+        self.state, events = C.charge(self.state, delta, self.price, now, since=self.last_import_at,
+                                      register=(self.last_import_wh, import_wh))
         self.last_import_wh, self.last_import_at = import_wh, now
         self._emit(events)
 

@@ -58,7 +58,8 @@ def usage_to_proto(u: C.Usage) -> payg_pb2.UsedUnits:
         top_ups=[payg_pb2.AppliedTopUp(reference=r, amount_minor=a) for r, a in u.tokens],
         standing_minor=u.standing_minor, standing_days=u.standing_days,
         standing_from_emergency_minor=u.standing_from_emergency, standing_to_debt_minor=u.standing_to_debt,
-        standing_first_day=u.standing_first_day or "", standing_last_day=u.standing_last_day or "")
+        standing_first_day=u.standing_first_day or "", standing_last_day=u.standing_last_day or "",
+        import_wh_from=u.import_wh_from, import_wh_to=u.import_wh_to)      # None: unset (no range)
 
 
 _REFUSAL_METADATA = "meterlink-refusal"        # headend/gatewayauth.py REFUSAL_METADATA

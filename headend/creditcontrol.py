@@ -32,6 +32,19 @@ Rules
   Days inside the span whose gateway skipped some days are counted as the already booked ones
   (never booked twice). The answer's balance is the ledger's, so the gateway's view follows; a
   `StandingNotBooked` event names the account, days and amount.
+* A meter's consumption is booked at most once, whatever session or gateway reports it (a gateway
+  whose state file was restored from an old backup charges and reports again the kWh since the
+  backup): a report may carry the 1.8.0 import register range its consumption covers
+  (`import_wh_from`..`import_wh_to`, ``used_wh == to − from``), and the store keeps the highest
+  register value booked per meter (`ImportBook`). A range starting below it books only the new
+  part: the part not booked is ``used_minor × overlapping Wh / reported Wh`` rounded with the
+  market's rounding mode (`vat.rounding`), taken off the window part first; what the gateway took
+  from emergency credit or debt is booked as it holds it and the rest of the part not booked is
+  credited back to prepaid (``…:usage-refund``, Dr revenue:energy + VAT); a `ConsumptionNotBooked`
+  event names meter, Wh and amount. A range ending below the booked value (meter reset or
+  exchanged under the same meter id) is booked as reported and raises `ImportRegisterBelowBooked`
+  (never under-billed silently); the booked value then follows the new register. Reports without
+  a range (older gateways) are booked as reported.
 * Open grants are reservations: a grant is never larger than
   ``available = prepaid credit − grants held open by the account's other sessions``, so the sum of
   open grants never exceeds the balance. A grant stays reserved until its usage is reported
@@ -181,6 +194,10 @@ class CreditControlRequest:
     standing_to_debt_minor: int = 0
     standing_first_day: str = ""
     standing_last_day: str = ""
+    # the 1.8.0 import register range (Wh) the consumption covers, both or neither (older gateways):
+    # used_wh == import_wh_to - import_wh_from
+    import_wh_from: int | None = None
+    import_wh_to: int | None = None
 
     @property
     def from_window_minor(self) -> int:
@@ -202,6 +219,8 @@ class CreditControlRequest:
         if self.standing_minor or self.standing_days:     # (requests without: the fingerprint stored before)
             fp += (self.standing_minor, self.standing_days, self.standing_from_emergency_minor,
                    self.standing_to_debt_minor, self.standing_first_day, self.standing_last_day)
+        if self.import_wh_from is not None or self.import_wh_to is not None:
+            fp += (("import_wh", self.import_wh_from, self.import_wh_to),)
         return fp
 
 
@@ -285,6 +304,50 @@ class StandingNotBooked:
 
 
 @dataclass(frozen=True)
+class ConsumptionNotBooked:
+    """Event: a report's consumption the meter already had booked (the register range
+    `import_wh_from`..`import_wh_to` starts below `booked_wh`, the highest register value booked
+    before): `wh_not_booked` of the reported `used_wh`, `amount_minor` of the reported `used_minor`
+    not booked, of which `refunded_minor` was credited back to prepaid under `business_key` (the
+    rest was simply not taken from the window)."""
+
+    session_id: str
+    account_id: str
+    meter_id: str
+    request_number: int
+    at: datetime
+    import_wh_from: int
+    import_wh_to: int
+    booked_wh: int
+    used_wh: int
+    wh_not_booked: int
+    used_minor: int
+    amount_minor: int
+    refunded_minor: int
+    business_key: str
+    kind: str = "consumption-not-booked"
+
+
+@dataclass(frozen=True)
+class ImportRegisterBelowBooked:
+    """Event: a report's register range ends below the highest value booked for the meter (a
+    meter reset or exchanged under the same meter id): booked as reported, the booked value set to
+    `import_wh_to`."""
+
+    session_id: str
+    account_id: str
+    meter_id: str
+    request_number: int
+    at: datetime
+    import_wh_from: int
+    import_wh_to: int
+    booked_wh: int
+    used_wh: int
+    used_minor: int
+    kind: str = "import-register-below-booked"
+
+
+@dataclass(frozen=True)
 class Session:
     """A credit-control session's state; `grant` is its open reservation."""
 
@@ -322,9 +385,10 @@ class Outcome:
     answer: CreditControlAnswer
     session: Session | None = None
     transactions: tuple[L.Transaction, ...] = ()
-    events: tuple[OverUsage | StandingNotBooked, ...] = ()
+    events: tuple[OverUsage | StandingNotBooked | ConsumptionNotBooked | ImportRegisterBelowBooked, ...] = ()
     replayed: bool = False
     standing_booked_through: date | None = None     # the account's last standing day booked now (None: unchanged)
+    import_booked_wh: int | None = None              # the meter's highest register booked now (None: unchanged)
 
 
 # --------------------------------------------------------------------------- pure functions
@@ -395,7 +459,7 @@ def decide(session: Session | None, request: CreditControlRequest, *, credit_min
            reserved_by_others_minor: int, policy: GrantPolicy, vat: L.PrepaidVat, now: datetime,
            account_active: bool = True, outstanding_tokens_minor: int = 0,
            reported_tokens_minor: int | None = None, arrears_minor: int | None = None,
-           standing_booked_through: date | None = None) -> Outcome:
+           standing_booked_through: date | None = None, import_booked_wh: int | None = None) -> Outcome:
     """Answer one CCR from the session's state and the account's credit; the whole credit-control core.
 
     `credit_minor` is the account's prepaid credit now (customer view), `reserved_by_others_minor`
@@ -410,8 +474,11 @@ def decide(session: Session | None, request: CreditControlRequest, *, credit_min
     not booked and stays in the prepaid balance. `standing_booked_through` is the last local day
     whose standing charge the account has booked (None: none yet): reported days up to it are not
     booked again (module doc); `Outcome.standing_booked_through` is the day to store after.
-    Nothing is stored here: the caller appends `transactions`, stores `session` and the day
-    together (one database transaction).
+    `import_booked_wh` is the highest 1.8.0 register value (Wh) the meter has booked (None: none
+    yet): a reported register range below it is not booked again (module doc);
+    `Outcome.import_booked_wh` is the value to store after.
+    Nothing is stored here: the caller appends `transactions`, stores `session`, the day and the
+    register value together (one database transaction).
     """
     req = request
     if not isinstance(req.request_type, RequestType):
@@ -428,7 +495,7 @@ def decide(session: Session | None, request: CreditControlRequest, *, credit_min
         return _refuse(req, ResultCode.INVALID_AVP_VALUE, f"session {req.session_id} request {req.request_number}: "
                        f"negative {', '.join(_negative_fields(req))}")
 
-    problem = _standing_problem(req)
+    problem = _standing_problem(req) or _import_range_problem(req)
     if problem:
         return _refuse(req, ResultCode.INVALID_AVP_VALUE, f"session {req.session_id} request {req.request_number}: "
                        f"{problem}")
@@ -450,7 +517,8 @@ def decide(session: Session | None, request: CreditControlRequest, *, credit_min
                                    now=now, account_active=account_active,
                                    outstanding_tokens_minor=outstanding_tokens_minor,
                                    reported_tokens_minor=reported_tokens_minor, arrears_minor=arrears_minor,
-                                   standing_booked_through=standing_booked_through)
+                                   standing_booked_through=standing_booked_through,
+                                   import_booked_wh=import_booked_wh)
         burn = to_decimal(policy.initial_burn_rate_minor_per_h)
         answer = _grant_answer(req, credit_minor - reserved_by_others_minor - outstanding_tokens_minor, burn,
                                policy, now)
@@ -483,7 +551,7 @@ def decide(session: Session | None, request: CreditControlRequest, *, credit_min
                            policy=policy, vat=vat, now=now, account_active=account_active,
                            outstanding_tokens_minor=outstanding_tokens_minor,
                            reported_tokens_minor=reported_tokens_minor, arrears_minor=arrears_minor,
-                           standing_booked_through=standing_booked_through)
+                           standing_booked_through=standing_booked_through, import_booked_wh=import_booked_wh)
 
 
 def _standing_problem(req: CreditControlRequest) -> str | None:
@@ -502,6 +570,19 @@ def _standing_problem(req: CreditControlRequest) -> str | None:
     if last < first or (last - first).days + 1 < req.standing_days:
         return (f"standing charge of {req.standing_days} day(s) does not fit between its first day {first} "
                 f"and last day {last}")
+    return None
+
+
+def _import_range_problem(req: CreditControlRequest) -> str | None:
+    """Why the report's import register range is inconsistent, or None: both ends or neither, not
+    negative, and exactly `used_wh` wide."""
+    f, t = req.import_wh_from, req.import_wh_to
+    if f is None and t is None:
+        return None
+    if f is None or t is None:
+        return f"import register range {f}..{t}: both ends are needed"
+    if f < 0 or t - f != req.used_wh:
+        return f"import register range {f}..{t} Wh does not cover the reported {req.used_wh} Wh"
     return None
 
 
@@ -525,7 +606,8 @@ def _negative_fields(req: CreditControlRequest) -> list[str]:
 def _book_and_grant(session: Session, req: CreditControlRequest, *, credit_minor: int, reserved_by_others_minor: int,
                     policy: GrantPolicy, vat: L.PrepaidVat, now: datetime, account_active: bool,
                     outstanding_tokens_minor: int, reported_tokens_minor: int | None,
-                    arrears_minor: int | None = None, standing_booked_through: date | None = None) -> Outcome:
+                    arrears_minor: int | None = None, standing_booked_through: date | None = None,
+                    import_booked_wh: int | None = None) -> Outcome:
     """Book the used units of the grant being replaced, then answer with the next grant."""
 
     # --- usage of the grant being replaced (RFC 4006: the new grant replaces its unused rest)
@@ -550,8 +632,20 @@ def _book_and_grant(session: Session, req: CreditControlRequest, *, credit_minor
         recovered = min(recovered, max(0, arrears_minor))  # never more than is outstanding
     within = spend - over_window - (req.recovered_arrears_minor - recovered)   # what leaves the prepaid credit
     txns: list[L.Transaction] = []
-    events: list[OverUsage | StandingNotBooked] = []
+    events: list[OverUsage | StandingNotBooked | ConsumptionNotBooked | ImportRegisterBelowBooked] = []
     base = f"cc:{req.session_id}:{req.request_number}"
+    # consumption the meter has booked already (the register range starts below the highest value
+    # booked: a gateway restored from an old backup): not booked again; off the window part first,
+    # the rest (the gateway took it from EC or debt) credited back
+    wh_done, energy_not_booked, below = consumption_already_booked(req, import_booked_wh, vat.rounding)
+    energy_unbooked_window = min(energy_not_booked, from_window)
+    from_window -= energy_unbooked_window
+    energy_refund = energy_not_booked - energy_unbooked_window
+    within -= energy_not_booked
+    usage_memo = ""
+    if wh_done:
+        usage_memo = (f"register {req.import_wh_from}..{req.import_wh_to} Wh: {wh_done} Wh already booked "
+                      f"(through {import_booked_wh} Wh): {energy_not_booked} not booked")
     # standing days the account has booked already (another session or gateway): not booked again;
     # off the window part first, the rest (the gateway took it from EC or debt) credited back
     days_done, not_booked = standing_already_booked(req, standing_booked_through, vat.rounding)
@@ -562,6 +656,21 @@ def _book_and_grant(session: Session, req: CreditControlRequest, *, credit_minor
     if from_window:
         txns.append(L.consumption_charge(f"{base}:usage", now, req.account_id, req.currency, vat,
                                          gross_minor=from_window))
+        if usage_memo:
+            txns[-1] = replace(txns[-1], memo=usage_memo)
+    if energy_refund:
+        key = f"{base}:usage-refund"
+        charge = L.consumption_charge(key, now, req.account_id, req.currency, vat, gross_minor=energy_refund)
+        txns.append(replace(L.reverse(charge, key, now, kind="consumption-refund"), memo=usage_memo))
+    if wh_done:
+        events.append(ConsumptionNotBooked(req.session_id, req.account_id, req.meter_id, req.request_number, now,
+                                           req.import_wh_from, req.import_wh_to, import_booked_wh, req.used_wh,
+                                           wh_done, req.used_minor, energy_not_booked, energy_refund,
+                                           f"{base}:usage-refund" if energy_refund else ""))
+    if below:
+        events.append(ImportRegisterBelowBooked(req.session_id, req.account_id, req.meter_id, req.request_number,
+                                                now, req.import_wh_from, req.import_wh_to, import_booked_wh,
+                                                req.used_wh, req.used_minor))
     if req.from_emergency_minor:
         txns.append(L.emergency_consumption_charge(f"{base}:emergency", now, req.account_id,
                                                    req.from_emergency_minor, req.currency, vat))
@@ -599,7 +708,10 @@ def _book_and_grant(session: Session, req: CreditControlRequest, *, credit_minor
                                 req.used_minor, over, granted_wh, req.used_wh,
                                 None if granted_wh is None else max(0, req.used_wh - granted_wh), key))
     since = grant.issued_at if grant else (session.usage[-1].at if session.usage else session.opened_at)
-    usage = (session.usage + (UsageReport(since, now, req.used_minor, req.used_wh, req.standing_minor,
+    # the burn rate and totals count the consumption booked (a restored gateway's catch-up of kWh
+    # booked before does not inflate the grants)
+    used_minor, used_wh = req.used_minor - energy_not_booked, req.used_wh - wh_done
+    usage = (session.usage + (UsageReport(since, now, used_minor, used_wh, req.standing_minor,
                                           req.standing_days),))[-policy.usage_kept:]
 
     if req.request_type == RequestType.TERMINATION_REQUEST:
@@ -616,15 +728,39 @@ def _book_and_grant(session: Session, req: CreditControlRequest, *, credit_minor
         terminated, new_grant = False, answer.grant
 
     new = replace(session, last_request_number=req.request_number, terminated=terminated, grant=new_grant,
-                  used_minor_total=session.used_minor_total + req.used_minor,
-                  used_wh_total=session.used_wh_total + req.used_wh,
+                  used_minor_total=session.used_minor_total + used_minor,
+                  used_wh_total=session.used_wh_total + used_wh,
                   over_usage_minor_total=session.over_usage_minor_total + over, usage=usage,
                   answers=(session.answers + ((req.request_number, req.fingerprint(), answer),))[-policy.answers_kept:])
     through = None
     if req.standing_days:
         last = date.fromisoformat(req.standing_last_day)
         through = last if standing_booked_through is None else max(last, standing_booked_through)
-    return Outcome(answer, new, tuple(txns), tuple(events), standing_booked_through=through)
+    register = None
+    if req.import_wh_to is not None:
+        register = req.import_wh_to if import_booked_wh is None or below else max(req.import_wh_to, import_booked_wh)
+    return Outcome(answer, new, tuple(txns), tuple(events), standing_booked_through=through,
+                   import_booked_wh=register)
+
+
+def consumption_already_booked(req: CreditControlRequest, booked_wh: int | None,
+                               rounding: str = "half_up") -> tuple[int, int, bool]:
+    """(Wh, minor units, register below) of the report's consumption the meter has booked already
+    (register values booked up to `booked_wh`): the Wh of its register range below `booked_wh` and
+    that share of `used_minor`, pro rata, rounded once by `rounding`. A range ending below
+    `booked_wh` (a meter reset or exchanged under the same id) is booked as reported: (0, 0, True).
+    No range (an older gateway) or nothing booked yet: (0, 0, False)."""
+    f, t = req.import_wh_from, req.import_wh_to
+    if booked_wh is None or f is None or t is None:
+        return 0, 0, False
+    if t < booked_wh:
+        return 0, 0, True
+    wh = max(0, booked_wh - f)
+    if wh == 0:
+        return 0, 0, False
+    if wh == t - f:
+        return wh, req.used_minor, False
+    return wh, round_minor(Decimal(req.used_minor) * wh / (t - f), rounding), False
 
 
 def standing_already_booked(req: CreditControlRequest, booked_through: date | None,
@@ -685,6 +821,27 @@ class InMemoryStandingBook:
     def book_standing_through(self, account_id: str, day: date) -> None:
         known = self._through.get(account_id)
         self._through[account_id] = day if known is None else max(known, day)
+
+
+class ImportBook(Protocol):
+    """The highest 1.8.0 import register value (Wh) each meter has booked (`PaygStore` implements it)."""
+
+    def import_booked_wh(self, meter_id: str) -> int | None: ...
+
+    def book_import_wh(self, meter_id: str, wh: int) -> None: ...
+
+
+class InMemoryImportBook:
+    """The reference `ImportBook` (tests, single process)."""
+
+    def __init__(self) -> None:
+        self._wh: dict[str, int] = {}
+
+    def import_booked_wh(self, meter_id: str) -> int | None:
+        return self._wh.get(meter_id)
+
+    def book_import_wh(self, meter_id: str, wh: int) -> None:
+        self._wh[meter_id] = wh
 
 
 class InMemorySessionStore:
@@ -801,13 +958,17 @@ class CreditControl:
     def __init__(self, ledger: L.LedgerStore, sessions: SessionStore, policy: GrantPolicy, vat: L.PrepaidVat,
                  account_active: Callable[[str], bool] = lambda account_id: True,
                  tokens: "TokenReservations | None" = None, inputs: Callable | None = None,
-                 standing: "StandingBook | None" = None) -> None:
+                 standing: "StandingBook | None" = None, imports: "ImportBook | None" = None) -> None:
         self.ledger, self.sessions, self.policy, self.vat = ledger, sessions, policy, vat
         # the days booked per account: given, or the ledger's store where it keeps them (PaygStore);
         # without one, every reported standing day is booked (no cross-session check)
         if standing is None and hasattr(ledger, "standing_booked_through"):
             standing = ledger
         self.standing = standing
+        # the register value booked per meter, likewise (without one: no cross-session check)
+        if imports is None and hasattr(ledger, "import_booked_wh"):
+            imports = ledger
+        self.imports = imports
         self.account_active = account_active
         self.tokens = tokens
         # inputs(account, currency, session_id, reported token refs, now) -> (prepaid credit, arrears,
@@ -843,15 +1004,20 @@ class CreditControl:
         through = None
         if self.standing is not None and request.standing_days:
             through = self.standing.standing_booked_through(account)
+        register = None
+        if self.imports is not None and request.import_wh_to is not None:
+            register = self.imports.import_booked_wh(request.meter_id)
         outcome = decide(session, request, credit_minor=credit, reserved_by_others_minor=others, policy=self.policy,
                          vat=self.vat, now=now, account_active=self.account_active(account),
                          outstanding_tokens_minor=outstanding, reported_tokens_minor=confirmed,
-                         arrears_minor=arrears, standing_booked_through=through)
+                         arrears_minor=arrears, standing_booked_through=through, import_booked_wh=register)
         self._read.booked = ()
         if outcome.transactions:
             self._read.booked = self.ledger.append(outcome.transactions)
         if self.standing is not None and outcome.standing_booked_through is not None:
             self.standing.book_standing_through(account, outcome.standing_booked_through)
+        if self.imports is not None and outcome.import_booked_wh is not None:
+            self.imports.book_import_wh(request.meter_id, outcome.import_booked_wh)
         if outcome.session is not None:
             self.sessions.put(outcome.session)
         return outcome
@@ -922,9 +1088,10 @@ def over_usage_report(events: Iterable[OverUsage], start: datetime, end: datetim
 
 
 __all__ = [
-    "CreditControl", "CreditControlAnswer", "CreditControlRequest", "FinalUnitAction", "Grant", "GrantPolicy",
-    "InMemorySessionStore", "InMemoryStandingBook", "Outcome", "OverUsage", "OverUsageRow", "RequestType",
-    "ResultCode", "Session", "SessionStore", "StandingBook", "StandingNotBooked", "TokenReservations",
-    "UsageReport", "burn_rate", "decide", "initial", "over_usage_report", "session_from_json", "session_json_text",
-    "session_to_json", "size_grant", "standing_already_booked",
+    "ConsumptionNotBooked", "CreditControl", "CreditControlAnswer", "CreditControlRequest", "FinalUnitAction",
+    "Grant", "GrantPolicy", "ImportBook", "ImportRegisterBelowBooked", "InMemoryImportBook", "InMemorySessionStore",
+    "InMemoryStandingBook", "Outcome", "OverUsage", "OverUsageRow", "RequestType", "ResultCode", "Session",
+    "SessionStore", "StandingBook", "StandingNotBooked", "TokenReservations", "UsageReport", "burn_rate",
+    "consumption_already_booked", "decide", "initial", "over_usage_report", "session_from_json",
+    "session_json_text", "session_to_json", "size_grant", "standing_already_booked",
 ]

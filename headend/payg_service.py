@@ -84,7 +84,9 @@ def request_from_proto(pb: payg_pb2.CreditControlRequest, rtype: CC.RequestType)
         tokens=tuple((t.reference, t.amount_minor) for t in u.top_ups),
         standing_minor=u.standing_minor, standing_days=u.standing_days,
         standing_from_emergency_minor=u.standing_from_emergency_minor, standing_to_debt_minor=u.standing_to_debt_minor,
-        standing_first_day=u.standing_first_day, standing_last_day=u.standing_last_day)
+        standing_first_day=u.standing_first_day, standing_last_day=u.standing_last_day,
+        import_wh_from=u.import_wh_from if u.HasField("import_wh_from") else None,
+        import_wh_to=u.import_wh_to if u.HasField("import_wh_to") else None)
 
 
 def answer_to_proto(answer: CC.CreditControlAnswer, tokens: list[str], balance_minor: int,

@@ -104,6 +104,8 @@ CREATE TABLE IF NOT EXISTS payg_balance (
 CREATE TABLE IF NOT EXISTS payg_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS payg_standing_booked (
     account_id TEXT PRIMARY KEY, through_day TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS payg_import_booked (
+    meter_id TEXT PRIMARY KEY, through_wh BIGINT NOT NULL);
 """
 
 # Running balances (`payg_balance`) are kept for the customer accounts only (``customer:…``: the
@@ -577,6 +579,25 @@ class PaygStore:
                        "through_day = CASE WHEN excluded.through_day > payg_standing_booked.through_day "
                        "THEN excluded.through_day ELSE payg_standing_booked.through_day END",
                        (account_id, day.isoformat()))
+
+    # ------------------------------------------------------------------ consumption booked per meter
+
+    def import_booked_wh(self, meter_id: str) -> int | None:
+        """The highest 1.8.0 import register value (Wh, `payg_import_booked`) whose consumption credit
+        control booked for the meter, whatever session reported it; None: no report with a register
+        range since this table exists."""
+        with self._read():
+            row = self._db.execute("SELECT through_wh FROM payg_import_booked WHERE meter_id = ?",
+                                   (meter_id,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def book_import_wh(self, meter_id: str, wh: int) -> None:
+        """Record the meter's consumption booked through register value `wh` (as credit control
+        decided it: it moves back only after a meter reset); run it in the transaction that books
+        the consumption (`creditcontrol.CreditControl.handle` does)."""
+        with self.transaction() as db:
+            db.execute("INSERT INTO payg_import_booked VALUES (?, ?) ON CONFLICT (meter_id) DO UPDATE SET "
+                       "through_wh = excluded.through_wh", (meter_id, int(wh)))
 
     # ------------------------------------------------------------------ registry
 
@@ -1101,7 +1122,10 @@ def reconcile_offline_card_topups(store: PaygStore, topups: Sequence[OfflineCard
 def record_over_usage(store: PaygStore, event) -> None:
     """Put a credit-control event on the CRM export: `OverUsage` as ``over_usage``; a
     `StandingNotBooked` (standing days the account had booked already) as
-    ``standing_charge_not_booked``, with a WARNING log line naming account, days and amount."""
+    ``standing_charge_not_booked``, with a WARNING log line naming account, days and amount; a
+    `ConsumptionNotBooked` (register range the meter had booked already) as
+    ``consumption_not_booked`` and an `ImportRegisterBelowBooked` (meter reset?) as
+    ``import_register_below_booked``, each with a WARNING log line naming meter, Wh and amount."""
     if getattr(event, "kind", "") == "standing-not-booked":
         log.warning("account %s meter %s: standing charge days %s..%s reported again by session %s request %d: "
                     "%d of %d day(s) already booked through %s, %d not booked (%d of it refunded to prepaid%s)",
@@ -1115,6 +1139,30 @@ def record_over_usage(store: PaygStore, event) -> None:
             "days_not_booked": event.days_not_booked, "booked_through": event.booked_through,
             "amount_minor": event.amount_minor, "refunded_minor": event.refunded_minor,
             "business_key": event.business_key})
+        return
+    if getattr(event, "kind", "") == "consumption-not-booked":
+        log.warning("account %s meter %s: consumption over import register %d..%d Wh reported again by session %s "
+                    "request %d: %d of %d Wh already booked (through %d Wh), %d of %d not booked (%d of it "
+                    "refunded to prepaid%s)", event.account_id, event.meter_id, event.import_wh_from,
+                    event.import_wh_to, event.session_id, event.request_number, event.wh_not_booked, event.used_wh,
+                    event.booked_wh, event.amount_minor, event.used_minor, event.refunded_minor,
+                    f", {event.business_key}" if event.business_key else "")
+        store.record_event(event.at, "consumption_not_booked", event.account_id, {
+            "meter": event.meter_id, "session_id": event.session_id, "request_number": event.request_number,
+            "import_wh_from": event.import_wh_from, "import_wh_to": event.import_wh_to,
+            "booked_wh": event.booked_wh, "used_wh": event.used_wh, "wh_not_booked": event.wh_not_booked,
+            "used_minor": event.used_minor, "amount_minor": event.amount_minor,
+            "refunded_minor": event.refunded_minor, "business_key": event.business_key})
+        return
+    if getattr(event, "kind", "") == "import-register-below-booked":
+        log.warning("account %s meter %s: import register range %d..%d Wh reported by session %s request %d is "
+                    "below the %d Wh already booked (meter reset or exchanged under the same id?): %d Wh, %d "
+                    "booked as reported", event.account_id, event.meter_id, event.import_wh_from, event.import_wh_to,
+                    event.session_id, event.request_number, event.booked_wh, event.used_wh, event.used_minor)
+        store.record_event(event.at, "import_register_below_booked", event.account_id, {
+            "meter": event.meter_id, "session_id": event.session_id, "request_number": event.request_number,
+            "import_wh_from": event.import_wh_from, "import_wh_to": event.import_wh_to,
+            "booked_wh": event.booked_wh, "used_wh": event.used_wh, "used_minor": event.used_minor})
         return
     store.record_event(event.at, "over_usage", event.account_id, {
         "meter": event.meter_id, "session_id": event.session_id, "request_number": event.request_number,

@@ -24,41 +24,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17meterlink/v1/payg.proto\x12\x0cmeterlink.v1\"7\n\x0c\x41ppliedTopUp\x12\x11\n\treference\x18\x01 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x02 \x01(\x03\"\x9b\x03\n\tUsedUnits\x12\x12\n\nused_minor\x18\x01 \x01(\x03\x12\x0f\n\x07used_wh\x18\x02 \x01(\x03\x12\x1c\n\x14\x66rom_emergency_minor\x18\x03 \x01(\x03\x12\x15\n\rto_debt_minor\x18\x04 \x01(\x03\x12\x19\n\x11repaid_debt_minor\x18\x05 \x01(\x03\x12\x1e\n\x16repaid_emergency_minor\x18\x06 \x01(\x03\x12\x1f\n\x17recovered_arrears_minor\x18\x07 \x01(\x03\x12+\n\x07top_ups\x18\x08 \x03(\x0b\x32\x1a.meterlink.v1.AppliedTopUp\x12\x16\n\x0estanding_minor\x18\t \x01(\x03\x12\x15\n\rstanding_days\x18\n \x01(\r\x12%\n\x1dstanding_from_emergency_minor\x18\x0b \x01(\x03\x12\x1e\n\x16standing_to_debt_minor\x18\x0c \x01(\x03\x12\x1a\n\x12standing_first_day\x18\r \x01(\t\x12\x19\n\x11standing_last_day\x18\x0e \x01(\t\"\x98\x02\n\x14\x43reditControlRequest\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x16\n\x0erequest_number\x18\x03 \x01(\r\x12\x12\n\naccount_id\x18\x04 \x01(\t\x12\x10\n\x08meter_id\x18\x05 \x01(\t\x12\x10\n\x08\x63urrency\x18\x06 \x01(\t\x12%\n\x04used\x18\x07 \x01(\x0b\x32\x17.meterlink.v1.UsedUnits\x12\x15\n\rgateway_at_ms\x18\x08 \x01(\x03\x12\x19\n\x11\x63\x61rd_lists_digest\x18\t \x01(\x0c\x12/\n\x0crequest_type\x18\n \x01(\x0e\x32\x19.meterlink.v1.RequestType\"\x86\x01\n\x0cGrantedUnits\x12\x14\n\x0c\x61mount_minor\x18\x01 \x01(\x03\x12\n\n\x02wh\x18\x02 \x01(\x03\x12\x0e\n\x06has_wh\x18\x03 \x01(\x08\x12\x17\n\x0fvalidity_time_s\x18\x04 \x01(\r\x12\x14\n\x0cissued_at_ms\x18\x05 \x01(\x03\x12\x15\n\rexpires_at_ms\x18\x06 \x01(\x03\"\xf9\x02\n\x13\x43reditControlAnswer\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0erequest_number\x18\x02 \x01(\r\x12\x13\n\x0bresult_code\x18\x03 \x01(\r\x12+\n\x07granted\x18\x04 \x01(\x0b\x32\x1a.meterlink.v1.GrantedUnits\x12\x38\n\x11\x66inal_unit_action\x18\x05 \x01(\x0e\x32\x1d.meterlink.v1.FinalUnitAction\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x12\x0e\n\x06tokens\x18\x07 \x03(\t\x12\x15\n\rbalance_minor\x18\x08 \x01(\x03\x12\x11\n\tcard_list\x18\t \x01(\t\x12\x11\n\tblacklist\x18\n \x01(\t\x12\x1a\n\rarrears_minor\x18\x0b \x01(\x03H\x00\x88\x01\x01\x12\x1e\n\x16\x62ooks_standing_charges\x18\x0c \x01(\x08\x12\x0f\n\x07refusal\x18\r \x01(\tB\x10\n\x0e_arrears_minor\"%\n\x10\x43hallengeRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\"#\n\x0e\x43hallengeReply\x12\x11\n\tchallenge\x18\x01 \x01(\x0c\"\xc0\x01\n\x10\x41uthoriseRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\x0f\n\x07sale_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63\x61rd_id\x18\x03 \x01(\t\x12\x12\n\naccount_id\x18\x04 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x05 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x06 \x01(\t\x12\x11\n\tchallenge\x18\x07 \x01(\x0c\x12\x16\n\x0e\x63\x61rd_signature\x18\x08 \x01(\x0c\x12\x10\n\x08meter_id\x18\t \x01(\t\"\x8e\x01\n\x0e\x41uthoriseReply\x12\x12\n\nauthorised\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x18\n\x10\x63ommission_minor\x18\x04 \x01(\x03\x12\x1f\n\x17vat_on_commission_minor\x18\x05 \x01(\x03\x12\r\n\x05token\x18\x06 \x01(\t\"Y\n\x0eReverseRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\x0f\n\x07sale_id\x18\x02 \x01(\t\x12\x13\n\x0breversal_id\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"@\n\x0cReverseReply\x12\x10\n\x08reversed\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t*|\n\x0bRequestType\x12\x1c\n\x18REQUEST_TYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14REQUEST_TYPE_INITIAL\x10\x01\x12\x17\n\x13REQUEST_TYPE_UPDATE\x10\x02\x12\x1c\n\x18REQUEST_TYPE_TERMINATION\x10\x03*\x95\x01\n\x0f\x46inalUnitAction\x12\x1a\n\x16\x46INAL_UNIT_ACTION_NONE\x10\x00\x12\x1f\n\x1b\x46INAL_UNIT_ACTION_TERMINATE\x10\x01\x12\x1e\n\x1a\x46INAL_UNIT_ACTION_REDIRECT\x10\x02\x12%\n!FINAL_UNIT_ACTION_RESTRICT_ACCESS\x10\x03\x32\xdc\x02\n\rCreditControl\x12P\n\x07Reserve\x12\".meterlink.v1.CreditControlRequest\x1a!.meterlink.v1.CreditControlAnswer\x12O\n\x06Update\x12\".meterlink.v1.CreditControlRequest\x1a!.meterlink.v1.CreditControlAnswer\x12R\n\tTerminate\x12\".meterlink.v1.CreditControlRequest\x1a!.meterlink.v1.CreditControlAnswer\x12T\n\x07Session\x12\".meterlink.v1.CreditControlRequest\x1a!.meterlink.v1.CreditControlAnswer(\x01\x30\x01\x32\xe4\x01\n\x07Vending\x12I\n\tChallenge\x12\x1e.meterlink.v1.ChallengeRequest\x1a\x1c.meterlink.v1.ChallengeReply\x12I\n\tAuthorise\x12\x1e.meterlink.v1.AuthoriseRequest\x1a\x1c.meterlink.v1.AuthoriseReply\x12\x43\n\x07Reverse\x12\x1c.meterlink.v1.ReverseRequest\x1a\x1a.meterlink.v1.ReverseReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17meterlink/v1/payg.proto\x12\x0cmeterlink.v1\"7\n\x0c\x41ppliedTopUp\x12\x11\n\treference\x18\x01 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x02 \x01(\x03\"\xf7\x03\n\tUsedUnits\x12\x12\n\nused_minor\x18\x01 \x01(\x03\x12\x0f\n\x07used_wh\x18\x02 \x01(\x03\x12\x1c\n\x14\x66rom_emergency_minor\x18\x03 \x01(\x03\x12\x15\n\rto_debt_minor\x18\x04 \x01(\x03\x12\x19\n\x11repaid_debt_minor\x18\x05 \x01(\x03\x12\x1e\n\x16repaid_emergency_minor\x18\x06 \x01(\x03\x12\x1f\n\x17recovered_arrears_minor\x18\x07 \x01(\x03\x12+\n\x07top_ups\x18\x08 \x03(\x0b\x32\x1a.meterlink.v1.AppliedTopUp\x12\x16\n\x0estanding_minor\x18\t \x01(\x03\x12\x15\n\rstanding_days\x18\n \x01(\r\x12%\n\x1dstanding_from_emergency_minor\x18\x0b \x01(\x03\x12\x1e\n\x16standing_to_debt_minor\x18\x0c \x01(\x03\x12\x1a\n\x12standing_first_day\x18\r \x01(\t\x12\x19\n\x11standing_last_day\x18\x0e \x01(\t\x12\x1b\n\x0eimport_wh_from\x18\x0f \x01(\x03H\x00\x88\x01\x01\x12\x19\n\x0cimport_wh_to\x18\x10 \x01(\x03H\x01\x88\x01\x01\x42\x11\n\x0f_import_wh_fromB\x0f\n\r_import_wh_to\"\x98\x02\n\x14\x43reditControlRequest\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x16\n\x0erequest_number\x18\x03 \x01(\r\x12\x12\n\naccount_id\x18\x04 \x01(\t\x12\x10\n\x08meter_id\x18\x05 \x01(\t\x12\x10\n\x08\x63urrency\x18\x06 \x01(\t\x12%\n\x04used\x18\x07 \x01(\x0b\x32\x17.meterlink.v1.UsedUnits\x12\x15\n\rgateway_at_ms\x18\x08 \x01(\x03\x12\x19\n\x11\x63\x61rd_lists_digest\x18\t \x01(\x0c\x12/\n\x0crequest_type\x18\n \x01(\x0e\x32\x19.meterlink.v1.RequestType\"\x86\x01\n\x0cGrantedUnits\x12\x14\n\x0c\x61mount_minor\x18\x01 \x01(\x03\x12\n\n\x02wh\x18\x02 \x01(\x03\x12\x0e\n\x06has_wh\x18\x03 \x01(\x08\x12\x17\n\x0fvalidity_time_s\x18\x04 \x01(\r\x12\x14\n\x0cissued_at_ms\x18\x05 \x01(\x03\x12\x15\n\rexpires_at_ms\x18\x06 \x01(\x03\"\xf9\x02\n\x13\x43reditControlAnswer\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0erequest_number\x18\x02 \x01(\r\x12\x13\n\x0bresult_code\x18\x03 \x01(\r\x12+\n\x07granted\x18\x04 \x01(\x0b\x32\x1a.meterlink.v1.GrantedUnits\x12\x38\n\x11\x66inal_unit_action\x18\x05 \x01(\x0e\x32\x1d.meterlink.v1.FinalUnitAction\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x12\x0e\n\x06tokens\x18\x07 \x03(\t\x12\x15\n\rbalance_minor\x18\x08 \x01(\x03\x12\x11\n\tcard_list\x18\t \x01(\t\x12\x11\n\tblacklist\x18\n \x01(\t\x12\x1a\n\rarrears_minor\x18\x0b \x01(\x03H\x00\x88\x01\x01\x12\x1e\n\x16\x62ooks_standing_charges\x18\x0c \x01(\x08\x12\x0f\n\x07refusal\x18\r \x01(\tB\x10\n\x0e_arrears_minor\"%\n\x10\x43hallengeRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\"#\n\x0e\x43hallengeReply\x12\x11\n\tchallenge\x18\x01 \x01(\x0c\"\xc0\x01\n\x10\x41uthoriseRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\x0f\n\x07sale_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63\x61rd_id\x18\x03 \x01(\t\x12\x12\n\naccount_id\x18\x04 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x05 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x06 \x01(\t\x12\x11\n\tchallenge\x18\x07 \x01(\x0c\x12\x16\n\x0e\x63\x61rd_signature\x18\x08 \x01(\x0c\x12\x10\n\x08meter_id\x18\t \x01(\t\"\x8e\x01\n\x0e\x41uthoriseReply\x12\x12\n\nauthorised\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x18\n\x10\x63ommission_minor\x18\x04 \x01(\x03\x12\x1f\n\x17vat_on_commission_minor\x18\x05 \x01(\x03\x12\r\n\x05token\x18\x06 \x01(\t\"Y\n\x0eReverseRequest\x12\x11\n\tvendor_id\x18\x01 \x01(\t\x12\x0f\n\x07sale_id\x18\x02 \x01(\t\x12\x13\n\x0breversal_id\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"@\n\x0cReverseReply\x12\x10\n\x08reversed\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t*|\n\x0bRequestType\x12\x1c\n\x18REQUEST_TYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14REQUEST_TYPE_INITIAL\x10\x01\x12\x17\n\x13REQUEST_TYPE_UPDATE\x10\x02\x12\x1c\n\x18REQUEST_TYPE_TERMINATION\x10\x03*\x95\x01\n\x0f\x46inalUnitAction\x12\x1a\n\x16\x46INAL_UNIT_ACTION_NONE\x10\x00\x12\x1f\n\x1b\x46INAL_UNIT_ACTION_TERMINATE\x10\x01\x12\x1e\n\x1a\x46INAL_UNIT_ACTION_REDIRECT\x10\x02\x12%\n!FINAL_UNIT_ACTION_RESTRICT_ACCESS\x10\x03\x32\xdc\x02\n\rCreditControl\x12P\n\x07Reserve\x12\".meterlink.v1.CreditControlRequest\x1a!.meterlink.v1.CreditControlAnswer\x12O\n\x06Update\x12\".meterlink.v1.CreditControlRequest\x1a!.meterlink.v1.CreditControlAnswer\x12R\n\tTerminate\x12\".meterlink.v1.CreditControlRequest\x1a!.meterlink.v1.CreditControlAnswer\x12T\n\x07Session\x12\".meterlink.v1.CreditControlRequest\x1a!.meterlink.v1.CreditControlAnswer(\x01\x30\x01\x32\xe4\x01\n\x07Vending\x12I\n\tChallenge\x12\x1e.meterlink.v1.ChallengeRequest\x1a\x1c.meterlink.v1.ChallengeReply\x12I\n\tAuthorise\x12\x1e.meterlink.v1.AuthoriseRequest\x1a\x1c.meterlink.v1.AuthoriseReply\x12\x43\n\x07Reverse\x12\x1c.meterlink.v1.ReverseRequest\x1a\x1a.meterlink.v1.ReverseReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meterlink.v1.payg_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REQUESTTYPE']._serialized_start=1885
-  _globals['_REQUESTTYPE']._serialized_end=2009
-  _globals['_FINALUNITACTION']._serialized_start=2012
-  _globals['_FINALUNITACTION']._serialized_end=2161
+  _globals['_REQUESTTYPE']._serialized_start=1977
+  _globals['_REQUESTTYPE']._serialized_end=2101
+  _globals['_FINALUNITACTION']._serialized_start=2104
+  _globals['_FINALUNITACTION']._serialized_end=2253
   _globals['_APPLIEDTOPUP']._serialized_start=41
   _globals['_APPLIEDTOPUP']._serialized_end=96
   _globals['_USEDUNITS']._serialized_start=99
-  _globals['_USEDUNITS']._serialized_end=510
-  _globals['_CREDITCONTROLREQUEST']._serialized_start=513
-  _globals['_CREDITCONTROLREQUEST']._serialized_end=793
-  _globals['_GRANTEDUNITS']._serialized_start=796
-  _globals['_GRANTEDUNITS']._serialized_end=930
-  _globals['_CREDITCONTROLANSWER']._serialized_start=933
-  _globals['_CREDITCONTROLANSWER']._serialized_end=1310
-  _globals['_CHALLENGEREQUEST']._serialized_start=1312
-  _globals['_CHALLENGEREQUEST']._serialized_end=1349
-  _globals['_CHALLENGEREPLY']._serialized_start=1351
-  _globals['_CHALLENGEREPLY']._serialized_end=1386
-  _globals['_AUTHORISEREQUEST']._serialized_start=1389
-  _globals['_AUTHORISEREQUEST']._serialized_end=1581
-  _globals['_AUTHORISEREPLY']._serialized_start=1584
-  _globals['_AUTHORISEREPLY']._serialized_end=1726
-  _globals['_REVERSEREQUEST']._serialized_start=1728
-  _globals['_REVERSEREQUEST']._serialized_end=1817
-  _globals['_REVERSEREPLY']._serialized_start=1819
-  _globals['_REVERSEREPLY']._serialized_end=1883
-  _globals['_CREDITCONTROL']._serialized_start=2164
-  _globals['_CREDITCONTROL']._serialized_end=2512
-  _globals['_VENDING']._serialized_start=2515
-  _globals['_VENDING']._serialized_end=2743
+  _globals['_USEDUNITS']._serialized_end=602
+  _globals['_CREDITCONTROLREQUEST']._serialized_start=605
+  _globals['_CREDITCONTROLREQUEST']._serialized_end=885
+  _globals['_GRANTEDUNITS']._serialized_start=888
+  _globals['_GRANTEDUNITS']._serialized_end=1022
+  _globals['_CREDITCONTROLANSWER']._serialized_start=1025
+  _globals['_CREDITCONTROLANSWER']._serialized_end=1402
+  _globals['_CHALLENGEREQUEST']._serialized_start=1404
+  _globals['_CHALLENGEREQUEST']._serialized_end=1441
+  _globals['_CHALLENGEREPLY']._serialized_start=1443
+  _globals['_CHALLENGEREPLY']._serialized_end=1478
+  _globals['_AUTHORISEREQUEST']._serialized_start=1481
+  _globals['_AUTHORISEREQUEST']._serialized_end=1673
+  _globals['_AUTHORISEREPLY']._serialized_start=1676
+  _globals['_AUTHORISEREPLY']._serialized_end=1818
+  _globals['_REVERSEREQUEST']._serialized_start=1820
+  _globals['_REVERSEREQUEST']._serialized_end=1909
+  _globals['_REVERSEREPLY']._serialized_start=1911
+  _globals['_REVERSEREPLY']._serialized_end=1975
+  _globals['_CREDITCONTROL']._serialized_start=2256
+  _globals['_CREDITCONTROL']._serialized_end=2604
+  _globals['_VENDING']._serialized_start=2607
+  _globals['_VENDING']._serialized_end=2835
 # @@protoc_insertion_point(module_scope)

@@ -38,7 +38,7 @@ class AppliedTopUp(_message.Message):
     def __init__(self, reference: _Optional[str] = ..., amount_minor: _Optional[int] = ...) -> None: ...
 
 class UsedUnits(_message.Message):
-    __slots__ = ("used_minor", "used_wh", "from_emergency_minor", "to_debt_minor", "repaid_debt_minor", "repaid_emergency_minor", "recovered_arrears_minor", "top_ups", "standing_minor", "standing_days", "standing_from_emergency_minor", "standing_to_debt_minor", "standing_first_day", "standing_last_day")
+    __slots__ = ("used_minor", "used_wh", "from_emergency_minor", "to_debt_minor", "repaid_debt_minor", "repaid_emergency_minor", "recovered_arrears_minor", "top_ups", "standing_minor", "standing_days", "standing_from_emergency_minor", "standing_to_debt_minor", "standing_first_day", "standing_last_day", "import_wh_from", "import_wh_to")
     USED_MINOR_FIELD_NUMBER: _ClassVar[int]
     USED_WH_FIELD_NUMBER: _ClassVar[int]
     FROM_EMERGENCY_MINOR_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,8 @@ class UsedUnits(_message.Message):
     STANDING_TO_DEBT_MINOR_FIELD_NUMBER: _ClassVar[int]
     STANDING_FIRST_DAY_FIELD_NUMBER: _ClassVar[int]
     STANDING_LAST_DAY_FIELD_NUMBER: _ClassVar[int]
+    IMPORT_WH_FROM_FIELD_NUMBER: _ClassVar[int]
+    IMPORT_WH_TO_FIELD_NUMBER: _ClassVar[int]
     used_minor: int
     used_wh: int
     from_emergency_minor: int
@@ -67,7 +69,9 @@ class UsedUnits(_message.Message):
     standing_to_debt_minor: int
     standing_first_day: str
     standing_last_day: str
-    def __init__(self, used_minor: _Optional[int] = ..., used_wh: _Optional[int] = ..., from_emergency_minor: _Optional[int] = ..., to_debt_minor: _Optional[int] = ..., repaid_debt_minor: _Optional[int] = ..., repaid_emergency_minor: _Optional[int] = ..., recovered_arrears_minor: _Optional[int] = ..., top_ups: _Optional[_Iterable[_Union[AppliedTopUp, _Mapping]]] = ..., standing_minor: _Optional[int] = ..., standing_days: _Optional[int] = ..., standing_from_emergency_minor: _Optional[int] = ..., standing_to_debt_minor: _Optional[int] = ..., standing_first_day: _Optional[str] = ..., standing_last_day: _Optional[str] = ...) -> None: ...
+    import_wh_from: int
+    import_wh_to: int
+    def __init__(self, used_minor: _Optional[int] = ..., used_wh: _Optional[int] = ..., from_emergency_minor: _Optional[int] = ..., to_debt_minor: _Optional[int] = ..., repaid_debt_minor: _Optional[int] = ..., repaid_emergency_minor: _Optional[int] = ..., recovered_arrears_minor: _Optional[int] = ..., top_ups: _Optional[_Iterable[_Union[AppliedTopUp, _Mapping]]] = ..., standing_minor: _Optional[int] = ..., standing_days: _Optional[int] = ..., standing_from_emergency_minor: _Optional[int] = ..., standing_to_debt_minor: _Optional[int] = ..., standing_first_day: _Optional[str] = ..., standing_last_day: _Optional[str] = ..., import_wh_from: _Optional[int] = ..., import_wh_to: _Optional[int] = ...) -> None: ...
 
 class CreditControlRequest(_message.Message):
     __slots__ = ("gateway_id", "session_id", "request_number", "account_id", "meter_id", "currency", "used", "gateway_at_ms", "card_lists_digest", "request_type")
