@@ -42,7 +42,7 @@ def gateway(payg_headend, tmp_path):
     hd.store.bind_meter("MTR-1", "ACC1", hd.clock.now())
     hd.store.append([L.top_up("seed", hd.clock.now(), "ACC1", "SHOP1", 5_000, "GBP", hd.store.vat)])
     channel = secure_channel(hd.address, identity)
-    link = CreditControlLink(channel)
+    link = CreditControlLink(channel, idle_s=60)          # open until closed: no test depends on the 2 s default
     yield hd, link, channel
     link.close()
     channel.close()
@@ -104,10 +104,13 @@ def test_requests_arriving_while_a_batch_runs_commit_together_in_the_next(gatewa
     holder.start()
     assert held.wait(5)
     first = link.submit(request(0, meter="MTR-2", account="ACC2", session="gw-a/MTR-2/1"))
-    wait_until(lambda: engine._queue.qsize() == 0)                  # the engine took it and waits for the store
+    # the server received it and the engine took it (it waits for the store)
+    wait_until(lambda: engine._unanswered == 1 and engine._queue.qsize() == 0)
+    assert engine._unanswered == 1 and engine._queue.qsize() == 0
     rest = [link.submit(request(0, meter=f"MTR-{i}", account=f"ACC{i}", session=f"gw-a/MTR-{i}/1"))
             for i in range(3, 7)]
     wait_until(lambda: engine._queue.qsize() == 4)
+    assert engine._queue.qsize() == 4
     assert not first.done()                                         # not answered before its COMMIT
     release.set()
     holder.join(5)
