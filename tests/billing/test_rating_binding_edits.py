@@ -44,50 +44,36 @@ def _during_merge(monkeypatch, nth, action):
     monkeypatch.setattr(billing_store, "merge_rows", merging)
 
 
-@pytest.mark.parametrize("nth", [1, 2], ids=["first-chunk", "last-chunk"])
-def test_a_binding_edit_while_a_run_computes_ends_as_rating_from_scratch_with_the_new_bindings(db, monkeypatch, nth):
-    repo, store = db
+M1 = hourly_readings("M1", utc(2026, 11, 1), 24 * 10, wh_per_hour=250)
+M2 = hourly_readings("M2", utc(2026, 11, 1), 24 * 10, wh_per_hour=333, base=2_000_000)
+
+
+def _days_1_to_5_rated_and_6_to_10_arrived(repo, store) -> None:
     store.import_bindings(_two_meters(), MARKETS, VAT)
-    m1 = hourly_readings("M1", utc(2026, 11, 1), 24 * 10, wh_per_hour=250)
-    m2 = hourly_readings("M2", utc(2026, 11, 1), 24 * 10, wh_per_hour=333, base=2_000_000)
-    seq = ingest(repo, m1[:120] + m2[:120])
+    seq = ingest(repo, M1[:120] + M2[:120])
     process_readings(repo, store, MARKETS, NOW, tariffs=TARIFFS)          # days 1-5 rated to A1 and A3
-    ingest(repo, m1[120:] + m2[120:], first_seq=seq)
-    edited = []
+    ingest(repo, M1[120:] + M2[120:], first_seq=seq)
 
-    def edit() -> None:                                # the CLI's `bindings end` / `bindings add supply`
-        other = BillingStore(store.url)
-        try:
-            b = other.bindings()
-            b = b.move_out("SP1", utc(2026, 11, 3)).move_in("SP1", "A2", utc(2026, 11, 3))   # back-dated
-            b = b.move_out("SP2", utc(2026, 11, 4, 12))                                         # M2 parked after
-            edited.append(other.apply_bindings(b))
-        finally:
-            other.close()
 
-    def edit_meanwhile() -> None:                      # in a thread: an edit waiting for the run would hang here
-        t = threading.Thread(target=edit)
-        t.start()
-        t.join(10)
-        assert not t.is_alive(), "the binding edit waited for the rating run"
-    monkeypatch.setattr(billing_store, "PROCESS_CHUNK_METERS", 1)       # M1 and M2: one chunk each
-    _during_merge(monkeypatch, nth, edit_meanwhile)
-    res = process_readings(repo, store, MARKETS, NOW, tariffs=TARIFFS)
-    assert edited and edited[0] > 0                    # the edit re-bound the rows stored before it
-    assert res.meters == 2 and res.readings > 0
-    monkeypatch.undo()
+def _edit(other: BillingStore) -> int:
+    """The CLI's `bindings end` + `bindings add supply`: A1 moved out of SP1 on Nov 3 and A2 in (back-dated over
+    rated and new readings), A3 out of SP2 on Nov 4 12:00 (M2's usage parked from then on)."""
+    b = other.bindings()
+    b = b.move_out("SP1", utc(2026, 11, 3)).move_in("SP1", "A2", utc(2026, 11, 3))
+    return other.apply_bindings(b.move_out("SP2", utc(2026, 11, 4, 12)))
+
+
+def _as_from_scratch_with_the_final_bindings(repo, store, *, a2_rated_by_the_run: bool) -> None:
     assert process_readings(repo, store, MARKETS, NOW, tariffs=TARIFFS).rows_changed == 0
-
     bindings = store.bindings()
-    scratch = {r.key: r.account_id for r in bind_intervals(derive_intervals(m1 + m2, CFG).intervals, bindings)}
+    scratch = {r.key: r.account_id for r in bind_intervals(derive_intervals(M1 + M2, CFG).intervals, bindings)}
     rows = store.rows()
     assert {k: r.account_id for k, r in rows.items()} == scratch
     assert {r.account_id for r in rows.values()} == {"A1", "A2", "A3", None}
-    assert all(r.account_id is None for r in rows.values() if r.meter_id == "M2" and r.start >= utc(2026, 11, 4, 12))
     # the edit marked A1, A2 and A3 stale (re-rated from their rows before any bill); an account the run rated after
-    # the edit (A2, when the edit came during M1's chunk) holds each of its rows once
+    # the edit (A2, when the edit came before M1's chunk was written) holds each of its rows once
     states = store.rating_states()
-    assert states["A2"][2] == (nth == 2)
+    assert states["A2"][2] != a2_rated_by_the_run
     pending, usage = store.pending_aggregates(), store.pending_usage()
     for account in ("A1", "A2", "A3"):
         if not states[account][2]:
@@ -100,3 +86,55 @@ def test_a_binding_edit_while_a_run_computes_ends_as_rating_from_scratch_with_th
     assert sum(r.wh for r in rows.values() if r.account_id is None) == 333 * (240 - 84)     # parked, not lost
     rep = reconcile_period(repo, store, "2026-11", markets=MARKETS, default_market="GB")
     assert rep.ok, rep.format()
+
+
+@pytest.mark.parametrize("nth", [1, 2], ids=["first-chunk", "last-chunk"])
+def test_a_binding_edit_while_a_run_computes_ends_as_rating_from_scratch_with_the_new_bindings(db, monkeypatch, nth):
+    repo, store = db
+    _days_1_to_5_rated_and_6_to_10_arrived(repo, store)
+    other, edited = BillingStore(store.url), []
+
+    def edit_meanwhile() -> None:                      # in a thread: an edit waiting for the run would hang here
+        t = threading.Thread(target=lambda: edited.append(_edit(other)))
+        t.start()
+        t.join(10)
+        assert not t.is_alive(), "the binding edit waited for the rating run"
+    monkeypatch.setattr(billing_store, "PROCESS_CHUNK_METERS", 1)       # M1 and M2: one chunk each
+    _during_merge(monkeypatch, nth, edit_meanwhile)
+    try:
+        res = process_readings(repo, store, MARKETS, NOW, tariffs=TARIFFS)
+    finally:
+        other.close()
+    assert edited and edited[0] > 0                    # the edit re-bound the rows stored before it
+    assert res.meters == 2 and res.readings > 0
+    monkeypatch.undo()
+    _as_from_scratch_with_the_final_bindings(repo, store, a2_rated_by_the_run=nth == 1)
+
+
+def test_a_binding_edit_during_a_chunks_write_waits_for_that_commit_and_re_binds_what_it_wrote(db, monkeypatch):
+    """The edit takes the chunk's write lock (PostgreSQL: the rating advisory lock; without it the edit would
+    commit beside the chunk, re-binding the rows stored before it but not the chunk's), so it commits after the
+    chunk and re-binds its rows; the next chunk, computed before the edit, is derived again."""
+    repo, store = db
+    _days_1_to_5_rated_and_6_to_10_arrived(repo, store)
+    other, edited, waited = BillingStore(store.url), [], []
+    insert_new_rows = store.insert_new_rows
+
+    def inserting(rows):                               # inside the first chunk's write transaction
+        insert_new_rows(rows)
+        if not waited:
+            t = threading.Thread(target=lambda: edited.append(_edit(other)))
+            t.start()
+            t.join(0.3)
+            waited.append(t)
+            assert t.is_alive(), "the binding edit committed inside a chunk's write transaction"
+    monkeypatch.setattr(billing_store, "PROCESS_CHUNK_METERS", 1)
+    monkeypatch.setattr(store, "insert_new_rows", inserting)
+    try:
+        res = process_readings(repo, store, MARKETS, NOW, tariffs=TARIFFS)
+        waited[0].join(10)
+    finally:
+        other.close()
+    assert edited and edited[0] > 0 and res.meters == 2
+    monkeypatch.undo()
+    _as_from_scratch_with_the_final_bindings(repo, store, a2_rated_by_the_run=False)
