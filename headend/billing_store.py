@@ -1,4 +1,4 @@
-"""Persistence of bindings, interval usage, exceptions, billable items, invoices and export cursors (tables of migrations 0002-0006), and the thin steps that call the pure cores; SQL and orchestration only, no business rules.
+"""Persistence of bindings, interval usage, exceptions, billable items, invoices and export cursors (tables of migrations 0002-0007), and the thin steps that call the pure cores; SQL and orchestration only, no business rules.
 
 Works on SQLite (``sqlite:///PATH``) and PostgreSQL (``postgresql://...``) through one small
 adapter: the SQL is written once with ``?`` placeholders (turned into ``%s`` for psycopg) and
@@ -9,8 +9,9 @@ readings repository: opening a store calls `open_repository(url)` once so its mi
 Steps (each one transaction, each callable from tests and the CLI):
   * `process_readings`: readings -> VEE intervals -> bound `UsageRow`s merged with their billing
     state; VEE exceptions queued;
-  * `apply_bindings`: validated binding edit; billed usage may not move (billing.check_rebinding);
-    parked rows a back-dated binding now covers are bound;
+  * `apply_bindings` / `edit_bindings`: validated binding edit (`edit_bindings` reads, edits and stores the
+    bindings in one write transaction, so concurrent edits never lose one); billed usage may not move
+    (billing.check_rebinding); parked rows a back-dated binding now covers are bound;
   * `run_billing`: one billable item + invoice (JSON, UBL) per account for a period, the billed
     rows marked and the billed Wh per meter recorded in ``billed_usage``.
 """
@@ -26,7 +27,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Iterable, Iterator, Mapping, NamedTuple, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 from zoneinfo import ZoneInfo
 
 from meterlink.clock import from_ms, to_ms
@@ -308,7 +309,7 @@ class BillingStore:
         return len(changed)
 
     def _bump_bindings(self) -> None:
-        """A binding edit's first statement, in its transaction (taken with the rating lock, `tx(exclusive=True)`,
+        """A binding edit's first write, in its transaction (taken with the rating lock, `tx(exclusive=True)`,
         so on PostgreSQL too it commits wholly before or after a `process` chunk's write transaction): raises
         the bindings' generation, which tells a `process` run that read the bindings before that they changed."""
         self.db.x("UPDATE bindings_generation SET generation = generation + 1")
@@ -332,15 +333,32 @@ class BillingStore:
         return Bindings(customers, accounts, sps, meters, insts, sups)
 
     def apply_bindings(self, new: Bindings) -> int:
-        """Store an edited binding set (validated; billed usage may not move); returns rows re-bound."""
+        """Store an edited binding set (validated; billed usage may not move); returns rows re-bound. It replaces
+        what is stored: an edit of bindings read before must go through `edit_bindings`, or it may undo an edit
+        committed since."""
         new.validate()
         with self.db.tx(exclusive=True):
-            self._bump_bindings()
-            self.db.many("INSERT INTO meter (meter_id, serial, register_max, max_power_w) VALUES (?,?,?,?) "
-                         "ON CONFLICT (meter_id) DO NOTHING",
-                         [(m.id, m.serial, m.register_max, m.max_power_w) for m in new.meters.values()])
-            self._replace_links(new)
-            return self._rebind(new)
+            return self._store_bindings(new)
+
+    def edit_bindings(self, edit: Callable[[Bindings], Bindings]) -> int:
+        """Read-modify-write of the bindings in one write transaction (SQLite BEGIN IMMEDIATE; PostgreSQL the
+        rating lock every binding edit takes, the bindings read after it): `edit(current)` returns the edited
+        set, which is validated and stored as `apply_bindings` does; returns rows re-bound. Two edits at the same
+        time both apply, the second to what the first stored (or it fails, naming why, when it no longer fits);
+        `edit`'s exceptions roll the transaction back."""
+        with self.db.tx(exclusive=True):
+            new = edit(self.bindings())
+            new.validate()
+            return self._store_bindings(new)
+
+    def _store_bindings(self, new: Bindings) -> int:
+        """In the caller's exclusive transaction: `new` (validated) stored and the rows re-bound."""
+        self._bump_bindings()
+        self.db.many("INSERT INTO meter (meter_id, serial, register_max, max_power_w) VALUES (?,?,?,?) "
+                     "ON CONFLICT (meter_id) DO NOTHING",
+                     [(m.id, m.serial, m.register_max, m.max_power_w) for m in new.meters.values()])
+        self._replace_links(new)
+        return self._rebind(new)
 
     def add_exchange_read(self, e: MeterExchange) -> None:
         with self.db.tx(exclusive=True):
@@ -732,10 +750,22 @@ class BillingStore:
 
     # ------------------------------------------------------------------ incremental processing state
     def needs_full(self, meters: Iterable[str]) -> None:
-        self.db.many("INSERT INTO process_full VALUES (?) ON CONFLICT (meter_id) DO NOTHING", [(m,) for m in meters])
+        """Flag meters to be derived whole by the next `process`: raises each one's flag generation (migration
+        0007), so a run that read an older one leaves the flag set (`full_done`)."""
+        self.db.many("INSERT INTO process_full (meter_id) VALUES (?) ON CONFLICT (meter_id) DO UPDATE SET "
+                     "generation = process_full.generation + 1", [(m,) for m in meters])
 
-    def full_meters(self) -> set[str]:
-        return {r[0] for r in self.db.q("SELECT meter_id FROM process_full")}
+    def full_meters(self) -> dict[str, int]:
+        """The meters flagged to be derived whole, with the generation of their flag."""
+        return {m: int(g) for m, g in self.db.q("SELECT meter_id, generation FROM process_full "
+                                                 "WHERE generation > derived_generation")}
+
+    def full_done(self, derived: Mapping[str, int]) -> None:
+        """Clear the flags a run derived the meters for (meter -> the generation it read), each only if no
+        flagging came since: compare-and-clear, in the run's write transaction (a flag raised meanwhile holds
+        the row lock on PostgreSQL until it commits, then the generation no longer matches)."""
+        self.db.many("UPDATE process_full SET derived_generation=? WHERE meter_id=? AND generation=?",
+                     [(g, m, g) for m, g in derived.items()])
 
     def process_cursors(self) -> dict[str, tuple[int, list[tuple[int, int]]]]:
         return {g: (int(m), [tuple(x) for x in json.loads(gaps)]) for g, m, gaps in
@@ -1068,16 +1098,16 @@ def _grid_ceil_ms(ms: int, step_ms: int) -> int:
 
 
 def _work(repo, store: BillingStore, meters: Iterable[str] | None,
-          known: Mapping[str, tuple[int, list]]) -> tuple[dict, dict]:
+          known: Mapping[str, tuple[int, list]], full: Iterable[str] = ()) -> tuple[dict, dict]:
     """What to derive: meter -> {obis: from instant ms, or None = whole history}, and the cursors to
-    store once done. Explicit `meters` and meters marked for a full run are derived whole."""
+    store once done. Explicit `meters` and the meters `full` (flagged for a full run) are derived whole."""
     work: dict[str, dict[str, int | None]] = {}
     cursors: dict[str, tuple[int, list]] = {}
     if meters is not None:
         for m in meters:
             work[m] = {"1.8.0": None, "2.8.0": None}
         return work, cursors
-    for m in store.full_meters():
+    for m in full:
         work[m] = {"1.8.0": None, "2.8.0": None}
     for g in store.gateways():
         upto = store.max_seq(g)                 # the run's snapshot of this gateway: seq <= upto
@@ -1119,14 +1149,22 @@ def process_readings(repo, store: BillingStore, markets: Mapping[str, Market], n
     unwritten, the run reads the bindings (exchange reads, rating states) again and derives, merges and rates
     that chunk anew. Chunks written before the edit are the edit's to re-bind (it re-binds every stored row),
     so the rows and aggregates end as if the edit had come before or after the whole run.
+
+    Resolving an exception does not wait for a run either: it raises the meter's full-derivation flag
+    (`needs_full`). The run reads the flags (with their generations) before the resolved exceptions, and the
+    write transaction of the chunk that derived a flagged meter whole clears only the generation the run read
+    (`full_done`); a resolve committed after that read leaves the flag set, and the next run derives the
+    meter whole with it, releasing what it released.
     """
     generation = store.bindings_generation()          # first: an edit while the bindings are read is seen
     bindings = store.bindings()
+    # the flags before the resolutions: a resolve committed in between raised the flag's generation, which the
+    # run then leaves set (`full_done` clears only the generation read), so the next run derives the meter again
+    full = store.full_meters() if meters is None else {}
     released_from = [e for e in store.exceptions(status="resolved") if e.released]
     released_meters = {e.meter_id for e in released_from}
-    full = store.full_meters() if meters is None else set()
     known = store.process_cursors() if meters is None else {}
-    work, cursors = _work(repo, store, meters, known)
+    work, cursors = _work(repo, store, meters, known, full)
     snapshot = None if meters is not None else {g: upto for g, (upto, _) in cursors.items()}
     exchanges_of = store.all_exchange_reads()
     states = store.rating_states()
@@ -1165,8 +1203,7 @@ def process_readings(repo, store: BillingStore, markets: Mapping[str, Market], n
                 queued += store.queue_exceptions(merged.exceptions, now)
                 store.insert_new_rows(merged.new_rows)
                 store.save_rows(merged.changed_rows)
-                store.db.many("DELETE FROM process_full WHERE meter_id=?",
-                              [(item[0],) for item in chunk if item[0] in full])
+                store.full_done({item[0]: full[item[0]] for item in chunk if item[0] in full})
                 changed_total += len(merged.new_rows) + len(merged.changed_rows)
                 rerated.update(_store_rating(store, states, rating))
         except _BindingsChanged:

@@ -70,33 +70,33 @@ def cmd_bindings(args) -> int:
                   f"service points, {len(b.meters)} meters, {len(b.installations)} installations, "
                   f"{len(b.supplies)} supplies")
             return 0
-        b = store.bindings()
         if action == "list":
-            return _print_bindings(b, args.json)
-        if action == "add":
-            if args.kind == "meter":
-                new = replace(b, meters={**b.meters, args.meter: Meter(args.meter, args.serial or "")})
-            elif args.kind == "installation":
-                new = b.install(args.meter, args.service_point, _instant(args.from_),
-                                _instant(args.to) if args.to else None)
-            else:
-                new = b.move_in(args.service_point, args.account, _instant(args.from_),
-                                _instant(args.to) if args.to else None)
-        elif action == "end":
-            new = (b.remove_meter(args.meter, _instant(args.at)) if args.kind == "installation"
-                   else b.move_out(args.service_point, _instant(args.at)))
-        elif action == "exchange":
-            new = b.exchange_meter(args.meter, args.new_meter, _instant(args.at))
-            if args.new_meter not in b.meters:
-                raise ValidationError(f"meter {args.new_meter} is unknown; add it first: bindings add meter "
-                                      f"--meter {args.new_meter}")
-        else:                                            # exchange-read
+            return _print_bindings(store.bindings(), args.json)
+        if action == "exchange-read":
             from .vee import MeterExchange
             store.add_exchange_read(MeterExchange(args.meter, args.obis, _instant(args.at), args.final_read,
                                                   args.initial_read, args.old_serial or "", args.new_serial or ""))
             print(f"recorded exchange reads of meter {args.meter} {args.obis} at {args.at}")
             return 0
-        rebound = store.apply_bindings(new)
+
+        def edit(b):                                     # the bindings as stored, read in the edit's transaction
+            if action == "add":
+                if args.kind == "meter":
+                    return replace(b, meters={**b.meters, args.meter: Meter(args.meter, args.serial or "")})
+                if args.kind == "installation":
+                    return b.install(args.meter, args.service_point, _instant(args.from_),
+                                     _instant(args.to) if args.to else None)
+                return b.move_in(args.service_point, args.account, _instant(args.from_),
+                                 _instant(args.to) if args.to else None)
+            if action == "end":
+                return (b.remove_meter(args.meter, _instant(args.at)) if args.kind == "installation"
+                        else b.move_out(args.service_point, _instant(args.at)))
+            new = b.exchange_meter(args.meter, args.new_meter, _instant(args.at))          # exchange
+            if args.new_meter not in b.meters:
+                raise ValidationError(f"meter {args.new_meter} is unknown; add it first: bindings add meter "
+                                      f"--meter {args.new_meter}")
+            return new
+        rebound = store.edit_bindings(edit)             # read, edit and store in one transaction: never lost
         print(f"bindings updated; {rebound} interval(s) re-bound")
         return 0
     finally:
