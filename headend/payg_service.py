@@ -116,7 +116,7 @@ class CreditControlService(payg_pb2_grpc.CreditControlServicer):
         self._bound = threading.local()
         self._peers: dict = {}
         self._digests: dict = {}        # card-list content -> `card_lists_digest` (`_card_lists`)
-        self.engine = _StreamEngine(self)
+        self.engine = _CreditControlEngine(self)
         self.streams_open = 0           # CreditControl.Session calls open now (each holds an rpc worker)
         self.max_streams: int | None = None     # at most this many at once (add_to_server: workers - 2)
         self._streams_lock = threading.Lock()
@@ -264,7 +264,7 @@ class CreditControlService(payg_pb2_grpc.CreditControlServicer):
         its unary method would (same transaction, idempotency and booking); a refusal in-band
         (`refusal`, `detail`) instead of ending the call, so the stream goes on.
 
-        Pipelined: a reader thread hands each request to the service's `_StreamEngine` as it
+        Pipelined: a reader thread hands each request to the service's `_CreditControlEngine` as it
         arrives, without waiting for the answers before it, and this generator sends the answers in
         order as their batches commit — so a stream is not held to one durable COMMIT per request."""
         call = _InBandCall(context)
@@ -298,7 +298,7 @@ class CreditControlService(payg_pb2_grpc.CreditControlServicer):
         with self._streams_lock:
             self.streams_open -= 1
 
-    def _stream_check(self, request, call, rtype) -> payg_pb2.CreditControlAnswer | None:
+    def _refused_outright(self, request, call, rtype) -> payg_pb2.CreditControlAnswer | None:
         """Before the engine's transaction: the answer to a request that is refused outright (no
         request type on a Session stream, or the gateway's access: `_check`), else None."""
         if rtype is None:
@@ -337,7 +337,7 @@ _STREAM_TYPES = {payg_pb2.REQUEST_TYPE_INITIAL: CC.RequestType.INITIAL_REQUEST,
                  payg_pb2.REQUEST_TYPE_TERMINATION: CC.RequestType.TERMINATION_REQUEST}
 
 
-class _StreamEngine:
+class _CreditControlEngine:
     """Runs every credit-control request of a servicer, in batches: all requests queued when a
     batch starts (at most `MAX_BATCH`) run in ONE store transaction, each in its own SAVEPOINT (a
     failing or refused request rolls back only its own writes), and their answers are released
@@ -423,7 +423,7 @@ class _StreamEngine:
         done: list = []
         checked = []
         for request, call, rtype, f in batch:      # the access checks first, outside the transaction
-            refused = service._stream_check(request, call, rtype)
+            refused = service._refused_outright(request, call, rtype)
             if refused is None:
                 checked.append((request, call, rtype, f))
             else:

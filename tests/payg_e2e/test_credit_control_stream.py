@@ -6,8 +6,10 @@ one that is idle."""
 
 from __future__ import annotations
 
+import sys
 import threading
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import pytest
@@ -24,6 +26,9 @@ from meterlink.metrics import HeadendMetrics
 from meterlink.v1 import payg_pb2, payg_pb2_grpc
 
 from .processes import wait_until
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # tests/: paygholds
+from paygholds import store_held  # noqa: E402
 
 INITIAL, UPDATE = payg_pb2.REQUEST_TYPE_INITIAL, payg_pb2.REQUEST_TYPE_UPDATE
 
@@ -94,26 +99,16 @@ def test_requests_arriving_while_a_batch_runs_commit_together_in_the_next(gatewa
     hd.registry.provision("gw-a", [f"MTR-{i}" for i in range(2, 7)], [], hd.clock.now())
     assert link.exchange(request(0), 5).result_code == 2001       # the engine is running
     batches, commits = engine.batches, hd.store.commits
-    held, release = threading.Event(), threading.Event()
-
-    def hold():                                                     # another writer holds the store
-        with hd.store.transaction():
-            held.set()
-            release.wait(10)
-    holder = threading.Thread(target=hold)
-    holder.start()
-    assert held.wait(5)
-    first = link.submit(request(0, meter="MTR-2", account="ACC2", session="gw-a/MTR-2/1"))
-    # the server received it and the engine took it (it waits for the store)
-    wait_until(lambda: engine._unanswered == 1 and engine._queue.qsize() == 0)
-    assert engine._unanswered == 1 and engine._queue.qsize() == 0
-    rest = [link.submit(request(0, meter=f"MTR-{i}", account=f"ACC{i}", session=f"gw-a/MTR-{i}/1"))
-            for i in range(3, 7)]
-    wait_until(lambda: engine._queue.qsize() == 4)
-    assert engine._queue.qsize() == 4
-    assert not first.done()                                         # not answered before its COMMIT
-    release.set()
-    holder.join(5)
+    with store_held(hd.store):                                      # another writer holds the store
+        first = link.submit(request(0, meter="MTR-2", account="ACC2", session="gw-a/MTR-2/1"))
+        # the server received it and the engine took it (it waits for the store)
+        wait_until(lambda: engine._unanswered == 1 and engine._queue.qsize() == 0)
+        assert engine._unanswered == 1 and engine._queue.qsize() == 0
+        rest = [link.submit(request(0, meter=f"MTR-{i}", account=f"ACC{i}", session=f"gw-a/MTR-{i}/1"))
+                for i in range(3, 7)]
+        wait_until(lambda: engine._queue.qsize() == 4)
+        assert engine._queue.qsize() == 4
+        assert not first.done()                                     # not answered before its COMMIT
     answers = [f.result(5) for f in [first, *rest]]
     assert [a.session_id for a in answers] == [f"gw-a/MTR-{i}/1" for i in range(2, 7)]    # in order
     assert all(a.result_code in (2001, 4012) and not a.refusal for a in answers)
@@ -204,20 +199,10 @@ def test_stopping_the_server_waits_for_the_engine_to_answer_what_it_was_handed(g
     hd, link, _ = gateway
     engine = hd.services.credit_control.engine
     assert engine.drain in hd.servers.server.drains
-    held, release = threading.Event(), threading.Event()
-
-    def hold():
-        with hd.store.transaction():
-            held.set()
-            release.wait(10)
-    holder = threading.Thread(target=hold)
-    holder.start()
-    assert held.wait(5)
-    answer = link.submit(request(0))
-    wait_until(lambda: engine._queue.qsize() == 0 and engine._unanswered == 1)
-    assert engine.drain(timeout=0.1) is False                      # its batch waits for the store
-    release.set()
-    holder.join(5)
+    with store_held(hd.store):
+        answer = link.submit(request(0))
+        wait_until(lambda: engine._queue.qsize() == 0 and engine._unanswered == 1)
+        assert engine.drain(timeout=0.1) is False                  # its batch waits for the store
     assert engine.drain(timeout=5) is True and answer.result(5).result_code == 2001
 
 

@@ -11,6 +11,7 @@ import time
 from datetime import datetime, timezone
 
 import pytest
+from paygholds import failing_commit
 
 from meterlink.headend import ledger as L
 from meterlink.headend import payg_store as S
@@ -95,27 +96,8 @@ def test_a_failing_block_in_a_group_rolls_back_only_its_own_writes(store, positi
 
 
 def test_a_failed_commit_fails_every_caller_of_the_group_and_stores_nothing(store):
-    real = store._db
-
-    class FailingCommit:
-        """The store's connection, except that the next COMMIT fails (as on a full disk)."""
-        postgres = real.postgres
-        armed = True
-
-        def execute(self, sql, params=()):
-            if sql == "COMMIT" and FailingCommit.armed:
-                FailingCommit.armed = False
-                raise sqlite3.OperationalError("database or disk is full")
-            return real.execute(sql, params)
-
-        def executemany(self, sql, rows):
-            return real.executemany(sql, rows)
-
-    store._db = FailingCommit()
-    try:
+    with failing_commit(store):
         results, _ = queued_together(store, [event(f"e{k}") for k in range(3)])
-    finally:
-        store._db = real
     for r in results:
         assert isinstance(r, S.StoreCommitError) and "disk is full" in str(r)
     assert committed_kinds(store) == []

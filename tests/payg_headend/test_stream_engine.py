@@ -1,4 +1,4 @@
-"""The credit-control engine (`payg_service._StreamEngine`) that runs every credit-control request,
+"""The credit-control engine (`payg_service._CreditControlEngine`) that runs every credit-control request,
 on SQLite and PostgreSQL: a batch is ONE store transaction with a savepoint per request — a request
 that fails or is refused rolls back only its own writes and the others are booked; answers exist
 only once the batch's COMMIT is done, and a failed COMMIT fails every request of the batch and
@@ -6,12 +6,12 @@ books nothing; a request without its type is answered 5004."""
 
 from __future__ import annotations
 
-import sqlite3
 from concurrent.futures import Future
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
+from paygholds import failing_commit, store_held
 
 from meterlink.clock import SimClock
 from meterlink.headend import creditcontrol as CC
@@ -82,27 +82,8 @@ def test_a_failing_and_a_refused_request_roll_back_only_their_own_writes(service
 
 def test_a_failed_commit_fails_every_request_of_the_batch_and_books_nothing(service):
     store = service.store
-    real = store._db
-
-    class FailingCommit:
-        """The store's connection, except that the next COMMIT fails (as on a full disk)."""
-        postgres = real.postgres
-        armed = True
-
-        def execute(self, sql, params=()):
-            if sql == "COMMIT" and FailingCommit.armed:
-                FailingCommit.armed = False
-                raise sqlite3.OperationalError("database or disk is full")
-            return real.execute(sql, params)
-
-        def executemany(self, sql, rows):
-            return real.executemany(sql, rows)
-
-    store._db = FailingCommit()
-    try:
+    with failing_commit(store):
         futures = run(service, [(request(i, 1, used=100), UPDATE) for i in (1, 2, 3)])
-    finally:
-        store._db = real
     for f in futures:
         with pytest.raises(Exception, match="disk is full"):
             f.result()
@@ -119,23 +100,12 @@ def test_a_request_without_its_type_is_answered_5004_and_books_nothing(service):
 
 
 def test_a_unary_request_runs_on_its_own_thread_when_nothing_else_is_pending(service):
-    import threading
     engine = service.engine
     first = engine.submit(request(1, 1, used=100), payg_service._InBandCall(None), UPDATE, inline=True)
     assert first.done() and first.result().result_code == 2001 and engine._thread is None    # no hand-over
-    held, release = threading.Event(), threading.Event()
-
-    def hold():                                   # another writer holds the store: a queued batch waits
-        with service.store.transaction():
-            held.set()
-            release.wait(10)
-    holder = threading.Thread(target=hold)
-    holder.start()
-    assert held.wait(5)
-    queued = engine.submit(request(2, 1, used=100), payg_service._InBandCall(None), UPDATE)
-    behind = engine.submit(request(3, 1, used=100), payg_service._InBandCall(None), UPDATE, inline=True)
-    assert not behind.done()                      # something is pending: it queues behind it, in order
-    release.set()
-    holder.join(5)
+    with store_held(service.store):               # another writer holds the store: a queued batch waits
+        queued = engine.submit(request(2, 1, used=100), payg_service._InBandCall(None), UPDATE)
+        behind = engine.submit(request(3, 1, used=100), payg_service._InBandCall(None), UPDATE, inline=True)
+        assert not behind.done()                  # something is pending: it queues behind it, in order
     assert queued.result(5).result_code == 2001 and behind.result(5).result_code == 2001
     assert engine.drain(5) and credit(service.store, "ACC3") == 4_900
