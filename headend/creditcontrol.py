@@ -638,9 +638,7 @@ def _book_and_grant(session: Session, req: CreditControlRequest, *, credit_minor
     # booked: a gateway restored from an old backup): not booked again; off the window part first,
     # the rest (the gateway took it from EC or debt) credited back
     wh_done, energy_not_booked, below = consumption_already_booked(req, import_booked_wh, vat.rounding)
-    energy_unbooked_window = min(energy_not_booked, from_window)
-    from_window -= energy_unbooked_window
-    energy_refund = energy_not_booked - energy_unbooked_window
+    from_window, energy_refund = _not_booked_off(energy_not_booked, from_window)
     within -= energy_not_booked
     usage_memo = ""
     if wh_done:
@@ -649,9 +647,7 @@ def _book_and_grant(session: Session, req: CreditControlRequest, *, credit_minor
     # standing days the account has booked already (another session or gateway): not booked again;
     # off the window part first, the rest (the gateway took it from EC or debt) credited back
     days_done, not_booked = standing_already_booked(req, standing_booked_through, vat.rounding)
-    unbooked_window = min(not_booked, standing_from_window)
-    standing_from_window -= unbooked_window
-    refund = not_booked - unbooked_window
+    standing_from_window, refund = _not_booked_off(not_booked, standing_from_window)
     within -= not_booked
     if from_window:
         txns.append(L.consumption_charge(f"{base}:usage", now, req.account_id, req.currency, vat,
@@ -758,9 +754,7 @@ def consumption_already_booked(req: CreditControlRequest, booked_wh: int | None,
     wh = max(0, booked_wh - f)
     if wh == 0:
         return 0, 0, False
-    if wh == t - f:
-        return wh, req.used_minor, False
-    return wh, round_minor(Decimal(req.used_minor) * wh / (t - f), rounding), False
+    return wh, _pro_rata(req.used_minor, wh, t - f, rounding), False
 
 
 def standing_already_booked(req: CreditControlRequest, booked_through: date | None,
@@ -773,9 +767,22 @@ def standing_already_booked(req: CreditControlRequest, booked_through: date | No
         return 0, 0
     first = date.fromisoformat(req.standing_first_day)
     days = min(req.standing_days, max(0, (booked_through - first).days + 1))
-    if days == req.standing_days:
-        return days, req.standing_minor
-    return days, round_minor(Decimal(req.standing_minor) * days / req.standing_days, rounding)
+    return days, _pro_rata(req.standing_minor, days, req.standing_days, rounding)
+
+
+def _pro_rata(amount_minor: int, part: int, whole: int, rounding: str) -> int:
+    """`part`/`whole` of `amount_minor`, rounded once by `rounding` (all of it when part == whole)."""
+    if part == whole:
+        return amount_minor
+    return round_minor(Decimal(amount_minor) * part / whole, rounding)
+
+
+def _not_booked_off(not_booked_minor: int, from_window_minor: int) -> tuple[int, int]:
+    """(window part left to book, refund): what a report charged that was booked already comes off the
+    part the gateway took from its credit window first; the rest it took from emergency credit or
+    debt, which are booked as the gateway holds them, so that rest is credited back to prepaid."""
+    off_window = min(not_booked_minor, from_window_minor)
+    return from_window_minor - off_window, not_booked_minor - off_window
 
 
 # --------------------------------------------------------------------------- storage contract + service

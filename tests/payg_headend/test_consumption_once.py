@@ -14,10 +14,10 @@ from decimal import Decimal
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from serviced_gateway import ServicedGateway      # tests/ (on sys.path: conftest.py)
 
-from meterlink.clock import SimClock, from_ms
+from meterlink.clock import SimClock
 from meterlink.gateway import credit as C
-from meterlink.gateway.payg_sync import usage_to_proto
 from meterlink.headend import creditcontrol as CC
 from meterlink.headend import ledger as L
 from meterlink.headend import payg_service
@@ -59,36 +59,18 @@ def not_booked_events(store, kind="consumption_not_booked") -> list[S.CrmEvent]:
     return [e for e in store.events() if e.kind == kind]
 
 
-class Gateway:
-    """One gateway's real pure account (`gateway/credit.py`) reading a 1.8.0 register and talking
-    to the real credit-control servicer (`CreditControlService._handle`) with its own session."""
+class Gateway(ServicedGateway):
+    """`ServicedGateway` reading a 1.8.0 register: each reading charged with its register range."""
 
     def __init__(self, service: payg_service.CreditControlService, clock: SimClock, session: str,
                  import_wh: int) -> None:
-        self.service, self.clock, self.session, self.n = service, clock, session, -1
+        super().__init__(service, clock, session)
         self.register = import_wh                     # last_import_wh as its state file holds it
-        self.state = C.AccountState(account="M1", cfg=C.PrepaymentConfig(max_credit_balance=1_000_000))
 
     def read(self, import_wh: int) -> None:
         self.state, _ = C.charge(self.state, import_wh - self.register, PRICE, self.clock.now(),
                                  register=(self.register, import_wh))
         self.register = import_wh
-
-    def exchange(self) -> payg_pb2.CreditControlAnswer:
-        now = self.clock.now()
-        self.state, usage = C.begin_report(self.state)
-        n = self.n + 1
-        rtype = CC.RequestType.INITIAL_REQUEST if n == 0 else CC.RequestType.UPDATE_REQUEST
-        pb = payg_pb2.CreditControlRequest(session_id=self.session, request_number=n, account_id="ACC1",
-                                           meter_id="M1", currency="GBP", used=usage_to_proto(usage))
-        answer = self.service._handle(pb, None, rtype)
-        assert answer.result_code == CC.ResultCode.SUCCESS, answer.detail
-        self.n = n
-        g = answer.granted
-        self.state, _ = C.apply_grant(self.state, C.Grant(self.session, n, from_ms(g.expires_at_ms),
-                                                          amount_minor=g.amount_minor,
-                                                          balance_minor=answer.balance_minor), now)
-        return answer
 
 
 @pytest.fixture
